@@ -1,0 +1,3 @@
+"""Backends that export pruned models (installed as graphprune.backends)."""
+
+__all__: list[str] = []

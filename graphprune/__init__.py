@@ -1,0 +1,53 @@
+"""graphprune: prune PyTorch models like a compiler optimises programs.
+
+    import graphprune as gp
+    from graphprune.passes import L2Score, ChannelMask, Shrink
+    pruned = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=(x,))
+    print(gp.summary(model, pruned, (x,)))
+"""
+
+from graphprune import rules as _rules  # noqa: F401  (registers the built-in per-op rules)
+from graphprune.analysis import ChannelGroup, Dependencies, FrozenChannels, Slot, analyze_dependencies, count_macs, count_params
+from graphprune.compile import compile
+from graphprune.errors import (
+    GraphPruneError,
+    PassError,
+    PreconditionError,
+    TraceError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
+from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
+from graphprune.summary import Summary, summary
+from graphprune.trace import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile",
+    "summary",
+    "Summary",
+    "trace",
+    "analyze_dependencies",
+    "count_macs",
+    "count_params",
+    "ChannelGroup",
+    "Dependencies",
+    "FrozenChannels",
+    "Slot",
+    "PassBase",
+    "PassContext",
+    "PassResult",
+    "Pipeline",
+    "Rule",
+    "OpCall",
+    "ChannelwiseRule",
+    "register_rule",
+    "GraphPruneError",
+    "TraceError",
+    "PassError",
+    "PreconditionError",
+    "UnsupportedOpError",
+    "VerificationError",
+]

@@ -1,0 +1,34 @@
+"""Cost of a model: parameter count and multiply-accumulates on given inputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_params", "count_macs"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters as the model computes with them (a tied weight counts once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def count_macs(model: nn.Module, example_inputs: tuple | dict) -> int:
+    """MACs of one forward pass (convolutions, matmuls, attention), counted by torch's FlopCounterMode."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            else:
+                model(*example_inputs)
+    finally:
+        model.train(training)
+    return counter.get_total_flops() // 2

@@ -1,0 +1,282 @@
+"""The dependency analyzer: which channels must be removed together.
+
+It runs the graph once on the example inputs with an fx Interpreter, and
+beside every value carries its channel labels (see `labels.py`), asking the
+per-op rule of every node how labels flow.  The result is a set of immutable
+`ChannelGroup`s: every parameter slice that must lose the same channels,
+with the channels frozen (and why) left out of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from graphprune.analysis.labels import FreezeSite, LabelSpace, compact, labeled_dims, none_like
+from graphprune.rules import base as rules
+from graphprune.rules.base import OpCall, ParamRef, iter_label_tensors, map_tensors
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Slot", "ChannelGroup", "FrozenChannels", "Dependencies", "analyze_dependencies", "node_location"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One dim of one parameter or buffer (by qualified name)."""
+
+    tensor: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that are pruned alike: `units[u][s]` are the indices of unit u along `slots[s]`.
+
+    A unit is what one pruning decision removes: one channel, or a whole
+    GroupNorm group, or a channel together with its copies across a concat
+    and a residual stream.
+    """
+
+    key: str
+    kind: str
+    slots: tuple[Slot, ...]
+    units: tuple[tuple[tuple[int, ...], ...], ...]
+    roots: tuple[int, ...]  # the label class of each unit (for rewriting reshape constants)
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for s in self.slots:
+            seen.setdefault(s.tensor.rsplit(".", 1)[0] if "." in s.tensor else s.tensor, None)
+        return tuple(seen)
+
+    def indices(self, unit_ids: list[int] | torch.Tensor) -> dict[Slot, list[int]]:
+        out: dict[Slot, list[int]] = {s: [] for s in self.slots}
+        for u in list(unit_ids):
+            for s, idx in zip(self.slots, self.units[int(u)]):
+                out[s].extend(idx)
+        return out
+
+
+@dataclass(frozen=True)
+class FrozenChannels:
+    """Channels that may not be pruned, the op that froze them and why."""
+
+    site: FreezeSite
+    channels: int
+
+
+@dataclass(frozen=True, eq=False)
+class Dependencies:
+    groups: tuple[ChannelGroup, ...]
+    frozen: tuple[FrozenChannels, ...]
+    reshapes: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)  # node -> (shape, label roots)
+
+    def group(self, key: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.key == key:
+                return g
+        raise KeyError(key)
+
+
+def node_location(node: fx.Node) -> str:
+    """`name [module.path]` for messages."""
+    if node.op == "call_module":
+        return f"{node.name} [{node.target}]"
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        path = path[0] if isinstance(path, tuple) else path
+        return f"{node.name} [{path}]"
+    return node.name
+
+
+_SIZE_SAFE_USERS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full", "unflatten", "repeat"}
+_SIZE_SAFE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.unflatten}
+_SIZE_ARITH = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.neg}
+
+
+class _Propagator(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, space: LabelSpace) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.space = space
+        self.labels: dict[fx.Node, Any] = {}
+        self.pending = {n: len(n.users) for n in gm.graph.nodes}
+        self.reshapes: dict[str, torch.Tensor] = {}
+        self.size_reads: list[tuple[fx.Node, torch.Tensor]] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["graphprune_shape"] = tuple(out.shape)
+        self.labels[n] = self._propagate(n, out)
+        for m in n.all_input_nodes:
+            self.pending[m] -= 1
+            if self.pending[m] == 0:
+                self.labels.pop(m, None)
+        return out
+
+    def _propagate(self, n: fx.Node, out: Any) -> Any:
+        where = node_location(n)
+        if n.op == "placeholder":
+            return map_tensors(out, lambda t: none_like(t.shape))
+        if n.op == "get_attr":
+            return ParamRef(n.target, tuple(out.shape)) if isinstance(out, torch.Tensor) else None
+        lab_args = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
+        lab_kwargs = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
+        if n.op == "output":
+            for arg, lab in zip(_flat_nodes(n.args[0]), _flat_labels(lab_args[0])):
+                for t in iter_label_tensors(lab):
+                    dims = labeled_dims(t)
+                    self.space.freeze(t, FreezeSite("output", n.name, "reaches a model output", arg.name if isinstance(arg, fx.Node) else None, dims[0] if len(dims) == 1 else None, where))
+            return None
+        has_labels = any(True for _ in iter_label_tensors([lab_args, lab_kwargs]))
+        if self._is_size_read(n):
+            if has_labels:
+                self.size_reads.append((n, next(iter_label_tensors(lab_args))))
+            return None
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        rule = rules.find_rule(n, module)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        call = OpCall(n, module, args, kwargs, lab_args, lab_kwargs, out, self.space, where)
+        if rule is None:
+            if has_labels:
+                call.freeze_inputs("no_rule", f"no rule for {_target_name(n, module)}")
+            return call.out_none()
+        try:
+            result = rule.propagate(call)
+        except Exception as exc:  # a rule that cannot follow this call freezes, never guesses
+            logger.debug("rule %s failed on %s: %s", type(rule).__name__, where, exc)
+            call.freeze_inputs("no_rule", f"rule {type(rule).__name__} cannot handle this call ({exc})")
+            return call.out_none()
+        if "reshape_labels" in call.extra:
+            self.reshapes[n.name] = call.extra["reshape_labels"]
+        return result
+
+    @staticmethod
+    def _is_size_read(n: fx.Node) -> bool:
+        if n.op == "call_method" and n.target in ("size", "dim", "numel", "nelement"):
+            return True
+        return n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "ndim", "dtype", "device")
+
+    def check_size_reads(self) -> None:
+        """Channel counts read with size() may only flow into shapes (which shrink with them)."""
+        for n, labels in self.size_reads:
+            if n.target in ("dim",) or (n.target is getattr and n.args[1] in ("ndim", "dtype", "device")):
+                continue
+            bad = _unsafe_size_use(n)
+            if bad is not None:
+                self.space.freeze(labels, FreezeSite("size", bad.name, "uses the channel count in a computation that pruning would change", location=node_location(bad)))
+
+
+def _unsafe_size_use(n: fx.Node) -> fx.Node | None:
+    todo = list(n.users)
+    seen = set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.op == "call_function" and u.target in _SIZE_ARITH:
+            todo.extend(u.users)
+        elif (u.op == "call_method" and u.target in _SIZE_SAFE_USERS) or (u.op == "call_function" and u.target in _SIZE_SAFE_FUNCTIONS):
+            continue
+        else:
+            return u
+    return None
+
+
+def _target_name(n: fx.Node, module: Any) -> str:
+    if module is not None:
+        return type(module).__name__
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+
+
+def _flat_nodes(a: Any) -> list:
+    if isinstance(a, (tuple, list)):
+        return [x for v in a for x in _flat_nodes(v)]
+    if isinstance(a, dict):
+        return [x for v in a.values() for x in _flat_nodes(v)]
+    return [a]
+
+
+def _flat_labels(a: Any) -> list:
+    return _flat_nodes(a)
+
+
+def positional_inputs(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple:
+    """Arguments in placeholder order; keyword inputs are matched by name, defaults filled in."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.target in example_inputs:
+            out.append(example_inputs[node.target])
+        elif node.args:
+            out.append(node.args[0])
+        else:
+            raise ValueError(f"example_inputs has no value for the model's argument {node.target!r}")
+    return tuple(out)
+
+
+def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> Dependencies:
+    space = LabelSpace()
+    prop = _Propagator(gm, space)
+    training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            prop.run(*positional_inputs(gm, example_inputs))
+    finally:
+        gm.train(training)
+    prop.check_size_reads()
+    roots, frozen, slots = space.finalize()
+    return _build(roots, frozen, slots, {k: (tuple(v.shape), roots[compact(v)]) for k, v in prop.reshapes.items()})
+
+
+def _build(roots, frozen, slots, reshapes) -> Dependencies:
+    per_root: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(dict)
+    order = {key: i for i, key in enumerate(slots)}
+    for key, (index, rvec) in slots.items():
+        for i, r in zip(index.tolist(), rvec.tolist()):
+            per_root[r].setdefault(key, []).append(i)
+    by_signature: dict[tuple, list[int]] = defaultdict(list)
+    for r, members in per_root.items():
+        if r in frozen:
+            continue
+        sig = tuple(sorted(((k, len(v)) for k, v in members.items()), key=lambda kv: order[kv[0]]))
+        by_signature[sig].append(r)
+    groups, used = [], set()
+    for sig, rs in by_signature.items():
+        keys = [k for k, _ in sig]
+        rs.sort(key=lambda r: min(per_root[r][keys[0]]))
+        producer = next((k for k in keys if k[1] == 0), keys[0])
+        name = producer[0].rsplit(".", 1)[0]
+        key = name
+        n = 2
+        while key in used:
+            key, n = f"{name}#{n}", n + 1
+        used.add(key)
+        units = tuple(tuple(tuple(per_root[r][k]) for k in keys) for r in rs)
+        groups.append(ChannelGroup(key, "channel", tuple(Slot(*k) for k in keys), units, tuple(rs)))
+    counts: dict[FreezeSite, int] = defaultdict(int)
+    for r, sites in frozen.items():
+        if r in per_root:
+            for s in sites:
+                counts[s] += 1
+    frozen_report = tuple(FrozenChannels(s, c) for s, c in counts.items())
+    return Dependencies(tuple(groups), frozen_report, reshapes)

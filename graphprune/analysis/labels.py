@@ -1,0 +1,206 @@
+"""Channel labels: the bookkeeping behind the dependency analyzer.
+
+Every channel an op creates (a conv's output channel, a linear's output
+feature) gets a fresh integer label.  The analyzer runs the model on its
+example inputs and, beside every real tensor, carries a *label tensor* of the
+same shape whose entries say which channel each element belongs to (0 means
+"no prunable channel").  Shape ops are executed on the label tensors, so
+concat offsets, splits, flattens and channel shuffles compose by
+construction instead of by hand-written index maps.  Ops that couple channels
+(a residual add, a grouped conv) *unify* labels; ops that cannot be pruned
+through *freeze* them.  In the end every union-find class of labels is one
+prunable unit, and the parameter slices registered as *slots* say what to
+remove when that unit goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NONE = 0
+
+
+@dataclass(frozen=True)
+class FreezeSite:
+    """Why some channels may not be pruned, and where (for the report and ReinsertZeros)."""
+
+    kind: str  # "output", "no_rule", "conflict", "norm", "reduction", "indexing", ...
+    node: str  # name of the fx node that froze them
+    reason: str
+    source: str | None = None  # the node producing the frozen tensor (when one tensor is meant)
+    dim: int | None = None  # the channel dim of that tensor, when unambiguous
+    location: str = ""  # node name and module path, for people
+
+
+class LabelSpace:
+    """Union-find over channel labels, with frozen marks and parameter slots."""
+
+    def __init__(self) -> None:
+        self._parent: list[int] = [NONE]
+        self._frozen: dict[int, list[int]] = {}  # label -> indices into self.sites
+        self.sites: list[FreezeSite] = []
+        # (tensor qualified name, dim) -> list of (index tensor, label tensor)
+        self._slots: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # -- creating and relating labels -------------------------------------------------
+    def fresh(self, n: int) -> torch.Tensor:
+        start = len(self._parent)
+        self._parent.extend(range(start, start + n))
+        return torch.arange(start, start + n, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def find(self, x: int) -> int:
+        parent = self._parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def roots_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """Map labels to their class representatives (vectorised over unique values)."""
+        uniq, inverse = torch.unique(labels, return_inverse=True)
+        mapped = torch.tensor([self.find(int(u)) for u in uniq.tolist()], dtype=torch.int64)
+        return mapped[inverse].reshape(labels.shape)
+
+    def unify(self, a: torch.Tensor, b: torch.Tensor, site: FreezeSite) -> None:
+        """Unify labels pairwise; where exactly one side has no channel, freeze the other."""
+        a, b = compact_together(*torch.broadcast_tensors(a, b))
+        a, b = a.reshape(-1), b.reshape(-1)
+        lone = (a == NONE) ^ (b == NONE)
+        if lone.any():
+            self.freeze(torch.cat([a[lone], b[lone]]), site)
+        both = (a != NONE) & (b != NONE) & (a != b)
+        if not both.any():
+            return
+        pairs = torch.unique(torch.stack([a[both], b[both]], dim=1), dim=0)
+        for x, y in pairs.tolist():
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self._parent[max(rx, ry)] = min(rx, ry)
+
+    def unify_all(self, labels: torch.Tensor) -> None:
+        """Put all (non-empty) labels into one class."""
+        flat = torch.unique(labels.reshape(-1))
+        flat = flat[flat != NONE]
+        if flat.numel() > 1:
+            first = int(flat[0])
+            for other in flat[1:].tolist():
+                rx, ry = self.find(first), self.find(other)
+                if rx != ry:
+                    self._parent[max(rx, ry)] = min(rx, ry)
+
+    def freeze(self, labels: torch.Tensor, site: FreezeSite) -> None:
+        uniq = torch.unique(labels.reshape(-1))
+        uniq = uniq[uniq != NONE]
+        if uniq.numel() == 0:
+            return
+        self.sites.append(site)
+        idx = len(self.sites) - 1
+        for label in uniq.tolist():
+            self._frozen.setdefault(label, []).append(idx)
+
+    def add_slot(self, tensor: str, dim: int, labels: torch.Tensor) -> None:
+        """Index i of `tensor` along `dim` belongs to channel labels[i] (NONE: to none)."""
+        labels = labels.reshape(-1)
+        index = torch.arange(labels.numel())
+        keep = labels != NONE
+        if keep.any():
+            self._slots.setdefault((tensor, dim), []).append((index[keep], labels[keep]))
+
+    # -- reading the result ------------------------------------------------------------
+    def finalize(self) -> tuple[torch.Tensor, dict[int, list[FreezeSite]], dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]:
+        """Return (root of every label, frozen roots with their sites, slots by root).
+
+        A slice of a parameter claimed by two labels (a parameter used twice)
+        makes those labels one unit.
+        """
+        merged: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, parts in self._slots.items():
+            index = torch.cat([p[0] for p in parts])
+            labels = torch.cat([p[1] for p in parts])
+            order = torch.argsort(index, stable=True)
+            index, labels = index[order], labels[order]
+            same = index[1:] == index[:-1]
+            if same.any():
+                pos = torch.nonzero(same).reshape(-1)
+                for i in pos.tolist():
+                    self.unify_all(labels[i : i + 2])
+            merged[key] = (index, labels)
+        roots = torch.tensor([self.find(i) for i in range(len(self._parent))], dtype=torch.int64)
+        frozen: dict[int, list[FreezeSite]] = {}
+        for label, site_ids in self._frozen.items():
+            r = int(roots[label])
+            bucket = frozen.setdefault(r, [])
+            for s in site_ids:
+                if self.sites[s] not in bucket:
+                    bucket.append(self.sites[s])
+        slots = {}
+        for key, (index, labels) in merged.items():
+            first = torch.ones_like(index, dtype=torch.bool)
+            first[1:] = index[1:] != index[:-1]
+            slots[key] = (index[first], roots[labels[first]])
+        return roots, frozen, slots
+
+
+def varies_along(labels: torch.Tensor, dim: int) -> bool:
+    """True when the label tensor is not constant along `dim`."""
+    if labels.shape[dim] <= 1 or labels.stride(dim) == 0:
+        return False
+    head = labels.narrow(dim, 0, 1)
+    return bool((labels != head).any())
+
+
+def labeled_dims(labels: torch.Tensor) -> list[int]:
+    return [d for d in range(labels.ndim) if varies_along(labels, d)]
+
+
+def compact(labels: torch.Tensor) -> torch.Tensor:
+    """Drop broadcast (stride-0) extents so that work scales with channels, not activations."""
+    index = [slice(0, 1) if (labels.stride(d) == 0 and labels.shape[d] > 1) else slice(None) for d in range(labels.ndim)]
+    return labels[tuple(index)]
+
+
+def compact_together(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`compact` for tensors of one shape, keeping them aligned element for element."""
+    t0 = tensors[0]
+    index = tuple(
+        slice(0, 1) if t0.shape[d] > 1 and all(t.stride(d) == 0 for t in tensors) else slice(None)
+        for d in range(t0.ndim)
+    )
+    return [t[index] for t in tensors]
+
+
+def none_like(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64).expand(tuple(shape))
+
+
+def along(space: LabelSpace, labels: torch.Tensor, dim: int, site: FreezeSite) -> torch.Tensor:
+    """One label per index along `dim` (NONE where none); mixed slices freeze and read as NONE.
+
+    A slice may mix one channel with NONE (zero padding, for instance): it
+    then belongs to that channel.  Two different channels in one slice
+    cannot be one index of a weight, so they are frozen.
+    """
+    dim = dim % labels.ndim
+    c = compact(labels).movedim(dim, 0)
+    rows = c.reshape(c.shape[0], -1) if c.ndim > 1 else c.reshape(-1, 1)
+    hi = rows.max(dim=1).values
+    masked = torch.where(rows == NONE, hi.unsqueeze(1), rows)
+    lo = masked.min(dim=1).values
+    mixed = lo != hi
+    if mixed.any():
+        fixed = hi.clone()
+        for r in torch.nonzero(mixed).reshape(-1).tolist():
+            row = torch.unique(rows[r])
+            row = row[row != NONE]
+            if torch.unique(space.roots_of(row)).numel() > 1:
+                space.freeze(row, site)
+                fixed[r] = NONE
+        return fixed
+    return hi

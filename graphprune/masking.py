@@ -1,0 +1,136 @@
+"""Masks are model state: a parametrization that multiplies a tensor by per-dim keep vectors.
+
+A masked model is an ordinary trainable module (gradients reach the
+original tensor; masked entries get none), and `module.weight` reads the
+masked values.  Shrink later slices the original by the same keep vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "ChannelMaskParametrization",
+    "resolve",
+    "channel_mask",
+    "ensure_channel_mask",
+    "is_maskable",
+    "raw_tensor",
+    "unit_mask_state",
+    "mask_units",
+    "deepcopy_model",
+]
+
+
+class ChannelMaskParametrization(nn.Module):
+    """tensor * keep_d (broadcast along d) for every masked dim d."""
+
+    def __init__(self, ndim: int) -> None:
+        super().__init__()
+        self.ndim = ndim
+
+    def keep(self, dim: int, size: int) -> torch.Tensor:
+        name = f"keep_{dim}"
+        if not hasattr(self, name):
+            self.register_buffer(name, torch.ones(size, dtype=torch.bool))
+        return getattr(self, name)
+
+    def masked_dims(self) -> list[int]:
+        return sorted(int(n.split("_")[1]) for n, _ in self.named_buffers() if n.startswith("keep_"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for d in self.masked_dims():
+            shape = [1] * x.ndim
+            shape[d] = -1
+            x = x * getattr(self, f"keep_{d}").reshape(shape).to(x.dtype)
+        return x
+
+
+def resolve(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    """(owning module, attribute name) of a tensor given by its qualified name."""
+    path, _, attr = qualified.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
+
+
+def raw_tensor(owner: nn.Module, attr: str) -> torch.Tensor:
+    """The stored tensor (under any parametrization)."""
+    if parametrize.is_parametrized(owner, attr):
+        return owner.parametrizations[attr].original
+    return getattr(owner, attr)
+
+
+def is_maskable(owner: nn.Module, attr: str) -> bool:
+    """Parameters, and buffers a module declares maskable (the zero-reinsertion keep vector)."""
+    t = raw_tensor(owner, attr)
+    return isinstance(t, nn.Parameter) or attr in getattr(owner, "graphprune_maskable", ())
+
+
+def channel_mask(owner: nn.Module, attr: str) -> ChannelMaskParametrization | None:
+    if not parametrize.is_parametrized(owner, attr):
+        return None
+    for p in owner.parametrizations[attr]:
+        if isinstance(p, ChannelMaskParametrization):
+            return p
+    return None
+
+
+def ensure_channel_mask(owner: nn.Module, attr: str) -> ChannelMaskParametrization:
+    mask = channel_mask(owner, attr)
+    if mask is None:
+        mask = ChannelMaskParametrization(raw_tensor(owner, attr).ndim).to(raw_tensor(owner, attr).device)
+        parametrize.register_parametrization(owner, attr, mask)
+    return mask
+
+
+def unit_mask_state(root: nn.Module, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked in every maskable slot, masked in some) for each unit of a ChannelGroup."""
+    every = torch.ones(group.size, dtype=torch.bool)
+    some = torch.zeros(group.size, dtype=torch.bool)
+    seen = False
+    for s, slot in enumerate(group.slots):
+        owner, attr = resolve(root, slot.tensor)
+        if not is_maskable(owner, attr):
+            continue
+        seen = True
+        mask = channel_mask(owner, attr)
+        if mask is None or f"keep_{slot.dim}" not in dict(mask.named_buffers()):
+            every[:] = False
+            continue
+        keep = getattr(mask, f"keep_{slot.dim}")
+        off = torch.tensor([not bool(keep[list(u[s])].any()) for u in group.units], dtype=torch.bool)
+        every &= off
+        some |= off
+    if not seen:
+        every[:] = False
+    return every, some
+
+
+def mask_units(root: nn.Module, group, unit_ids: list[int]) -> None:
+    """Mask the given units in every maskable slot of the group."""
+    if not unit_ids:
+        return
+    for slot, idx in group.indices(unit_ids).items():
+        owner, attr = resolve(root, slot.tensor)
+        if is_maskable(owner, attr):
+            size = raw_tensor(owner, attr).shape[slot.dim]
+            ensure_channel_mask(owner, attr).keep(slot.dim, size)[idx] = False
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """copy.deepcopy that also gives every parametrized module of the copy its own class.
+
+    torch keeps a parametrized attribute as a property on a per-module class;
+    deepcopy shares that class between original and copy, so removing a
+    parametrization from the copy (as Shrink does) would break the original.
+    """
+    import copy
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+    return clone

@@ -1,0 +1,162 @@
+"""The per-op rule contract and the one registry rules live in.
+
+A rule says, for one op family, how channel labels flow from the op's inputs
+to its outputs (see `graphprune.analysis.labels`), which slices of its
+parameters belong to which channel, and how to fix the module's attributes
+once its tensors were sliced.  Rules are looked up by module class (through
+the class hierarchy, as long as the subclass keeps the parent's forward), by
+function or by method name.  An op with no rule is never guessed at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphprune.analysis.labels import NONE, FreezeSite, LabelSpace, along, labeled_dims, none_like
+
+__all__ = ["Rule", "OpCall", "ParamRef", "register_rule", "find_rule"]
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """Label stand-in for a parameter or buffer read with get_attr: it can be sliced, not relabeled."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class OpCall:
+    """Everything a rule sees of one executed node."""
+
+    node: fx.Node
+    module: nn.Module | None
+    args: tuple
+    kwargs: dict
+    labels: tuple  # mirrors args: label tensors, ParamRef, None for non-tensors
+    label_kwargs: dict
+    out: Any
+    space: LabelSpace
+    where: str = ""  # node name and source module path, for messages
+    extra: dict = field(default_factory=dict)
+
+    def site(self, kind: str, reason: str, source: str | None = None, dim: int | None = None) -> FreezeSite:
+        return FreezeSite(kind, self.node.name, reason, source, dim, self.where)
+
+    def param(self, attr: str) -> str:
+        """Qualified name of a tensor of the called module."""
+        return f"{self.node.target}.{attr}"
+
+    def input(self, i: int = 0) -> torch.Tensor:
+        """Label tensor of positional argument i (parameters read as unprunable data)."""
+        return as_labels(self.labels[i], self.args[i])
+
+    def along(self, labels: torch.Tensor, dim: int) -> torch.Tensor:
+        return along(self.space, labels, dim, self.site("conflict", "one index mixes several channels"))
+
+    def out_none(self) -> Any:
+        return map_tensors(self.out, lambda t: none_like(t.shape))
+
+    def freeze_inputs(self, kind: str, reason: str) -> None:
+        args = list(self.node.args) + list(self.node.kwargs.values())
+        labels = list(self.labels) + [self.label_kwargs.get(k) for k in self.node.kwargs]
+        for arg, lab in zip(args, labels):
+            source = arg.name if isinstance(arg, fx.Node) else None
+            for t in iter_label_tensors(lab):
+                self.space.freeze(t, self.site(kind, reason, source=source, dim=single_dim(t)))
+
+
+def single_dim(t: torch.Tensor) -> int | None:
+    dims = labeled_dims(t)
+    return dims[0] if len(dims) == 1 else None
+
+
+def as_labels(lab: Any, value: Any) -> torch.Tensor:
+    if isinstance(lab, torch.Tensor):
+        return lab
+    if isinstance(value, torch.Tensor):
+        return none_like(value.shape)
+    raise TypeError("not a tensor argument")
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        mapped = [map_tensors(v, fn) for v in value]
+        return type(value)(*mapped) if hasattr(value, "_fields") else tuple(mapped)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return None
+
+
+def iter_label_tensors(lab: Any):
+    if isinstance(lab, torch.Tensor):
+        if lab.numel() and bool((lab != NONE).any()):
+            yield lab
+    elif isinstance(lab, (tuple, list)):
+        for v in lab:
+            yield from iter_label_tensors(v)
+    elif isinstance(lab, dict):
+        for v in lab.values():
+            yield from iter_label_tensors(v)
+
+
+class Rule:
+    """One op family. Subclasses implement `propagate`; `update_module` when they own attributes."""
+
+    def propagate(self, call: OpCall) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def update_module(self, module: nn.Module) -> None:
+        """Fix attributes (in_channels, num_features, ...) after the module's tensors were sliced."""
+
+
+_by_type: dict[type, Rule] = {}
+_by_function: dict[Callable, Rule] = {}
+_by_method: dict[str, Rule] = {}
+
+
+def register_rule(target: type | Callable | str, rule: Rule) -> None:
+    """Register `rule` for a module class, a function (or aten op), or a tensor method name.
+
+    Registering for your own module class lets graphprune prune through it
+    when it is traced as a leaf; see `ChannelwiseRule` for the common case.
+    """
+    if not isinstance(rule, Rule):
+        raise TypeError(f"register_rule expects a graphprune Rule instance, got {type(rule).__name__}")
+    if isinstance(target, str):
+        _by_method[target] = rule
+    elif isinstance(target, type) and issubclass(target, nn.Module):
+        _by_type[target] = rule
+    elif callable(target):
+        _by_function[target] = rule
+    else:
+        raise TypeError(f"cannot register a rule for {target!r}: give a module class, a function or a method name")
+
+
+def rule_for_module(module: nn.Module) -> Rule | None:
+    cls = type(module)
+    for base in cls.__mro__:
+        rule = _by_type.get(base)
+        if rule is not None:
+            # A subclass that rewrites forward computes something else: no rule then.
+            return rule if cls.forward is base.forward else None
+    return None
+
+
+def find_rule(node: fx.Node, module: nn.Module | None = None) -> Rule | None:
+    if node.op == "call_module" and module is not None:
+        return rule_for_module(module)
+    if node.op == "call_function":
+        return _by_function.get(node.target)
+    if node.op == "call_method":
+        return _by_method.get(node.target)
+    return None

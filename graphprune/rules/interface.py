@@ -1,0 +1,17 @@
+"""The rule of the zero-reinsertion module: its input may shrink, its output keeps its width."""
+
+from __future__ import annotations
+
+from graphprune.analysis.labels import none_like
+from graphprune.reinsert import ZeroReinsert
+from graphprune.rules.base import OpCall, Rule, register_rule
+
+
+class ZeroReinsertRule(Rule):
+    def propagate(self, call: OpCall):
+        per = call.along(call.input(0), call.module.dim)
+        call.space.add_slot(call.param("keep"), 0, per)
+        return none_like(call.out.shape)
+
+
+register_rule(ZeroReinsert, ZeroReinsertRule())

@@ -1,0 +1,127 @@
+"""Pointwise ops: activations (unary) and broadcasting arithmetic (n-ary).
+
+Arithmetic couples channels element by element (a residual add makes the
+two branches' channels one unit).  A parameter broadcast against pruned
+channels (ConvNeXt's layer scale) is sliced with them.  A tensor that is
+neither labeled nor a parameter but varies along a pruned dim (a model input
+added to a feature map) cannot be sliced, so it freezes those channels.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphprune.analysis.labels import NONE, labeled_dims, none_like
+from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
+
+__all__ = ["Unary", "Elementwise"]
+
+
+class Unary(Rule):
+    """The output has the channels of the first argument, element for element."""
+
+    def propagate(self, call: OpCall):
+        if not isinstance(call.out, torch.Tensor):
+            return call.out_none()
+        x = call.input(0)
+        if tuple(x.shape) != tuple(call.out.shape):
+            call.freeze_inputs("conflict", "the op changes its input's shape")
+            return call.out_none()
+        return x
+
+
+def _aligned(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    return (1,) * (ndim - len(shape)) + tuple(shape)
+
+
+class Elementwise(Rule):
+    """Broadcasting arithmetic: every tensor operand's channels are coupled element by element."""
+
+    def propagate(self, call: OpCall):
+        out = call.out
+        if not isinstance(out, torch.Tensor):
+            return call.out_none()
+        shape = tuple(out.shape)
+        labeled, plain, params = [], [], []
+        pairs = list(zip(call.labels, call.args)) + [(call.label_kwargs.get(k), v) for k, v in call.kwargs.items()]
+        for lab, val in pairs:
+            if not isinstance(val, torch.Tensor):
+                continue
+            if isinstance(lab, ParamRef):
+                params.append((lab, tuple(val.shape)))
+            elif isinstance(lab, torch.Tensor) and bool((lab != NONE).any()):
+                labeled.append(lab.expand(shape))
+            else:
+                plain.append(tuple(val.shape))
+        if not labeled:
+            return none_like(shape)
+        vary = sorted({d for t in labeled for d in labeled_dims(t)})
+        space = call.space
+        for other in plain:
+            other = _aligned(other, len(shape))
+            if any(other[d] > 1 for d in vary):
+                for t in labeled:
+                    space.freeze(t, call.site("conflict", "combined element-wise with a tensor that cannot be sliced"))
+        result = labeled[0]
+        for t in labeled[1:]:
+            space.unify(result, t, call.site("conflict", "combined element-wise with channels that cannot be pruned"))
+            result = torch.where(result == NONE, t, result)
+        for ref, pshape in params:
+            pshape_al = _aligned(pshape, len(shape))
+            offset = len(shape) - len(pshape)
+            for d in vary:
+                if pshape_al[d] > 1 and d >= offset:
+                    space.add_slot(ref.name, d - offset, call.along(result, d))
+        return result
+
+
+_unary = Unary()
+_elementwise = Elementwise()
+
+UNARY_MODULES = [
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.RReLU,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.Identity,
+]
+UNARY_FUNCTIONS = [
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.sigmoid,
+    F.tanh, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh, F.softplus, F.softsign, F.logsigmoid,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.threshold,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
+    torch.rsqrt, torch.log, torch.sin, torch.cos, torch.erf, torch.square, torch.clamp,
+    torch.clip, torch.sign, torch.reciprocal, torch.nn.functional.hardshrink, operator.neg,
+    operator.pos, torch.Tensor.contiguous, torch.clone, torch.detach,
+]
+UNARY_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt",
+    "log", "sin", "cos", "erf", "square", "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
+    "sign", "reciprocal", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
+    "to", "type_as", "type", "cpu", "cuda", "requires_grad_",
+]
+ELEMENTWISE_FUNCTIONS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.iadd,
+    operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.subtract,
+    torch.mul, torch.multiply, torch.div, torch.true_divide, torch.pow, torch.maximum,
+    torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.addcdiv,
+]
+ELEMENTWISE_METHODS = [
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum",
+    "masked_fill", "masked_fill_", "lerp", "addcmul", "addcdiv", "where",
+]
+
+for _m in UNARY_MODULES:
+    register_rule(_m, _unary)
+for _f in UNARY_FUNCTIONS:
+    register_rule(_f, _unary)
+for _name in UNARY_METHODS:
+    register_rule(_name, _unary)
+for _f in ELEMENTWISE_FUNCTIONS:
+    register_rule(_f, _elementwise)
+for _name in ELEMENTWISE_METHODS:
+    register_rule(_name, _elementwise)

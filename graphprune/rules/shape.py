@@ -1,0 +1,265 @@
+"""Shape ops: executed on the label tensors themselves.
+
+Running `view`, `permute`, `cat`, `flatten`, ... on the labels gives the
+index maps for free.  What execution alone does not give is the constraint
+some ops put on *which* channels may go together:
+
+* a reshape that splits pruned channels over several dims (a channel
+  shuffle's `view(b, g, c // g, h, w)`, heads × head_dim) stays valid only if
+  pruning removes whole slices along one of them: the one whose size the
+  graph computes (or -1) is the one that shrinks; a literal there is
+  rewritten by Shrink;
+* `chunk`/`split` into equal parts needs every part to lose the same channels;
+* indexing or slicing a pruned dim with constants would read the wrong
+  channels after pruning, so those channels are frozen.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphprune.analysis.labels import NONE, labeled_dims, none_like, varies_along
+from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
+
+__all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim"]
+
+
+def _label_args(labels: Any, values: Any) -> Any:
+    """Replace tensors by their labels in an argument structure (parameters read as NONE)."""
+    if isinstance(values, torch.Tensor):
+        return labels if isinstance(labels, torch.Tensor) else none_like(values.shape)
+    if isinstance(values, (list, tuple)):
+        labels = labels if isinstance(labels, (list, tuple)) else [None] * len(values)
+        return type(values)(_label_args(l, v) for l, v in zip(labels, values))
+    return values
+
+
+def execute(call: OpCall) -> Any:
+    args = _label_args(list(call.labels), list(call.args))
+    kwargs = {k: _label_args(call.label_kwargs.get(k), v) for k, v in call.kwargs.items()}
+    node = call.node
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return call.module(*args, **kwargs)
+
+
+def _dim_arg(call: OpCall, pos: int, name: str = "dim", default: Any = None) -> Any:
+    """An argument after the input tensor, by position or keyword."""
+    if name in call.kwargs:
+        return call.kwargs[name]
+    rest = call.args[1:]
+    return rest[pos] if len(rest) > pos else default
+
+
+class Execute(Rule):
+    """Ops whose effect on channels is a re-indexing that commutes with removing channels."""
+
+    def propagate(self, call: OpCall):
+        return execute(call)
+
+
+def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Group the dims of a reshape: each group of source dims becomes one group of target dims."""
+    groups, i, j = [], 0, 0
+    while i < len(src) and j < len(dst):
+        gi, gj, pi, pj = [i], [j], src[i], dst[j]
+        while pi != pj:
+            if pi < pj and i + 1 < len(src):
+                i += 1
+                gi.append(i)
+                pi *= src[i]
+            elif j + 1 < len(dst):
+                j += 1
+                gj.append(j)
+                pj *= dst[j]
+            else:
+                break
+        groups.append((gi, gj))
+        i, j = i + 1, j + 1
+    return groups
+
+
+def _size_kinds(call: OpCall, ndim_out: int) -> list[str] | None:
+    """For each output dim of a reshape: 'literal' (an int in the graph) or 'free' (-1 or computed)."""
+    name = call.node.target
+    if name in ("view", "reshape") or call.node.target is torch.reshape:
+        sizes = list(call.node.args[1:])
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = list(sizes[0])
+        if "shape" in call.node.kwargs:
+            sizes = list(call.node.kwargs["shape"])
+        if len(sizes) != ndim_out:
+            return None
+        return ["free" if (isinstance(s, fx.Node) or s == -1) else "literal" for s in sizes]
+    return None
+
+
+class Reshape(Rule):
+    """view/reshape/unflatten: execution plus the split constraint (see the module docstring)."""
+
+    def propagate(self, call: OpCall):
+        out = execute(call)
+        x = call.input(0)
+        if not labeled_dims(x):
+            return out
+        kinds = _size_kinds(call, out.ndim) or ["literal"] * out.ndim
+        for gin, gout in _dim_groups(tuple(x.shape), tuple(out.shape)):
+            varied = [d for d in gout if varies_along(out, d)]
+            if len(varied) < 2:
+                continue
+            others = [d for d in labeled_dims(out) if d not in gout]
+            free = [d for d in varied if kinds[d] == "free"]
+            if len(gin) > 1 or others or len(free) > 1:
+                call.space.freeze(out, call.site("reshape", "reshape mixes pruned channels in a way that cannot shrink"))
+                return out
+            keep = free[0] if free else varied[0]
+            sub = out
+            for d in sorted(set(range(out.ndim)) - set(gout), reverse=True):
+                sub = sub.select(d, 0)
+            pos = gout.index(keep)
+            sub = sub.movedim(pos, 0).reshape(sub.shape[pos], -1)
+            call.space.unify(sub[:, :1], sub, call.site("reshape", "reshape of pruned channels"))
+        if "literal" in kinds:
+            call.extra["reshape_labels"] = out
+        return out
+
+
+class Concat(Rule):
+    """cat/stack: labels are concatenated; the other dims must match, so they are coupled."""
+
+    def propagate(self, call: OpCall):
+        tensors_lab = call.labels[0] if call.labels else call.label_kwargs.get("tensors")
+        tensors_val = call.args[0] if call.args else call.kwargs["tensors"]
+        dim = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else 0)
+        stacking = call.node.target in (torch.stack,)
+        labs = [l if isinstance(l, torch.Tensor) else none_like(v.shape) for l, v in zip(tensors_lab, tensors_val)]
+        ndim = labs[0].ndim
+        dim = dim % (ndim + 1 if stacking else ndim)
+        vary = sorted({d for t in labs for d in labeled_dims(t) if stacking or d != dim})
+        for d in vary:
+            first = call.along(labs[0], d)
+            for t in labs[1:]:
+                call.space.unify(first, call.along(t, d), call.site("conflict", "concatenated with channels that cannot be pruned"))
+        return execute(call)
+
+
+class SplitChunk(Rule):
+    """split/chunk: equal parts along a pruned dim must each lose the same channels."""
+
+    def propagate(self, call: OpCall):
+        parts = execute(call)
+        x = call.input(0)
+        is_chunk = call.node.target in ("chunk", torch.chunk)
+        dim = _dim_arg(call, 1, "dim", 0) % x.ndim
+        if not varies_along(x, dim):
+            return parts
+        size_arg = _dim_arg(call, 0, "chunks" if is_chunk else "split_size_or_sections", None)
+        if size_arg is None:
+            size_arg = call.kwargs.get("split_size")
+        sizes = {p.shape[dim] for p in parts}
+        if isinstance(size_arg, (list, tuple)) or len(sizes) > 1:
+            call.space.freeze(x, call.site("indexing", "split into parts of constant, unequal sizes"))
+            return parts
+        first = call.along(parts[0], dim)
+        for p in parts[1:]:
+            call.space.unify(first, call.along(p, dim), call.site("conflict", "split parts must lose the same channels"))
+        return parts
+
+
+def _index_dims(index: Any, ndim: int) -> list[tuple[int, Any]]:
+    """Pair each component of a tensor index with the input dim it applies to."""
+    index = index if isinstance(index, tuple) else (index,)
+    consumed = sum(1 if not (i is None or i is Ellipsis) else 0 for i in index)
+    out, d = [], 0
+    for item in index:
+        if item is Ellipsis:
+            d += ndim - consumed
+        elif item is None:
+            continue
+        else:
+            out.append((d, item))
+            d += item.ndim if isinstance(item, torch.Tensor) and item.dtype == torch.bool else 1
+    return out
+
+
+def _is_full(item: Any, size: int) -> bool:
+    return isinstance(item, slice) and item.step in (None, 1) and item.start in (None, 0) and (item.stop is None or item.stop >= size)
+
+
+class GetItem(Rule):
+    """Indexing: picking from a tuple is free; indexing a pruned dim with constants freezes it."""
+
+    def propagate(self, call: OpCall):
+        src, index = call.labels[0], call.args[1]
+        if isinstance(call.args[0], (tuple, list)):
+            return src[index] if isinstance(src, (tuple, list)) else None
+        if not isinstance(call.args[0], torch.Tensor):
+            return None
+        x = call.input(0)
+        for d, item in _index_dims(index, x.ndim):
+            if d < x.ndim and varies_along(x, d) and not _is_full(item, x.shape[d]):
+                call.space.freeze(x, call.site("indexing", "indexes pruned channels with constants", source=call.node.args[0].name, dim=d))
+        return x[index]
+
+
+class FreezeAlongDim(Rule):
+    """narrow/select/roll/index_select/unbind: fine on other dims, frozen along a pruned one."""
+
+    def __init__(self, pos: int = 0, name: str = "dim", default: int | None = None) -> None:
+        self.pos, self.name, self.default = pos, name, default
+
+    def propagate(self, call: OpCall):
+        x = call.input(0)
+        dim = _dim_arg(call, self.pos, self.name, self.default)
+        dims = range(x.ndim) if dim is None else [dim % x.ndim] if isinstance(dim, int) else [d % x.ndim for d in dim]
+        if any(varies_along(x, d) for d in dims):
+            call.space.freeze(x, call.site("indexing", f"{call.node.target} along pruned channels"))
+        return execute(call)
+
+
+class ChannelShuffleRule(Rule):
+    """nn.ChannelShuffle: every group must lose the same channels (as the traced shuffle)."""
+
+    def propagate(self, call: OpCall):
+        x = call.input(0)
+        g = call.module.groups
+        per = call.along(x, 1)
+        view = per.reshape(g, -1)
+        call.space.unify(view[:1], view, call.site("reshape", "channel shuffle"))
+        shuffled = per.reshape(g, -1).t().reshape(-1)
+        shape = [1] * x.ndim
+        shape[1] = -1
+        return shuffled.reshape(shape).expand(call.out.shape)
+
+
+_execute = Execute()
+for _t in [
+    torch.flatten, "flatten", nn.Flatten, torch.permute, "permute", torch.transpose, "transpose",
+    torch.t, "t", torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", "expand", "expand_as",
+    "repeat", torch.movedim, "movedim", torch.flip, "flip", "view_as", "reshape_as", torch.swapaxes,
+    "swapaxes", F.pad, "permute",
+]:
+    register_rule(_t, _execute)
+_reshape = Reshape()
+for _t in ["view", "reshape", torch.reshape, "unflatten", torch.unflatten, nn.Unflatten]:
+    register_rule(_t, _reshape)
+for _t in [torch.cat, torch.concat, torch.concatenate, torch.stack]:
+    register_rule(_t, Concat())
+for _t in [torch.split, "split", torch.chunk, "chunk"]:
+    register_rule(_t, SplitChunk())
+register_rule(operator.getitem, GetItem())
+for _t in ["narrow", torch.narrow, "select", torch.select, "index_select", torch.index_select]:
+    register_rule(_t, FreezeAlongDim(0, "dim"))
+for _t in ["unbind", torch.unbind]:
+    register_rule(_t, FreezeAlongDim(0, "dim", default=0))
+for _t in ["roll", torch.roll]:
+    register_rule(_t, FreezeAlongDim(1, "dims"))
+register_rule(nn.ChannelShuffle, ChannelShuffleRule())

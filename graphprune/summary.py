@@ -1,0 +1,134 @@
+"""summary(): what pruning did, in numbers a person can check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from graphprune.analysis.cost import count_macs, count_params
+from graphprune.analysis.dependency import FrozenChannels, analyze_dependencies
+from graphprune.compile import REPORT_ATTR, check_example_inputs
+from graphprune.masking import channel_mask
+from graphprune.trace import trace
+
+__all__ = ["Summary", "summary"]
+
+
+@dataclass(frozen=True)
+class Summary:
+    model: str
+    state: str  # "dense", "masked" or "shrunk"
+    params: tuple[int, int]
+    macs: tuple[int, int]
+    size_bytes: tuple[int, int]
+    masked_params: int
+    groups: tuple[tuple[str, int, int], ...]  # (group, channels before, kept)
+    frozen: tuple[FrozenChannels, ...] = ()
+    passes: tuple[tuple[str, float], ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "state": self.state,
+            "params": list(self.params),
+            "macs": list(self.macs),
+            "size_bytes": list(self.size_bytes),
+            "masked_params": self.masked_params,
+            "groups": [list(g) for g in self.groups],
+            "frozen": [{"node": f.site.location or f.site.node, "reason": f.site.reason, "channels": f.channels} for f in self.frozen],
+            "passes": [list(p) for p in self.passes],
+        }
+
+    def __str__(self) -> str:
+        def ratio(a: int, b: int) -> str:
+            return f"{b / a:.3f}" if a else "-"
+
+        state = {
+            "shrunk": "shrunk: masked channels were removed, the model is smaller",
+            "masked": f"masked only: {self.masked_params:,} parameters are zero but still stored and computed; run Shrink() to remove them",
+            "dense": "nothing pruned",
+        }[self.state]
+        lines = [f"graphprune summary of {self.model} ({state})", ""]
+        rows = [("", "before", "after", "after/before")]
+        rows.append(("params", f"{self.params[0]:,}", f"{self.params[1]:,}", ratio(*self.params)))
+        rows.append(("MACs", f"{self.macs[0]:,}", f"{self.macs[1]:,}", ratio(*self.macs)))
+        rows.append(("size (MB)", f"{self.size_bytes[0] / 1e6:.2f}", f"{self.size_bytes[1] / 1e6:.2f}", ratio(*self.size_bytes)))
+        lines += _table(rows)
+        if self.groups:
+            total = sum(g[1] for g in self.groups)
+            kept = sum(g[2] for g in self.groups)
+            pruned = sum(1 for g in self.groups if g[2] < g[1])
+            lines += ["", f"channel groups: {len(self.groups)} ({pruned} pruned), units kept {kept:,} of {total:,}"]
+            lines += _table([("group", "units", "kept")] + [(k, str(n), str(m)) for k, n, m in self.groups], indent="  ")
+        if self.frozen:
+            lines += ["", "frozen channels (kept on purpose):"]
+            for f in self.frozen:
+                lines.append(f"  {f.site.location or f.site.node}: {f.channels} channel(s) {f.site.reason}")
+        if self.passes:
+            lines += ["", "passes: " + ", ".join(f"{n} {s:.2f}s" for n, s in self.passes)]
+        lines += list(self.notes)
+        return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        out.append(indent + "  ".join(cells).rstrip())
+    return out
+
+
+def _size_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _masked_params(model: nn.Module) -> int:
+    total = 0
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr in module.parametrizations.keys():
+            if channel_mask(module, attr) is not None:
+                total += int((getattr(module, attr) == 0).sum())
+    return total
+
+
+def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -> Summary:
+    """Compare a model with its pruned version on the same inputs (neither is changed)."""
+    example_inputs = check_example_inputs(example_inputs)
+    records = list(getattr(after, REPORT_ATTR, []))
+    groups: tuple = ()
+    for r in records:
+        if isinstance(r.details.get("groups"), dict):
+            groups = tuple((k, v[0], v[1]) for k, v in r.details["groups"].items())
+    shrunk = any(r.name == "Shrink" and r.modified for r in records)
+    masked = _masked_params(after)
+    state = "masked" if masked else "shrunk" if shrunk else "dense"
+    try:
+        gm = after if isinstance(after, fx.GraphModule) else trace(after)
+        frozen = analyze_dependencies(gm, example_inputs).frozen
+    except Exception:  # a summary of an untraceable model still reports its cost
+        frozen = ()
+    with torch.no_grad():
+        return Summary(
+            model=type(before).__name__,
+            state=state,
+            params=(count_params(before), count_params(after)),
+            macs=(count_macs(before, example_inputs), count_macs(after, example_inputs)),
+            size_bytes=(_size_bytes(before), _size_bytes(after)),
+            masked_params=masked,
+            groups=groups,
+            frozen=tuple(f for f in frozen if f.site.kind != "output" or f.channels),
+            passes=tuple((r.name, r.seconds) for r in records),
+        )

@@ -1,0 +1,70 @@
+"""Turning a model into a torch.fx graph, or saying exactly why it can't be."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Iterable
+
+import torch.fx as fx
+from torch import nn
+
+from graphprune.errors import TraceError
+
+__all__ = ["trace"]
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_modules
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if type(m).__module__.startswith("graphprune."):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, "_graphprune_module"):
+                try:
+                    exc._graphprune_module = (self.path_of_module(m), type(m).__name__)
+                except Exception:
+                    pass
+            raise
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of the traceback that is not inside torch (the construct that broke)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename and "/graphprune/" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno}: {frame.line}"
+    return "unknown location"
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
+    """symbolic_trace with extra leaf module types; a GraphModule is used as it is."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    leaf = tuple(leaf_modules)
+    for t in leaf:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"leaf_modules must hold nn.Module classes, got {t!r}")
+    tracer = _Tracer(leaf)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        path, cls = getattr(exc, "_graphprune_module", ("", type(model).__name__))
+        inside = f" inside module '{path}' ({cls})" if path else f" in {cls}.forward"
+        raise TraceError(
+            f"could not trace {type(model).__name__} to a torch.fx graph: {type(exc).__name__}: {exc}\n"
+            f"  it broke at {_user_frame(exc)}{inside}.\n"
+            f"  Python control flow that depends on tensor values cannot be traced. Mark the module that "
+            f"contains it as a leaf: graphprune.compile(..., leaf_modules=[{cls}]). Its channels are then kept "
+            f"(register a rule with graphprune.register_rule to prune through it)."
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)

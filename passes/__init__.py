@@ -1,0 +1,17 @@
+"""Built-in passes (installed as graphprune.passes)."""
+
+from graphprune.passes.mask import ChannelMask
+from graphprune.passes.reinsert_zeros import ReinsertZeros
+from graphprune.passes.score import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
+from graphprune.passes.shrink import Shrink
+
+__all__ = [
+    "ScorePass",
+    "MagnitudeScore",
+    "L1Score",
+    "L2Score",
+    "RandomScore",
+    "ChannelMask",
+    "Shrink",
+    "ReinsertZeros",
+]

@@ -1,0 +1,136 @@
+"""Structured channel masks: choose the lowest-scored units of every group and mask them.
+
+`ratio` is the share of each group's units to remove (local), or of all
+prunable units ranked together after normalising each group's scores by their
+mean (global).  Every group keeps at least `min_channels` units, rounded up to
+a multiple of `round_to` so that the widths stay hardware friendly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
+from graphprune.analysis.dependency import ChannelGroup
+from graphprune.errors import PreconditionError
+from graphprune.masking import mask_units, unit_mask_state
+from graphprune.pipeline import PassBase, PassContext, PassResult
+from graphprune.passes.score import SCORES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChannelMask"]
+
+SCOPES = ("local", "global")
+
+
+class ChannelMask(PassBase):
+    preserves = frozenset({"dependencies", SCORES})
+
+    def __init__(
+        self,
+        ratio: float,
+        *,
+        scope: str = "local",
+        round_to: int = 1,
+        min_channels: int = 1,
+        exclude: Iterable[str] = (),
+    ) -> None:
+        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise ValueError(f"ChannelMask ratio must be in [0, 1) (the share of channels to remove), got {ratio!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"ChannelMask scope must be one of {SCOPES}, got {scope!r}")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"ChannelMask round_to must be a positive int, got {round_to!r}")
+        if not isinstance(min_channels, int) or min_channels < 1:
+            raise ValueError(f"ChannelMask min_channels must be a positive int, got {min_channels!r}")
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        self.ratio, self.scope, self.round_to, self.min_channels = float(ratio), scope, round_to, min_channels
+        self.exclude = tuple(exclude)
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        deps = ctx.dependencies(gm)
+        scores = ctx.get_analysis(SCORES)
+        if scores is None:
+            raise PreconditionError("ChannelMask needs scores: put a score pass before it, e.g. [L2Score(), ChannelMask(0.5)]")
+        self._check_exclude(gm)
+        groups = [g for g in deps.groups if not self._excluded(g)]
+        done = {g.key: unit_mask_state(gm, g)[0] for g in groups}
+        floor = {g.key: self._floor(g) for g in groups}
+        if self.scope == "local":
+            plan = {g.key: self._lowest(scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key])) for g in groups}
+        else:
+            plan = self._global(groups, scores, done, floor)
+        modified, report = False, {}
+        for g in groups:
+            chosen = plan[g.key]
+            new = [u for u in chosen if not bool(done[g.key][u])]
+            mask_units(gm, g, new)
+            modified |= bool(new)
+            report[g.key] = (g.size, g.size - len(chosen))
+        ctx.record(groups=report, scope=self.scope, ratio=self.ratio)
+        return PassResult(gm, modified)
+
+    # -- choosing ----------------------------------------------------------------------
+    def _floor(self, g: ChannelGroup) -> int:
+        keep = min(self.min_channels, g.size)
+        if keep > g.size - math.floor(self.ratio * g.size):
+            logger.info("group %s keeps %d of %d units (min_channels)", g.key, keep, g.size)
+        return keep
+
+    def _keep_count(self, size: int, floor: int) -> int:
+        keep = size - math.floor(self.ratio * size + 1e-9)
+        keep = min(size, math.ceil(keep / self.round_to) * self.round_to)
+        return max(keep, floor)
+
+    @staticmethod
+    def _lowest(scores: torch.Tensor, done: torch.Tensor, count: int) -> list[int]:
+        """Units already masked go first (a ratio counts from the original width), then the lowest."""
+        key = torch.where(done, torch.full_like(scores, -math.inf), scores)
+        return sorted(torch.argsort(key, stable=True)[: max(count, int(done.sum()))].tolist())
+
+    def _global(self, groups, scores, done, floor) -> dict[str, list[int]]:
+        flat, owner = [], []
+        for g in groups:
+            s = scores[g.key]
+            norm = s / (s.mean() + 1e-12) if s.numel() else s
+            norm = torch.where(done[g.key], torch.full_like(norm, -math.inf), norm)
+            flat.append(norm)
+            owner.extend((g.key, u) for u in range(g.size))
+        if not flat:
+            return {}
+        order = torch.argsort(torch.cat(flat), stable=True).tolist()
+        total = sum(g.size for g in groups)
+        budget = math.floor(self.ratio * total + 1e-9)
+        removable = {g.key: g.size - floor[g.key] for g in groups}
+        chosen: dict[str, list[int]] = {g.key: [] for g in groups}
+        for i in order:
+            if budget <= 0:
+                break
+            key, u = owner[i]
+            if len(chosen[key]) < removable[key]:
+                chosen[key].append(u)
+                budget -= 1
+        sizes = {g.key: g.size for g in groups}
+        for key, units in chosen.items():  # round the kept width up to round_to
+            keep = sizes[key] - len(units)
+            target = min(sizes[key], math.ceil(keep / self.round_to) * self.round_to)
+            units.sort(key=lambda u: float(scores[key][u]) if not bool(done[key][u]) else -math.inf)
+            del units[len(units) - (target - keep):]
+            units.sort()
+        return chosen
+
+    # -- exclusion ---------------------------------------------------------------------
+    def _excluded(self, g: ChannelGroup) -> bool:
+        return any(m == e or m.startswith(e + ".") for m in g.modules for e in self.exclude)
+
+    def _check_exclude(self, gm: fx.GraphModule) -> None:
+        names = {n for n, _ in gm.named_modules()}
+        missing = [e for e in self.exclude if e not in names]
+        if missing:
+            raise ValueError(f"ChannelMask exclude names modules the model does not have: {missing}; use names from model.named_modules()")

@@ -1,0 +1,149 @@
+"""Shrink: physically remove masked channels, exactly.
+
+Every member of a group loses the same channels; module attributes
+(in_channels, num_features, groups, ...) are fixed by the op's rule, and
+reshape constants that carry a pruned size are rewritten in the graph.
+For every model, shrink(mask(m))(x) == mask(m)(x) up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from graphprune.analysis.dependency import Dependencies
+from graphprune.errors import PassError
+from graphprune.masking import channel_mask, raw_tensor, resolve, unit_mask_state
+from graphprune.pipeline import PassBase, PassContext, PassResult
+from graphprune.rules.base import rule_for_module
+
+__all__ = ["Shrink"]
+
+
+class Shrink(PassBase):
+    keeps_outputs = True
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        deps = ctx.dependencies(gm)
+        removed: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+        pruned_roots: set[int] = set()
+        report = {}
+        for g in deps.groups:
+            every, some = unit_mask_state(gm, g)
+            partial = torch.nonzero(some & ~every).reshape(-1).tolist()
+            if partial:
+                raise PassError(
+                    f"group {g.key}: units {partial[:8]} are masked in some of their tensors but not in all of "
+                    f"{[s.tensor for s in g.slots]}; mask whole channels with a graphprune mask pass before Shrink"
+                )
+            ids = torch.nonzero(every).reshape(-1).tolist()
+            for slot, idx in g.indices(ids).items():
+                removed[slot.tensor][slot.dim].update(idx)
+            pruned_roots.update(g.roots[i] for i in ids)
+            report[g.key] = (g.size, g.size - len(ids))
+        touched: dict[int, nn.Module] = {}
+        sliced: dict[int, tuple[dict, torch.Tensor]] = {}
+        for tensor, dims in removed.items():
+            owner, attr = resolve(gm, tensor)
+            self._slice(owner, attr, {d: sorted(s) for d, s in dims.items() if s}, sliced, tensor)
+            touched[id(owner)] = owner
+        self._strip_unused_masks(gm)
+        for owner in touched.values():
+            rule = rule_for_module(owner)
+            if rule is not None:
+                rule.update_module(owner)
+        _rewrite_reshapes(gm, deps, pruned_roots)
+        ctx.record(groups=report)
+        return PassResult(gm, bool(pruned_roots))
+
+    @staticmethod
+    def _slice(owner: nn.Module, attr: str, dims: dict[int, list[int]], sliced: dict, name: str) -> None:
+        _strip_mask(owner, attr, name)
+        if hasattr(owner, "graphprune_shrink"):
+            owner.graphprune_shrink({attr: {d: torch.tensor(i, dtype=torch.long) for d, i in dims.items()}})
+            return
+        t = raw_tensor(owner, attr)
+        if id(t) in sliced:  # a tied tensor: slice once, share the result
+            seen_dims, new = sliced[id(t)]
+            if seen_dims != dims:
+                raise PassError(f"{name} is shared with another module but would lose different channels there")
+        else:
+            new = t.detach()
+            for d, idx in dims.items():
+                keep = torch.ones(new.shape[d], dtype=torch.bool)
+                keep[idx] = False
+                new = new.index_select(d, torch.nonzero(keep).reshape(-1))
+            new = nn.Parameter(new.clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new.clone()
+            sliced[id(t)] = (dims, new)
+        if isinstance(new, nn.Parameter):
+            setattr(owner, attr, new)
+        else:
+            owner._buffers[attr] = new
+
+    @staticmethod
+    def _strip_unused_masks(gm: fx.GraphModule) -> None:
+        """Masks left with nothing masked are baked away; a mask with zeros outside every group is an error."""
+        for mod_name, module in gm.named_modules():
+            if not parametrize.is_parametrized(module):
+                continue
+            for attr in list(module.parametrizations.keys()):
+                mask = channel_mask(module, attr)
+                if mask is None:
+                    continue
+                for d in mask.masked_dims():
+                    if not bool(getattr(mask, f"keep_{d}").all()):
+                        raise PassError(f"{mod_name}.{attr} masks channels along dim {d} that belong to no prunable group; these masks cannot be removed exactly")
+                _strip_mask(module, attr, f"{mod_name}.{attr}")
+
+
+def _strip_mask(owner: nn.Module, attr: str, name: str) -> None:
+    mask = channel_mask(owner, attr)
+    if mask is None:
+        return
+    if len(owner.parametrizations[attr]) > 1:
+        raise PassError(f"{name} has other parametrizations besides graphprune's mask; remove them before Shrink")
+    parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+
+
+def _sizes_of(node: fx.Node) -> tuple[list, str | int]:
+    """The size arguments of a view/reshape and where they live."""
+    if "shape" in node.kwargs:
+        return list(node.kwargs["shape"]), "shape"
+    rest = list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return list(rest[0]), 1
+    return rest, "varargs"
+
+
+def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[int]) -> None:
+    if not pruned_roots or not deps.reshapes:
+        return
+    pruned_set = torch.tensor(sorted(pruned_roots), dtype=torch.int64)
+    for node in gm.graph.nodes:
+        if node.name not in deps.reshapes:
+            continue
+        shape, roots = deps.reshapes[node.name]
+        pruned = torch.isin(roots, pruned_set)
+        new_shape = []
+        for d, size in enumerate(shape):
+            if roots.shape[d] == 1:
+                new_shape.append(size)
+                continue
+            gone = pruned.movedim(d, 0).reshape(roots.shape[d], -1).all(1)
+            new_shape.append(int((~gone).sum()))
+        sizes, where = _sizes_of(node)
+        if len(sizes) != len(shape):
+            continue
+        fixed = [new if (isinstance(s, int) and s != -1 and s == old and new != old) else s for s, old, new in zip(sizes, shape, new_shape)]
+        if fixed == sizes:
+            continue
+        if where == "shape":
+            node.kwargs = {**node.kwargs, "shape": tuple(fixed)}
+        elif where == 1:
+            node.args = (node.args[0], tuple(fixed))
+        else:
+            node.args = (node.args[0], *fixed)
