@@ -173,8 +173,13 @@ class Pipeline(PassBase):
         start = time.perf_counter()
         try:
             result = p(gm, ctx)
-        except GraphPruneError as exc:
-            raise type(exc)(f"{p.name} failed{_after(ctx)}: {exc}") from exc
+        except (GraphPruneError, ValueError, TypeError) as exc:
+            # Keep the type callers catch (bad arguments stay ValueError), add where it happened.
+            try:
+                wrapped = type(exc)(f"{p.name} failed{_after(ctx)}: {exc}")
+            except Exception:
+                wrapped = PassError(f"{p.name} failed{_after(ctx)}: {type(exc).__name__}: {exc}")
+            raise wrapped from exc
         except Exception as exc:
             raise PassError(f"{p.name} failed{_after(ctx)}: {type(exc).__name__}: {exc}") from exc
         finally:

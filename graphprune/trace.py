@@ -5,6 +5,7 @@ from __future__ import annotations
 import traceback
 from typing import Iterable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -67,4 +68,33 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
             f"contains it as a leaf: graphprune.compile(..., leaf_modules=[{cls}]). Its channels are then kept "
             f"(register a rule with graphprune.register_rule to prune through it)."
         ) from exc
-    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    _hoist_root_tensors(gm)
+    return gm
+
+
+ROOT_HOLDER = "graphprune_root"
+
+
+def _hoist_root_tensors(gm: fx.GraphModule) -> None:
+    """Move tensors the graph reads straight off the root into a child module.
+
+    A mask is a parametrization, which swaps the owner's class; on the root
+    GraphModule that class would be lost by GraphModule's own deepcopy.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and "." not in n.target]
+    if not nodes:
+        return
+    holder = nn.Module()
+    gm.add_submodule(ROOT_HOLDER, holder)
+    for n in nodes:
+        t = getattr(gm, n.target)
+        if isinstance(t, nn.Parameter):
+            holder.register_parameter(n.target, t)
+        elif isinstance(t, torch.Tensor):
+            holder.register_buffer(n.target, t)
+        else:
+            continue
+        delattr(gm, n.target)
+        n.target = f"{ROOT_HOLDER}.{n.target}"
+    gm.recompile()

@@ -49,6 +49,7 @@ class ChannelGroup:
     slots: tuple[Slot, ...]
     units: tuple[tuple[tuple[int, ...], ...], ...]
     roots: tuple[int, ...]  # the label class of each unit (for rewriting reshape constants)
+    consumers: frozenset[Slot] = frozenset()  # slots on the input side of their module
 
     @property
     def size(self) -> int:
@@ -56,9 +57,11 @@ class ChannelGroup:
 
     @property
     def modules(self) -> tuple[str, ...]:
+        """Modules whose own output width this group changes (not those that only consume it)."""
         seen: dict[str, None] = {}
         for s in self.slots:
-            seen.setdefault(s.tensor.rsplit(".", 1)[0] if "." in s.tensor else s.tensor, None)
+            if s not in self.consumers:
+                seen.setdefault(s.tensor.rpartition(".")[0], None)
         return tuple(seen)
 
     def indices(self, unit_ids: list[int] | torch.Tensor) -> dict[Slot, list[int]]:
@@ -245,10 +248,11 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
         gm.train(training)
     prop.check_size_reads()
     roots, frozen, slots = space.finalize()
-    return _build(roots, frozen, slots, {k: (tuple(v.shape), roots[compact(v)]) for k, v in prop.reshapes.items()})
+    reshapes = {k: (tuple(v.shape), roots[compact(v)]) for k, v in prop.reshapes.items()}
+    return _build(roots, frozen, slots, reshapes, space.consumer_slots)
 
 
-def _build(roots, frozen, slots, reshapes) -> Dependencies:
+def _build(roots, frozen, slots, reshapes, consumer_slots) -> Dependencies:
     per_root: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(dict)
     order = {key: i for i, key in enumerate(slots)}
     for key, (index, rvec) in slots.items():
@@ -264,7 +268,7 @@ def _build(roots, frozen, slots, reshapes) -> Dependencies:
     for sig, rs in by_signature.items():
         keys = [k for k, _ in sig]
         rs.sort(key=lambda r: min(per_root[r][keys[0]]))
-        producer = next((k for k in keys if k[1] == 0), keys[0])
+        producer = next((k for k in keys if k not in consumer_slots), keys[0])
         name = producer[0].rsplit(".", 1)[0]
         key = name
         n = 2
@@ -272,7 +276,8 @@ def _build(roots, frozen, slots, reshapes) -> Dependencies:
             key, n = f"{name}#{n}", n + 1
         used.add(key)
         units = tuple(tuple(tuple(per_root[r][k]) for k in keys) for r in rs)
-        groups.append(ChannelGroup(key, "channel", tuple(Slot(*k) for k in keys), units, tuple(rs)))
+        consumers = frozenset(Slot(*k) for k in keys if k in consumer_slots)
+        groups.append(ChannelGroup(key, "channel", tuple(Slot(*k) for k in keys), units, tuple(rs), consumers))
     counts: dict[FreezeSite, int] = defaultdict(int)
     for r, sites in frozen.items():
         if r in per_root:

@@ -43,6 +43,7 @@ class LabelSpace:
         self.sites: list[FreezeSite] = []
         # (tensor qualified name, dim) -> list of (index tensor, label tensor)
         self._slots: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.consumer_slots: set[tuple[str, int]] = set()  # input side of a module (conv/linear weight dim 1)
 
     # -- creating and relating labels -------------------------------------------------
     def fresh(self, n: int) -> torch.Tensor:
@@ -105,8 +106,14 @@ class LabelSpace:
         for label in uniq.tolist():
             self._frozen.setdefault(label, []).append(idx)
 
-    def add_slot(self, tensor: str, dim: int, labels: torch.Tensor) -> None:
-        """Index i of `tensor` along `dim` belongs to channel labels[i] (NONE: to none)."""
+    def add_slot(self, tensor: str, dim: int, labels: torch.Tensor, consumer: bool = False) -> None:
+        """Index i of `tensor` along `dim` belongs to channel labels[i] (NONE: to none).
+
+        `consumer` marks the input side of a module: pruning there leaves the
+        module's own output width alone (what `exclude=` protects).
+        """
+        if consumer:
+            self.consumer_slots.add((tensor, dim))
         labels = labels.reshape(-1)
         index = torch.arange(labels.numel())
         keep = labels != NONE

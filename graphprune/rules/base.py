@@ -122,6 +122,13 @@ class Rule:
 _by_type: dict[type, Rule] = {}
 _by_function: dict[Callable, Rule] = {}
 _by_method: dict[str, Rule] = {}
+_by_qualname: dict[str, Rule] = {}
+
+
+def register_rule_by_name(qualname: str, rule: Rule) -> None:
+    """Register a rule for a function of a package that need not be imported now
+    (e.g. "torchvision.ops.stochastic_depth.stochastic_depth")."""
+    _by_qualname[qualname] = rule
 
 
 def register_rule(target: type | Callable | str, rule: Rule) -> None:
@@ -156,7 +163,11 @@ def find_rule(node: fx.Node, module: nn.Module | None = None) -> Rule | None:
     if node.op == "call_module" and module is not None:
         return rule_for_module(module)
     if node.op == "call_function":
-        return _by_function.get(node.target)
+        rule = _by_function.get(node.target)
+        if rule is None and _by_qualname:
+            name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
+            rule = _by_qualname.get(name)
+        return rule
     if node.op == "call_method":
         return _by_method.get(node.target)
     return None

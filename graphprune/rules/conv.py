@@ -51,7 +51,7 @@ class ConvRule(Rule):
         if g == cin and g > 1:  # depthwise, maybe with a channel multiplier
             out_labels = per_in.repeat_interleave(cout // cin)
         else:
-            call.space.add_slot(call.param("weight"), 1, _coupled_across_groups(call, per_in, g))
+            call.space.add_slot(call.param("weight"), 1, _coupled_across_groups(call, per_in, g), consumer=True)
             out_labels = call.space.fresh(cout // g).repeat(g)
         call.space.add_slot(call.param("weight"), 0, out_labels)
         _bias(call, m, out_labels)
@@ -77,8 +77,9 @@ class ConvTransposeRule(ConvRule):
         cdim = x.ndim - self.spatial - 1
         per_in = call.along(x, cdim)
         g, cin, cout = m.groups, m.in_channels, m.out_channels
-        call.space.add_slot(call.param("weight"), 0, per_in)
-        if g == cin and g > 1:
+        dw = g == cin and g > 1
+        call.space.add_slot(call.param("weight"), 0, per_in, consumer=not dw)
+        if dw:
             out_labels = per_in.repeat_interleave(cout // cin)
         else:
             _coupled_across_groups(call, per_in, g)
@@ -103,7 +104,7 @@ class LinearRule(Rule):
     def propagate(self, call: OpCall):
         m = call.module
         x = call.input(0)
-        call.space.add_slot(call.param("weight"), 1, call.along(x, -1))
+        call.space.add_slot(call.param("weight"), 1, call.along(x, -1), consumer=True)
         out_labels = call.space.fresh(m.out_features)
         call.space.add_slot(call.param("weight"), 0, out_labels)
         _bias(call, m, out_labels)

@@ -10,7 +10,7 @@ from graphprune.rules.base import OpCall, Rule, register_rule
 class ZeroReinsertRule(Rule):
     def propagate(self, call: OpCall):
         per = call.along(call.input(0), call.module.dim)
-        call.space.add_slot(call.param("keep"), 0, per)
+        call.space.add_slot(call.param("keep"), 0, per, consumer=True)
         return none_like(call.out.shape)
 
 

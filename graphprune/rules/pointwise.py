@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.analysis.labels import NONE, labeled_dims, none_like
-from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
+from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule, register_rule_by_name
 
 __all__ = ["Unary", "Elementwise"]
 
@@ -125,3 +125,5 @@ for _f in ELEMENTWISE_FUNCTIONS:
     register_rule(_f, _elementwise)
 for _name in ELEMENTWISE_METHODS:
     register_rule(_name, _elementwise)
+# Stochastic depth scales whole samples (identity in eval): channels pass through.
+register_rule_by_name("torchvision.ops.stochastic_depth.stochastic_depth", _unary)

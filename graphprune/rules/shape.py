@@ -47,7 +47,9 @@ def execute(call: OpCall) -> Any:
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
+        # Labels are often broadcast views: view() would refuse what reshape() does alike.
+        method = {"view": "reshape", "view_as": "reshape_as"}.get(node.target, node.target)
+        return getattr(args[0], method)(*args[1:], **kwargs)
     return call.module(*args, **kwargs)
 
 
