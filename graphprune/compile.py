@@ -54,7 +54,7 @@ def compile(
     example_inputs = check_example_inputs(example_inputs)
     pipeline = Pipeline(list(passes), verify_each=verify_each)
     target = model if inplace else deepcopy_model(model)
-    gm = trace(target, leaf_modules)
+    gm = trace(target, leaf_modules, example_inputs)
     ctx = PassContext(example_inputs)
     gm = pipeline.call(gm, ctx).gm
     gm.graph.lint()

@@ -116,7 +116,7 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
     masked = _masked_params(after)
     state = "masked" if masked else "shrunk" if shrunk else "dense"
     try:
-        gm = after if isinstance(after, fx.GraphModule) else trace(after)
+        gm = after if isinstance(after, fx.GraphModule) else trace(after, example_inputs=example_inputs)
         frozen = analyze_dependencies(gm, example_inputs).frozen
     except Exception:  # a summary of an untraceable model still reports its cost
         frozen = ()

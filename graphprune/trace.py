@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import traceback
 from typing import Iterable
 
@@ -47,8 +48,27 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
-    """symbolic_trace with extra leaf module types; a GraphModule is used as it is."""
+def _concrete_args(model: nn.Module, example_inputs: tuple | dict | None) -> dict | None:
+    """Arguments the example inputs leave out are fixed to their defaults (`if mask is None:` then traces)."""
+    if example_inputs is None:
+        return None
+    given = set(example_inputs) if isinstance(example_inputs, dict) else None
+    params = list(inspect.signature(model.forward).parameters.values())
+    concrete = {}
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        missing = p.name not in given if given is not None else i >= len(example_inputs)
+        if missing:
+            concrete[p.name] = p.default
+    return concrete or None
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: tuple | dict | None = None) -> fx.GraphModule:
+    """symbolic_trace with extra leaf module types; a GraphModule is used as it is.
+
+    Optional arguments that `example_inputs` does not give are traced at their defaults.
+    """
     if isinstance(model, fx.GraphModule):
         return model
     leaf = tuple(leaf_modules)
@@ -57,7 +77,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = ()) -> fx.GraphModule
             raise TypeError(f"leaf_modules must hold nn.Module classes, got {t!r}")
     tracer = _Tracer(leaf)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_concrete_args(model, example_inputs))
     except Exception as exc:
         path, cls = getattr(exc, "_graphprune_module", ("", type(model).__name__))
         inside = f" inside module '{path}' ({cls})" if path else f" in {cls}.forward"

@@ -54,8 +54,11 @@ class MagnitudeScore(ScorePass):
             t = getattr(owner, attr)
             if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or attr.startswith("running_") or attr in getattr(owner, "graphprune_maskable", ()):
                 continue
-            rows = t.detach().movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1).abs().double().pow(self.p).sum(1)
-            per_unit = torch.stack([rows[list(u[s])].sum() for u in group.units])
+            flat = t.detach().movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1)
+            rows = torch.linalg.vector_norm(flat, ord=self.p, dim=1).double().pow(self.p)
+            index = torch.tensor([i for u in group.units for i in u[s]], dtype=torch.long)
+            unit = torch.tensor([k for k, u in enumerate(group.units) for _ in u[s]], dtype=torch.long)
+            per_unit = torch.zeros(group.size, dtype=torch.float64).index_add_(0, unit, rows[index])
             total += per_unit.pow(1.0 / self.p)
             used += 1
         return total / max(used, 1)

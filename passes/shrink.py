@@ -53,7 +53,7 @@ class Shrink(PassBase):
             touched[id(owner)] = owner
         self._strip_unused_masks(gm)
         for owner in touched.values():
-            rule = rule_for_module(owner)
+            rule = rule_for_module(owner, for_attributes=True)
             if rule is not None:
                 rule.update_module(owner)
         _rewrite_reshapes(gm, deps, pruned_roots)
@@ -77,7 +77,8 @@ class Shrink(PassBase):
                 keep = torch.ones(new.shape[d], dtype=torch.bool)
                 keep[idx] = False
                 new = new.index_select(d, torch.nonzero(keep).reshape(-1))
-            new = nn.Parameter(new.clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new.clone()
+            new = new.clone() if new is t.detach() or not dims else new
+            new = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
             sliced[id(t)] = (dims, new)
         if isinstance(new, nn.Parameter):
             setattr(owner, attr, new)

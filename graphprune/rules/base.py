@@ -149,13 +149,14 @@ def register_rule(target: type | Callable | str, rule: Rule) -> None:
         raise TypeError(f"cannot register a rule for {target!r}: give a module class, a function or a method name")
 
 
-def rule_for_module(module: nn.Module) -> Rule | None:
+def rule_for_module(module: nn.Module, for_attributes: bool = False) -> Rule | None:
+    """The rule of a module's class.  A subclass that rewrites forward computes something else,
+    so it gets no rule for propagation; its attributes (in_channels, ...) still follow the base."""
     cls = type(module)
     for base in cls.__mro__:
         rule = _by_type.get(base)
         if rule is not None:
-            # A subclass that rewrites forward computes something else: no rule then.
-            return rule if cls.forward is base.forward else None
+            return rule if (for_attributes or cls.forward is base.forward) else None
     return None
 
 

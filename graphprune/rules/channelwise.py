@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.analysis.labels import varies_along
-from graphprune.rules.base import OpCall, Rule, register_rule
+from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
 from graphprune.rules.pointwise import Unary
 
 __all__ = ["ChannelwiseRule", "GroupNormRule", "LayerNormRule"]
@@ -85,6 +85,35 @@ class LayerNormRule(Rule):
             call.space.freeze(x, call.site("norm", "normalises over these channels; removing some would change the statistics of the rest", source=call.node.args[0].name, dim=x.ndim - 1))
         return Unary().propagate(call)
 
+
+class FunctionalNormRule(Rule):
+    """F.batch_norm / F.instance_norm / F.group_norm: per-channel tensors passed as arguments."""
+
+    def __init__(self, tensor_args: dict[int, str], groups_arg: int | None = None) -> None:
+        self.tensor_args, self.groups_arg = tensor_args, groups_arg
+
+    def propagate(self, call: OpCall):
+        x = call.input(0)
+        per = call.along(x, 1)
+        if self.groups_arg is not None:
+            groups = call.kwargs.get("num_groups", call.args[self.groups_arg] if len(call.args) > self.groups_arg else None)
+            rows = per.reshape(groups, -1)
+            call.space.unify(rows[:, :1], rows, call.site("norm", "GroupNorm normalises over its groups"))
+        for pos, name in self.tensor_args.items():
+            lab = call.label_kwargs.get(name, call.labels[pos] if len(call.labels) > pos else None)
+            if isinstance(lab, ParamRef):
+                call.space.add_slot(lab.name, 0, per)
+            elif isinstance(call.kwargs.get(name, call.args[pos] if len(call.args) > pos else None), torch.Tensor):
+                call.freeze_inputs("no_rule", f"{name} of {call.node.target.__name__} is not a parameter of the model")
+                return call.out_none()
+        shape = [1] * call.out.ndim
+        shape[1] = -1
+        return per.reshape(shape).expand(call.out.shape)
+
+
+register_rule(F.batch_norm, FunctionalNormRule({1: "running_mean", 2: "running_var", 3: "weight", 4: "bias"}))
+register_rule(F.instance_norm, FunctionalNormRule({1: "running_mean", 2: "running_var", 3: "weight", 4: "bias"}))
+register_rule(F.group_norm, FunctionalNormRule({2: "weight", 3: "bias"}, groups_arg=1))
 
 _bn = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
 register_rule(nn.BatchNorm1d, ChannelwiseRule(1, _bn, "num_features"))
