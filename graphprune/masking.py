@@ -99,7 +99,9 @@ def unit_mask_state(root: nn.Module, group) -> tuple[torch.Tensor, torch.Tensor]
             every[:] = False
             continue
         keep = getattr(mask, f"keep_{slot.dim}")
-        off = torch.tensor([not bool(keep[list(u[s])].any()) for u in group.units], dtype=torch.bool)
+        index, unit = group.flat[s]
+        kept = torch.zeros(group.size, dtype=torch.long).index_add_(0, unit, keep[index].long())
+        off = kept == 0
         every &= off
         some |= off
     if not seen:

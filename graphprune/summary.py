@@ -28,6 +28,7 @@ class Summary:
     masked_params: int
     groups: tuple[tuple[str, int, int], ...]  # (group, channels before, kept)
     frozen: tuple[FrozenChannels, ...] = ()
+    frozen_units: int = 0
     passes: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = field(default=())
 
@@ -40,6 +41,7 @@ class Summary:
             "size_bytes": list(self.size_bytes),
             "masked_params": self.masked_params,
             "groups": [list(g) for g in self.groups],
+            "frozen_units": self.frozen_units,
             "frozen": [{"node": f.site.location or f.site.node, "reason": f.site.reason, "channels": f.channels} for f in self.frozen],
             "passes": [list(p) for p in self.passes],
         }
@@ -66,7 +68,7 @@ class Summary:
             lines += ["", f"channel groups: {len(self.groups)} ({pruned} pruned), units kept {kept:,} of {total:,}"]
             lines += _table([("group", "units", "kept")] + [(k, str(n), str(m)) for k, n, m in self.groups], indent="  ")
         if self.frozen:
-            lines += ["", "frozen channels (kept on purpose):"]
+            lines += ["", f"frozen channels (kept on purpose; {self.frozen_units} inside the model, the rest at outputs):"]
             for f in self.frozen:
                 lines.append(f"  {f.site.location or f.site.node}: {f.channels} channel(s) {f.site.reason}")
         if self.passes:
@@ -117,9 +119,10 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
     state = "masked" if masked else "shrunk" if shrunk else "dense"
     try:
         gm = after if isinstance(after, fx.GraphModule) else trace(after, example_inputs=example_inputs)
-        frozen = analyze_dependencies(gm, example_inputs).frozen
+        deps = analyze_dependencies(gm, example_inputs)
+        frozen, frozen_units = deps.frozen, deps.frozen_units
     except Exception:  # a summary of an untraceable model still reports its cost
-        frozen = ()
+        frozen, frozen_units = (), 0
     with torch.no_grad():
         return Summary(
             model=type(before).__name__,
@@ -129,6 +132,7 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             size_bytes=(_size_bytes(before), _size_bytes(after)),
             masked_params=masked,
             groups=groups,
-            frozen=tuple(f for f in frozen if f.site.kind != "output" or f.channels),
+            frozen=frozen,
+            frozen_units=frozen_units,
             passes=tuple((r.name, r.seconds) for r in records),
         )

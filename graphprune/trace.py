@@ -70,6 +70,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: t
     Optional arguments that `example_inputs` does not give are traced at their defaults.
     """
     if isinstance(model, fx.GraphModule):
+        _hoist_root_tensors(model)
         return model
     leaf = tuple(leaf_modules)
     for t in leaf:

@@ -60,6 +60,9 @@ class ChannelMask(PassBase):
             raise PreconditionError("ChannelMask needs scores: put a score pass before it, e.g. [L2Score(), ChannelMask(0.5)]")
         self._check_exclude(gm)
         groups = [g for g in deps.groups if not self._excluded(g)]
+        missing = [g.key for g in groups if g.key not in scores]
+        if missing:
+            raise PreconditionError(f"no scores for groups {missing[:5]}: run the score pass after any pass that changes the graph")
         done = {g.key: unit_mask_state(gm, g)[0] for g in groups}
         floor = {g.key: self._floor(g) for g in groups}
         if self.scope == "local":

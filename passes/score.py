@@ -56,8 +56,7 @@ class MagnitudeScore(ScorePass):
                 continue
             flat = t.detach().movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1)
             rows = torch.linalg.vector_norm(flat, ord=self.p, dim=1).double().pow(self.p)
-            index = torch.tensor([i for u in group.units for i in u[s]], dtype=torch.long)
-            unit = torch.tensor([k for k, u in enumerate(group.units) for _ in u[s]], dtype=torch.long)
+            index, unit = group.flat[s]
             per_unit = torch.zeros(group.size, dtype=torch.float64).index_add_(0, unit, rows[index])
             total += per_unit.pow(1.0 / self.p)
             used += 1

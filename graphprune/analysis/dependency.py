@@ -13,6 +13,7 @@ import logging
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -64,6 +65,16 @@ class ChannelGroup:
                 seen.setdefault(s.tensor.rpartition(".")[0], None)
         return tuple(seen)
 
+    @cached_property
+    def flat(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per slot: (indices of all units, the unit each index belongs to), for vectorised reductions."""
+        out = []
+        for s in range(len(self.slots)):
+            index = torch.tensor([i for u in self.units for i in u[s]], dtype=torch.long)
+            unit = torch.tensor([k for k, u in enumerate(self.units) for _ in u[s]], dtype=torch.long)
+            out.append((index, unit))
+        return tuple(out)
+
     def indices(self, unit_ids: list[int] | torch.Tensor) -> dict[Slot, list[int]]:
         out: dict[Slot, list[int]] = {s: [] for s in self.slots}
         for u in list(unit_ids):
@@ -85,6 +96,7 @@ class Dependencies:
     groups: tuple[ChannelGroup, ...]
     frozen: tuple[FrozenChannels, ...]
     reshapes: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)  # node -> (shape, label roots)
+    frozen_units: int = 0  # units kept for a reason other than reaching an output
 
     def group(self, key: str) -> ChannelGroup:
         for g in self.groups:
@@ -284,4 +296,5 @@ def _build(roots, frozen, slots, reshapes, consumer_slots) -> Dependencies:
             for s in sites:
                 counts[s] += 1
     frozen_report = tuple(FrozenChannels(s, c) for s, c in counts.items())
-    return Dependencies(tuple(groups), frozen_report, reshapes)
+    inner = sum(1 for r, sites in frozen.items() if r in per_root and any(s.kind != "output" for s in sites))
+    return Dependencies(tuple(groups), frozen_report, reshapes, inner)

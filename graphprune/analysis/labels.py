@@ -79,9 +79,11 @@ class LabelSpace:
         both = (a != NONE) & (b != NONE) & (a != b)
         if not both.any():
             return
-        pairs = torch.unique(torch.stack([a[both], b[both]], dim=1), dim=0)
-        for x, y in pairs.tolist():
-            rx, ry = self.find(x), self.find(y)
+        a, b = a[both], b[both]
+        n = len(self._parent)
+        pairs = torch.unique(a * n + b)  # one int per pair: unique on 1-D is fast
+        for key in pairs.tolist():
+            rx, ry = self.find(key // n), self.find(key % n)
             if rx != ry:
                 self._parent[max(rx, ry)] = min(rx, ry)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.analysis.labels import NONE, labeled_dims, none_like
+from graphprune.analysis.labels import NONE, compact_together, labeled_dims, none_like
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule, register_rule_by_name
 
 __all__ = ["Unary", "Elementwise"]
@@ -66,10 +66,12 @@ class Elementwise(Rule):
             if any(other[d] > 1 for d in vary):
                 for t in labeled:
                     space.freeze(t, call.site("conflict", "combined element-wise with a tensor that cannot be sliced"))
+        labeled = compact_together(*labeled)  # work per channel, not per activation element
         result = labeled[0]
         for t in labeled[1:]:
             space.unify(result, t, call.site("conflict", "combined element-wise with channels that cannot be pruned"))
             result = torch.where(result == NONE, t, result)
+        result = result.expand(shape)
         for ref, pshape in params:
             pshape_al = _aligned(pshape, len(shape))
             offset = len(shape) - len(pshape)
