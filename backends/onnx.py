@@ -1,0 +1,335 @@
+"""ONNX backend: export a (pruned) model, verify it in ONNX Runtime, measure it.
+
+`export` writes to a temporary name beside the target and renames it only
+after ONNX Runtime loaded the file and matched torch's outputs, so a failed
+export never leaves a file that looks valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from graphprune.compile import check_example_inputs
+from graphprune.errors import GraphPruneError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExportError", "ExportResult", "export", "LatencyRow", "benchmark", "MAX_IR_VERSION"]
+
+# onnx >= 1.23 writes IR version 14 by default; onnxruntime 1.31 (and older) reads up to 10 safely.
+MAX_IR_VERSION = 10
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+class ExportError(GraphPruneError):
+    """The model could not be exported, or ONNX Runtime cannot run what was exported."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    exporter: str  # "dynamo" or "torchscript"
+    opset: int
+    ir_version: int
+    file_bytes: int
+    max_abs_error: float | None  # None when verify=False
+    max_rel_error: float | None
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    sparse_initializers: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("the ONNX backend needs onnx and onnxruntime: pip install 'graphprune[onnx]'") from exc
+    return onnx, onnxruntime
+
+
+def _flat_tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _with_batch(inputs: tuple | dict, batch: int) -> tuple | dict:
+    """Repeat (or cut) every tensor input to `batch` rows along dim 0."""
+
+    def resize(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.ndim == 0:
+            return t
+        reps = -(-batch // t.shape[0])
+        return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch]
+
+    return pytree.tree_map(resize, inputs)
+
+
+def _batch_of(inputs: tuple | dict) -> int | None:
+    tensors = _flat_tensors(inputs)
+    return tensors[0].shape[0] if tensors and tensors[0].ndim else None
+
+
+def _run_torch(model: nn.Module, inputs: tuple | dict) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return [t.detach().cpu().numpy() for t in _flat_tensors(out)]
+
+
+def _names(model: nn.Module, inputs: tuple | dict) -> list[str]:
+    if isinstance(inputs, dict):
+        return [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+    import inspect
+
+    params = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [params[i] if i < len(params) else f"input_{i}" for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
+
+
+def _export_dynamo(model, inputs, tmp, input_names, output_names, opset, dynamic_batch) -> None:
+    args, kwargs = (inputs, None) if isinstance(inputs, tuple) else ((), inputs)
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        spec = lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.ndim else None  # noqa: E731
+        dynamic_shapes = {k: spec(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(spec(v) for v in inputs)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, args, tmp, kwargs=kwargs, input_names=input_names, output_names=output_names,
+            opset_version=opset, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False,
+        )
+
+
+def _export_torchscript(model, inputs, tmp, input_names, output_names, opset, dynamic_batch) -> None:
+    if isinstance(inputs, dict):
+        args = (inputs,)  # the TorchScript exporter takes keyword inputs as a trailing dict
+    else:
+        args = inputs
+    axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, args, tmp, input_names=input_names, output_names=output_names,
+            opset_version=opset, dynamic_axes=axes, dynamo=False,
+        )
+
+
+def _sparsify(onnx, proto, min_sparsity: float, min_size: int = 256) -> int:
+    """Move initializers that are at least `min_sparsity` zeros into graph.sparse_initializer."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    keep, count = [], 0
+    input_names = {i.name for i in graph.input}
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.size < min_size or arr.dtype.kind != "f" or (arr == 0).mean() < min_sparsity:
+            keep.append(init)
+            continue
+        flat = arr.reshape(-1)
+        nz = np.nonzero(flat)[0].astype(np.int64)
+        values = numpy_helper.from_array(flat[nz], init.name)
+        indices = numpy_helper.from_array(nz, f"{init.name}_indices")
+        graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, list(arr.shape)))
+        count += 1
+    if count:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        sparse = {s.values.name for s in graph.sparse_initializer}
+        remaining = [i for i in graph.input if i.name not in sparse or i.name not in input_names]
+        del graph.input[:]
+        graph.input.extend(remaining)
+    return count
+
+
+def _compare(expected: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]:
+    if len(expected) != len(got):
+        raise VerificationError(f"torch returned {len(expected)} outputs, ONNX Runtime {len(got)}")
+    max_abs, max_rel = 0.0, 0.0
+    for e, g in zip(expected, got):
+        if e.shape != g.shape:
+            raise VerificationError(f"output shape differs: torch {e.shape}, ONNX Runtime {g.shape}")
+        diff = np.abs(e.astype(np.float64) - g.astype(np.float64))
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float(diff.max() / max(np.abs(e).max(), 1e-12)))
+    return max_abs, max_rel
+
+
+def session(path_or_bytes: str | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session (threads: intra-op threads; None = ORT's default)."""
+    _, ort = _import_onnx()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _feed(sess, inputs: tuple | dict) -> dict[str, np.ndarray]:
+    tensors = [t.detach().cpu().numpy() for t in _flat_tensors(inputs)]
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(tensors):
+        raise VerificationError(f"the ONNX model takes {len(names)} inputs ({names}); {len(tensors)} tensors were given")
+    return dict(zip(names, tensors))
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    example_inputs: tuple | dict,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    verify: bool = True,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    sparse_initializers: float | None = None,
+    exporter: str = "auto",
+) -> ExportResult:
+    """Export `model` to ONNX at `path`, check it in ONNX Runtime, return what happened.
+
+    exporter="auto" tries torch's dynamo-based exporter and falls back to the
+    TorchScript one; the result says which was used.  `sparse_initializers=0.5`
+    stores weights that are at least half zeros as ONNX sparse initializers
+    (smaller files; ORT densifies them when loading).  Verification runs the
+    example inputs, and with dynamic_batch a different batch size too; outputs
+    must agree within atol + rtol * max|output|.
+    """
+    onnx, _ = _import_onnx()
+    example_inputs = check_example_inputs(example_inputs)
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if sparse_initializers is not None and not 0 < sparse_initializers <= 1:
+        raise ValueError(f"sparse_initializers is the minimal share of zeros, in (0, 1]; got {sparse_initializers!r}")
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ExportError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ExportError(f"cannot write {path}: the folder {folder} is not writable")
+    opset = opset or 18
+    training = model.training
+    model.eval()
+    input_names = _names(model, example_inputs)
+    with torch.no_grad():
+        expected_out = model(**example_inputs) if isinstance(example_inputs, dict) else model(*example_inputs)
+    n_out = len(_flat_tensors(expected_out))
+    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    # torch.export specialises a batch of 1, so a dynamic batch is traced at batch 2.
+    trace_inputs = _with_batch(example_inputs, 2) if dynamic_batch and _batch_of(example_inputs) == 1 else example_inputs
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    notes: list[str] = []
+    try:
+        order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
+        used, errors = None, []
+        for name in order:
+            try:
+                fn = _export_dynamo if name == "dynamo" else _export_torchscript
+                fn(model, trace_inputs, tmp, input_names, output_names, opset, dynamic_batch)
+                used = name
+                break
+            except Exception as exc:
+                errors.append(f"{name} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+                logger.info("ONNX export with the %s exporter failed: %s", name, exc)
+        if used is None:
+            raise ExportError("torch could not export the model to ONNX:\n  " + "\n  ".join(errors))
+        if errors:
+            notes.append("fell back: " + "; ".join(errors))
+        proto = onnx.load(tmp)
+        proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+        n_sparse = _sparsify(onnx, proto, sparse_initializers) if sparse_initializers else 0
+        onnx.save(proto, tmp)
+        max_abs = max_rel = None
+        if verify:
+            try:
+                sess = session(tmp)
+            except Exception as exc:
+                raise ExportError(
+                    f"ONNX Runtime cannot load the model exported with the {used} exporter (opset {opset}): "
+                    f"{str(exc).strip().splitlines()[-1][:400]}. An op in the model has no ONNX Runtime kernel; "
+                    f"try another opset (opset=...), exporter=..., or replace that op."
+                    + (f" ({'; '.join(notes)})" if notes else "")
+                ) from exc
+            checks = [example_inputs]
+            if dynamic_batch and _batch_of(example_inputs):
+                checks.append(_with_batch(example_inputs, _batch_of(example_inputs) + 3))
+            max_abs = max_rel = 0.0
+            for inputs in checks:
+                expected = _run_torch(model, inputs)
+                got = sess.run(None, _feed(sess, inputs))
+                a, r = _compare(expected, got)
+                max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+                scale = max((float(np.abs(e).max()) for e in expected if e.size), default=0.0)
+                if a > atol + rtol * scale:
+                    raise VerificationError(
+                        f"ONNX Runtime disagrees with torch: max abs error {a:.3g}, max rel error {r:.3g} "
+                        f"(allowed {atol} + {rtol} x {scale:.3g}) with the {used} exporter; the file was not written"
+                    )
+        os.replace(tmp, path)
+    finally:
+        model.train(training)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ExportResult(
+        str(path), used, opset, min(proto.ir_version, MAX_IR_VERSION), path.stat().st_size, max_abs, max_rel,
+        tuple(input_names), tuple(output_names), n_sparse, tuple(notes),
+    )
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    name: str
+    median_ms: float
+    p90_ms: float
+    throughput: float  # samples per second at the benchmark batch size
+    file_bytes: int
+
+
+def benchmark(
+    models: dict[str, str | os.PathLike],
+    example_inputs: tuple | dict,
+    *,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> list[LatencyRow]:
+    """ONNX Runtime CPU latency of several ONNX files on the same inputs, runs interleaved
+    (one run of each model per round) so that machine noise hits all alike; medians reported."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    sessions = {name: session(str(p), threads) for name, p in models.items()}
+    feeds = {name: _feed(s, example_inputs) for name, s in sessions.items()}
+    for _ in range(warmup):
+        for name, s in sessions.items():
+            s.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(repeats):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[name])
+            times[name].append(time.perf_counter() - start)
+    batch = _batch_of(example_inputs) or 1
+    rows = []
+    for name, ts in times.items():
+        ts.sort()
+        med = statistics.median(ts)
+        rows.append(LatencyRow(name, med * 1e3, ts[min(len(ts) - 1, int(0.9 * len(ts)))] * 1e3, batch / med, os.path.getsize(models[name])))
+    return rows
