@@ -49,14 +49,14 @@ def torch_pruning(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torc
     return model
 
 
-def run(name: str, ratio: float, size: int, threads: int, repeats: int, folder: str) -> dict:
+def run(name: str, ratio: float, size: int, threads: int, repeats: int, folder: str, round_to: int = 1) -> dict:
     torch.manual_seed(0)
     model = build(name)
     side = max(size, 299) if name == "inception_v3" else size
     x = torch.randn(1, 3, side, side)
     row: dict = {"model": name, "input": side}
     start = time.perf_counter()
-    pruned = gp.compile(model, [L2Score(), ChannelMask(ratio), Shrink()], example_inputs=(x,))
+    pruned = gp.compile(model, [L2Score(), ChannelMask(ratio, round_to=round_to), Shrink()], example_inputs=(x,))
     row["gp_seconds"] = time.perf_counter() - start
     macs = gp.count_macs(model, (x,))
     row["params"] = gp.count_params(model)
@@ -68,6 +68,7 @@ def run(name: str, ratio: float, size: int, threads: int, repeats: int, folder: 
         files[key] = r.path
         row[f"{key}_export"] = r.exporter
         row[f"{key}_max_abs_err"] = r.max_abs_error
+        row[f"{key}_max_rel_err"] = r.max_rel_error
         row[f"{key}_mb"] = r.file_bytes / 1e6
     try:
         start = time.perf_counter()
@@ -97,25 +98,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--round-to", type=int, default=1, help="graphprune keeps widths that are multiples of this")
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            rows.append(run(name, args.ratio, args.size, args.threads, args.repeats, folder))
+            rows.append(run(name, args.ratio, args.size, args.threads, args.repeats, folder, args.round_to))
             print(f"done {name}", flush=True, file=__import__("sys").stderr)
     import onnxruntime
 
     print(f"graphprune {gp.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
           f"{platform.machine()} with {os.cpu_count()} cores; ONNX Runtime CPU with {args.threads} thread(s), batch 1, "
-          f"median of {args.repeats} interleaved runs; ratio {args.ratio}, L2, local scope; random-init weights\n")
-    print("| model | params dense | graphprune params | MACs ratio (ideal) | dense ms | graphprune ms | speedup | speedup x ideal | ORT match (max abs err) | Torch-Pruning MACs ratio | Torch-Pruning ms | TP speedup |")
+          f"median of {args.repeats} interleaved runs; ratio {args.ratio}, L2, local scope, graphprune round_to={args.round_to}; "
+          f"random-init weights\n")
+    print("| model | params dense | graphprune params | MACs ratio (ideal) | dense ms | graphprune ms | speedup | speedup x ideal | ORT match (max rel err) | Torch-Pruning MACs ratio | Torch-Pruning ms | TP speedup |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tp = (f"{r['tp_macs_ratio']:.3f} | {r['tp_ms']:.2f} | {r['tp_speedup']:.2f}x" if "tp_ms" in r
               else f"failed: {r.get('tp_error', '')[:60]} | - | -")
         print(f"| {r['model']} | {r['params']:,} | {r['gp_params']:,} | {r['gp_macs_ratio']:.3f} | {r['dense_ms']:.2f} | "
-              f"{r['graphprune_ms']:.2f} | {r['gp_speedup']:.2f}x | {r['gp_speedup_over_ideal']:.2f} | yes ({r['graphprune_max_abs_err']:.1e}) | {tp} |")
+              f"{r['graphprune_ms']:.2f} | {r['gp_speedup']:.2f}x | {r['gp_speedup_over_ideal']:.2f} | yes ({r['graphprune_max_rel_err']:.1e}) | {tp} |")
     eff = [r["gp_speedup_over_ideal"] for r in rows]
     print(f"\n{len(rows)} models pruned, {len(rows)} exported and matched in ONNX Runtime; "
           f"median speedup {statistics.median(r['gp_speedup'] for r in rows):.2f}x, "
