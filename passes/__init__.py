@@ -1,5 +1,7 @@
 """Built-in passes (installed as graphprune.passes)."""
 
+from graphprune.passes.criteria import BNScaleScore, FPGMScore
+from graphprune.passes.data_scores import ActivationScore, APoZScore, TaylorScore, WandaScore
 from graphprune.passes.mask import ChannelMask
 from graphprune.passes.reinsert_zeros import ReinsertZeros
 from graphprune.passes.score import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
@@ -11,6 +13,12 @@ __all__ = [
     "L1Score",
     "L2Score",
     "RandomScore",
+    "BNScaleScore",
+    "FPGMScore",
+    "TaylorScore",
+    "ActivationScore",
+    "APoZScore",
+    "WandaScore",
     "ChannelMask",
     "Shrink",
     "ReinsertZeros",

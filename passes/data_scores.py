@@ -1,0 +1,212 @@
+"""Data-driven criteria: they run calibration batches through the model.
+
+`calibration` is an iterable of `(inputs, targets)` where `inputs` has the
+form of `example_inputs` (a tuple of positional arguments or a dict of
+keyword arguments); activation-based scores ignore the targets.  Loss-based
+scores call `loss_fn(model_output, targets)`.
+
+Activations of a unit are read where its channels enter the modules that
+consume them (conv/linear inputs: after the activation function), averaged
+over consumers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphprune.analysis.dependency import ChannelGroup
+from graphprune.errors import PreconditionError
+from graphprune.masking import raw_tensor, resolve
+from graphprune.pipeline import PassContext
+from graphprune.passes.score import ScorePass
+
+__all__ = ["TaylorScore", "ActivationScore", "APoZScore", "WandaScore"]
+
+
+def _batches(calibration: Any, who: str) -> list:
+    if calibration is None:
+        raise ValueError(f"{who} is data-driven: pass calibration=[(inputs, targets), ...] with inputs shaped like example_inputs")
+    batches = list(calibration)
+    if not batches:
+        raise ValueError(f"{who}: calibration holds no batches")
+    for b in batches:
+        if not (isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], (tuple, list, dict))):
+            raise ValueError(f"{who}: each calibration item must be (inputs, targets) with inputs a tuple or dict, got {type(b).__name__}")
+    return batches
+
+
+def _call(gm: nn.Module, inputs: tuple | list | dict) -> Any:
+    return gm(**inputs) if isinstance(inputs, dict) else gm(*inputs)
+
+
+class TaylorScore(ScorePass):
+    """First-order Taylor importance |w * dL/dw| summed over calibration batches (Molchanov et al.),
+    per unit over all its parameter slices, averaged over the group's parameters."""
+
+    def __init__(self, calibration: Iterable | None = None, loss_fn: Callable | None = None) -> None:
+        self.calibration, self.loss_fn = calibration, loss_fn
+
+    def scores(self, gm, groups, ctx):
+        batches = _batches(self.calibration, "TaylorScore")
+        if self.loss_fn is None:
+            raise ValueError("TaylorScore needs loss_fn=, called as loss_fn(model_output, targets)")
+        params = {}
+        for g in groups:
+            for slot in g.slots:
+                owner, attr = resolve(gm, slot.tensor)
+                t = raw_tensor(owner, attr)
+                if isinstance(t, nn.Parameter):
+                    params[slot.tensor] = t
+        acc = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+        training = gm.training
+        gm.eval()
+        try:
+            for inputs, targets in batches:
+                gm.zero_grad(set_to_none=True)
+                self.loss_fn(_call(gm, inputs), targets).backward()
+                for name, p in params.items():
+                    if p.grad is not None:
+                        acc[name] += (p.detach() * p.grad.detach()).double()
+        finally:
+            gm.zero_grad(set_to_none=True)
+            gm.train(training)
+        out = {}
+        for g in groups:
+            total, used = torch.zeros(g.size, dtype=torch.float64), 0
+            for s, slot in enumerate(g.slots):
+                if slot.tensor not in acc:
+                    continue
+                t = acc[slot.tensor].abs()
+                rows = t.movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1).sum(1)
+                index, unit = g.flat[s]
+                total += torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, rows[index])
+                used += 1
+            out[g.key] = total / max(used, 1)
+        return out
+
+
+class _ActivationStats(ScorePass):
+    """Collects per-channel statistics of each group's channels where consumers read them."""
+
+    statistic = "mean_abs"  # or "zero_fraction", "rms"
+
+    def __init__(self, calibration: Iterable | None = None) -> None:
+        self.calibration = calibration
+
+    def _consumers(self, gm: nn.Module, g: ChannelGroup) -> list[tuple[int, nn.Module]]:
+        found = []
+        for s, slot in enumerate(g.slots):
+            owner, attr = resolve(gm, slot.tensor)
+            if slot in g.consumers and attr == "weight" and isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and slot.dim == 1:
+                found.append((s, owner))
+        return found
+
+    def _collect(self, gm: fx.GraphModule, groups) -> dict[int, torch.Tensor]:
+        batches = _batches(self.calibration, type(self).__name__)
+        modules = {id(m): m for g in groups for _, m in self._consumers(gm, g)}
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = defaultdict(int)
+
+        def hook(module, args):
+            x = args[0].detach().double()
+            cdim = x.ndim - 1 if isinstance(module, nn.Linear) else (1 if x.ndim > 2 else 0)
+            flat = x.movedim(cdim, 0).reshape(x.shape[cdim], -1)
+            stat = {"mean_abs": flat.abs().sum(1), "zero_fraction": (flat == 0).double().sum(1), "rms": flat.pow(2).sum(1)}[self.statistic]
+            key = id(module)
+            sums[key] = stat if key not in sums else sums[key] + stat
+            counts[key] += flat.shape[1]
+
+        handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
+        training = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                for inputs, _ in batches:
+                    _call(gm, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            gm.train(training)
+        stats = {}
+        for key, total in sums.items():
+            per_channel = total / counts[key]
+            if self.statistic == "rms":
+                per_channel = per_channel.sqrt()
+            m = modules[key]
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.groups > 1:
+                # weight index j of a grouped conv reads channel j of every group: average them
+                per_channel = per_channel.reshape(m.groups, -1).mean(0)
+            stats[key] = per_channel
+        return stats
+
+    def unit_stats(self, gm: fx.GraphModule, groups) -> dict[str, list[tuple[nn.Module, int, torch.Tensor]]]:
+        """Per group: (consumer module, slot position, per-unit statistic)."""
+        stats = self._collect(gm, groups)
+        out: dict[str, list] = {}
+        for g in groups:
+            rows = []
+            for s, module in self._consumers(gm, g):
+                if id(module) not in stats:
+                    continue
+                index, unit = g.flat[s]
+                per_index = stats[id(module)][index]
+                count = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, torch.ones_like(per_index))
+                rows.append((module, s, torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, per_index) / count.clamp(min=1)))
+            out[g.key] = rows
+        return out
+
+    def scores(self, gm, groups, ctx: PassContext):
+        per_group = self.unit_stats(gm, groups)
+        out, missing = {}, []
+        for g in groups:
+            rows = per_group[g.key]
+            if not rows:
+                missing.append(g.key)
+                out[g.key] = torch.zeros(g.size, dtype=torch.float64)
+                continue
+            out[g.key] = self.combine(gm, g, rows)
+        if missing:
+            ctx.record(unscored=missing)
+        if groups and len(missing) == len(groups):
+            raise PreconditionError(f"{self.name}: no group has a Conv or Linear consumer to read activations at")
+        return out
+
+    def combine(self, gm, g, rows) -> torch.Tensor:
+        return torch.stack([r for _, _, r in rows]).mean(0)
+
+
+class ActivationScore(_ActivationStats):
+    """Mean |activation| of each unit's channels over the calibration data."""
+
+    statistic = "mean_abs"
+
+
+class APoZScore(_ActivationStats):
+    """Average Percentage of Zeros (Hu et al. 2016): channels that are mostly zero after their
+    activation matter least, so the score is 1 - APoZ (higher = keep)."""
+
+    statistic = "zero_fraction"
+
+    def combine(self, gm, g, rows):
+        return 1.0 - super().combine(gm, g, rows)
+
+
+class WandaScore(_ActivationStats):
+    """Structured Wanda / FLAP: for input channel j of a consumer, ||W[:, j]|| * RMS(x_j)."""
+
+    statistic = "rms"
+
+    def combine(self, gm, g, rows):
+        scores = []
+        for module, s, rms in rows:
+            w = module.weight.detach().double()
+            col = w.movedim(1, 0).reshape(w.shape[1], -1).pow(2).sum(1)
+            index, unit = g.flat[s]
+            norm = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, col[index]).sqrt()
+            scores.append(norm * rms)
+        return torch.stack(scores).mean(0)
