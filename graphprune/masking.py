@@ -21,6 +21,9 @@ __all__ = [
     "unit_mask_state",
     "mask_units",
     "deepcopy_model",
+    "WeightMaskParametrization",
+    "weight_mask",
+    "take_masks",
 ]
 
 
@@ -46,6 +49,23 @@ class ChannelMaskParametrization(nn.Module):
             shape[d] = -1
             x = x * getattr(self, f"keep_{d}").reshape(shape).to(x.dtype)
         return x
+
+
+class WeightMaskParametrization(nn.Module):
+    """tensor * mask, with a boolean mask of the tensor's shape."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.to(x.dtype)
+
+
+def weight_mask(owner: nn.Module, attr: str) -> WeightMaskParametrization | None:
+    if not parametrize.is_parametrized(owner, attr):
+        return None
+    return next((p for p in owner.parametrizations[attr] if isinstance(p, WeightMaskParametrization)), None)
 
 
 def resolve(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -136,3 +156,17 @@ def deepcopy_model(model: nn.Module) -> nn.Module:
             namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
             module.__class__ = type(cls.__name__, cls.__bases__, namespace)
     return clone
+
+
+def take_masks(owner: nn.Module, attr: str, name: str) -> list[WeightMaskParametrization]:
+    """Remove graphprune's masks from a tensor (restoring the stored original) and return its
+    weight masks, to be sliced and put back.  Foreign parametrizations are refused."""
+    if not parametrize.is_parametrized(owner, attr):
+        return []
+    plist = list(owner.parametrizations[attr])
+    if any(not isinstance(p, (ChannelMaskParametrization, WeightMaskParametrization)) for p in plist):
+        from graphprune.errors import PassError
+
+        raise PassError(f"{name} has parametrizations graphprune does not know; remove them before Shrink")
+    parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+    return [p for p in plist if isinstance(p, WeightMaskParametrization)]

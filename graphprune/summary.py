@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from graphprune.analysis.cost import count_macs, count_params
 from graphprune.analysis.dependency import FrozenChannels, analyze_dependencies
 from graphprune.compile import REPORT_ATTR, check_example_inputs
-from graphprune.masking import channel_mask
+from graphprune.masking import channel_mask, weight_mask
 from graphprune.trace import trace
 
 __all__ = ["Summary", "summary"]
@@ -29,6 +29,7 @@ class Summary:
     groups: tuple[tuple[str, int, int], ...]  # (group, channels before, kept)
     frozen: tuple[FrozenChannels, ...] = ()
     frozen_units: int = 0
+    sparsity: tuple[tuple[str, float], ...] = ()  # masked tensors: share of zeros
     passes: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = field(default=())
 
@@ -42,6 +43,7 @@ class Summary:
             "masked_params": self.masked_params,
             "groups": [list(g) for g in self.groups],
             "frozen_units": self.frozen_units,
+            "sparsity": [list(r) for r in self.sparsity],
             "frozen": [{"node": f.site.location or f.site.node, "reason": f.site.reason, "channels": f.channels} for f in self.frozen],
             "passes": [list(p) for p in self.passes],
         }
@@ -67,6 +69,9 @@ class Summary:
             pruned = sum(1 for g in self.groups if g[2] < g[1])
             lines += ["", f"channel groups: {len(self.groups)} ({pruned} pruned), units kept {kept:,} of {total:,}"]
             lines += _table([("group", "units", "kept")] + [(k, str(n), str(m)) for k, n, m in self.groups], indent="  ")
+        if self.sparsity:
+            lines += ["", "masked tensors (share of zeros):"]
+            lines += _table([("tensor", "sparsity")] + [(n, f"{z:.3f}") for n, z in self.sparsity], indent="  ")
         if self.frozen:
             lines += ["", f"frozen channels (kept on purpose; {self.frozen_units} inside the model, the rest at outputs):"]
             for f in self.frozen:
@@ -95,15 +100,17 @@ def _size_bytes(model: nn.Module) -> int:
     return total
 
 
-def _masked_params(model: nn.Module) -> int:
-    total = 0
-    for module in model.modules():
+def _mask_sparsity(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(tensor, masked-to-zero count, size) for every tensor graphprune masks."""
+    rows = []
+    for name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
         for attr in module.parametrizations.keys():
-            if channel_mask(module, attr) is not None:
-                total += int((getattr(module, attr) == 0).sum())
-    return total
+            if channel_mask(module, attr) is not None or weight_mask(module, attr) is not None:
+                t = getattr(module, attr)
+                rows.append((f"{name}.{attr}", int((t == 0).sum()), t.numel()))
+    return rows
 
 
 def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -> Summary:
@@ -115,7 +122,8 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
         if isinstance(r.details.get("groups"), dict):
             groups = tuple((k, v[0], v[1]) for k, v in r.details["groups"].items())
     shrunk = any(r.name == "Shrink" and r.modified for r in records)
-    masked = _masked_params(after)
+    sparsity = _mask_sparsity(after)
+    masked = sum(r[1] for r in sparsity)
     state = "masked" if masked else "shrunk" if shrunk else "dense"
     try:
         gm = after if isinstance(after, fx.GraphModule) else trace(after, example_inputs=example_inputs)
@@ -131,6 +139,7 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             macs=(count_macs(before, example_inputs), count_macs(after, example_inputs)),
             size_bytes=(_size_bytes(before), _size_bytes(after)),
             masked_params=masked,
+            sparsity=tuple((n, z / max(size, 1)) for n, z, size in sparsity),
             groups=groups,
             frozen=frozen,
             frozen_units=frozen_units,

@@ -6,6 +6,7 @@ from graphprune.passes.mask import ChannelMask
 from graphprune.passes.reinsert_zeros import ReinsertZeros
 from graphprune.passes.score import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
 from graphprune.passes.shrink import Shrink
+from graphprune.passes.sparse_mask import BlockMask, NMMask, UnstructuredMask
 
 __all__ = [
     "ScorePass",
@@ -20,6 +21,9 @@ __all__ = [
     "APoZScore",
     "WandaScore",
     "ChannelMask",
+    "UnstructuredMask",
+    "NMMask",
+    "BlockMask",
     "Shrink",
     "ReinsertZeros",
 ]

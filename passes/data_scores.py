@@ -106,9 +106,9 @@ class _ActivationStats(ScorePass):
                 found.append((s, owner))
         return found
 
-    def _collect(self, gm: fx.GraphModule, groups) -> dict[int, torch.Tensor]:
+    def _collect(self, gm: fx.GraphModule, modules: dict[int, nn.Module]) -> dict[int, torch.Tensor]:
+        """Per input channel of each module: the statistic over all calibration positions."""
         batches = _batches(self.calibration, type(self).__name__)
-        modules = {id(m): m for g in groups for _, m in self._consumers(gm, g)}
         sums: dict[int, torch.Tensor] = {}
         counts: dict[int, int] = defaultdict(int)
 
@@ -137,16 +137,20 @@ class _ActivationStats(ScorePass):
             per_channel = total / counts[key]
             if self.statistic == "rms":
                 per_channel = per_channel.sqrt()
-            m = modules[key]
-            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.groups > 1:
-                # weight index j of a grouped conv reads channel j of every group: average them
-                per_channel = per_channel.reshape(m.groups, -1).mean(0)
             stats[key] = per_channel
         return stats
 
-    def unit_stats(self, gm: fx.GraphModule, groups) -> dict[str, list[tuple[nn.Module, int, torch.Tensor]]]:
+    @staticmethod
+    def _per_weight_index(m: nn.Module, per_channel: torch.Tensor) -> torch.Tensor:
+        """Weight index j of a grouped conv reads channel j of every group: average them."""
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.groups > 1:
+            return per_channel.reshape(m.groups, -1).mean(0)
+        return per_channel
+
+    def unit_stats(self, gm: fx.GraphModule, groups, stats: dict[int, torch.Tensor] | None = None) -> dict[str, list[tuple[nn.Module, int, torch.Tensor]]]:
         """Per group: (consumer module, slot position, per-unit statistic)."""
-        stats = self._collect(gm, groups)
+        if stats is None:
+            stats = self._collect(gm, {id(m): m for g in groups for _, m in self._consumers(gm, g)})
         out: dict[str, list] = {}
         for g in groups:
             rows = []
@@ -154,14 +158,14 @@ class _ActivationStats(ScorePass):
                 if id(module) not in stats:
                     continue
                 index, unit = g.flat[s]
-                per_index = stats[id(module)][index]
+                per_index = self._per_weight_index(module, stats[id(module)])[index]
                 count = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, torch.ones_like(per_index))
                 rows.append((module, s, torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, per_index) / count.clamp(min=1)))
             out[g.key] = rows
         return out
 
     def scores(self, gm, groups, ctx: PassContext):
-        per_group = self.unit_stats(gm, groups)
+        per_group = self.unit_stats(gm, groups, self._stats_for(gm, groups, ctx))
         out, missing = {}, []
         for g in groups:
             rows = per_group[g.key]
@@ -175,6 +179,9 @@ class _ActivationStats(ScorePass):
         if groups and len(missing) == len(groups):
             raise PreconditionError(f"{self.name}: no group has a Conv or Linear consumer to read activations at")
         return out
+
+    def _stats_for(self, gm, groups, ctx) -> dict[int, torch.Tensor] | None:
+        return None
 
     def combine(self, gm, g, rows) -> torch.Tensor:
         return torch.stack([r for _, _, r in rows]).mean(0)
@@ -197,9 +204,30 @@ class APoZScore(_ActivationStats):
 
 
 class WandaScore(_ActivationStats):
-    """Structured Wanda / FLAP: for input channel j of a consumer, ||W[:, j]|| * RMS(x_j)."""
+    """Wanda (Sun et al. 2023) and its structured form (FLAP): per weight |W_ij| * ||x_j||, left in
+    the context for UnstructuredMask / NMMask / BlockMask; per unit ||W[:, j]|| * RMS(x_j) over the
+    consumers of its channels, for ChannelMask."""
 
     statistic = "rms"
+
+    def _stats_for(self, gm, groups, ctx):
+        from graphprune.passes.sparse_mask import WEIGHT_SCORES
+
+        modules = {id(m): (n, m) for n, m in gm.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
+        stats = self._collect(gm, {k: m for k, (_, m) in modules.items()})
+        weight_scores = {}
+        for key, (name, m) in modules.items():
+            if key not in stats:
+                continue
+            w = m.weight.detach().abs().double()
+            if isinstance(m, nn.Linear):
+                weight_scores[f"{name}.weight"] = w * stats[key].reshape(1, -1)
+            else:
+                cog, cig = m.out_channels // m.groups, m.in_channels // m.groups
+                channel = (torch.arange(m.out_channels) // cog).unsqueeze(1) * cig + torch.arange(cig).unsqueeze(0)
+                weight_scores[f"{name}.weight"] = w * stats[key][channel].reshape(*channel.shape, *([1] * (w.ndim - 2)))
+        ctx.set_analysis(WEIGHT_SCORES, weight_scores)
+        return stats
 
     def combine(self, gm, g, rows):
         scores = []

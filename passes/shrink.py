@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from graphprune.analysis.dependency import Dependencies
 from graphprune.errors import PassError
-from graphprune.masking import channel_mask, raw_tensor, resolve, unit_mask_state
+from graphprune.masking import channel_mask, raw_tensor, resolve, take_masks, unit_mask_state
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.rules.base import rule_for_module
 
@@ -62,7 +62,7 @@ class Shrink(PassBase):
 
     @staticmethod
     def _slice(owner: nn.Module, attr: str, dims: dict[int, list[int]], sliced: dict, name: str) -> None:
-        _strip_mask(owner, attr, name)
+        weight_masks = take_masks(owner, attr, name)
         if hasattr(owner, "graphprune_shrink"):
             owner.graphprune_shrink({attr: {d: torch.tensor(i, dtype=torch.long) for d, i in dims.items()}})
             return
@@ -72,18 +72,17 @@ class Shrink(PassBase):
             if seen_dims != dims:
                 raise PassError(f"{name} is shared with another module but would lose different channels there")
         else:
-            new = t.detach()
-            for d, idx in dims.items():
-                keep = torch.ones(new.shape[d], dtype=torch.bool)
-                keep[idx] = False
-                new = new.index_select(d, torch.nonzero(keep).reshape(-1))
-            new = new.clone() if new is t.detach() or not dims else new
+            new = _keep_slices(t.detach(), dims)
+            new = new.clone() if not dims else new
             new = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
             sliced[id(t)] = (dims, new)
         if isinstance(new, nn.Parameter):
             setattr(owner, attr, new)
         else:
             owner._buffers[attr] = new
+        for wm in weight_masks:  # fine-grained masks shrink with the tensor they mask
+            wm.mask = _keep_slices(wm.mask, dims)
+            parametrize.register_parametrization(owner, attr, wm)
 
     @staticmethod
     def _strip_unused_masks(gm: fx.GraphModule) -> None:
@@ -98,16 +97,17 @@ class Shrink(PassBase):
                 for d in mask.masked_dims():
                     if not bool(getattr(mask, f"keep_{d}").all()):
                         raise PassError(f"{mod_name}.{attr} masks channels along dim {d} that belong to no prunable group; these masks cannot be removed exactly")
-                _strip_mask(module, attr, f"{mod_name}.{attr}")
+                for wm in take_masks(module, attr, f"{mod_name}.{attr}"):
+                    parametrize.register_parametrization(module, attr, wm)
 
 
-def _strip_mask(owner: nn.Module, attr: str, name: str) -> None:
-    mask = channel_mask(owner, attr)
-    if mask is None:
-        return
-    if len(owner.parametrizations[attr]) > 1:
-        raise PassError(f"{name} has other parametrizations besides graphprune's mask; remove them before Shrink")
-    parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+def _keep_slices(t: torch.Tensor, dims: dict[int, list[int]]) -> torch.Tensor:
+    """t without the given indices along each dim."""
+    for d, idx in dims.items():
+        keep = torch.ones(t.shape[d], dtype=torch.bool)
+        keep[idx] = False
+        t = t.index_select(d, torch.nonzero(keep).reshape(-1))
+    return t
 
 
 def _sizes_of(node: fx.Node) -> tuple[list, str | int]:

@@ -1,0 +1,198 @@
+"""Fine-grained masks: unstructured, N:M and block sparsity on Conv/Linear weights.
+
+Weights are ranked by per-weight scores when a score pass left them in the
+context (`WandaScore` does: |W| * ||x||), otherwise by magnitude |w| (as
+`torch.nn.utils.prune.l1_unstructured`).  Masks are parametrizations like the
+channel masks: they compose with them, stay applied while training, and a
+weight masked once stays masked (a second mask can only add zeros).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from graphprune.masking import WeightMaskParametrization, weight_mask
+from graphprune.pipeline import PassBase, PassContext, PassResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["UnstructuredMask", "NMMask", "BlockMask", "WEIGHT_SCORES"]
+
+WEIGHT_SCORES = "weight_scores"
+_TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _apply(owner: nn.Module, attr: str, keep: torch.Tensor) -> int:
+    """AND `keep` into the tensor's weight mask; return how many weights became masked."""
+    existing = weight_mask(owner, attr)
+    if existing is None:
+        before = torch.ones_like(keep, dtype=torch.bool)
+        parametrize.register_parametrization(owner, attr, WeightMaskParametrization(keep))
+    else:
+        before = existing.mask.clone()
+        existing.mask &= keep
+        keep = existing.mask
+    return int((before & ~keep).sum())
+
+
+class _WeightMaskPass(PassBase):
+    preserves = frozenset({"dependencies", "scores", WEIGHT_SCORES})
+
+    def __init__(self, *, exclude: Iterable[str] = (), include_bias: bool = False) -> None:
+        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.include_bias = include_bias
+
+    def _tensors(self, gm: fx.GraphModule) -> list[tuple[str, nn.Module, str]]:
+        names = {n for n, _ in gm.named_modules()}
+        missing = [e for e in self.exclude if e not in names]
+        if missing:
+            raise ValueError(f"{self.name} exclude names modules the model does not have: {missing}")
+        out = []
+        for name, m in gm.named_modules():
+            if not isinstance(m, _TARGETS) or any(name == e or name.startswith(e + ".") for e in self.exclude):
+                continue
+            out.append((f"{name}.weight", m, "weight"))
+            if self.include_bias and m.bias is not None:
+                out.append((f"{name}.bias", m, "bias"))
+        return out
+
+    @staticmethod
+    def _score(ctx: PassContext, qualified: str, owner: nn.Module, attr: str) -> torch.Tensor:
+        given = (ctx.get_analysis(WEIGHT_SCORES) or {}).get(qualified)
+        if given is not None:
+            return given.double() * (getattr(owner, attr).detach() != 0)
+        return getattr(owner, attr).detach().abs().double()
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        tensors = self._tensors(gm)
+        keeps = self.keep_masks(gm, ctx, tensors)
+        newly, report = 0, {}
+        for (qualified, owner, attr), keep in zip(tensors, keeps):
+            if keep is None:
+                continue
+            newly += _apply(owner, attr, keep)
+            mask = weight_mask(owner, attr).mask
+            report[qualified] = 1.0 - float(mask.float().mean())
+        ctx.record(sparsity=report)
+        return PassResult(gm, newly > 0)
+
+    def keep_masks(self, gm, ctx, tensors) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class UnstructuredMask(_WeightMaskPass):
+    """Mask the `sparsity` share of lowest-scored weights, per tensor (scope="layer") or across all
+    targeted tensors at once (scope="global", like torch's global_unstructured)."""
+
+    def __init__(self, sparsity: float, *, scope: str = "layer", exclude: Iterable[str] = (), include_bias: bool = False) -> None:
+        if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"UnstructuredMask sparsity must be in [0, 1), got {sparsity!r}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"UnstructuredMask scope must be 'layer' or 'global', got {scope!r}")
+        super().__init__(exclude=exclude, include_bias=include_bias)
+        self.sparsity, self.scope = float(sparsity), scope
+
+    def keep_masks(self, gm, ctx, tensors):
+        scores = [self._score(ctx, q, o, a) for q, o, a in tensors]
+        if self.scope == "layer":
+            return [_keep_top(s, self.sparsity) for s in scores]
+        if not scores:
+            return []
+        flat = torch.cat([s.reshape(-1) for s in scores])
+        k = math.floor(self.sparsity * flat.numel())
+        if k == 0:
+            return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+        threshold = torch.kthvalue(flat, k).values
+        # exactly k weights: everything below the threshold, then ties in order
+        below = [s < threshold for s in scores]
+        ties_left = k - sum(int(b.sum()) for b in below)
+        keeps = []
+        for s, b in zip(scores, below):
+            tie = (s == threshold).reshape(-1)
+            take = torch.zeros_like(tie)
+            idx = torch.nonzero(tie).reshape(-1)[: max(ties_left, 0)]
+            take[idx] = True
+            ties_left -= idx.numel()
+            keeps.append(~(b | take.reshape(s.shape)))
+        return keeps
+
+
+def _keep_top(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    k = math.floor(sparsity * score.numel())
+    keep = torch.ones(score.numel(), dtype=torch.bool)
+    if k:
+        keep[torch.argsort(score.reshape(-1), stable=True)[:k]] = False
+    return keep.reshape(score.shape)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A weight as a matrix: output channels by everything a row reads (in-channel major)."""
+    return t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(1, -1)
+
+
+class NMMask(_WeightMaskPass):
+    """Keep the `n` highest-scored weights of every `m` consecutive inputs of an output row
+    (2:4 is what sparse tensor cores run).  Tensors whose row length is not a multiple of m are
+    left dense and named in the pass record."""
+
+    def __init__(self, n: int = 2, m: int = 4, *, exclude: Iterable[str] = ()) -> None:
+        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+            raise ValueError(f"NMMask needs integers 0 < n < m, got n={n!r}, m={m!r}")
+        super().__init__(exclude=exclude)
+        self.n, self.m = n, m
+
+    def keep_masks(self, gm, ctx, tensors):
+        keeps, skipped = [], []
+        for q, o, a in tensors:
+            s = _as_rows(self._score(ctx, q, o, a))
+            if s.shape[1] % self.m:
+                skipped.append(q)
+                keeps.append(None)
+                continue
+            blocks = s.reshape(-1, self.m)
+            keep = torch.zeros_like(blocks, dtype=torch.bool)
+            keep.scatter_(1, torch.topk(blocks, self.n, dim=1).indices, True)
+            keeps.append(keep.reshape(getattr(o, a).shape))
+        if skipped:
+            logger.info("NMMask left %d tensor(s) dense (row length not a multiple of %d): %s", len(skipped), self.m, skipped)
+            ctx.record(skipped=skipped)
+        return keeps
+
+
+class BlockMask(_WeightMaskPass):
+    """Mask whole (rows x cols) blocks of each weight matrix, the lowest-scored `sparsity` share of
+    blocks per tensor (Intel Neural Compressor's NxM patterns, e.g. block=(4, 1))."""
+
+    def __init__(self, sparsity: float, block: tuple[int, int] = (4, 1), *, exclude: Iterable[str] = ()) -> None:
+        if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"BlockMask sparsity must be in [0, 1), got {sparsity!r}")
+        if not (isinstance(block, tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"BlockMask block must be a (rows, cols) tuple of positive ints, got {block!r}")
+        super().__init__(exclude=exclude)
+        self.sparsity, self.block = float(sparsity), block
+
+    def keep_masks(self, gm, ctx, tensors):
+        keeps, skipped = [], []
+        bh, bw = self.block
+        for q, o, a in tensors:
+            s = _as_rows(self._score(ctx, q, o, a))
+            rows, cols = s.shape
+            if rows % bh or cols % bw:
+                skipped.append(q)
+                keeps.append(None)
+                continue
+            blocks = s.reshape(rows // bh, bh, cols // bw, bw).sum((1, 3))
+            keep_blocks = _keep_top(blocks, self.sparsity)
+            keep = keep_blocks.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+            keeps.append(keep.reshape(getattr(o, a).shape))
+        if skipped:
+            logger.info("BlockMask left %d tensor(s) dense (shape not a multiple of %s): %s", len(skipped), self.block, skipped)
+            ctx.record(skipped=skipped)
+        return keeps
