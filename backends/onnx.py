@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from graphprune.compile import check_example_inputs
+from graphprune.inputs import check_example_inputs
 from graphprune.errors import GraphPruneError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ __all__ = ["ExportError", "ExportResult", "export", "LatencyRow", "benchmark", "
 
 # onnx >= 1.23 writes IR version 14 by default; onnxruntime 1.31 (and older) reads up to 10 safely.
 MAX_IR_VERSION = 10
+MAX_OPSET = 21  # the newest opset IR version 10 covers
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
@@ -68,11 +69,17 @@ def _flat_tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
+def _batched(t: Any, batch: int | None) -> bool:
+    """Inputs whose dim 0 is the batch (a (T, T) mask or a lookup table is not)."""
+    return isinstance(t, torch.Tensor) and t.ndim > 0 and batch is not None and t.shape[0] == batch
+
+
 def _with_batch(inputs: tuple | dict, batch: int) -> tuple | dict:
-    """Repeat (or cut) every tensor input to `batch` rows along dim 0."""
+    """Repeat (or cut) every batched tensor input to `batch` rows along dim 0."""
+    current = _batch_of(inputs)
 
     def resize(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        if not _batched(t, current):
             return t
         reps = -(-batch // t.shape[0])
         return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch]
@@ -104,14 +111,14 @@ def _export_dynamo(model, inputs, tmp, input_names, output_names, opset, dynamic
     args, kwargs = (inputs, None) if isinstance(inputs, tuple) else ((), inputs)
     dynamic_shapes = None
     if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        spec = lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.ndim else None  # noqa: E731
+        batch, size = torch.export.Dim("batch"), _batch_of(inputs)
+        spec = lambda v: {0: batch} if _batched(v, size) else None  # noqa: E731
         dynamic_shapes = {k: spec(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(spec(v) for v in inputs)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, args, tmp, kwargs=kwargs, input_names=input_names, output_names=output_names,
-            opset_version=opset, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False,
+            opset_version=opset, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False, external_data=False,
         )
 
 
@@ -120,7 +127,9 @@ def _export_torchscript(model, inputs, tmp, input_names, output_names, opset, dy
         args = (inputs,)  # the TorchScript exporter takes keyword inputs as a trailing dict
     else:
         args = inputs
-    axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
+    size = _batch_of(inputs)
+    batched = [n for n, t in zip(input_names, _flat_tensors(inputs)) if _batched(t, size)]
+    axes = {n: {0: "batch"} for n in batched + output_names} if dynamic_batch else None
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -164,6 +173,10 @@ def _compare(expected: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, 
     for e, g in zip(expected, got):
         if e.shape != g.shape:
             raise VerificationError(f"output shape differs: torch {e.shape}, ONNX Runtime {g.shape}")
+        if e.dtype.kind == "f" and not np.array_equal(np.isfinite(e), np.isfinite(g)):
+            raise VerificationError("ONNX Runtime and torch disagree on which outputs are finite (NaN or inf)")
+        if e.dtype.kind == "f":
+            e, g = np.where(np.isfinite(e), e, 0), np.where(np.isfinite(g), g, 0)
         diff = np.abs(e.astype(np.float64) - g.astype(np.float64))
         if diff.size:
             max_abs = max(max_abs, float(diff.max()))
@@ -183,8 +196,10 @@ def session(path_or_bytes: str | bytes, threads: int | None = None):
 
 
 def _feed(sess, inputs: tuple | dict) -> dict[str, np.ndarray]:
-    tensors = [t.detach().cpu().numpy() for t in _flat_tensors(inputs)]
     names = [i.name for i in sess.get_inputs()]
+    if isinstance(inputs, dict) and set(names) <= set(inputs):
+        return {n: inputs[n].detach().cpu().numpy() for n in names}
+    tensors = [t.detach().cpu().numpy() for t in _flat_tensors(inputs)]
     if len(names) != len(tensors):
         raise VerificationError(f"the ONNX model takes {len(names)} inputs ({names}); {len(tensors)} tensors were given")
     return dict(zip(names, tensors))
@@ -225,6 +240,13 @@ def export(
     if not os.access(folder, os.W_OK):
         raise ExportError(f"cannot write {path}: the folder {folder} is not writable")
     opset = opset or 18
+    if opset > MAX_OPSET:
+        raise ExportError(f"opset {opset} needs an ONNX IR version newer than {MAX_IR_VERSION}, which onnxruntime may not read; use opset <= {MAX_OPSET}")
+    if isinstance(example_inputs, dict):  # signature order, so that names and values pair up
+        import inspect
+
+        order = list(inspect.signature(model.forward).parameters)
+        example_inputs = dict(sorted(example_inputs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     training = model.training
     model.eval()
     input_names = _names(model, example_inputs)
@@ -283,11 +305,15 @@ def export(
                         f"ONNX Runtime disagrees with torch: max abs error {a:.3g}, max rel error {r:.3g} "
                         f"(allowed {atol} + {rtol} x {scale:.3g}) with the {used} exporter; the file was not written"
                     )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the permissions of a normal file
         os.replace(tmp, path)
     finally:
         model.train(training)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp + ".data"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return ExportResult(
         str(path), used, opset, min(proto.ir_version, MAX_IR_VERSION), path.stat().st_size, max_abs, max_rel,
         tuple(input_names), tuple(output_names), n_sparse, tuple(notes),

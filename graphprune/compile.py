@@ -8,28 +8,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphprune.inputs import check_example_inputs
 from graphprune.masking import deepcopy_model
 from graphprune.pipeline import PassContext, Pipeline
 from graphprune.trace import trace
 
-__all__ = ["compile", "check_example_inputs"]
+__all__ = ["compile"]
 
 REPORT_ATTR = "graphprune_report"
-
-
-def check_example_inputs(example_inputs: Any) -> tuple | dict:
-    if example_inputs is None:
-        raise ValueError(
-            "example_inputs is required: a tuple of positional arguments, e.g. example_inputs=(torch.randn(1, 3, 224, 224),), "
-            "or a dict of keyword arguments, e.g. example_inputs={'input_ids': ids}"
-        )
-    if isinstance(example_inputs, torch.Tensor):
-        raise ValueError("example_inputs must be a tuple or a dict: wrap a single tensor as (x,)")
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, (tuple, dict)):
-        raise ValueError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, got {type(example_inputs).__name__}")
-    return example_inputs
 
 
 def compile(

@@ -129,15 +129,16 @@ def unit_mask_state(root: nn.Module, group) -> tuple[torch.Tensor, torch.Tensor]
     return every, some
 
 
-def mask_units(root: nn.Module, group, unit_ids: list[int]) -> None:
-    """Mask the given units in every maskable slot of the group."""
+def mask_units(root: nn.Module, group, unit_ids: list[int], aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Mask the given units in every maskable slot of the group (and every name of a tied tensor)."""
     if not unit_ids:
         return
     for slot, idx in group.indices(unit_ids).items():
-        owner, attr = resolve(root, slot.tensor)
-        if is_maskable(owner, attr):
-            size = raw_tensor(owner, attr).shape[slot.dim]
-            ensure_channel_mask(owner, attr).keep(slot.dim, size)[idx] = False
+        for name in (slot.tensor, *(aliases or {}).get(slot.tensor, ())):
+            owner, attr = resolve(root, name)
+            if is_maskable(owner, attr):
+                size = raw_tensor(owner, attr).shape[slot.dim]
+                ensure_channel_mask(owner, attr).keep(slot.dim, size)[idx] = False
 
 
 def deepcopy_model(model: nn.Module) -> nn.Module:

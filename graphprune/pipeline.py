@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from graphprune.errors import GraphPruneError, PassError, VerificationError
+from graphprune.inputs import call_with
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def _run_model(gm: fx.GraphModule, example_inputs: tuple | dict) -> Any:
     gm.eval()
     try:
         with torch.no_grad():
-            return gm(**example_inputs) if isinstance(example_inputs, dict) else gm(*example_inputs)
+            return call_with(gm, example_inputs)
     finally:
         gm.train(training)
 

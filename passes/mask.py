@@ -73,7 +73,7 @@ class ChannelMask(PassBase):
         for g in groups:
             chosen = plan[g.key]
             new = [u for u in chosen if not bool(done[g.key][u])]
-            mask_units(gm, g, new)
+            mask_units(gm, g, new, deps.aliases)
             modified |= bool(new)
             report[g.key] = (g.size, g.size - len(chosen))
         ctx.record(groups=report, scope=self.scope, ratio=self.ratio)
@@ -124,7 +124,8 @@ class ChannelMask(PassBase):
             keep = sizes[key] - len(units)
             target = min(sizes[key], math.ceil(keep / self.round_to) * self.round_to)
             units.sort(key=lambda u: float(scores[key][u]) if not bool(done[key][u]) else -math.inf)
-            del units[len(units) - (target - keep):]
+            fresh = sum(1 for u in units if not bool(done[key][u]))  # masked units cannot come back
+            del units[len(units) - min(target - keep, fresh):]
             units.sort()
         return chosen
 

@@ -48,15 +48,20 @@ class Shrink(PassBase):
         touched: dict[int, nn.Module] = {}
         sliced: dict[int, tuple[dict, torch.Tensor]] = {}
         for tensor, dims in removed.items():
-            owner, attr = resolve(gm, tensor)
-            self._slice(owner, attr, {d: sorted(s) for d, s in dims.items() if s}, sliced, tensor)
-            touched[id(owner)] = owner
+            for name in (tensor, *deps.aliases.get(tensor, ())):  # a tied tensor is sliced once, everywhere
+                owner, attr = resolve(gm, name)
+                self._slice(owner, attr, {d: sorted(s) for d, s in dims.items() if s}, sliced, name)
+                touched[id(owner)] = owner
         self._strip_unused_masks(gm)
         for owner in touched.values():
             rule = rule_for_module(owner, for_attributes=True)
             if rule is not None:
                 rule.update_module(owner)
         _rewrite_reshapes(gm, deps, pruned_roots)
+        if pruned_roots:
+            for node in gm.graph.nodes:
+                if node.name in deps.squeezes:  # name the dims, or a width shrunk to 1 would vanish too
+                    node.args, node.kwargs = (node.args[0], deps.squeezes[node.name]), {}
         ctx.record(groups=report)
         return PassResult(gm, bool(pruned_roots))
 

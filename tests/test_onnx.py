@@ -59,9 +59,10 @@ def test_keyword_inputs_and_several_outputs(tmp_path):
             h = torch.relu(self.a(x + y))
             return self.b(h), h.sum(1)
 
-    x = {"x": torch.randn(2, 4), "y": torch.randn(2, 4)}
+    x = {"y": torch.randn(2, 4), "x": torch.randn(2, 4)}  # not in signature order
     result = gox.export(TwoOut(), tmp_path / "two.onnx", example_inputs=x)
     assert result.input_names == ("x", "y") and result.output_names == ("output_0", "output_1")
+    assert os.listdir(tmp_path) == ["two.onnx"]  # no temporary or external-data files left behind
 
 
 def test_sparse_initializers_shrink_the_file_and_still_match(tmp_path):

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from graphprune.inputs import call_with
+
 __all__ = ["count_params", "count_macs"]
 
 
@@ -25,10 +27,7 @@ def count_macs(model: nn.Module, example_inputs: tuple | dict) -> int:
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            else:
-                model(*example_inputs)
+            call_with(model, example_inputs)
     finally:
         model.train(training)
     return counter.get_total_flops() // 2

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from graphprune.analysis.labels import FreezeSite, LabelSpace, compact, labeled_dims, none_like
+from graphprune.inputs import clone_inputs, positional_inputs
 from graphprune.rules import base as rules
 from graphprune.rules.base import OpCall, ParamRef, iter_label_tensors, map_tensors
 
@@ -97,6 +98,8 @@ class Dependencies:
     frozen: tuple[FrozenChannels, ...]
     reshapes: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)  # node -> (shape, label roots)
     frozen_units: int = 0  # units kept for a reason other than reaching an output
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tied tensor -> its other names
+    squeezes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # squeeze() node -> dims that were 1
 
     def group(self, key: str) -> ChannelGroup:
         for g in self.groups:
@@ -130,6 +133,8 @@ class _Propagator(fx.Interpreter):
         self.pending = {n: len(n.users) for n in gm.graph.nodes}
         self.reshapes: dict[str, torch.Tensor] = {}
         self.size_reads: list[tuple[fx.Node, torch.Tensor]] = []
+        self.whole_params: dict[str, str] = {}  # parameter -> an op that reads it whole
+        self.squeezes: dict[str, tuple[int, ...]] = {}  # squeeze() nodes -> the dims that were 1
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -165,18 +170,30 @@ class _Propagator(fx.Interpreter):
         rule = rules.find_rule(n, module)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         call = OpCall(n, module, args, kwargs, lab_args, lab_kwargs, out, self.space, where)
+        start = len(self.space)
         if rule is None:
             if has_labels:
                 call.freeze_inputs("no_rule", f"no rule for {_target_name(n, module)}")
-            return call.out_none()
-        try:
-            result = rule.propagate(call)
-        except Exception as exc:  # a rule that cannot follow this call freezes, never guesses
-            logger.debug("rule %s failed on %s: %s", type(rule).__name__, where, exc)
-            call.freeze_inputs("no_rule", f"rule {type(rule).__name__} cannot handle this call ({exc})")
-            return call.out_none()
+            result = call.out_none()
+        else:
+            try:
+                result = rule.propagate(call)
+            except Exception as exc:  # a rule that cannot follow this call freezes, never guesses
+                logger.debug("rule %s failed on %s: %s", type(rule).__name__, where, exc)
+                reason = f"rule {type(rule).__name__} cannot handle this call ({exc})"
+                call.freeze_inputs("no_rule", reason)
+                if len(self.space) > start:  # channels it created before failing
+                    self.space.freeze(torch.arange(start, len(self.space)), call.site("no_rule", reason))
+                result = call.out_none()
+        # A parameter this op reads whole cannot also be sliced for another op.
+        sliced = call.extra.get("sliced_params", set())
+        for ref in _flat_nodes([lab_args, lab_kwargs]):
+            if isinstance(ref, ParamRef) and ref.name not in sliced:
+                self.whole_params[ref.name] = where
         if "reshape_labels" in call.extra:
             self.reshapes[n.name] = call.extra["reshape_labels"]
+        if "squeeze_dims" in call.extra:
+            self.squeezes[n.name] = call.extra["squeeze_dims"]
         return result
 
     @staticmethod
@@ -196,15 +213,17 @@ class _Propagator(fx.Interpreter):
 
 
 def _unsafe_size_use(n: fx.Node) -> fx.Node | None:
-    todo = list(n.users)
+    todo = [(u, n) for u in n.users]
     seen = set()
     while todo:
-        u = todo.pop()
+        u, src = todo.pop()
         if u in seen:
             continue
         seen.add(u)
+        if u.op == "call_function" and u.target is operator.getitem and u.args[0] is not src:
+            return u  # a size used to index a tensor
         if u.op == "call_function" and u.target in _SIZE_ARITH:
-            todo.extend(u.users)
+            todo.extend((v, u) for v in u.users)
         elif (u.op == "call_method" and u.target in _SIZE_SAFE_USERS) or (u.op == "call_function" and u.target in _SIZE_SAFE_FUNCTIONS):
             continue
         else:
@@ -231,23 +250,6 @@ def _flat_labels(a: Any) -> list:
     return _flat_nodes(a)
 
 
-def positional_inputs(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple:
-    """Arguments in placeholder order; keyword inputs are matched by name, defaults filled in."""
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    out = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        if node.target in example_inputs:
-            out.append(example_inputs[node.target])
-        elif node.args:
-            out.append(node.args[0])
-        else:
-            raise ValueError(f"example_inputs has no value for the model's argument {node.target!r}")
-    return tuple(out)
-
-
 def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> Dependencies:
     space = LabelSpace()
     prop = _Propagator(gm, space)
@@ -255,13 +257,33 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     gm.eval()
     try:
         with torch.no_grad():
-            prop.run(*positional_inputs(gm, example_inputs))
+            prop.run(*positional_inputs(gm, clone_inputs(example_inputs)))
     finally:
         gm.train(training)
     prop.check_size_reads()
+    for name, where in prop.whole_params.items():
+        space.freeze_slots(name, FreezeSite("conflict", where.split(" ")[0], f"reads {name} whole while another op slices it", location=where))
+    aliases = _aliases(gm)
+    space.rename_slots({a: c for c, names in aliases.items() for a in names})
     roots, frozen, slots = space.finalize()
     reshapes = {k: (tuple(v.shape), roots[compact(v)]) for k, v in prop.reshapes.items()}
-    return _build(roots, frozen, slots, reshapes, space.consumer_slots)
+    deps = _build(roots, frozen, slots, reshapes, space.consumer_slots)
+    return Dependencies(deps.groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()}, prop.squeezes)
+
+
+def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Tied tensors: the first qualified name of each shared tensor -> its other names."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        name = name.replace(".parametrizations.", ".").replace(".original", "")
+        key = id(t)
+        if key not in first:
+            first[key] = name
+        elif name != first[key] and name not in out.get(first[key], []):
+            out.setdefault(first[key], []).append(name)
+    return out
 
 
 def _build(roots, frozen, slots, reshapes, consumer_slots) -> Dependencies:

@@ -122,6 +122,23 @@ class LabelSpace:
         if keep.any():
             self._slots.setdefault((tensor, dim), []).append((index[keep], labels[keep]))
 
+    def freeze_slots(self, tensor: str, site: FreezeSite) -> None:
+        """Freeze every channel that owns a slice of `tensor`."""
+        for (name, _), parts in self._slots.items():
+            if name == tensor:
+                for _, labels in parts:
+                    self.freeze(labels, site)
+
+    def rename_slots(self, rename: dict[str, str]) -> None:
+        """Merge the slots of tied tensors under one name (they must lose the same slices)."""
+        if not rename:
+            return
+        merged: dict[tuple[str, int], list] = {}
+        for (name, dim), parts in self._slots.items():
+            merged.setdefault((rename.get(name, name), dim), []).extend(parts)
+        self._slots = merged
+        self.consumer_slots = {(rename.get(n, n), d) for n, d in self.consumer_slots}
+
     # -- reading the result ------------------------------------------------------------
     def finalize(self) -> tuple[torch.Tensor, dict[int, list[FreezeSite]], dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]:
         """Return (root of every label, frozen roots with their sites, slots by root).

@@ -60,6 +60,9 @@ class GroupNormRule(ChannelwiseRule):
 
     def channels(self, call: OpCall):
         per, dim = super().channels(call)
+        if call.module.weight is None:  # nothing to slice, so num_groups could not follow
+            call.space.freeze(per, call.site("norm", "GroupNorm without affine parameters"))
+            return per, dim
         rows = per.reshape(call.module.num_groups, -1)
         call.space.unify(rows[:, :1], rows, call.site("norm", "GroupNorm normalises over its groups"))
         return per, dim
@@ -96,9 +99,8 @@ class FunctionalNormRule(Rule):
         x = call.input(0)
         per = call.along(x, 1)
         if self.groups_arg is not None:
-            groups = call.kwargs.get("num_groups", call.args[self.groups_arg] if len(call.args) > self.groups_arg else None)
-            rows = per.reshape(groups, -1)
-            call.space.unify(rows[:, :1], rows, call.site("norm", "GroupNorm normalises over its groups"))
+            # the group count is a constant in the graph that Shrink does not rewrite: keep these channels
+            call.space.freeze(per, call.site("norm", "F.group_norm with a constant group count"))
         for pos, name in self.tensor_args.items():
             lab = call.label_kwargs.get(name, call.labels[pos] if len(call.labels) > pos else None)
             if isinstance(lab, ParamRef):

@@ -39,7 +39,14 @@ def _aligned(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
 
 
 class Elementwise(Rule):
-    """Broadcasting arithmetic: every tensor operand's channels are coupled element by element."""
+    """Broadcasting arithmetic: every tensor operand's channels are coupled element by element.
+
+    `divisor`: the positional operand that divides (or is the exponent): a masked channel there
+    would be 0/0 in the masked model, so channels reaching it are frozen instead.
+    """
+
+    def __init__(self, divisor: int | None = None) -> None:
+        self.divisor = divisor
 
     def propagate(self, call: OpCall):
         out = call.out
@@ -48,9 +55,12 @@ class Elementwise(Rule):
         shape = tuple(out.shape)
         labeled, plain, params = [], [], []
         pairs = list(zip(call.labels, call.args)) + [(call.label_kwargs.get(k), v) for k, v in call.kwargs.items()]
-        for lab, val in pairs:
+        for i, (lab, val) in enumerate(pairs):
             if not isinstance(val, torch.Tensor):
                 continue
+            if i == self.divisor and (isinstance(lab, ParamRef) or (isinstance(lab, torch.Tensor) and bool((lab != NONE).any()))):
+                call.freeze_inputs("conflict", "divides by pruned channels (a masked channel would give 0/0)")
+                return none_like(shape)
             if isinstance(lab, ParamRef):
                 params.append((lab, tuple(val.shape)))
             elif isinstance(lab, torch.Tensor) and bool((lab != NONE).any()):
@@ -78,7 +88,27 @@ class Elementwise(Rule):
             for d in vary:
                 if pshape_al[d] > 1 and d >= offset:
                     space.add_slot(ref.name, d - offset, call.along(result, d))
+                    call.extra.setdefault("sliced_params", set()).add(ref.name)
         return result
+
+
+class Pow(Rule):
+    """x ** c with a constant c >= 0 is pointwise (0 ** c is finite); anything else may divide by 0."""
+
+    def propagate(self, call: OpCall):
+        exponent = call.kwargs.get("exponent", call.args[1] if len(call.args) > 1 else None)
+        if isinstance(exponent, (int, float)) and exponent >= 0:
+            return Elementwise().propagate(call)
+        return Elementwise(divisor=0 if isinstance(exponent, (int, float)) else 1).propagate(call)
+
+
+class Clamp(Rule):
+    """clamp/clip: pointwise with scalar bounds; tensor bounds are operands like any other."""
+
+    def propagate(self, call: OpCall):
+        if any(isinstance(v, torch.Tensor) for v in list(call.args[1:]) + list(call.kwargs.values())):
+            return Elementwise().propagate(call)
+        return Unary().propagate(call)
 
 
 _unary = Unary()
@@ -96,26 +126,24 @@ UNARY_FUNCTIONS = [
     F.tanh, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh, F.softplus, F.softsign, F.logsigmoid,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.threshold,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
-    torch.rsqrt, torch.log, torch.sin, torch.cos, torch.erf, torch.square, torch.clamp,
-    torch.clip, torch.sign, torch.reciprocal, torch.nn.functional.hardshrink, operator.neg,
+    torch.sin, torch.cos, torch.erf, torch.square, torch.sign, torch.nn.functional.hardshrink, operator.neg,
     operator.pos, torch.Tensor.contiguous, torch.clone, torch.detach,
 ]
 UNARY_METHODS = [
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt",
-    "log", "sin", "cos", "erf", "square", "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
-    "sign", "reciprocal", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt",
+    "sin", "cos", "erf", "square", "sign", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
     "to", "type_as", "type", "cpu", "cuda", "requires_grad_",
 ]
 ELEMENTWISE_FUNCTIONS = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.iadd,
-    operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.subtract,
-    torch.mul, torch.multiply, torch.div, torch.true_divide, torch.pow, torch.maximum,
-    torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.addcdiv,
+    operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul, torch.add,
+    torch.sub, torch.subtract, torch.mul, torch.multiply, torch.maximum, torch.minimum, torch.where,
+    torch.lerp, torch.addcmul,
 ]
 ELEMENTWISE_METHODS = [
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum",
-    "masked_fill", "masked_fill_", "lerp", "addcmul", "addcdiv", "where",
+    "add", "add_", "sub", "sub_", "mul", "mul_", "maximum", "minimum",
+    "masked_fill", "masked_fill_", "lerp", "addcmul", "where",
 ]
+DIVISION = [operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide"]
 
 for _m in UNARY_MODULES:
     register_rule(_m, _unary)
@@ -127,5 +155,11 @@ for _f in ELEMENTWISE_FUNCTIONS:
     register_rule(_f, _elementwise)
 for _name in ELEMENTWISE_METHODS:
     register_rule(_name, _elementwise)
+for _t in DIVISION:
+    register_rule(_t, Elementwise(divisor=1))
+for _t in [operator.pow, torch.pow, "pow"]:
+    register_rule(_t, Pow())
+for _t in [torch.clamp, torch.clip, "clamp", "clamp_", "clamp_min", "clamp_max", "clip"]:
+    register_rule(_t, Clamp())
 # Stochastic depth scales whole samples (identity in eval): channels pass through.
 register_rule_by_name("torchvision.ops.stochastic_depth.stochastic_depth", _unary)

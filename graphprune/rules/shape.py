@@ -90,9 +90,10 @@ def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[i
 
 
 def _size_kinds(call: OpCall, ndim_out: int) -> list[str] | None:
-    """For each output dim of a reshape: 'literal' (an int in the graph) or 'free' (-1 or computed)."""
+    """For each output dim of a reshape: 'literal' (an int in the graph) or 'free' (-1 or computed);
+    None when the sizes cannot be read (the caller then refuses to prune through)."""
     name = call.node.target
-    if name in ("view", "reshape") or call.node.target is torch.reshape:
+    if name in ("view", "reshape", "expand") or call.node.target is torch.reshape:
         sizes = list(call.node.args[1:])
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = list(sizes[0])
@@ -101,6 +102,18 @@ def _size_kinds(call: OpCall, ndim_out: int) -> list[str] | None:
         if len(sizes) != ndim_out:
             return None
         return ["free" if (isinstance(s, fx.Node) or s == -1) else "literal" for s in sizes]
+    if name == "unflatten" or name is torch.unflatten:
+        rest = list(call.node.args[1:])
+        dim = call.node.kwargs.get("dim", rest[0] if rest else None)
+        sizes = call.node.kwargs.get("sizes", rest[1] if len(rest) > 1 else None)
+        if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)):
+            return None
+        dim = dim % (ndim_out - len(sizes) + 1)
+        kinds = ["same"] * ndim_out
+        for i, sz in enumerate(sizes):
+            # literals inside unflatten are not rewritten: only a -1 or computed size may shrink
+            kinds[dim + i] = "free" if (isinstance(sz, fx.Node) or sz == -1) else "fixed"
+        return kinds
     return None
 
 
@@ -112,9 +125,15 @@ class Reshape(Rule):
         x = call.input(0)
         if not labeled_dims(x):
             return out
-        kinds = _size_kinds(call, out.ndim) or ["literal"] * out.ndim
+        kinds = _size_kinds(call, out.ndim)
+        if kinds is None:
+            call.space.freeze(x, call.site("reshape", "reshape sizes that graphprune cannot read"))
+            return out
         for gin, gout in _dim_groups(tuple(x.shape), tuple(out.shape)):
             varied = [d for d in gout if varies_along(out, d)]
+            if any(kinds[d] == "fixed" for d in varied) and not any(kinds[d] == "free" for d in varied):
+                call.space.freeze(out, call.site("reshape", "unflatten with constant sizes over pruned channels"))
+                return out
             if len(varied) < 2:
                 continue
             others = [d for d in labeled_dims(out) if d not in gout]
@@ -167,8 +186,9 @@ class SplitChunk(Rule):
         if size_arg is None:
             size_arg = call.kwargs.get("split_size")
         sizes = {p.shape[dim] for p in parts}
-        if isinstance(size_arg, (list, tuple)) or len(sizes) > 1:
-            call.space.freeze(x, call.site("indexing", "split into parts of constant, unequal sizes"))
+        if isinstance(size_arg, (list, tuple)) or len(sizes) > 1 or (not is_chunk and isinstance(size_arg, int)):
+            # split(4) or split([a, b]) holds sizes that would be wrong after pruning
+            call.space.freeze(x, call.site("indexing", "split with constant sizes over pruned channels"))
             return parts
         first = call.along(parts[0], dim)
         for p in parts[1:]:
@@ -179,7 +199,11 @@ class SplitChunk(Rule):
 def _index_dims(index: Any, ndim: int) -> list[tuple[int, Any]]:
     """Pair each component of a tensor index with the input dim it applies to."""
     index = index if isinstance(index, tuple) else (index,)
-    consumed = sum(1 if not (i is None or i is Ellipsis) else 0 for i in index)
+
+    def width(item: Any) -> int:
+        return item.ndim if isinstance(item, torch.Tensor) and item.dtype == torch.bool else 1
+
+    consumed = sum(width(i) for i in index if not (i is None or i is Ellipsis))
     out, d = [], 0
     for item in index:
         if item is Ellipsis:
@@ -187,8 +211,8 @@ def _index_dims(index: Any, ndim: int) -> list[tuple[int, Any]]:
         elif item is None:
             continue
         else:
-            out.append((d, item))
-            d += item.ndim if isinstance(item, torch.Tensor) and item.dtype == torch.bool else 1
+            out.extend((d + k, item) for k in range(width(item)))  # a boolean mask covers several dims
+            d += width(item)
     return out
 
 
@@ -227,6 +251,17 @@ class FreezeAlongDim(Rule):
         return execute(call)
 
 
+class Squeeze(Rule):
+    """squeeze() with no dim would also drop a pruned dim that shrinks to 1: Shrink names the dims."""
+
+    def propagate(self, call: OpCall):
+        out = execute(call)
+        x = call.input(0)
+        if len(call.args) == 1 and "dim" not in call.kwargs and labeled_dims(x):
+            call.extra["squeeze_dims"] = tuple(d for d in range(x.ndim) if x.shape[d] == 1)
+        return out
+
+
 class ChannelShuffleRule(Rule):
     """nn.ChannelShuffle: every group must lose the same channels (as the traced shuffle)."""
 
@@ -245,14 +280,16 @@ class ChannelShuffleRule(Rule):
 _execute = Execute()
 for _t in [
     torch.flatten, "flatten", nn.Flatten, torch.permute, "permute", torch.transpose, "transpose",
-    torch.t, "t", torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", "expand", "expand_as",
+    torch.t, "t", torch.unsqueeze, "unsqueeze", "expand_as",
     "repeat", torch.movedim, "movedim", torch.flip, "flip", "view_as", "reshape_as", torch.swapaxes,
     "swapaxes", F.pad, "permute",
 ]:
     register_rule(_t, _execute)
 _reshape = Reshape()
-for _t in ["view", "reshape", torch.reshape, "unflatten", torch.unflatten, nn.Unflatten]:
+for _t in ["view", "reshape", torch.reshape, "unflatten", torch.unflatten, nn.Unflatten, "expand"]:
     register_rule(_t, _reshape)
+for _t in [torch.squeeze, "squeeze"]:
+    register_rule(_t, Squeeze())
 for _t in [torch.cat, torch.concat, torch.concatenate, torch.stack]:
     register_rule(_t, Concat())
 for _t in [torch.split, "split", torch.chunk, "chunk"]:

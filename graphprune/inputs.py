@@ -1,0 +1,56 @@
+"""Example inputs: checked once, copied before every run so the caller's tensors never change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+__all__ = ["check_example_inputs", "clone_inputs", "positional_inputs", "call_with"]
+
+
+def check_example_inputs(example_inputs: Any) -> tuple | dict:
+    if example_inputs is None:
+        raise ValueError(
+            "example_inputs is required: a tuple of positional arguments, e.g. example_inputs=(torch.randn(1, 3, 224, 224),), "
+            "or a dict of keyword arguments, e.g. example_inputs={'input_ids': ids}"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        raise ValueError("example_inputs must be a tuple or a dict: wrap a single tensor as (x,)")
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, (tuple, dict)):
+        raise ValueError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, got {type(example_inputs).__name__}")
+    return example_inputs
+
+
+def clone_inputs(inputs: Any) -> Any:
+    """A copy of the example inputs, so that in-place ops in the model never change the caller's."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def positional_inputs(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple:
+    """Arguments in placeholder order; keyword inputs are matched by name, defaults filled in."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.target in example_inputs:
+            out.append(example_inputs[node.target])
+        elif node.args:
+            out.append(node.args[0])
+        else:
+            raise ValueError(f"example_inputs has no value for the model's argument {node.target!r}")
+    return tuple(out)
+
+
+
+
+def call_with(model: torch.nn.Module, inputs: tuple | dict) -> Any:
+    """Call `model` on a copy of `inputs` (a tuple of positional or a dict of keyword arguments)."""
+    inputs = clone_inputs(inputs)
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)

@@ -1,0 +1,142 @@
+"""Pruning during training: a sparsity schedule driven by hooks from a plain PyTorch loop.
+
+    pruner = graphprune.Pruner(model, example_inputs=(x,), target_sparsity=0.8, end_step=1000, frequency=100)
+    model = pruner.model                      # train this one (a masked GraphModule)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner.on_train_begin()
+    for step, (x, y) in enumerate(loader):
+        loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+        pruner.on_step_end(step)
+    pruned = pruner.finalize()                # Shrink: a smaller model, same outputs
+
+Masks are parametrizations, so they stay applied while training and the
+optimizer's parameters never change identity; every pruning step re-scores
+and can only add zeros (pattern lock).  Iterative prune -> fine-tune -> prune
+(Han et al.) is the same object with `per="epoch"` and a linear schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from torch import nn
+
+from graphprune.compile import compile
+from graphprune.pipeline import PassBase
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Pruner", "sparsity_at"]
+
+SCHEDULES = ("cubic", "linear")
+
+
+def sparsity_at(step: int, *, start_step: int, end_step: int, initial: float, target: float, schedule: str = "cubic") -> float:
+    """The scheduled sparsity at `step` (Zhu & Gupta's cubic ramp, or a linear one)."""
+    if step <= start_step:
+        return initial
+    if step >= end_step:
+        return target
+    progress = (step - start_step) / (end_step - start_step)
+    if schedule == "cubic":
+        return target + (initial - target) * (1.0 - progress) ** 3
+    return initial + (target - initial) * progress
+
+
+class Pruner:
+    """Prunes `model` step by step toward `target_sparsity`.
+
+    `score` is a score pass (or None for masks that rank by magnitude);
+    `mask` turns a sparsity into a mask pass: by default
+    `lambda s: UnstructuredMask(s)`; `lambda s: ChannelMask(s)` prunes channels
+    (with a score such as L1Score()).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        example_inputs: tuple | dict,
+        target_sparsity: float,
+        end_step: int,
+        start_step: int = 0,
+        frequency: int = 100,
+        initial_sparsity: float = 0.0,
+        schedule: str = "cubic",
+        score: PassBase | None = None,
+        mask: Callable[[float], PassBase] | None = None,
+        per: str = "step",
+        leaf_modules=(),
+    ) -> None:
+        for name, value in (("target_sparsity", target_sparsity), ("initial_sparsity", initial_sparsity)):
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"Pruner {name} must be in [0, 1), got {value!r}")
+        if initial_sparsity > target_sparsity:
+            raise ValueError("Pruner initial_sparsity must not exceed target_sparsity")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Pruner schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if per not in ("step", "epoch"):
+            raise ValueError(f"Pruner per must be 'step' or 'epoch', got {per!r}")
+        if not (isinstance(frequency, int) and frequency >= 1) or not (isinstance(end_step, int) and end_step > start_step >= 0):
+            raise ValueError("Pruner needs an int frequency >= 1 and ints 0 <= start_step < end_step")
+        if mask is None:
+            from graphprune.passes.sparse_mask import UnstructuredMask
+
+            mask = UnstructuredMask
+        self.example_inputs = example_inputs
+        self.target, self.initial = float(target_sparsity), float(initial_sparsity)
+        self.start_step, self.end_step, self.frequency = start_step, end_step, frequency
+        self.schedule, self.per = schedule, per
+        self.score, self.make_mask = score, mask
+        self.current = 0.0
+        self.history: list[tuple[int, float]] = []
+        self._count = -1
+        # Every tensor a mask may touch gets its (all-ones) mask now, so that an optimizer built on
+        # pruner.model.parameters() keeps working as masks tighten.
+        self.model = compile(model, self._passes(0.0), example_inputs=example_inputs, leaf_modules=leaf_modules)
+
+    def _passes(self, sparsity: float) -> list:
+        return ([self.score] if self.score is not None else []) + [self.make_mask(sparsity)]
+
+    def _prune_to(self, sparsity: float, step: int) -> None:
+        if sparsity <= self.current:
+            return
+        training = self.model.training
+        compile(self.model, self._passes(sparsity), example_inputs=self.example_inputs, inplace=True)
+        self.model.train(training)
+        self.current = sparsity
+        self.history.append((step, sparsity))
+        logger.info("step %d: sparsity %.3f", step, sparsity)
+
+    def _tick(self, step: int | None) -> None:
+        self._count = self._count + 1 if step is None else step
+        s = self._count
+        if s < self.start_step or s > self.end_step:
+            return
+        if (s - self.start_step) % self.frequency == 0 or s == self.end_step:
+            self._prune_to(sparsity_at(s, start_step=self.start_step, end_step=self.end_step,
+                                       initial=self.initial, target=self.target, schedule=self.schedule), s)
+
+    # -- the hooks people already use ----------------------------------------------------
+    def on_train_begin(self) -> None:
+        if self.initial > 0 and self.start_step == 0:
+            self._prune_to(self.initial, 0)
+
+    def on_step_end(self, step: int | None = None) -> None:
+        if self.per == "step":
+            self._tick(step)
+
+    def on_epoch_end(self, epoch: int | None = None) -> None:
+        if self.per == "epoch":
+            self._tick(epoch)
+
+    def on_train_end(self) -> None:
+        self._prune_to(self.target, self.end_step)
+
+    def finalize(self) -> nn.Module:
+        """Reach the target, then Shrink: structured pruning gets smaller; fine-grained masks stay."""
+        from graphprune.passes.shrink import Shrink
+
+        self.on_train_end()
+        return compile(self.model, [Shrink()], example_inputs=self.example_inputs)

@@ -1,0 +1,162 @@
+"""Models that once broke exactness or crashed Shrink (found in review): each stays exact now."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphprune as gp
+from graphprune.passes import ChannelMask, L2Score, Shrink
+from tests.helpers import assert_exact, prune, run
+
+
+class DivideByParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.t = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.d(self.c(x) / self.t)  # a masked t would make 0/0 in the masked model
+
+
+class Rsqrt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.d(torch.rsqrt(self.c(x).abs() + 1) * self.c(x).pow(-1))
+
+
+class SplitInt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a, b = self.c(x).split(4, dim=1)
+        return self.d(a) + self.d(b)
+
+
+class UnflattenLiteral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.b(self.a(x).unflatten(-1, (4, 16)).relu().transpose(-1, -2).flatten(-2))
+
+
+class UnflattenFree(UnflattenLiteral):
+    def forward(self, x):
+        return self.b(self.a(x).unflatten(-1, (4, -1)).relu().transpose(-1, -2).flatten(-2))
+
+
+class GroupNormNoAffine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.g, self.d = nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8, affine=False), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.d(self.g(self.c(x)))
+
+
+class FunctionalGroupNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.w, self.b = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return self.d(F.group_norm(self.c(x), 2, self.w, self.b))
+
+
+class ClampTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.register_buffer("lo", torch.rand(8, 1, 1))
+
+    def forward(self, x):
+        return self.d(torch.clamp(self.c(x), min=self.lo))
+
+
+class ExpandLiteral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.d = nn.Linear(3, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        v = self.l(x.mean((2, 3)))[:, :, None, None].expand(2, 8, 5, 5)
+        return self.d(v * x.sum(1, keepdim=True))
+
+
+class ParamReadWhole(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.g = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.d(self.c(x) * self.g) * self.g.mean()
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s, self.a, self.b, self.h = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.h(self.b(self.a(self.s(x)).relu()))
+
+
+class SqueezeAll(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.p, self.l = nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Linear(2, 5)
+
+    def forward(self, x):
+        return self.l(self.p(self.c(x)).squeeze())
+
+
+CASES = [DivideByParam, Rsqrt, SplitInt, UnflattenLiteral, UnflattenFree, GroupNormNoAffine, FunctionalGroupNorm,
+         ClampTensor, ExpandLiteral, ParamReadWhole, Tied, SqueezeAll]
+
+
+@pytest.mark.parametrize("factory", CASES, ids=[c.__name__ for c in CASES])
+def test_exact_after_review_findings(factory):
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = (torch.randn(2, 8),) if "Unflatten" in factory.__name__ else (torch.randn(2, 3, 5, 5),)
+    masked, shrunk = prune(model, x, 0.5)
+    assert not torch.isnan(run(masked, x)).any()
+    assert_exact(masked, shrunk, x)
+
+
+def test_unflatten_with_free_size_still_prunes():
+    _, shrunk = prune(UnflattenFree(), (torch.randn(2, 8),), 0.5)
+    assert shrunk.get_submodule("a").out_features < 64
+
+
+def test_tied_weights_stay_tied():
+    _, shrunk = prune(Tied(), (torch.randn(2, 3, 5, 5),), 0.5)
+    assert shrunk.get_submodule("a").weight is shrunk.get_submodule("b").weight
+
+
+def test_example_inputs_are_not_modified():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            x.mul_(2)
+            return self.c(x)
+
+    x = torch.ones(1, 3, 2, 2)
+    gp.compile(InPlace(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=(x,), verify_each=True)
+    assert torch.equal(x, torch.ones(1, 3, 2, 2))
