@@ -19,6 +19,7 @@ from graphprune.errors import (
 )
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
+from graphprune.schedule import Pruner, sparsity_at
 from graphprune.summary import Summary, summary
 from graphprune.trace import trace
 
@@ -44,6 +45,8 @@ __all__ = [
     "OpCall",
     "ChannelwiseRule",
     "register_rule",
+    "Pruner",
+    "sparsity_at",
     "GraphPruneError",
     "TraceError",
     "PassError",

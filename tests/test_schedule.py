@@ -1,0 +1,72 @@
+"""Pruning during training: schedules, hooks, pattern lock, and the final Shrink."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graphprune as gp
+from graphprune.passes import ChannelMask, L1Score
+from tests import models
+from tests.helpers import assert_exact
+
+
+def test_cubic_and_linear_schedules():
+    kw = dict(start_step=0, end_step=100, initial=0.0, target=0.8)
+    assert gp.sparsity_at(0, **kw) == 0.0 and gp.sparsity_at(100, **kw) == pytest.approx(0.8)
+    assert gp.sparsity_at(50, schedule="linear", **kw) == pytest.approx(0.4)
+    assert gp.sparsity_at(50, **kw) == pytest.approx(0.8 * (1 - 0.5 ** 3))  # cubic: fast early, slow late
+    assert gp.sparsity_at(150, **kw) == pytest.approx(0.8)
+
+
+def test_unstructured_pruning_during_a_training_loop_keeps_zeros_zero():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    pruner = gp.Pruner(models.Mlp(), example_inputs=(x,), target_sparsity=0.8, end_step=40, frequency=10)
+    model = pruner.model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner.on_train_begin()
+    seen = []
+    for step in range(50):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        zeros = model.get_submodule("fc1").weight == 0
+        if seen:
+            assert bool((zeros | ~seen[-1]).all())  # once zero, always zero (pattern lock)
+        seen.append(zeros)
+        pruner.on_step_end(step)
+    assert [s for s, _ in pruner.history] == [10, 20, 30, 40]
+    w = model.get_submodule("fc1").weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
+    assert model.training
+
+
+def test_channel_pruning_per_epoch_then_shrink():
+    torch.manual_seed(0)
+    model = models.randomize_bn(models.ConvBnConv())
+    x = (torch.randn(4, 3, 8, 8),)
+    pruner = gp.Pruner(model, example_inputs=x, target_sparsity=0.5, end_step=2, frequency=1, per="epoch",
+                       schedule="linear", score=L1Score(), mask=lambda s: ChannelMask(s))
+    opt = torch.optim.SGD(pruner.model.parameters(), lr=0.01)
+    for epoch in range(3):
+        opt.zero_grad()
+        pruner.model(*x).pow(2).mean().backward()
+        opt.step()
+        pruner.on_epoch_end(epoch)
+    assert [round(s, 2) for _, s in pruner.history] == [0.25, 0.5]
+    masked = pruner.model
+    pruned = pruner.finalize()
+    assert pruned.get_submodule("conv1").out_channels == 4
+    assert_exact(masked, pruned, x)
+
+
+def test_pruner_rejects_bad_settings():
+    x = (torch.randn(2, 10),)
+    with pytest.raises(ValueError, match="target_sparsity"):
+        gp.Pruner(models.Mlp(), example_inputs=x, target_sparsity=1.0, end_step=10)
+    with pytest.raises(ValueError, match="schedule"):
+        gp.Pruner(models.Mlp(), example_inputs=x, target_sparsity=0.5, end_step=10, schedule="exp")
+    with pytest.raises(ValueError, match="start_step < end_step"):
+        gp.Pruner(models.Mlp(), example_inputs=x, target_sparsity=0.5, end_step=0)
