@@ -20,6 +20,7 @@ from graphprune.errors import (
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
 from graphprune.schedule import Pruner, sparsity_at
+from graphprune.sensitivity import Sensitivity, sensitivity
 from graphprune.summary import Summary, summary
 from graphprune.trace import trace
 
@@ -47,6 +48,8 @@ __all__ = [
     "register_rule",
     "Pruner",
     "sparsity_at",
+    "sensitivity",
+    "Sensitivity",
     "GraphPruneError",
     "TraceError",
     "PassError",

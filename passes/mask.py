@@ -39,6 +39,8 @@ class ChannelMask(PassBase):
         round_to: int = 1,
         min_channels: int = 1,
         exclude: Iterable[str] = (),
+        group_ratios: dict[str, float] | None = None,
+        max_ratio: float | None = None,
     ) -> None:
         if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
             raise ValueError(f"ChannelMask ratio must be in [0, 1) (the share of channels to remove), got {ratio!r}")
@@ -50,6 +52,15 @@ class ChannelMask(PassBase):
             raise ValueError(f"ChannelMask min_channels must be a positive int, got {min_channels!r}")
         if isinstance(exclude, str):
             exclude = [exclude]
+        for key, r in (group_ratios or {}).items():
+            if not isinstance(r, (int, float)) or not 0 <= r < 1:
+                raise ValueError(f"ChannelMask group_ratios[{key!r}] must be in [0, 1), got {r!r}")
+        if group_ratios and scope != "local":
+            raise ValueError("ChannelMask group_ratios sets each group's own ratio: use it with scope='local'")
+        if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not 0 < max_ratio <= 1 or scope != "global"):
+            raise ValueError(f"ChannelMask max_ratio caps each group in global scope: a number in (0, 1] with scope='global', got {max_ratio!r}")
+        self.group_ratios = dict(group_ratios or {})
+        self.max_ratio = max_ratio
         self.ratio, self.scope, self.round_to, self.min_channels = float(ratio), scope, round_to, min_channels
         self.exclude = tuple(exclude)
 
@@ -59,6 +70,9 @@ class ChannelMask(PassBase):
         if scores is None:
             raise PreconditionError("ChannelMask needs scores: put a score pass before it, e.g. [L2Score(), ChannelMask(0.5)]")
         self._check_exclude(gm)
+        unknown = sorted(set(self.group_ratios) - {g.key for g in deps.groups})
+        if unknown:
+            raise ValueError(f"ChannelMask group_ratios names groups the model does not have: {unknown[:5]}; groups are {[g.key for g in deps.groups][:10]}...")
         groups = [g for g in deps.groups if not self._excluded(g)]
         missing = [g.key for g in groups if g.key not in scores]
         if missing:
@@ -66,7 +80,10 @@ class ChannelMask(PassBase):
         done = {g.key: unit_mask_state(gm, g)[0] for g in groups}
         floor = {g.key: self._floor(g) for g in groups}
         if self.scope == "local":
-            plan = {g.key: self._lowest(scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key])) for g in groups}
+            plan = {
+                g.key: self._lowest(scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key], self.group_ratios.get(g.key, self.ratio)))
+                for g in groups
+            }
         else:
             plan = self._global(groups, scores, done, floor)
         modified, report = False, {}
@@ -82,12 +99,14 @@ class ChannelMask(PassBase):
     # -- choosing ----------------------------------------------------------------------
     def _floor(self, g: ChannelGroup) -> int:
         keep = min(self.min_channels, g.size)
-        if keep > g.size - math.floor(self.ratio * g.size):
-            logger.info("group %s keeps %d of %d units (min_channels)", g.key, keep, g.size)
+        if self.max_ratio is not None:
+            keep = max(keep, g.size - math.floor(self.max_ratio * g.size + 1e-9))
+        if keep > g.size - math.floor(self.group_ratios.get(g.key, self.ratio) * g.size):
+            logger.info("group %s keeps %d of %d units (min_channels / max_ratio)", g.key, keep, g.size)
         return keep
 
-    def _keep_count(self, size: int, floor: int) -> int:
-        keep = size - math.floor(self.ratio * size + 1e-9)
+    def _keep_count(self, size: int, floor: int, ratio: float) -> int:
+        keep = size - math.floor(ratio * size + 1e-9)
         keep = min(size, math.ceil(keep / self.round_to) * self.round_to)
         return max(keep, floor)
 
