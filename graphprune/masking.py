@@ -24,6 +24,7 @@ __all__ = [
     "WeightMaskParametrization",
     "weight_mask",
     "take_masks",
+    "masks_disabled",
 ]
 
 
@@ -171,3 +172,24 @@ def take_masks(owner: nn.Module, attr: str, name: str) -> list[WeightMaskParamet
         raise PassError(f"{name} has parametrizations graphprune does not know; remove them before Shrink")
     parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
     return [p for p in plist if isinstance(p, WeightMaskParametrization)]
+
+
+class masks_disabled:
+    """Context manager: run the model as if unmasked (the original weights), then restore the masks."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.saved: list[tuple[nn.Module, str, torch.Tensor]] = []
+
+    def __enter__(self) -> nn.Module:
+        for m in self.root.modules():
+            if isinstance(m, (ChannelMaskParametrization, WeightMaskParametrization)):
+                for name, buf in m.named_buffers(recurse=False):
+                    self.saved.append((m, name, buf.clone()))
+                    buf.fill_(True)
+        return self.root
+
+    def __exit__(self, *exc) -> None:
+        for m, name, buf in self.saved:
+            getattr(m, name).copy_(buf)
+        self.saved.clear()

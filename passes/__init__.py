@@ -1,5 +1,6 @@
 """Built-in passes (installed as graphprune.passes)."""
 
+from graphprune.passes.compensate import CompensateBias
 from graphprune.passes.criteria import BNScaleScore, FPGMScore
 from graphprune.passes.data_scores import ActivationScore, APoZScore, TaylorScore, WandaScore
 from graphprune.passes.mask import ChannelMask
@@ -26,4 +27,5 @@ __all__ = [
     "BlockMask",
     "Shrink",
     "ReinsertZeros",
+    "CompensateBias",
 ]

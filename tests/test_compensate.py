@@ -1,0 +1,38 @@
+"""CompensateBias: one-shot pruning keeps more of the model's function, and Shrink stays exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.passes import ChannelMask, CompensateBias, L2Score, Shrink
+from tests import models
+from tests.helpers import assert_exact, run
+
+
+def error_to(reference, model, x):
+    return float((run(model, (x,)) - reference).pow(2).mean())
+
+
+@pytest.mark.parametrize("factory,shape", [(models.Mlp, (64, 10)), (models.ConvBnConv, (8, 3, 8, 8))])
+def test_compensation_reduces_the_error_of_one_shot_pruning(factory, shape):
+    torch.manual_seed(0)
+    model = models.randomize_bn(factory()).eval()
+    x = torch.randn(*shape) + 1.0  # inputs with a mean: pruned channels carry an average signal
+    calibration = [((torch.randn(*shape) + 1.0,), None) for _ in range(8)]
+    dense = run(model, (x,))
+    plain = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=(x,))
+    fixed = gp.compile(model, [L2Score(), ChannelMask(0.5), CompensateBias(calibration)], example_inputs=(x,))
+    assert error_to(dense, fixed, x) < 0.9 * error_to(dense, plain, x)
+    shrunk = gp.compile(fixed, [Shrink()], example_inputs=(x,))
+    assert_exact(fixed, shrunk, (x,))
+    assert fixed.graphprune_report[-1].details["compensated"]
+
+
+def test_compensation_needs_calibration_and_skips_unmasked_models():
+    x = (torch.randn(4, 10),)
+    with pytest.raises(ValueError, match="calibration"):
+        gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.5), CompensateBias()], example_inputs=x)
+    out = gp.compile(models.Mlp(), [CompensateBias([(x, None)])], example_inputs=x)
+    assert out.graphprune_report[-1].modified is False
