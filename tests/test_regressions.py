@@ -123,7 +123,20 @@ class SqueezeAll(nn.Module):
         return self.l(self.p(self.c(x)).squeeze())
 
 
-CASES = [DivideByParam, Rsqrt, SplitInt, UnflattenLiteral, UnflattenFree, GroupNormNoAffine, FunctionalGroupNorm,
+class FunctionalBatchNorm(nn.Module):
+    """timm's BatchNormAct2d: F.batch_norm on the module's own tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.d = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        bn = self.bn
+        y = F.batch_norm(self.c(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+        return self.d(F.relu(y))
+
+
+CASES = [FunctionalBatchNorm, DivideByParam, Rsqrt, SplitInt, UnflattenLiteral, UnflattenFree, GroupNormNoAffine, FunctionalGroupNorm,
          ClampTensor, ExpandLiteral, ParamReadWhole, Tied, SqueezeAll]
 
 
@@ -135,6 +148,11 @@ def test_exact_after_review_findings(factory):
     masked, shrunk = prune(model, x, 0.5)
     assert not torch.isnan(run(masked, x)).any()
     assert_exact(masked, shrunk, x)
+
+
+def test_functional_batch_norm_still_prunes():
+    _, shrunk = prune(FunctionalBatchNorm(), (torch.randn(2, 3, 5, 5),), 0.5)
+    assert shrunk.get_submodule("c").out_channels == 4 and shrunk.get_submodule("bn").weight.shape == (4,)
 
 
 def test_unflatten_with_free_size_still_prunes():

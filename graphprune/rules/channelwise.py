@@ -104,7 +104,7 @@ class FunctionalNormRule(Rule):
         for pos, name in self.tensor_args.items():
             lab = call.label_kwargs.get(name, call.labels[pos] if len(call.labels) > pos else None)
             if isinstance(lab, ParamRef):
-                call.space.add_slot(lab.name, 0, per)
+                call.slot_param(lab, 0, per)
             elif isinstance(call.kwargs.get(name, call.args[pos] if len(call.args) > pos else None), torch.Tensor):
                 call.freeze_inputs("no_rule", f"{name} of {call.node.target.__name__} is not a parameter of the model")
                 return call.out_none()

@@ -87,8 +87,7 @@ class Elementwise(Rule):
             offset = len(shape) - len(pshape)
             for d in vary:
                 if pshape_al[d] > 1 and d >= offset:
-                    space.add_slot(ref.name, d - offset, call.along(result, d))
-                    call.extra.setdefault("sliced_params", set()).add(ref.name)
+                    call.slot_param(ref, d - offset, call.along(result, d))
         return result
 
 
