@@ -31,8 +31,19 @@ class Summary:
     frozen: tuple[FrozenChannels, ...] = ()
     frozen_units: int = 0
     sparsity: tuple[tuple[str, float], ...] = ()  # masked tensors: share of zeros
+    sparsity_counts: tuple[tuple[str, int, int], ...] = ()  # masked tensors: (name, zeros, size)
     passes: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = field(default=())
+
+    def sparsity_report(self) -> str:
+        """Per masked tensor and global, in the words of torch's pruning tutorial."""
+        if not self.sparsity:
+            return "no masked tensors"
+        lines = [f"Sparsity in {name}: {100 * z:.2f}%" for name, z in self.sparsity]
+        total = sum(n for _, _, n in self.sparsity_counts)
+        zeros = sum(z for _, z, _ in self.sparsity_counts)
+        lines.append(f"Global sparsity: {100 * zeros / max(total, 1):.2f}%")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {
@@ -141,6 +152,7 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             size_bytes=(_size_bytes(before), _size_bytes(after)),
             masked_params=masked,
             sparsity=tuple((n, z / max(size, 1)) for n, z, size in sparsity),
+            sparsity_counts=tuple(sparsity),
             groups=groups,
             frozen=frozen,
             frozen_units=frozen_units,

@@ -10,7 +10,6 @@ weight masked once stays masked (a second mask can only add zeros).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Iterable
 
 import torch
@@ -106,7 +105,7 @@ class UnstructuredMask(_WeightMaskPass):
         if not scores:
             return []
         flat = torch.cat([s.reshape(-1) for s in scores])
-        k = math.floor(self.sparsity * flat.numel())
+        k = round(self.sparsity * flat.numel())  # as torch.nn.utils.prune counts
         if k == 0:
             return [torch.ones_like(s, dtype=torch.bool) for s in scores]
         threshold = torch.kthvalue(flat, k).values
@@ -125,7 +124,7 @@ class UnstructuredMask(_WeightMaskPass):
 
 
 def _keep_top(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    k = math.floor(sparsity * score.numel())
+    k = round(sparsity * score.numel())  # as torch.nn.utils.prune counts
     keep = torch.ones(score.numel(), dtype=torch.bool)
     if k:
         keep[torch.argsort(score.reshape(-1), stable=True)[:k]] = False

@@ -9,7 +9,8 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.passes import (
-    ActivationScore, APoZScore, BNScaleScore, ChannelMask, FPGMScore, L2Score, Shrink, TaylorScore, WandaScore,
+    ActivationScore, APoZScore, BNScaleScore, ChannelMask, FPGMScore, L2Score, MagnitudeScore, Shrink, TaylorScore,
+    WandaScore,
 )
 from tests import models
 from tests.helpers import assert_exact
@@ -110,3 +111,54 @@ def test_every_criterion_prunes_exactly(score):
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert_exact(masked, shrunk, x)
     assert gp.count_params(shrunk) < gp.count_params(model)
+
+
+def tiny():
+    """Linear(2, 3) -> ReLU -> Linear(3, 1) with weights chosen to make the arithmetic easy."""
+    m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+        m[0].bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+        m[2].weight.copy_(torch.tensor([[1.0, -2.0, 3.0]]))
+        m[2].bias.zero_()
+    return m
+
+
+def test_magnitude_and_fpgm_by_hand():
+    x = (torch.randn(2, 2),)
+    l1 = scores_of(tiny(), MagnitudeScore(1), x)["0"]
+    # unit u: mean over (W0 row u, b0[u], W2 column u) of each slice's L1 norm
+    torch.testing.assert_close(l1, torch.tensor([5 / 3, 3.0, 5.0], dtype=torch.float64))
+    l2 = scores_of(tiny(), MagnitudeScore(2), x)["0"]
+    torch.testing.assert_close(l2, torch.tensor([(5 ** 0.5 + 2) / 3, (25 ** 0.5 + 2) / 3, (61 ** 0.5 + 4) / 3], dtype=torch.float64))
+    fpgm = scores_of(tiny(), FPGMScore(), x)["0"]
+    r2 = 2 ** 0.5
+    torch.testing.assert_close(fpgm, torch.tensor([6 * r2, 4 * r2, 6 * r2], dtype=torch.float64))
+
+
+def test_data_scores_by_hand():
+    m = tiny()
+    xs = torch.tensor([[1.0, -1.0], [0.5, 0.0], [-2.0, 1.0]])
+    data = [((xs,), torch.zeros(3, 1))]
+    h = torch.relu(xs @ m[0].weight.T + m[0].bias).double()  # the activations fc2 reads
+    act = scores_of(m, ActivationScore(data), (xs,))["0"]
+    torch.testing.assert_close(act, h.abs().mean(0))
+    apoz = scores_of(m, APoZScore(data), (xs,))["0"]
+    torch.testing.assert_close(apoz, 1 - (h == 0).double().mean(0))
+    wanda = scores_of(m, WandaScore(data), (xs,))["0"]
+    torch.testing.assert_close(wanda, m[2].weight.detach().double().abs()[0] * h.pow(2).mean(0).sqrt())
+    loss = lambda out, t: (out - t).pow(2).sum()  # noqa: E731
+    taylor = scores_of(m, TaylorScore(data, loss), (xs,))["0"]
+    ref = tiny()
+    loss(ref(xs), torch.zeros(3, 1)).backward()
+    parts = [(ref[0].weight * ref[0].weight.grad).abs().sum(1), (ref[0].bias * ref[0].bias.grad).abs(),
+             (ref[2].weight * ref[2].weight.grad).abs().sum(0)]
+    torch.testing.assert_close(taylor, torch.stack(parts).mean(0).double())
+
+
+def test_bn_scale_is_gamma():
+    model = models.ConvBnConv()
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.tensor([-8.0, 1, 7, 2, 6, 3, 5, 4]))
+    s = scores_of(model, BNScaleScore(), (torch.randn(1, 3, 8, 8),))["conv1"]
+    torch.testing.assert_close(s, torch.tensor([8.0, 1, 7, 2, 6, 3, 5, 4], dtype=torch.float64))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +119,27 @@ def test_wanda_weight_scores_protect_weights_on_loud_inputs():
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_unstructured_matches_torch_prune():
+    import torch.nn.utils.prune as tprune
+
+    torch.manual_seed(0)
+    model = models.Mlp()
+    ref = copy.deepcopy(model)
+    masked = gp.compile(model, [UnstructuredMask(0.6)], example_inputs=X)
+    for name in ("fc1", "fc2", "fc3"):
+        tprune.l1_unstructured(getattr(ref, name), "weight", amount=0.6)
+        assert torch.equal(masked.get_submodule(name).weight == 0, getattr(ref, name).weight_mask == 0)
+    ref = copy.deepcopy(model)
+    masked = gp.compile(model, [UnstructuredMask(0.6, scope="global")], example_inputs=X)
+    tprune.global_unstructured([(ref.fc1, "weight"), (ref.fc2, "weight"), (ref.fc3, "weight")],
+                               pruning_method=tprune.L1Unstructured, amount=0.6)
+    for name in ("fc1", "fc2", "fc3"):
+        assert torch.equal(masked.get_submodule(name).weight == 0, getattr(ref, name).weight_mask == 0)
+
+
+def test_sparsity_report_reads_like_the_pytorch_tutorial():
+    masked = gp.compile(models.Mlp(), [UnstructuredMask(0.5)], example_inputs=X)
+    report = gp.summary(models.Mlp(), masked, X).sparsity_report()
+    assert "Sparsity in fc1.weight: 50.00%" in report and "Global sparsity: 50.00%" in report
