@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import os
 import platform
 import statistics
@@ -20,22 +21,13 @@ import tempfile
 import time
 
 import torch
-import torchvision
 
 import graphprune as gp
 from graphprune.backends import onnx as gox
 from graphprune.passes import ChannelMask, L2Score, Shrink
 
-MODELS = [
-    "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "efficientnet_b0",
-    "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "googlenet", "inception_v3", "vgg11_bn",
-    "convnext_tiny", "alexnet", "mnasnet0_5",
-]
-
-
-def build(name: str) -> torch.nn.Module:
-    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    return getattr(torchvision.models, name)(**kwargs).eval()
+sys.path.insert(0, os.path.dirname(__file__))
+from zoo import MODELS, build, input_side  # noqa: E402
 
 
 def torch_pruning(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torch.nn.Module:
@@ -52,7 +44,7 @@ def torch_pruning(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torc
 def run(name: str, ratio: float, size: int, threads: int, repeats: int, folder: str, round_to: int = 1) -> dict:
     torch.manual_seed(0)
     model = build(name)
-    side = max(size, 299) if name == "inception_v3" else size
+    side = input_side(name, size)
     x = torch.randn(1, 3, side, side)
     row: dict = {"model": name, "input": side}
     start = time.perf_counter()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import platform
 import time
 
@@ -17,22 +19,14 @@ import torchvision
 import graphprune as gp
 from graphprune.passes import ChannelMask, L2Score, Shrink
 
-MODELS = [
-    "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "efficientnet_b0",
-    "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "googlenet", "inception_v3", "vgg11_bn",
-    "convnext_tiny", "alexnet", "mnasnet0_5",
-]
-
-
-def build(name: str) -> torch.nn.Module:
-    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    return getattr(torchvision.models, name)(**kwargs).eval()
+sys.path.insert(0, os.path.dirname(__file__))
+from zoo import MODELS, build, input_side  # noqa: E402
 
 
 def run(name: str, ratio: float, size: int) -> dict:
     torch.manual_seed(0)
     model = build(name)
-    side = max(size, 299) if name == "inception_v3" else size
+    side = input_side(name, size)
     x = (torch.randn(1, 3, side, side),)
     start = time.perf_counter()
     masked = gp.compile(model, [L2Score(), ChannelMask(ratio)], example_inputs=x)

@@ -10,7 +10,6 @@ compensated biases belong to channels that are kept.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Iterable
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 
 from graphprune.masking import masks_disabled, raw_tensor, resolve, unit_mask_state
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.passes.data_scores import _batches, _call
+from graphprune.passes.data_scores import _batches, input_channel_stats
 
 __all__ = ["CompensateBias"]
 
@@ -52,7 +51,8 @@ class CompensateBias(PassBase):
         if not targets:
             ctx.record(compensated=[], skipped=skipped)
             return PassResult(gm, False)
-        means = self._input_means(gm, {k: m for k, (m, _, _) in targets.items()}, batches)
+        with masks_disabled(gm):  # the means the pruned channels had before masking
+            means = input_channel_stats(gm, {k: m for k, (m, _, _) in targets.items()}, batches, "mean")
         for key, (module, name, indices) in targets.items():
             idx = torch.tensor(sorted(indices), dtype=torch.long)
             w = raw_tensor(module, "weight").detach().double()
@@ -65,28 +65,3 @@ class CompensateBias(PassBase):
                     raw_tensor(module, "bias").add_(delta.to(raw_tensor(module, "bias").dtype))
         ctx.record(compensated=sorted(name for _, name, _ in targets.values()), skipped=skipped)
         return PassResult(gm, True)
-
-    @staticmethod
-    def _input_means(gm: fx.GraphModule, modules: dict[int, nn.Module], batches) -> dict[int, torch.Tensor]:
-        sums: dict[int, torch.Tensor] = {}
-        counts: dict[int, int] = defaultdict(int)
-
-        def hook(module, args):
-            x = args[0].detach().double()
-            cdim = x.ndim - 1 if isinstance(module, nn.Linear) else (1 if x.ndim > 2 else 0)
-            flat = x.movedim(cdim, 0).reshape(x.shape[cdim], -1)
-            sums[id(module)] = flat.sum(1) + sums.get(id(module), 0)
-            counts[id(module)] += flat.shape[1]
-
-        handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
-        training = gm.training
-        gm.eval()
-        try:
-            with torch.no_grad(), masks_disabled(gm):
-                for inputs, _ in batches:
-                    _call(gm, inputs)
-        finally:
-            for h in handles:
-                h.remove()
-            gm.train(training)
-        return {k: sums[k] / counts[k] for k in sums}

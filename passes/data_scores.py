@@ -25,7 +25,7 @@ from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassContext
 from graphprune.passes.score import ScorePass
 
-__all__ = ["TaylorScore", "ActivationScore", "APoZScore", "WandaScore"]
+__all__ = ["TaylorScore", "ActivationScore", "APoZScore", "WandaScore", "input_channel_stats"]
 
 
 def _batches(calibration: Any, who: str) -> list:
@@ -42,6 +42,43 @@ def _batches(calibration: Any, who: str) -> list:
 
 def _call(gm: nn.Module, inputs: tuple | list | dict) -> Any:
     return gm(**inputs) if isinstance(inputs, dict) else gm(*inputs)
+
+
+_STATISTICS = {
+    "mean": lambda flat: flat.sum(1),
+    "mean_abs": lambda flat: flat.abs().sum(1),
+    "zero_fraction": lambda flat: (flat == 0).double().sum(1),
+    "rms": lambda flat: flat.pow(2).sum(1),
+}
+
+
+def input_channel_stats(gm: nn.Module, modules: dict[int, nn.Module], batches: list, statistic: str) -> dict[int, torch.Tensor]:
+    """Per input channel of each Conv/Linear in `modules` (by id): a statistic over every position
+    of every calibration batch, read with forward pre-hooks in eval mode."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = defaultdict(int)
+    reduce = _STATISTICS[statistic]
+
+    def hook(module, args):
+        x = args[0].detach().double()
+        cdim = x.ndim - 1 if isinstance(module, nn.Linear) else (1 if x.ndim > 2 else 0)
+        flat = x.movedim(cdim, 0).reshape(x.shape[cdim], -1)
+        sums[id(module)] = reduce(flat) + sums.get(id(module), 0)
+        counts[id(module)] += flat.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
+    training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for inputs, _ in batches:
+                _call(gm, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        gm.train(training)
+    stats = {k: total / counts[k] for k, total in sums.items()}
+    return {k: v.sqrt() for k, v in stats.items()} if statistic == "rms" else stats
 
 
 class TaylorScore(ScorePass):
@@ -107,38 +144,8 @@ class _ActivationStats(ScorePass):
         return found
 
     def _collect(self, gm: fx.GraphModule, modules: dict[int, nn.Module]) -> dict[int, torch.Tensor]:
-        """Per input channel of each module: the statistic over all calibration positions."""
         batches = _batches(self.calibration, type(self).__name__)
-        sums: dict[int, torch.Tensor] = {}
-        counts: dict[int, int] = defaultdict(int)
-
-        def hook(module, args):
-            x = args[0].detach().double()
-            cdim = x.ndim - 1 if isinstance(module, nn.Linear) else (1 if x.ndim > 2 else 0)
-            flat = x.movedim(cdim, 0).reshape(x.shape[cdim], -1)
-            stat = {"mean_abs": flat.abs().sum(1), "zero_fraction": (flat == 0).double().sum(1), "rms": flat.pow(2).sum(1)}[self.statistic]
-            key = id(module)
-            sums[key] = stat if key not in sums else sums[key] + stat
-            counts[key] += flat.shape[1]
-
-        handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
-        training = gm.training
-        gm.eval()
-        try:
-            with torch.no_grad():
-                for inputs, _ in batches:
-                    _call(gm, inputs)
-        finally:
-            for h in handles:
-                h.remove()
-            gm.train(training)
-        stats = {}
-        for key, total in sums.items():
-            per_channel = total / counts[key]
-            if self.statistic == "rms":
-                per_channel = per_channel.sqrt()
-            stats[key] = per_channel
-        return stats
+        return input_channel_stats(gm, modules, batches, self.statistic)
 
     @staticmethod
     def _per_weight_index(m: nn.Module, per_channel: torch.Tensor) -> torch.Tensor:
