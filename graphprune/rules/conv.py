@@ -42,11 +42,15 @@ class ConvRule(Rule):
     def __init__(self, spatial: int) -> None:
         self.spatial = spatial
 
-    def propagate(self, call: OpCall):
-        m = call.module
+    def _input(self, call: OpCall) -> tuple[int, torch.Tensor]:
+        """(channel dim, one label per input channel) of a batched or unbatched input."""
         x = call.input(0)
         cdim = x.ndim - self.spatial - 1
-        per_in = call.along(x, cdim)
+        return cdim, call.along(x, cdim)
+
+    def propagate(self, call: OpCall):
+        m = call.module
+        cdim, per_in = self._input(call)
         g, cin, cout = m.groups, m.in_channels, m.out_channels
         if g == cin and g > 1:  # depthwise, maybe with a channel multiplier
             out_labels = per_in.repeat_interleave(cout // cin)
@@ -73,9 +77,7 @@ class ConvTransposeRule(ConvRule):
 
     def propagate(self, call: OpCall):
         m = call.module
-        x = call.input(0)
-        cdim = x.ndim - self.spatial - 1
-        per_in = call.along(x, cdim)
+        cdim, per_in = self._input(call)
         g, cin, cout = m.groups, m.in_channels, m.out_channels
         dw = g == cin and g > 1
         call.space.add_slot(call.param("weight"), 0, per_in, consumer=not dw)
