@@ -1,7 +1,7 @@
 """The dependency analyzer: which channels must be removed together.
 
 It runs the graph once on the example inputs with an fx Interpreter, and
-beside every value carries its channel labels (see `labels.py`), asking the
+beside every value carries its channel labels (see `graphprune.labels`), asking the
 per-op rule of every node how labels flow.  The result is a set of immutable
 `ChannelGroup`s: every parameter slice that must lose the same channels,
 with the channels frozen (and why) left out of them.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphprune.analysis.labels import FreezeSite, LabelSpace, compact, labeled_dims, none_like
+from graphprune.labels import FreezeSite, LabelSpace, compact, labeled_dims, none_like
 from graphprune.inputs import clone_inputs, positional_inputs
 from graphprune.rules import base as rules
 from graphprune.rules.base import OpCall, ParamRef, iter_label_tensors, map_tensors

@@ -1,7 +1,7 @@
 """The per-op rule contract and the one registry rules live in.
 
 A rule says, for one op family, how channel labels flow from the op's inputs
-to its outputs (see `graphprune.analysis.labels`), which slices of its
+to its outputs (see `graphprune.labels`), which slices of its
 parameters belong to which channel, and how to fix the module's attributes
 once its tensors were sliced.  Rules are looked up by module class (through
 the class hierarchy, as long as the subclass keeps the parent's forward), by
@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphprune.analysis.labels import NONE, FreezeSite, LabelSpace, along, labeled_dims, none_like
+from graphprune.labels import NONE, FreezeSite, LabelSpace, along, labeled_dims, none_like
 
 __all__ = ["Rule", "OpCall", "ParamRef", "register_rule", "find_rule"]
 

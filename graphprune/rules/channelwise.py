@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.analysis.labels import varies_along
+from graphprune.labels import varies_along
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
 from graphprune.rules.pointwise import Unary
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from graphprune.analysis.labels import none_like
+from graphprune.labels import none_like
 from graphprune.reinsert import ZeroReinsert
 from graphprune.rules.base import OpCall, Rule, register_rule
 

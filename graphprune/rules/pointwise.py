@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.analysis.labels import NONE, compact_together, labeled_dims, none_like
+from graphprune.labels import NONE, compact_together, labeled_dims, none_like
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule, register_rule_by_name
 
 __all__ = ["Unary", "Elementwise"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.analysis.labels import varies_along
+from graphprune.labels import varies_along
 from graphprune.rules.base import OpCall, Rule, map_tensors, register_rule
 from graphprune.rules.pointwise import Elementwise, Unary
 from graphprune.rules.shape import _dim_arg
