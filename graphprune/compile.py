@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-import torch
 import torch.fx as fx
 from torch import nn
 

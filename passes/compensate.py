@@ -53,7 +53,7 @@ class CompensateBias(PassBase):
             return PassResult(gm, False)
         with masks_disabled(gm):  # the means the pruned channels had before masking
             means = input_channel_stats(gm, {k: m for k, (m, _, _) in targets.items()}, batches, "mean")
-        for key, (module, name, indices) in targets.items():
+        for key, (module, _, indices) in targets.items():
             idx = torch.tensor(sorted(indices), dtype=torch.long)
             w = raw_tensor(module, "weight").detach().double()
             cols = w.index_select(1, idx).reshape(w.shape[0], len(idx), -1).sum(2)  # a constant input meets every kernel tap

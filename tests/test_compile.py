@@ -9,7 +9,7 @@ from torch import nn
 import graphprune as gp
 from graphprune.passes import ChannelMask, L2Score, Shrink
 from tests import models
-from tests.helpers import assert_exact, assert_same_state, prune, run, state
+from tests.helpers import assert_same_state, prune, run, state
 
 
 def test_callers_model_is_never_changed():

@@ -9,7 +9,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.passes import (
-    ActivationScore, APoZScore, BNScaleScore, ChannelMask, FPGMScore, L2Score, MagnitudeScore, Shrink, TaylorScore,
+    ActivationScore, APoZScore, BNScaleScore, ChannelMask, FPGMScore, MagnitudeScore, Shrink, TaylorScore,
     WandaScore,
 )
 from tests import models

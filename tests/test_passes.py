@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import graphprune as gp
 from graphprune.passes import ChannelMask, L1Score, L2Score, MagnitudeScore, RandomScore, ReinsertZeros, Shrink

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphprune.labels import NONE
 from graphprune.rules.base import OpCall, Rule, register_rule
 
 __all__ = ["ConvRule", "ConvTransposeRule", "LinearRule"]

@@ -24,8 +24,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.labels import NONE, labeled_dims, none_like, varies_along
-from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
+from graphprune.labels import labeled_dims, none_like, varies_along
+from graphprune.rules.base import OpCall, Rule, register_rule
 
 __all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim"]
 
