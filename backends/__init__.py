@@ -1,7 +1,7 @@
 """Backends that export pruned models (installed as graphprune.backends).
 
-`graphprune.backends.onnx` needs the `onnx` extra (onnx, onnxruntime, onnxscript); it is
-imported on use so that the core has no ONNX dependency.
+`graphprune.backends.onnx` (onnx, onnxruntime and onnxscript are base dependencies) is imported
+on use, so that importing graphprune does not load ONNX.
 """
 
 __all__ = ["onnx"]

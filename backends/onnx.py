@@ -61,7 +61,7 @@ def _import_onnx():
         import onnx
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("the ONNX backend needs onnx and onnxruntime: pip install 'graphprune[onnx]'") from exc
+        raise ImportError("the ONNX backend needs onnx, onnxruntime and onnxscript: pip install onnx onnxruntime onnxscript") from exc
     return onnx, onnxruntime
 
 
