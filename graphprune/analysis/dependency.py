@@ -156,7 +156,7 @@ class _Propagator(fx.Interpreter):
         lab_args = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
         lab_kwargs = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
         if n.op == "output":
-            for arg, lab in zip(_flat_nodes(n.args[0]), _flat_labels(lab_args[0])):
+            for arg, lab in zip(_flat_nodes(n.args[0]), _flat_nodes(lab_args[0])):
                 for t in iter_label_tensors(lab):
                     dims = labeled_dims(t)
                     self.space.freeze(t, FreezeSite("output", n.name, "reaches a model output", arg.name if isinstance(arg, fx.Node) else None, dims[0] if len(dims) == 1 else None, where))
@@ -239,15 +239,12 @@ def _target_name(n: fx.Node, module: Any) -> str:
 
 
 def _flat_nodes(a: Any) -> list:
+    """Leaves of a nested args structure (nodes, or the labels that mirror them)."""
     if isinstance(a, (tuple, list)):
         return [x for v in a for x in _flat_nodes(v)]
     if isinstance(a, dict):
         return [x for v in a.values() for x in _flat_nodes(v)]
     return [a]
-
-
-def _flat_labels(a: Any) -> list:
-    return _flat_nodes(a)
 
 
 def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> Dependencies:
