@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from graphprune.inputs import check_example_inputs
+from graphprune.inputs import check_example_inputs, eval_mode
 from graphprune.errors import GraphPruneError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -247,73 +247,71 @@ def export(
 
         order = list(inspect.signature(model.forward).parameters)
         example_inputs = dict(sorted(example_inputs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    training = model.training
-    model.eval()
-    input_names = _names(model, example_inputs)
-    with torch.no_grad():
-        expected_out = model(**example_inputs) if isinstance(example_inputs, dict) else model(*example_inputs)
-    n_out = len(_flat_tensors(expected_out))
-    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    # torch.export specialises a batch of 1, so a dynamic batch is traced at batch 2.
-    trace_inputs = _with_batch(example_inputs, 2) if dynamic_batch and _batch_of(example_inputs) == 1 else example_inputs
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    notes: list[str] = []
-    try:
-        order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
-        used, errors = None, []
-        for name in order:
-            try:
-                fn = _export_dynamo if name == "dynamo" else _export_torchscript
-                fn(model, trace_inputs, tmp, input_names, output_names, opset, dynamic_batch)
-                used = name
-                break
-            except Exception as exc:
-                errors.append(f"{name} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
-                logger.info("ONNX export with the %s exporter failed: %s", name, exc)
-        if used is None:
-            raise ExportError("torch could not export the model to ONNX:\n  " + "\n  ".join(errors))
-        if errors:
-            notes.append("fell back: " + "; ".join(errors))
-        proto = onnx.load(tmp)
-        proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
-        n_sparse = _sparsify(onnx, proto, sparse_initializers) if sparse_initializers else 0
-        onnx.save(proto, tmp)
-        max_abs = max_rel = None
-        if verify:
-            try:
-                sess = session(tmp)
-            except Exception as exc:
-                raise ExportError(
-                    f"ONNX Runtime cannot load the model exported with the {used} exporter (opset {opset}): "
-                    f"{str(exc).strip().splitlines()[-1][:400]}. An op in the model has no ONNX Runtime kernel; "
-                    f"try another opset (opset=...), exporter=..., or replace that op."
-                    + (f" ({'; '.join(notes)})" if notes else "")
-                ) from exc
-            checks = [example_inputs]
-            if dynamic_batch and _batch_of(example_inputs):
-                checks.append(_with_batch(example_inputs, _batch_of(example_inputs) + 3))
-            max_abs = max_rel = 0.0
-            for inputs in checks:
-                expected = _run_torch(model, inputs)
-                got = sess.run(None, _feed(sess, inputs))
-                a, r = _compare(expected, got)
-                max_abs, max_rel = max(max_abs, a), max(max_rel, r)
-                scale = max((float(np.abs(e).max()) for e in expected if e.size), default=0.0)
-                if a > atol + rtol * scale:
-                    raise VerificationError(
-                        f"ONNX Runtime disagrees with torch: max abs error {a:.3g}, max rel error {r:.3g} "
-                        f"(allowed {atol} + {rtol} x {scale:.3g}) with the {used} exporter; the file was not written"
-                    )
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the permissions of a normal file
-        os.replace(tmp, path)
-    finally:
-        model.train(training)
-        for leftover in (tmp, tmp + ".data"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+    with eval_mode(model):
+        input_names = _names(model, example_inputs)
+        with torch.no_grad():
+            expected_out = model(**example_inputs) if isinstance(example_inputs, dict) else model(*example_inputs)
+        n_out = len(_flat_tensors(expected_out))
+        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+        # torch.export specialises a batch of 1, so a dynamic batch is traced at batch 2.
+        trace_inputs = _with_batch(example_inputs, 2) if dynamic_batch and _batch_of(example_inputs) == 1 else example_inputs
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        notes: list[str] = []
+        try:
+            order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
+            used, errors = None, []
+            for name in order:
+                try:
+                    fn = _export_dynamo if name == "dynamo" else _export_torchscript
+                    fn(model, trace_inputs, tmp, input_names, output_names, opset, dynamic_batch)
+                    used = name
+                    break
+                except Exception as exc:
+                    errors.append(f"{name} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+                    logger.info("ONNX export with the %s exporter failed: %s", name, exc)
+            if used is None:
+                raise ExportError("torch could not export the model to ONNX:\n  " + "\n  ".join(errors))
+            if errors:
+                notes.append("fell back: " + "; ".join(errors))
+            proto = onnx.load(tmp)
+            proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+            n_sparse = _sparsify(onnx, proto, sparse_initializers) if sparse_initializers else 0
+            onnx.save(proto, tmp)
+            max_abs = max_rel = None
+            if verify:
+                try:
+                    sess = session(tmp)
+                except Exception as exc:
+                    raise ExportError(
+                        f"ONNX Runtime cannot load the model exported with the {used} exporter (opset {opset}): "
+                        f"{str(exc).strip().splitlines()[-1][:400]}. An op in the model has no ONNX Runtime kernel; "
+                        f"try another opset (opset=...), exporter=..., or replace that op."
+                        + (f" ({'; '.join(notes)})" if notes else "")
+                    ) from exc
+                checks = [example_inputs]
+                if dynamic_batch and _batch_of(example_inputs):
+                    checks.append(_with_batch(example_inputs, _batch_of(example_inputs) + 3))
+                max_abs = max_rel = 0.0
+                for inputs in checks:
+                    expected = _run_torch(model, inputs)
+                    got = sess.run(None, _feed(sess, inputs))
+                    a, r = _compare(expected, got)
+                    max_abs, max_rel = max(max_abs, a), max(max_rel, r)
+                    scale = max((float(np.abs(e).max()) for e in expected if e.size), default=0.0)
+                    if a > atol + rtol * scale:
+                        raise VerificationError(
+                            f"ONNX Runtime disagrees with torch: max abs error {a:.3g}, max rel error {r:.3g} "
+                            f"(allowed {atol} + {rtol} x {scale:.3g}) with the {used} exporter; the file was not written"
+                        )
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the permissions of a normal file
+            os.replace(tmp, path)
+        finally:
+            for leftover in (tmp, tmp + ".data"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     return ExportResult(
         str(path), used, opset, min(proto.ir_version, MAX_IR_VERSION), path.stat().st_size, max_abs, max_rel,
         tuple(input_names), tuple(output_names), n_sparse, tuple(notes),

@@ -1,14 +1,16 @@
-"""Example inputs: checked once, copied before every run so the caller's tensors never change."""
+"""Running a model on example inputs: checked once, copied before every run so the caller's
+tensors never change, in eval mode and back to the mode the model was in."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["check_example_inputs", "clone_inputs", "positional_inputs", "call_with"]
+__all__ = ["check_example_inputs", "clone_inputs", "positional_inputs", "call_with", "eval_mode"]
 
 
 def check_example_inputs(example_inputs: Any) -> tuple | dict:
@@ -54,3 +56,20 @@ def call_with(model: torch.nn.Module, inputs: tuple | dict) -> Any:
     """Call `model` on a copy of `inputs` (a tuple of positional or a dict of keyword arguments)."""
     inputs = clone_inputs(inputs)
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode for the duration (BatchNorm statistics must not move while analysing), then the
+    previous mode.  A module exported with torch.export has no modes to switch: used as it is."""
+    training = model.training
+    try:
+        model.eval()
+        switched = True
+    except NotImplementedError:
+        switched = False
+    try:
+        yield model
+    finally:
+        if switched:
+            model.train(training)

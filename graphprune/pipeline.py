@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from graphprune.errors import GraphPruneError, PassError, VerificationError
-from graphprune.inputs import call_with
+from graphprune.inputs import call_with, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +140,8 @@ def as_pass(p: Any) -> PassBase:
 
 
 def _run_model(gm: fx.GraphModule, example_inputs: tuple | dict) -> Any:
-    training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            return call_with(gm, example_inputs)
-    finally:
-        gm.train(training)
+    with eval_mode(gm), torch.no_grad():
+        return call_with(gm, example_inputs)
 
 
 class Pipeline(PassBase):

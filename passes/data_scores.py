@@ -21,6 +21,7 @@ from torch import nn
 
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.errors import PreconditionError
+from graphprune.inputs import eval_mode
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassContext
 from graphprune.passes.score import ScorePass
@@ -67,16 +68,13 @@ def input_channel_stats(gm: nn.Module, modules: dict[int, nn.Module], batches: l
         counts[id(module)] += flat.shape[1]
 
     handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
-    training = gm.training
-    gm.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(gm), torch.no_grad():
             for inputs, _ in batches:
                 _call(gm, inputs)
     finally:
         for h in handles:
             h.remove()
-        gm.train(training)
     stats = {k: total / counts[k] for k, total in sums.items()}
     return {k: v.sqrt() for k, v in stats.items()} if statistic == "rms" else stats
 
@@ -100,18 +98,16 @@ class TaylorScore(ScorePass):
                 if isinstance(t, nn.Parameter):
                     params[slot.tensor] = t
         acc = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
-        training = gm.training
-        gm.eval()
         try:
-            for inputs, targets in batches:
-                gm.zero_grad(set_to_none=True)
-                self.loss_fn(_call(gm, inputs), targets).backward()
-                for name, p in params.items():
-                    if p.grad is not None:
-                        acc[name] += (p.detach() * p.grad.detach()).double()
+            with eval_mode(gm):
+                for inputs, targets in batches:
+                    gm.zero_grad(set_to_none=True)
+                    self.loss_fn(_call(gm, inputs), targets).backward()
+                    for name, p in params.items():
+                        if p.grad is not None:
+                            acc[name] += (p.detach() * p.grad.detach()).double()
         finally:
             gm.zero_grad(set_to_none=True)
-            gm.train(training)
         out = {}
         for g in groups:
             total, used = torch.zeros(g.size, dtype=torch.float64), 0

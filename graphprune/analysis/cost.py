@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from graphprune.inputs import call_with
+from graphprune.inputs import call_with, eval_mode
 
 __all__ = ["count_params", "count_macs"]
 
@@ -23,11 +23,6 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, example_inputs: tuple | dict) -> int:
     """MACs of one forward pass (convolutions, matmuls, attention), counted by torch's FlopCounterMode."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call_with(model, example_inputs)
-    finally:
-        model.train(training)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call_with(model, example_inputs)
     return counter.get_total_flops() // 2

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from graphprune.labels import FreezeSite, LabelSpace, compact, labeled_dims, none_like
-from graphprune.inputs import clone_inputs, positional_inputs
+from graphprune.inputs import clone_inputs, eval_mode, positional_inputs
 from graphprune.rules import base as rules
 from graphprune.rules.base import OpCall, ParamRef, iter_label_tensors, map_tensors
 
@@ -250,13 +250,8 @@ def _flat_nodes(a: Any) -> list:
 def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> Dependencies:
     space = LabelSpace()
     prop = _Propagator(gm, space)
-    training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            prop.run(*positional_inputs(gm, clone_inputs(example_inputs)))
-    finally:
-        gm.train(training)
+    with eval_mode(gm), torch.no_grad():
+        prop.run(*positional_inputs(gm, clone_inputs(example_inputs)))
     prop.check_size_reads()
     for name, where in prop.whole_params.items():
         space.freeze_slots(name, FreezeSite("conflict", where.split(" ")[0], f"reads {name} whole while another op slices it", location=where))
