@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import traceback
 from typing import Iterable
 
@@ -11,6 +12,8 @@ import torch.fx as fx
 from torch import nn
 
 from graphprune.errors import TraceError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["trace"]
 
@@ -64,10 +67,29 @@ def _concrete_args(model: nn.Module, example_inputs: tuple | dict | None) -> dic
     return concrete or None
 
 
+def _export(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModule | None:
+    """torch.export's (ATen-level) graph, for models symbolic tracing cannot follow (Hugging Face
+    transformers): shapes are specialised to the example inputs and the module cannot switch modes."""
+    args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+    tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.ndim]
+    batch = tensors[0].shape[0] if tensors else None
+
+    def dims(t):  # let the batch stay dynamic where torch.export can keep it so
+        return {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == batch else None
+
+    dynamic = tuple(dims(a) for a in args) if args else {k: dims(v) for k, v in kwargs.items()}
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False).module()
+    except Exception as exc:
+        logger.info("torch.export failed too: %s", exc)
+        return None
+
+
 def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: tuple | dict | None = None) -> fx.GraphModule:
     """symbolic_trace with extra leaf module types; a GraphModule is used as it is.
 
-    Optional arguments that `example_inputs` does not give are traced at their defaults.
+    Optional arguments that `example_inputs` does not give are traced at their defaults.  When
+    symbolic tracing fails and example inputs are given, torch.export (non-strict) is tried.
     """
     if isinstance(model, fx.GraphModule):
         _hoist_root_tensors(model)
@@ -80,6 +102,11 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: t
     try:
         graph = tracer.trace(model, concrete_args=_concrete_args(model, example_inputs))
     except Exception as exc:
+        exported = _export(model, example_inputs) if example_inputs is not None else None
+        if exported is not None:
+            logger.info("symbolic tracing failed (%s); using torch.export's graph", exc)
+            _hoist_root_tensors(exported)
+            return exported
         path, cls = getattr(exc, "_graphprune_module", ("", type(model).__name__))
         inside = f" inside module '{path}' ({cls})" if path else f" in {cls}.forward"
         raise TraceError(

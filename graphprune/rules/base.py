@@ -52,9 +52,9 @@ class OpCall:
         """Qualified name of a tensor of the called module."""
         return f"{self.node.target}.{attr}"
 
-    def slot_param(self, ref: ParamRef, dim: int, labels: torch.Tensor) -> None:
+    def slot_param(self, ref: ParamRef, dim: int, labels: torch.Tensor, consumer: bool = False) -> None:
         """Slice a parameter read with get_attr along `dim` with these channels (this use is sliced)."""
-        self.space.add_slot(ref.name, dim, labels)
+        self.space.add_slot(ref.name, dim, labels, consumer=consumer)
         self.extra.setdefault("sliced_params", set()).add(ref.name)
 
     def input(self, i: int = 0) -> torch.Tensor:

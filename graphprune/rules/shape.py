@@ -92,8 +92,9 @@ def _dim_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[i
 def _size_kinds(call: OpCall, ndim_out: int) -> list[str] | None:
     """For each output dim of a reshape: 'literal' (an int in the graph) or 'free' (-1 or computed);
     None when the sizes cannot be read (the caller then refuses to prune through)."""
-    name = call.node.target
-    if name in ("view", "reshape", "expand") or call.node.target is torch.reshape:
+    target = call.node.target
+    name = getattr(target, "_opname", target)  # aten.view.default -> "view"
+    if name in ("view", "reshape", "expand", "_unsafe_view") or target is torch.reshape:
         sizes = list(call.node.args[1:])
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = list(sizes[0])

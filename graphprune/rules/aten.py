@@ -1,0 +1,71 @@
+"""Rules for the ATen ops of torch.export graphs (what Hugging Face models trace to).
+
+The same rule classes serve both graph levels: an exported graph calls
+`aten.linear(x, weight, bias)` on parameters read with get_attr where a
+symbolically traced one calls an `nn.Linear`, so only the linear rule is new
+here; everything else is the module-level rule registered under the ATen name.
+Ops not listed (matmul, attention, embedding, ...) have no rule yet and freeze
+the channels that reach them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
+from graphprune.rules.channelwise import LayerNormRule
+from graphprune.rules.conv import _place
+from graphprune.rules.pointwise import Elementwise, Unary
+from graphprune.rules.reduce import Reduce, Softmax
+from graphprune.rules.shape import Execute, FreezeAlongDim, Reshape
+
+aten = torch.ops.aten
+
+__all__ = ["FunctionalLinearRule"]
+
+
+class FunctionalLinearRule(Rule):
+    """linear(x, weight, bias) with the weight and bias read as parameters."""
+
+    def propagate(self, call: OpCall):
+        x = call.input(0)
+        weight = call.labels[1] if len(call.labels) > 1 else None
+        bias = call.labels[2] if len(call.labels) > 2 else call.label_kwargs.get("bias")
+        if not isinstance(weight, ParamRef) or (call.args[2:3] and call.args[2] is not None and not isinstance(bias, ParamRef)):
+            call.freeze_inputs("no_rule", "linear whose weight is not a parameter of the model")
+            return call.out_none()
+        call.slot_param(weight, 1, call.along(x, -1), consumer=True)
+        out_labels = call.space.fresh(call.args[1].shape[0])
+        call.slot_param(weight, 0, out_labels)
+        if isinstance(bias, ParamRef):
+            call.slot_param(bias, 0, out_labels)
+        return _place(out_labels, call.out.ndim - 1, call.out.shape)
+
+
+def _overloads(*packets) -> list:
+    out = []
+    for packet in packets:
+        for name in packet.overloads():
+            out.append(getattr(packet, name))
+    return out
+
+
+register_rule(aten.linear.default, FunctionalLinearRule())
+for _op in _overloads(aten.gelu, aten.relu, aten.tanh, aten.sigmoid, aten.silu, aten.dropout, aten.clone,
+                      aten._to_copy, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.hardswish, aten.hardsigmoid, aten.relu6):
+    register_rule(_op, Unary())
+for _op in _overloads(aten.add, aten.sub, aten.mul, aten.where, aten.maximum, aten.minimum):
+    register_rule(_op, Elementwise())
+for _op in _overloads(aten.div):
+    register_rule(_op, Elementwise(divisor=1))
+for _op in _overloads(aten.permute, aten.transpose, aten.unsqueeze, aten.t, aten.flatten, aten.cat, aten.flip):
+    register_rule(_op, Execute())
+for _op in _overloads(aten.view, aten.reshape, aten._unsafe_view, aten.expand):
+    register_rule(_op, Reshape())
+for _op in _overloads(aten.slice, aten.select, aten.narrow, aten.index_select):
+    register_rule(_op, FreezeAlongDim(0, "dim"))
+register_rule(aten.layer_norm.default, LayerNormRule())
+for _op in _overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax):
+    register_rule(_op, Softmax())
+for _op in _overloads(aten.mean, aten.sum, aten.amax, aten.amin):
+    register_rule(_op, Reduce())
