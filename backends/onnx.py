@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from graphprune.inputs import check_example_inputs, eval_mode
+from graphprune.inputs import batch_of, batched, check_example_inputs, eval_mode, with_batch
 from graphprune.errors import GraphPruneError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -69,29 +69,6 @@ def _flat_tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
-def _batched(t: Any, batch: int | None) -> bool:
-    """Inputs whose dim 0 is the batch (a (T, T) mask or a lookup table is not)."""
-    return isinstance(t, torch.Tensor) and t.ndim > 0 and batch is not None and t.shape[0] == batch
-
-
-def _with_batch(inputs: tuple | dict, batch: int) -> tuple | dict:
-    """Repeat (or cut) every batched tensor input to `batch` rows along dim 0."""
-    current = _batch_of(inputs)
-
-    def resize(t: Any) -> Any:
-        if not _batched(t, current):
-            return t
-        reps = -(-batch // t.shape[0])
-        return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch]
-
-    return pytree.tree_map(resize, inputs)
-
-
-def _batch_of(inputs: tuple | dict) -> int | None:
-    tensors = _flat_tensors(inputs)
-    return tensors[0].shape[0] if tensors and tensors[0].ndim else None
-
-
 def _run_torch(model: nn.Module, inputs: tuple | dict) -> list[np.ndarray]:
     with torch.no_grad():
         out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
@@ -111,8 +88,8 @@ def _export_dynamo(model, inputs, tmp, input_names, output_names, opset, dynamic
     args, kwargs = (inputs, None) if isinstance(inputs, tuple) else ((), inputs)
     dynamic_shapes = None
     if dynamic_batch:
-        batch, size = torch.export.Dim("batch"), _batch_of(inputs)
-        spec = lambda v: {0: batch} if _batched(v, size) else None  # noqa: E731
+        batch, size = torch.export.Dim("batch"), batch_of(inputs)
+        spec = lambda v: {0: batch} if batched(v, size) else None  # noqa: E731
         dynamic_shapes = {k: spec(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(spec(v) for v in inputs)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -127,9 +104,9 @@ def _export_torchscript(model, inputs, tmp, input_names, output_names, opset, dy
         args = (inputs,)  # the TorchScript exporter takes keyword inputs as a trailing dict
     else:
         args = inputs
-    size = _batch_of(inputs)
-    batched = [n for n, t in zip(input_names, _flat_tensors(inputs)) if _batched(t, size)]
-    axes = {n: {0: "batch"} for n in batched + output_names} if dynamic_batch else None
+    size = batch_of(inputs)
+    dynamic_inputs = [n for n, t in zip(input_names, _flat_tensors(inputs)) if batched(t, size)]
+    axes = {n: {0: "batch"} for n in dynamic_inputs + output_names} if dynamic_batch else None
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -254,7 +231,7 @@ def export(
         n_out = len(_flat_tensors(expected_out))
         output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
         # torch.export specialises a batch of 1, so a dynamic batch is traced at batch 2.
-        trace_inputs = _with_batch(example_inputs, 2) if dynamic_batch and _batch_of(example_inputs) == 1 else example_inputs
+        trace_inputs = with_batch(example_inputs, 2) if dynamic_batch and batch_of(example_inputs) == 1 else example_inputs
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         notes: list[str] = []
@@ -290,8 +267,8 @@ def export(
                         + (f" ({'; '.join(notes)})" if notes else "")
                     ) from exc
                 checks = [example_inputs]
-                if dynamic_batch and _batch_of(example_inputs):
-                    checks.append(_with_batch(example_inputs, _batch_of(example_inputs) + 3))
+                if dynamic_batch and batch_of(example_inputs):
+                    checks.append(with_batch(example_inputs, batch_of(example_inputs) + 3))
                 max_abs = max_rel = 0.0
                 for inputs in checks:
                     expected = _run_torch(model, inputs)
@@ -350,7 +327,7 @@ def benchmark(
             start = time.perf_counter()
             s.run(None, feeds[name])
             times[name].append(time.perf_counter() - start)
-    batch = _batch_of(example_inputs) or 1
+    batch = batch_of(example_inputs) or 1
     rows = []
     for name, ts in times.items():
         ts.sort()

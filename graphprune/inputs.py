@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["check_example_inputs", "clone_inputs", "positional_inputs", "call_with", "eval_mode"]
+__all__ = ["check_example_inputs", "clone_inputs", "positional_inputs", "call_with", "eval_mode", "batch_of", "batched", "with_batch"]
 
 
 def check_example_inputs(example_inputs: Any) -> tuple | dict:
@@ -73,3 +73,27 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         if switched:
             model.train(training)
+
+
+def batched(t: Any, batch: int | None) -> bool:
+    """Inputs whose dim 0 is the batch (a (T, T) mask or a lookup table is not)."""
+    return isinstance(t, torch.Tensor) and t.ndim > 0 and batch is not None and t.shape[0] == batch
+
+
+def with_batch(inputs: tuple | dict, batch: int) -> tuple | dict:
+    """Repeat (or cut) every batched tensor input to `batch` rows along dim 0."""
+    current = batch_of(inputs)
+
+    def resize(t: Any) -> Any:
+        if not batched(t, current):
+            return t
+        reps = -(-batch // t.shape[0])
+        return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch]
+
+    return pytree.tree_map(resize, inputs)
+
+
+def batch_of(inputs: tuple | dict) -> int | None:
+    """The batch size: dim 0 of the first tensor input."""
+    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    return tensors[0].shape[0] if tensors and tensors[0].ndim else None

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphprune.errors import TraceError
+from graphprune.inputs import batch_of, batched, with_batch
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,13 @@ def _concrete_args(model: nn.Module, example_inputs: tuple | dict | None) -> dic
 def _export(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModule | None:
     """torch.export's (ATen-level) graph, for models symbolic tracing cannot follow (Hugging Face
     transformers): shapes are specialised to the example inputs and the module cannot switch modes."""
+    if batch_of(example_inputs) == 1:  # torch.export would specialise a batch of 1 for good
+        example_inputs = with_batch(example_inputs, 2)
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
-    tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.ndim]
-    batch = tensors[0].shape[0] if tensors else None
+    batch = batch_of(example_inputs)
 
     def dims(t):  # let the batch stay dynamic where torch.export can keep it so
-        return {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == batch else None
+        return {0: torch.export.Dim.AUTO} if batched(t, batch) else None
 
     dynamic = tuple(dims(a) for a in args) if args else {k: dims(v) for k, v in kwargs.items()}
     try:
