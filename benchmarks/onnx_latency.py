@@ -114,8 +114,10 @@ def main() -> None:
               else f"failed: {r.get('tp_error', '')[:60]} | - | -")
         print(f"| {r['model']} | {r['params']:,} | {r['gp_params']:,} | {r['gp_macs_ratio']:.3f} | {r['dense_ms']:.2f} | "
               f"{r['graphprune_ms']:.2f} | {r['gp_speedup']:.2f}x | {r['gp_speedup_over_ideal']:.2f} | yes ({r['graphprune_max_rel_err']:.1e}) | {tp} |")
-    cnn = [r for r in rows if r["model"] not in TRANSFORMERS] or rows
-    print(f"\n{len(rows)} models pruned, {len(rows)} exported and matched in ONNX Runtime; on the CNNs, "
+    cnn = [r for r in rows if r["model"] not in TRANSFORMERS]
+    where = "on the CNNs" if cnn else "overall"
+    cnn = cnn or rows
+    print(f"\n{len(rows)} models pruned, {len(rows)} exported and matched in ONNX Runtime; {where}, "
           f"median speedup {statistics.median(r['gp_speedup'] for r in cnn):.2f}x, "
           f"median speedup / ideal speedup {statistics.median(r['gp_speedup_over_ideal'] for r in cnn):.2f}; "
           f"Torch-Pruning pruned {sum('tp_ms' in r for r in rows)} of {len(rows)}")
