@@ -44,6 +44,7 @@ class LabelSpace:
         # (tensor qualified name, dim) -> list of (index tensor, label tensor)
         self._slots: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.consumer_slots: set[tuple[str, int]] = set()  # input side of a module (conv/linear weight dim 1)
+        self.kinds: dict[int, str] = {}  # label -> kind of unit it makes ("head"); default "channel"
 
     # -- creating and relating labels -------------------------------------------------
     def fresh(self, n: int) -> torch.Tensor:
@@ -121,6 +122,12 @@ class LabelSpace:
         keep = labels != NONE
         if keep.any():
             self._slots.setdefault((tensor, dim), []).append((index[keep], labels[keep]))
+
+    def tag(self, labels: torch.Tensor, kind: str) -> None:
+        """Mark the units these labels belong to as a kind (e.g. "head") for per-kind ratios."""
+        for label in torch.unique(labels.reshape(-1)).tolist():
+            if label != NONE:
+                self.kinds[label] = kind
 
     def freeze_slots(self, tensor: str, site: FreezeSite) -> None:
         """Freeze every channel that owns a slice of `tensor`."""

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ChannelMask"]
 
 SCOPES = ("local", "global")
+KINDS = ("channel", "head")
 
 
 class ChannelMask(PassBase):
@@ -41,6 +42,7 @@ class ChannelMask(PassBase):
         exclude: Iterable[str] = (),
         group_ratios: dict[str, float] | None = None,
         max_ratio: float | None = None,
+        ratios: dict[str, float] | None = None,
     ) -> None:
         if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
             raise ValueError(f"ChannelMask ratio must be in [0, 1) (the share of channels to remove), got {ratio!r}")
@@ -59,6 +61,12 @@ class ChannelMask(PassBase):
             raise ValueError("ChannelMask group_ratios sets each group's own ratio: use it with scope='local'")
         if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not 0 < max_ratio <= 1 or scope != "global"):
             raise ValueError(f"ChannelMask max_ratio caps each group in global scope: a number in (0, 1] with scope='global', got {max_ratio!r}")
+        for kind, r in (ratios or {}).items():
+            if kind not in KINDS or not isinstance(r, (int, float)) or not 0 <= r < 1:
+                raise ValueError(f"ChannelMask ratios maps a kind of group {KINDS} to a ratio in [0, 1), got {kind!r}: {r!r}")
+        if ratios and scope != "local":
+            raise ValueError("ChannelMask ratios (per kind of group) work with scope='local'")
+        self.ratios = dict(ratios or {})
         self.group_ratios = dict(group_ratios or {})
         self.max_ratio = max_ratio
         self.ratio, self.scope, self.round_to, self.min_channels = float(ratio), scope, round_to, min_channels
@@ -81,7 +89,7 @@ class ChannelMask(PassBase):
         floor = {g.key: self._floor(g) for g in groups}
         if self.scope == "local":
             plan = {
-                g.key: self._lowest(scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key], self.group_ratios.get(g.key, self.ratio)))
+                g.key: self._lowest(scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key], self._ratio_of(g)))
                 for g in groups
             }
         else:
@@ -97,11 +105,15 @@ class ChannelMask(PassBase):
         return PassResult(gm, modified)
 
     # -- choosing ----------------------------------------------------------------------
+    def _ratio_of(self, g: ChannelGroup) -> float:
+        """A group's own ratio, else its kind's ("head", "channel"), else `ratio`."""
+        return self.group_ratios.get(g.key, self.ratios.get(g.kind, self.ratio))
+
     def _floor(self, g: ChannelGroup) -> int:
         keep = min(self.min_channels, g.size)
         if self.max_ratio is not None:
             keep = max(keep, g.size - math.floor(self.max_ratio * g.size + 1e-9))
-        if keep > g.size - math.floor(self.group_ratios.get(g.key, self.ratio) * g.size):
+        if keep > g.size - math.floor(self._ratio_of(g) * g.size):
             logger.info("group %s keeps %d of %d units (min_channels / max_ratio)", g.key, keep, g.size)
         return keep
 

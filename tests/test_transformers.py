@@ -1,17 +1,20 @@
-"""Hugging Face models trace through torch.export and their FFN neurons prune exactly, with no hints.
+"""Transformers with no hints: Hugging Face models trace through torch.export; FFN neurons and whole
+attention heads prune exactly; reshape constants that carry the number of heads are rewritten.
 
-Attention heads, hidden size and vocabulary are the transformers issue's; until then the channels
-reaching attention are frozen and named.
+Grouped-query attention, hidden size and vocabulary are the transformers issue's next steps; until
+then the channels that reach them are frozen and named.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import graphprune as gp
 from graphprune.passes import ChannelMask, L2Score, Shrink
-from tests.helpers import assert_exact, run
+from tests.helpers import assert_exact, prune, run
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,18 +26,50 @@ def small_bert():
     return transformers.BertModel(cfg).eval()
 
 
-def test_bert_ffn_neurons_prune_exactly_with_no_hints():
+def test_bert_heads_and_ffn_neurons_prune_exactly_with_no_hints():
     model = small_bert()
     inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
     deps = gp.analyze_dependencies(gp.trace(model, example_inputs=inputs), inputs)
-    assert [g.key for g in deps.groups] == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
-    assert any("scaled_dot_product_attention" in f.site.reason for f in deps.frozen)
-    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=inputs)
+    kinds = {g.key: (g.kind, g.size) for g in deps.groups}
+    assert kinds == {
+        "encoder.layer.0.attention.self.query": ("head", 4), "encoder.layer.1.attention.self.query": ("head", 4),
+        "encoder.layer.0.intermediate.dense": ("channel", 64), "encoder.layer.1.intermediate.dense": ("channel", 64),
+    }
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5, ratios={"head": 0.25})], example_inputs=inputs)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
     assert_exact(masked, shrunk, inputs)
     out = run(shrunk, inputs)
     assert type(out) is type(run(model, inputs)) and out.last_hidden_state.shape == (2, 8, 32)
-    assert shrunk.get_submodule("encoder.layer.0.intermediate.dense").weight.shape == (32, 32)
+    layer = "encoder.layer.0."
+    assert shrunk.get_submodule(layer + "intermediate.dense").weight.shape == (32, 32)
+    assert shrunk.get_submodule(layer + "attention.self.query").weight.shape == (24, 32)  # 3 heads of 8 kept
+    assert shrunk.get_submodule(layer + "attention.output.dense").weight.shape == (32, 24)
     assert gp.count_macs(shrunk, inputs) < gp.count_macs(model, inputs)
     # the batch stays dynamic: the pruned module runs at another batch size
     assert run(shrunk, {"input_ids": torch.randint(0, 100, (5, 8))}).last_hidden_state.shape == (5, 8, 32)
+
+
+class SelfAttention(nn.Module):
+    """Heads written with constants, as many models do: view(b, t, self.heads, self.dim)."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, width // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, self.dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.heads * self.dim)) + x
+
+
+def test_head_count_constants_are_rewritten():
+    torch.manual_seed(0)
+    model = SelfAttention().eval()
+    x = (torch.randn(2, 5, 32),)
+    masked, shrunk = prune(model, x, 0.5)
+    assert_exact(masked, shrunk, x)
+    assert shrunk.get_submodule("q").out_features == 16
+    views = [n for n in shrunk.graph.nodes if n.target in ("view", "reshape")]
+    assert all(2 in n.args[1:] or 16 in n.args[1:] for n in views)  # 4 heads -> 2, 32 wide -> 16

@@ -259,7 +259,8 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     space.rename_slots({a: c for c, names in aliases.items() for a in names})
     roots, frozen, slots = space.finalize()
     reshapes = {k: (tuple(v.shape), roots[compact(v)]) for k, v in prop.reshapes.items()}
-    deps = _build(roots, frozen, slots, reshapes, space.consumer_slots)
+    kinds = {int(roots[label]): kind for label, kind in space.kinds.items()}
+    deps = _build(roots, frozen, slots, reshapes, space.consumer_slots, kinds)
     return Dependencies(deps.groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()}, prop.squeezes)
 
 
@@ -278,7 +279,7 @@ def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
     return out
 
 
-def _build(roots, frozen, slots, reshapes, consumer_slots) -> Dependencies:
+def _build(roots, frozen, slots, reshapes, consumer_slots, kinds) -> Dependencies:
     per_root: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(dict)
     order = {key: i for i, key in enumerate(slots)}
     for key, (index, rvec) in slots.items():
@@ -289,9 +290,9 @@ def _build(roots, frozen, slots, reshapes, consumer_slots) -> Dependencies:
         if r in frozen:
             continue
         sig = tuple(sorted(((k, len(v)) for k, v in members.items()), key=lambda kv: order[kv[0]]))
-        by_signature[sig].append(r)
+        by_signature[(kinds.get(r, "channel"), sig)].append(r)
     groups, used = [], set()
-    for sig, rs in by_signature.items():
+    for (kind, sig), rs in by_signature.items():
         keys = [k for k, _ in sig]
         rs.sort(key=lambda r: min(per_root[r][keys[0]]))
         producer = next((k for k in keys if k not in consumer_slots), keys[0])
@@ -303,7 +304,7 @@ def _build(roots, frozen, slots, reshapes, consumer_slots) -> Dependencies:
         used.add(key)
         units = tuple(tuple(tuple(per_root[r][k]) for k in keys) for r in rs)
         consumers = frozenset(Slot(*k) for k in keys if k in consumer_slots)
-        groups.append(ChannelGroup(key, "channel", tuple(Slot(*k) for k in keys), units, tuple(rs), consumers))
+        groups.append(ChannelGroup(key, kind, tuple(Slot(*k) for k in keys), units, tuple(rs), consumers))
     counts: dict[FreezeSite, int] = defaultdict(int)
     for r, sites in frozen.items():
         if r in per_root:

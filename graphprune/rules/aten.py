@@ -4,8 +4,8 @@ The same rule classes serve both graph levels: an exported graph calls
 `aten.linear(x, weight, bias)` on parameters read with get_attr where a
 symbolically traced one calls an `nn.Linear`, so only the linear rule is new
 here; everything else is the module-level rule registered under the ATen name.
-Ops not listed (matmul, attention, embedding, ...) have no rule yet and freeze
-the channels that reach them.
+Ops not listed (matmul, embedding, ...) have no rule yet and freeze the
+channels that reach them; scaled_dot_product_attention makes whole heads units.
 """
 
 from __future__ import annotations
@@ -42,6 +42,40 @@ class FunctionalLinearRule(Rule):
         return _place(out_labels, call.out.ndim - 1, call.out.shape)
 
 
+class AttentionRule(Rule):
+    """scaled_dot_product_attention(q, k, v) on (..., heads, tokens, head_dim): a head is one unit.
+
+    Everything of head h in q, k and v is unified, so pruning removes whole heads: q/k/v rows and
+    the output projection's columns of that head.  A masked head is exact: its q and k are zero
+    (uniform attention) and its v is zero, so it contributes nothing, as when it is removed.  The
+    head dim itself is not pruned (the softmax scale depends on it).
+    """
+
+    def propagate(self, call: OpCall):
+        q, k, v = (call.input(i) for i in range(3))
+        if q.ndim < 3 or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+            call.freeze_inputs("no_rule", "attention with heads that differ between q, k and v (grouped-query attention is not handled yet)")
+            return call.out_none()
+        hdim = q.ndim - 3
+        extra = [a for a in list(call.args[3:]) + list(call.kwargs.values()) if isinstance(a, torch.Tensor)]
+        for mask in extra:  # an attention mask broadcast over the heads is fine; one per head is not
+            if mask.ndim >= q.ndim - hdim and mask.shape[hdim - q.ndim] != 1:
+                call.freeze_inputs("no_rule", "attention with a per-head tensor argument")
+                return call.out_none()
+        per_head = []
+        for t in (q, k, v):
+            rows = t.movedim(hdim, 0).reshape(t.shape[hdim], -1)
+            call.space.unify(rows[:, :1], rows, call.site("attention", "attention head"))  # NONE beside a head freezes it
+            per_head.append(rows[:, 0])
+        call.space.tag(per_head[0], "head")
+        call.space.unify(per_head[0], per_head[1], call.site("attention", "q and k heads"))
+        call.space.unify(per_head[0], per_head[2], call.site("attention", "q and v heads"))
+        if any(d != hdim and d < v.ndim - 1 and (v.shape[d] > 1) and (v != v.narrow(d, 0, 1)).any() for d in range(v.ndim - 1)):
+            call.freeze_inputs("attention", "attention whose batch or token dims carry channels")
+            return call.out_none()
+        return v.expand(call.out.shape) if v.shape == call.out.shape else v.narrow(-2, 0, 1).expand(call.out.shape)
+
+
 def _overloads(*packets) -> list:
     out = []
     for packet in packets:
@@ -51,6 +85,8 @@ def _overloads(*packets) -> list:
 
 
 register_rule(aten.linear.default, FunctionalLinearRule())
+for _op in _overloads(aten.scaled_dot_product_attention) + [torch.nn.functional.scaled_dot_product_attention]:
+    register_rule(_op, AttentionRule())
 for _op in _overloads(aten.gelu, aten.relu, aten.tanh, aten.sigmoid, aten.silu, aten.dropout, aten.clone,
                       aten._to_copy, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.hardswish, aten.hardsigmoid, aten.relu6):
     register_rule(_op, Unary())
