@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import graphprune as gp
+from graphprune.inputs import eval_mode
 from graphprune.passes import ChannelMask, L2Score, Shrink
 
 
 def run(model: nn.Module, inputs):
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
 

@@ -73,3 +73,51 @@ def test_head_count_constants_are_rewritten():
     assert shrunk.get_submodule("q").out_features == 16
     views = [n for n in shrunk.graph.nodes if n.target in ("view", "reshape")]
     assert all(2 in n.args[1:] or 16 in n.args[1:] for n in views)  # 4 heads -> 2, 32 wide -> 16
+
+
+def _hf(name):
+    T = transformers
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 8))
+    small = dict(vocab_size=100, num_hidden_layers=2)
+    builders = {
+        "roberta": lambda: T.RobertaModel(T.RobertaConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                                          max_position_embeddings=40, **small)),
+        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)),
+        "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                              image_size=32, patch_size=8)),
+        "gpt2": lambda: T.GPT2Model(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, use_cache=False)),
+        "llama": lambda: T.LlamaModel(T.LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                                                    intermediate_size=128, use_cache=False, **small)),
+        "qwen2": lambda: T.Qwen2Model(T.Qwen2Config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                                                    intermediate_size=128, use_cache=False, **small)),
+        "t5": lambda: T.T5Model(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)),
+    }
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32)} if name == "vit" else {"input_ids": ids}
+    if name == "t5":
+        inputs["decoder_input_ids"] = torch.randint(3, 100, (2, 6))
+    return builders[name]().eval(), inputs
+
+
+# (kinds of groups found, units per head group): GQA prunes whole kv groups (a kv head with its q heads);
+# GPT-2's fused qkv is split with constant sizes and T5 computes attention with matmuls, so their heads
+# stay (frozen and named) while their FFN neurons prune.
+HF = {"roberta": {"channel", "head"}, "distilbert": {"channel", "head"}, "vit": {"channel", "head"},
+      "gpt2": {"channel"}, "llama": {"channel", "head"}, "qwen2": {"channel", "head"}, "t5": {"channel"}}
+
+
+@pytest.mark.parametrize("name", list(HF))
+def test_hugging_face_models_prune_with_no_hints(name):
+    model, inputs = _hf(name)
+    deps = gp.analyze_dependencies(gp.trace(model, example_inputs=inputs), inputs)
+    assert {g.kind for g in deps.groups} == HF[name]
+    if name in ("llama", "qwen2"):
+        assert all(g.size == 2 for g in deps.groups if g.kind == "head")  # 8 q heads over 2 kv heads
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=inputs)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
+    # float32 (some exported graphs pin dtypes); the structure is the same as the original's
+    a, b = run(masked, inputs), run(shrunk, inputs)
+    assert type(a) is type(run(model, inputs))
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert gp.count_params(shrunk) < gp.count_params(model)
+    assert gp.count_macs(shrunk, inputs) < gp.count_macs(model, inputs)

@@ -15,9 +15,9 @@ import torch
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
 from graphprune.rules.channelwise import LayerNormRule
 from graphprune.rules.conv import _place
-from graphprune.rules.pointwise import Elementwise, Unary
+from graphprune.rules.pointwise import Elementwise, Pow, Unary
 from graphprune.rules.reduce import Reduce, Softmax
-from graphprune.rules.shape import Execute, FreezeAlongDim, Reshape
+from graphprune.rules.shape import Execute, FreezeAlongDim, Reshape, SplitChunk
 
 aten = torch.ops.aten
 
@@ -39,6 +39,21 @@ class FunctionalLinearRule(Rule):
         call.slot_param(weight, 0, out_labels)
         if isinstance(bias, ParamRef):
             call.slot_param(bias, 0, out_labels)
+        return _place(out_labels, call.out.ndim - 1, call.out.shape)
+
+
+class AddmmRule(Rule):
+    """addmm(bias, x, weight) with weight (in, out): Hugging Face's GPT-2 `Conv1D`."""
+
+    def propagate(self, call: OpCall):
+        bias, x, weight = call.labels[0], call.input(1), call.labels[2]
+        if not (isinstance(weight, ParamRef) and isinstance(bias, ParamRef)) or call.kwargs.get("beta", 1) != 1 or call.kwargs.get("alpha", 1) != 1:
+            call.freeze_inputs("no_rule", "addmm whose weight and bias are not parameters of the model")
+            return call.out_none()
+        call.slot_param(weight, 0, call.along(x, -1), consumer=True)
+        out_labels = call.space.fresh(call.args[2].shape[1])
+        call.slot_param(weight, 1, out_labels)
+        call.slot_param(bias, 0, out_labels)
         return _place(out_labels, call.out.ndim - 1, call.out.shape)
 
 
@@ -85,6 +100,9 @@ def _overloads(*packets) -> list:
 
 
 register_rule(aten.linear.default, FunctionalLinearRule())
+register_rule(aten.addmm.default, AddmmRule())
+for _op in _overloads(aten.split, aten.split_with_sizes, aten.chunk):
+    register_rule(_op, SplitChunk())
 for _op in _overloads(aten.scaled_dot_product_attention) + [torch.nn.functional.scaled_dot_product_attention]:
     register_rule(_op, AttentionRule())
 for _op in _overloads(aten.gelu, aten.relu, aten.tanh, aten.sigmoid, aten.silu, aten.dropout, aten.clone,
@@ -94,6 +112,8 @@ for _op in _overloads(aten.add, aten.sub, aten.mul, aten.where, aten.maximum, at
     register_rule(_op, Elementwise())
 for _op in _overloads(aten.div):
     register_rule(_op, Elementwise(divisor=1))
+for _op in _overloads(aten.pow):
+    register_rule(_op, Pow())
 for _op in _overloads(aten.permute, aten.transpose, aten.unsqueeze, aten.t, aten.flatten, aten.cat, aten.flip):
     register_rule(_op, Execute())
 for _op in _overloads(aten.view, aten.reshape, aten._unsafe_view, aten.expand):

@@ -149,6 +149,11 @@ class Reshape(Rule):
             pos = gout.index(keep)
             sub = sub.movedim(pos, 0).reshape(sub.shape[pos], -1)
             call.space.unify(sub[:, :1], sub, call.site("reshape", "reshape of pruned channels"))
+            # One label per slice from here on, so that later ops see channels only along `keep`
+            # (RoPE slicing a head's dims must not look like slicing channels).
+            for d in gout:
+                if d != keep:
+                    out = out.narrow(d, 0, 1).expand(out.shape)
         if "literal" in kinds:
             call.extra["reshape_labels"] = out
         return out
