@@ -2,7 +2,7 @@
 
 from graphprune.passes.compensate import CompensateBias
 from graphprune.passes.criteria import BNScaleScore, FPGMScore
-from graphprune.passes.data_scores import ActivationScore, APoZScore, TaylorScore, WandaScore
+from graphprune.passes.data_scores import ActivationScore, APoZScore, HeadSensitivityScore, TaylorScore, WandaScore
 from graphprune.passes.mask import ChannelMask
 from graphprune.passes.reinsert_zeros import ReinsertZeros
 from graphprune.passes.score import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
@@ -18,6 +18,7 @@ __all__ = [
     "BNScaleScore",
     "FPGMScore",
     "TaylorScore",
+    "HeadSensitivityScore",
     "ActivationScore",
     "APoZScore",
     "WandaScore",

@@ -26,7 +26,7 @@ from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassContext
 from graphprune.passes.score import ScorePass
 
-__all__ = ["TaylorScore", "ActivationScore", "APoZScore", "WandaScore", "input_channel_stats"]
+__all__ = ["TaylorScore", "HeadSensitivityScore", "ActivationScore", "APoZScore", "WandaScore", "input_channel_stats"]
 
 
 def _batches(calibration: Any, who: str) -> list:
@@ -86,10 +86,11 @@ class TaylorScore(ScorePass):
     def __init__(self, calibration: Iterable | None = None, loss_fn: Callable | None = None) -> None:
         self.calibration, self.loss_fn = calibration, loss_fn
 
-    def scores(self, gm, groups, ctx):
-        batches = _batches(self.calibration, "TaylorScore")
+    def _weight_times_gradient(self, gm, groups) -> dict[str, torch.Tensor]:
+        """Per parameter of the groups: w * dL/dw summed over the calibration batches (signed)."""
+        batches = _batches(self.calibration, self.name)
         if self.loss_fn is None:
-            raise ValueError("TaylorScore needs loss_fn=, called as loss_fn(model_output, targets)")
+            raise ValueError(f"{self.name} needs loss_fn=, called as loss_fn(model_output, targets)")
         params = {}
         for g in groups:
             for slot in g.slots:
@@ -108,18 +109,40 @@ class TaylorScore(ScorePass):
                             acc[name] += (p.detach() * p.grad.detach()).double()
         finally:
             gm.zero_grad(set_to_none=True)
+        return acc
+
+    @staticmethod
+    def _per_unit(g: ChannelGroup, s: int, values: torch.Tensor) -> torch.Tensor:
+        """Sum of a slot's per-index values over each unit's indices."""
+        slot = g.slots[s]
+        rows = values.movedim(slot.dim, 0).reshape(values.shape[slot.dim], -1).sum(1)
+        index, unit = g.flat[s]
+        return torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, rows[index])
+
+    def _taylor(self, g: ChannelGroup, acc: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [self._per_unit(g, s, acc[slot.tensor].abs()) for s, slot in enumerate(g.slots) if slot.tensor in acc]
+        return torch.stack(parts).mean(0) if parts else torch.zeros(g.size, dtype=torch.float64)
+
+    def scores(self, gm, groups, ctx):
+        acc = self._weight_times_gradient(gm, groups)
+        return {g.key: self._taylor(g, acc) for g in groups}
+
+
+class HeadSensitivityScore(TaylorScore):
+    """Head importance |dL/d gate_h| (Michel et al. 2019, as FastFormers uses it): the gradient of the
+    loss with respect to a gate multiplying head h's output.  That gate meets the output projection,
+    so dL/d gate_h is the sum of w * dL/dw over the projection's columns of head h, computed without
+    inserting gates.  Groups that are not attention heads get the Taylor score."""
+
+    def scores(self, gm, groups, ctx):
+        acc = self._weight_times_gradient(gm, groups)
         out = {}
         for g in groups:
-            total, used = torch.zeros(g.size, dtype=torch.float64), 0
-            for s, slot in enumerate(g.slots):
-                if slot.tensor not in acc:
-                    continue
-                t = acc[slot.tensor].abs()
-                rows = t.movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1).sum(1)
-                index, unit = g.flat[s]
-                total += torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, rows[index])
-                used += 1
-            out[g.key] = total / max(used, 1)
+            gate = [s for s, slot in enumerate(g.slots) if slot in g.consumers and slot.tensor in acc]
+            if g.kind == "head" and gate:
+                out[g.key] = torch.stack([self._per_unit(g, s, acc[g.slots[s].tensor]) for s in gate]).sum(0).abs()
+            else:
+                out[g.key] = self._taylor(g, acc)
         return out
 
 

@@ -121,3 +121,28 @@ def test_hugging_face_models_prune_with_no_hints(name):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert gp.count_params(shrunk) < gp.count_params(model)
     assert gp.count_macs(shrunk, inputs) < gp.count_macs(model, inputs)
+
+
+def test_head_sensitivity_is_the_gradient_of_a_head_gate():
+    from graphprune.passes import HeadSensitivityScore
+
+    torch.manual_seed(0)
+    model = SelfAttention().eval()
+    x = torch.randn(2, 5, 32)
+    target = torch.randn(2, 5, 32)
+    loss = lambda out, t: (out - t).pow(2).sum()  # noqa: E731
+    seen = {}
+
+    def grab(gm, ctx):
+        seen.update(ctx.get_analysis("scores"))
+        return gp.PassResult(gm, False)
+
+    gp.compile(model, [HeadSensitivityScore([((x,), target)], loss), grab], example_inputs=(x,))
+    head_key = next(k for k in seen if seen[k].numel() == 4)
+    # reference: a gate on each head's output, differentiated directly
+    gate = torch.ones(4, requires_grad=True)
+    b, t, _ = x.shape
+    q, k, v = (p(x).view(b, t, 4, 8).transpose(1, 2) for p in (model.q, model.k, model.v))
+    y = F.scaled_dot_product_attention(q, k, v) * gate.view(1, 4, 1, 1)
+    loss(model.o(y.transpose(1, 2).reshape(b, t, 32)) + x, target).backward()
+    torch.testing.assert_close(seen[head_key], gate.grad.abs().double(), rtol=1e-5, atol=1e-6)
