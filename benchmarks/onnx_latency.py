@@ -1,7 +1,7 @@
 """Prune (ratio 0.5) -> export -> ONNX Runtime, for torchvision classifiers; graphprune beside
 Torch-Pruning where it can prune the model.  Prints a markdown table; --json writes the rows.
 
-Transformers prune their FFN neurons (attention heads and the LayerNorm'd hidden size stay).
+Transformers prune attention heads and FFN neurons (the LayerNorm'd hidden size stays).
 
 Latency: ONNX Runtime CPU, batch 1, dense / graphprune / Torch-Pruning
 sessions run interleaved in one process, medians.  "ideal" is the MACs ratio: a pruned model that
