@@ -84,20 +84,19 @@ class LabelSpace:
         n = len(self._parent)
         pairs = torch.unique(a * n + b)  # one int per pair: unique on 1-D is fast
         for key in pairs.tolist():
-            rx, ry = self.find(key // n), self.find(key % n)
-            if rx != ry:
-                self._parent[max(rx, ry)] = min(rx, ry)
+            self._union(key // n, key % n)
+
+    def _union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            self._parent[max(rx, ry)] = min(rx, ry)
 
     def unify_all(self, labels: torch.Tensor) -> None:
         """Put all (non-empty) labels into one class."""
         flat = torch.unique(labels.reshape(-1))
         flat = flat[flat != NONE]
-        if flat.numel() > 1:
-            first = int(flat[0])
-            for other in flat[1:].tolist():
-                rx, ry = self.find(first), self.find(other)
-                if rx != ry:
-                    self._parent[max(rx, ry)] = min(rx, ry)
+        for other in flat[1:].tolist():
+            self._union(int(flat[0]), other)
 
     def freeze(self, labels: torch.Tensor, site: FreezeSite) -> None:
         uniq = torch.unique(labels.reshape(-1))
@@ -195,8 +194,7 @@ def labeled_dims(labels: torch.Tensor) -> list[int]:
 
 def compact(labels: torch.Tensor) -> torch.Tensor:
     """Drop broadcast (stride-0) extents so that work scales with channels, not activations."""
-    index = [slice(0, 1) if (labels.stride(d) == 0 and labels.shape[d] > 1) else slice(None) for d in range(labels.ndim)]
-    return labels[tuple(index)]
+    return compact_together(labels)[0]
 
 
 def compact_together(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -123,6 +123,15 @@ def node_location(node: fx.Node) -> str:
 _SIZE_SAFE_USERS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full", "unflatten", "repeat"}
 _SIZE_SAFE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.unflatten}
 _SIZE_ARITH = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.neg}
+_SIZES = {"size", "numel", "nelement", "shape"}  # reads that change when channels go
+_METADATA = {"dim", "ndim", "dtype", "device"}  # reads that do not
+
+
+def _reads(n: fx.Node, names: set[str]) -> bool:
+    """x.size() / x.dim() as a method, or x.shape / x.ndim as an attribute."""
+    if n.op == "call_method":
+        return n.target in names
+    return n.op == "call_function" and n.target is getattr and n.args[1] in names
 
 
 class _Propagator(fx.Interpreter):
@@ -130,7 +139,6 @@ class _Propagator(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.space = space
         self.labels: dict[fx.Node, Any] = {}
-        self.pending = {n: len(n.users) for n in gm.graph.nodes}
         self.reshapes: dict[str, torch.Tensor] = {}
         self.size_reads: list[tuple[fx.Node, torch.Tensor]] = []
         self.whole_params: dict[str, str] = {}  # parameter -> an op that reads it whole
@@ -141,10 +149,8 @@ class _Propagator(fx.Interpreter):
         if isinstance(out, torch.Tensor):
             n.meta["graphprune_shape"] = tuple(out.shape)
         self.labels[n] = self._propagate(n, out)
-        for m in n.all_input_nodes:
-            self.pending[m] -= 1
-            if self.pending[m] == 0:
-                self.labels.pop(m, None)
+        for m in self.user_to_last_uses.get(n, []):  # labels go when the values go
+            self.labels.pop(m, None)
         return out
 
     def _propagate(self, n: fx.Node, out: Any) -> Any:
@@ -162,7 +168,9 @@ class _Propagator(fx.Interpreter):
                     self.space.freeze(t, FreezeSite("output", n.name, "reaches a model output", arg.name if isinstance(arg, fx.Node) else None, dims[0] if len(dims) == 1 else None, where))
             return None
         has_labels = any(True for _ in iter_label_tensors([lab_args, lab_kwargs]))
-        if self._is_size_read(n):
+        if _reads(n, _METADATA):
+            return None
+        if _reads(n, _SIZES):
             if has_labels:
                 self.size_reads.append((n, next(iter_label_tensors(lab_args))))
             return None
@@ -196,17 +204,9 @@ class _Propagator(fx.Interpreter):
             self.squeezes[n.name] = call.extra["squeeze_dims"]
         return result
 
-    @staticmethod
-    def _is_size_read(n: fx.Node) -> bool:
-        if n.op == "call_method" and n.target in ("size", "dim", "numel", "nelement"):
-            return True
-        return n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "ndim", "dtype", "device")
-
     def check_size_reads(self) -> None:
         """Channel counts read with size() may only flow into shapes (which shrink with them)."""
         for n, labels in self.size_reads:
-            if n.target in ("dim",) or (n.target is getattr and n.args[1] in ("ndim", "dtype", "device")):
-                continue
             bad = _unsafe_size_use(n)
             if bad is not None:
                 self.space.freeze(labels, FreezeSite("size", bad.name, "uses the channel count in a computation that pruning would change", location=node_location(bad)))
