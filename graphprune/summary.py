@@ -26,12 +26,20 @@ class Summary:
     params: tuple[int, int]
     macs: tuple[int, int]
     size_bytes: tuple[int, int]
-    masked_params: int
     groups: tuple[tuple[str, int, int], ...]  # (group, channels before, kept)
     frozen: tuple[FrozenChannels, ...] = ()
     frozen_units: int = 0
-    sparsity: tuple[tuple[str, float], ...] = ()  # masked tensors: share of zeros
     sparsity_counts: tuple[tuple[str, int, int], ...] = ()  # masked tensors: (name, zeros, size)
+
+    @property
+    def masked_params(self) -> int:
+        """Parameters a mask holds at zero (still stored and computed until Shrink)."""
+        return sum(z for _, z, _ in self.sparsity_counts)
+
+    @property
+    def sparsity(self) -> tuple[tuple[str, float], ...]:
+        """Masked tensors and their share of zeros."""
+        return tuple((n, z / max(size, 1)) for n, z, size in self.sparsity_counts)
     passes: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = field(default=())
 
@@ -41,8 +49,7 @@ class Summary:
             return "no masked tensors"
         lines = [f"Sparsity in {name}: {100 * z:.2f}%" for name, z in self.sparsity]
         total = sum(n for _, _, n in self.sparsity_counts)
-        zeros = sum(z for _, z, _ in self.sparsity_counts)
-        lines.append(f"Global sparsity: {100 * zeros / max(total, 1):.2f}%")
+        lines.append(f"Global sparsity: {100 * self.masked_params / max(total, 1):.2f}%")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -135,8 +142,7 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             groups = tuple((k, v[0], v[1]) for k, v in r.details["groups"].items())
     shrunk = any(r.name == "Shrink" and r.modified for r in records)
     sparsity = _mask_sparsity(after)
-    masked = sum(r[1] for r in sparsity)
-    state = "masked" if masked else "shrunk" if shrunk else "dense"
+    state = "masked" if any(z for _, z, _ in sparsity) else "shrunk" if shrunk else "dense"
     try:
         gm = after if isinstance(after, fx.GraphModule) else trace(after, example_inputs=example_inputs)
         deps = analyze_dependencies(gm, example_inputs)
@@ -150,8 +156,6 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             params=(count_params(before), count_params(after)),
             macs=(count_macs(before, example_inputs), count_macs(after, example_inputs)),
             size_bytes=(_size_bytes(before), _size_bytes(after)),
-            masked_params=masked,
-            sparsity=tuple((n, z / max(size, 1)) for n, z, size in sparsity),
             sparsity_counts=tuple(sparsity),
             groups=groups,
             frozen=frozen,
