@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from graphprune.inputs import batch_of, batched, check_example_inputs, eval_mode, with_batch
+from graphprune.inputs import batch_of, batched, call_with, check_example_inputs, eval_mode, with_batch
 from graphprune.errors import GraphPruneError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _flat_tensors(value: Any) -> list[torch.Tensor]:
 
 def _run_torch(model: nn.Module, inputs: tuple | dict) -> list[np.ndarray]:
     with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        out = call_with(model, inputs)
     return [t.detach().cpu().numpy() for t in _flat_tensors(out)]
 
 
@@ -227,7 +227,7 @@ def export(
     with eval_mode(model):
         input_names = _names(model, example_inputs)
         with torch.no_grad():
-            expected_out = model(**example_inputs) if isinstance(example_inputs, dict) else model(*example_inputs)
+            expected_out = call_with(model, example_inputs)
         n_out = len(_flat_tensors(expected_out))
         output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
         # torch.export specialises a batch of 1, so a dynamic batch is traced at batch 2.

@@ -21,7 +21,7 @@ from torch import nn
 
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.errors import PreconditionError
-from graphprune.inputs import eval_mode
+from graphprune.inputs import call_with, eval_mode
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassContext
 from graphprune.passes.score import ScorePass
@@ -39,10 +39,6 @@ def _batches(calibration: Any, who: str) -> list:
         if not (isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], (tuple, list, dict))):
             raise ValueError(f"{who}: each calibration item must be (inputs, targets) with inputs a tuple or dict, got {type(b).__name__}")
     return batches
-
-
-def _call(gm: nn.Module, inputs: tuple | list | dict) -> Any:
-    return gm(**inputs) if isinstance(inputs, dict) else gm(*inputs)
 
 
 _STATISTICS = {
@@ -71,7 +67,7 @@ def input_channel_stats(gm: nn.Module, modules: dict[int, nn.Module], batches: l
     try:
         with eval_mode(gm), torch.no_grad():
             for inputs, _ in batches:
-                _call(gm, inputs)
+                call_with(gm, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -103,7 +99,7 @@ class TaylorScore(ScorePass):
             with eval_mode(gm):
                 for inputs, targets in batches:
                     gm.zero_grad(set_to_none=True)
-                    self.loss_fn(_call(gm, inputs), targets).backward()
+                    self.loss_fn(call_with(gm, inputs), targets).backward()
                     for name, p in params.items():
                         if p.grad is not None:
                             acc[name] += (p.detach() * p.grad.detach()).double()

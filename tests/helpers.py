@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 import graphprune as gp
-from graphprune.inputs import eval_mode
+from graphprune.inputs import call_with, eval_mode
 from graphprune.passes import ChannelMask, L2Score, Shrink
 
 
 def run(model: nn.Module, inputs):
     with eval_mode(model), torch.no_grad():
-        return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        return call_with(model, inputs)
 
 
 def to_double(inputs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from graphprune.labels import varies_along
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
 from graphprune.rules.channelwise import LayerNormRule
 from graphprune.rules.conv import _place
@@ -85,7 +86,7 @@ class AttentionRule(Rule):
         call.space.tag(per_head[0], "head")
         call.space.unify(per_head[0], per_head[1], call.site("attention", "q and k heads"))
         call.space.unify(per_head[0], per_head[2], call.site("attention", "q and v heads"))
-        if any(d != hdim and d < v.ndim - 1 and (v.shape[d] > 1) and (v != v.narrow(d, 0, 1)).any() for d in range(v.ndim - 1)):
+        if any(varies_along(v, d) for d in range(v.ndim - 1) if d != hdim):
             call.freeze_inputs("attention", "attention whose batch or token dims carry channels")
             return call.out_none()
         return v.expand(call.out.shape) if v.shape == call.out.shape else v.narrow(-2, 0, 1).expand(call.out.shape)

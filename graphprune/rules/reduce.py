@@ -13,7 +13,7 @@ from torch import nn
 from graphprune.labels import varies_along
 from graphprune.rules.base import OpCall, Rule, map_tensors, register_rule
 from graphprune.rules.pointwise import Elementwise, Unary
-from graphprune.rules.shape import _dim_arg
+from graphprune.rules.shape import dim_arg
 
 __all__ = ["Reduce", "Softmax"]
 
@@ -31,8 +31,8 @@ class Reduce(Rule):
         if len(call.args) > 1 and isinstance(call.args[1], torch.Tensor):  # torch.max(a, b)
             return Elementwise().propagate(call)
         x = call.input(0)
-        dims = _dims(_dim_arg(call, 0, "dim", None), x.ndim)
-        keepdim = bool(_dim_arg(call, 1, "keepdim", False))
+        dims = _dims(dim_arg(call, 0, "dim", None), x.ndim)
+        keepdim = bool(dim_arg(call, 1, "keepdim", False))
         if any(varies_along(x, d) for d in dims):
             call.space.freeze(x, call.site("reduction", f"{getattr(call.node.target, '__name__', call.node.target)} over pruned channels", source=call.node.args[0].name))
             return call.out_none()
@@ -48,7 +48,7 @@ class Softmax(Rule):
 
     def propagate(self, call: OpCall):
         x = call.input(0)
-        dim = call.module.dim if call.module is not None else _dim_arg(call, self.pos, "dim", None)
+        dim = call.module.dim if call.module is not None else dim_arg(call, self.pos, "dim", None)
         if dim is None or varies_along(x, dim % x.ndim):
             call.space.freeze(x, call.site("reduction", "softmax over pruned channels", source=call.node.args[0].name))
             return call.out_none()

@@ -27,7 +27,7 @@ from torch import nn
 from graphprune.labels import labeled_dims, none_like, varies_along
 from graphprune.rules.base import OpCall, Rule, register_rule
 
-__all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim"]
+__all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim", "dim_arg"]
 
 
 def _label_args(labels: Any, values: Any) -> Any:
@@ -53,7 +53,7 @@ def execute(call: OpCall) -> Any:
     return call.module(*args, **kwargs)
 
 
-def _dim_arg(call: OpCall, pos: int, name: str = "dim", default: Any = None) -> Any:
+def dim_arg(call: OpCall, pos: int, name: str = "dim", default: Any = None) -> Any:
     """An argument after the input tensor, by position or keyword."""
     if name in call.kwargs:
         return call.kwargs[name]
@@ -185,10 +185,10 @@ class SplitChunk(Rule):
         parts = execute(call)
         x = call.input(0)
         is_chunk = call.node.target in ("chunk", torch.chunk)
-        dim = _dim_arg(call, 1, "dim", 0) % x.ndim
+        dim = dim_arg(call, 1, "dim", 0) % x.ndim
         if not varies_along(x, dim):
             return parts
-        size_arg = _dim_arg(call, 0, "chunks" if is_chunk else "split_size_or_sections", None)
+        size_arg = dim_arg(call, 0, "chunks" if is_chunk else "split_size_or_sections", None)
         if size_arg is None:
             size_arg = call.kwargs.get("split_size")
         sizes = {p.shape[dim] for p in parts}
@@ -250,7 +250,7 @@ class FreezeAlongDim(Rule):
 
     def propagate(self, call: OpCall):
         x = call.input(0)
-        dim = _dim_arg(call, self.pos, self.name, self.default)
+        dim = dim_arg(call, self.pos, self.name, self.default)
         dims = range(x.ndim) if dim is None else [dim % x.ndim] if isinstance(dim, int) else [d % x.ndim for d in dim]
         if any(varies_along(x, d) for d in dims):
             call.space.freeze(x, call.site("indexing", f"{call.node.target} along pruned channels"))
