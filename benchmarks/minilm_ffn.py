@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import graphprune as gp  # noqa: E402
-from graphprune.passes import ChannelMask, L1Score, L2Score, RandomScore, Shrink  # noqa: E402
+from graphprune.passes import ChannelMask, CompensateBias, L1Score, L2Score, RandomScore, Shrink, WandaScore  # noqa: E402
 from tests import minilm  # noqa: E402
 
 
@@ -28,10 +28,18 @@ def main() -> None:
     held = minilm.encode(tokenizer, minilm.HELD_OUT)
     dense = minilm.embed(model, held)
     macs = gp.count_macs(model, held)
+    batches = [(calib, None)]  # the 12 calibration sentences; the cosine is measured on the other 8
+    criteria = {
+        "random": lambda mask: [RandomScore(0), mask],
+        "l1": lambda mask: [L1Score(), mask],
+        "l2": lambda mask: [L2Score(), mask],
+        "wanda": lambda mask: [WandaScore(batches), mask],
+        "wanda + CompensateBias": lambda mask: [WandaScore(batches), mask, CompensateBias(batches)],
+    }
     rows = []
-    for name, make in (("random", lambda: RandomScore(0)), ("l1", L1Score), ("l2", L2Score)):
-        for ratio in (0.25, 0.5, 0.75):
-            pruned = gp.compile(model, [make(), ChannelMask(ratio, ratios={"head": 0.0}), Shrink()], example_inputs=calib)
+    for name, passes in criteria.items():
+        for ratio in (0.25, 0.4, 0.5, 0.75):
+            pruned = gp.compile(model, [*passes(ChannelMask(ratio, ratios={"head": 0.0})), Shrink()], example_inputs=calib)
             cos = (minilm.embed(pruned, held) * dense).sum(-1)
             rows.append({"criterion": name, "ffn_ratio": ratio, "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
                          "params": gp.count_params(pruned) / gp.count_params(model), "macs": gp.count_macs(pruned, held) / macs})

@@ -5,14 +5,15 @@ form of `example_inputs` (a tuple of positional arguments or a dict of
 keyword arguments); activation-based scores ignore the targets.  Loss-based
 scores call `loss_fn(model_output, targets)`.
 
-Activations of a unit are read where its channels enter the modules that
-consume them (conv/linear inputs: after the activation function), averaged
-over consumers.
+Activations of a unit are read where its channels enter the linear/conv ops
+that consume them (after the activation function), averaged over consumers:
+`nn.Linear`/`nn.ConvNd` modules in symbolically traced graphs, `aten.linear` /
+`aten.conv*d` on the model's parameters in exported ones (see
+`graphprune.weight_ops`).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -25,8 +26,9 @@ from graphprune.inputs import call_with, eval_mode
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassContext
 from graphprune.passes.score import ScorePass
+from graphprune.weight_ops import WeightOp, input_channel_stats, weight_ops
 
-__all__ = ["TaylorScore", "HeadSensitivityScore", "ActivationScore", "APoZScore", "WandaScore", "input_channel_stats"]
+__all__ = ["TaylorScore", "HeadSensitivityScore", "ActivationScore", "APoZScore", "WandaScore"]
 
 
 def _batches(calibration: Any, who: str) -> list:
@@ -41,38 +43,10 @@ def _batches(calibration: Any, who: str) -> list:
     return batches
 
 
-_STATISTICS = {
-    "mean": lambda flat: flat.sum(1),
-    "mean_abs": lambda flat: flat.abs().sum(1),
-    "zero_fraction": lambda flat: (flat == 0).double().sum(1),
-    "rms": lambda flat: flat.pow(2).sum(1),
-}
-
-
-def input_channel_stats(gm: nn.Module, modules: dict[int, nn.Module], batches: list, statistic: str) -> dict[int, torch.Tensor]:
-    """Per input channel of each Conv/Linear in `modules` (by id): a statistic over every position
-    of every calibration batch, read with forward pre-hooks in eval mode."""
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = defaultdict(int)
-    reduce = _STATISTICS[statistic]
-
-    def hook(module, args):
-        x = args[0].detach().double()
-        cdim = x.ndim - 1 if isinstance(module, nn.Linear) else (1 if x.ndim > 2 else 0)
-        flat = x.movedim(cdim, 0).reshape(x.shape[cdim], -1)
-        sums[id(module)] = reduce(flat) + sums.get(id(module), 0)
-        counts[id(module)] += flat.shape[1]
-
-    handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
-    try:
-        with eval_mode(gm), torch.no_grad():
-            for inputs, _ in batches:
-                call_with(gm, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    stats = {k: total / counts[k] for k, total in sums.items()}
-    return {k: v.sqrt() for k, v in stats.items()} if statistic == "rms" else stats
+def _tensor(gm: nn.Module, qualified: str) -> torch.Tensor:
+    """The tensor the forward reads (masked, if a mask is on it)."""
+    owner, attr = resolve(gm, qualified)
+    return getattr(owner, attr).detach()
 
 
 class TaylorScore(ScorePass):
@@ -150,39 +124,34 @@ class _ActivationStats(ScorePass):
     def __init__(self, calibration: Iterable | None = None) -> None:
         self.calibration = calibration
 
-    def _consumers(self, gm: nn.Module, g: ChannelGroup) -> list[tuple[int, nn.Module]]:
-        found = []
-        for s, slot in enumerate(g.slots):
-            owner, attr = resolve(gm, slot.tensor)
-            if slot in g.consumers and attr == "weight" and isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and slot.dim == 1:
-                found.append((s, owner))
-        return found
+    def _consumers(self, ops: dict[str, WeightOp], g: ChannelGroup) -> list[tuple[int, WeightOp]]:
+        """(slot position, op) for each linear/conv op that reads the group's channels as input."""
+        return [(s, ops[slot.tensor]) for s, slot in enumerate(g.slots) if slot in g.consumers and slot.dim == 1 and slot.tensor in ops]
 
-    def _collect(self, gm: fx.GraphModule, modules: dict[int, nn.Module]) -> dict[int, torch.Tensor]:
+    def _collect(self, gm: fx.GraphModule, ops: dict[str, WeightOp]) -> dict[str, torch.Tensor]:
         batches = _batches(self.calibration, type(self).__name__)
-        return input_channel_stats(gm, modules, batches, self.statistic)
+        return input_channel_stats(gm, ops, batches, self.statistic)
 
     @staticmethod
-    def _per_weight_index(m: nn.Module, per_channel: torch.Tensor) -> torch.Tensor:
+    def _per_weight_index(op: WeightOp, per_channel: torch.Tensor) -> torch.Tensor:
         """Weight index j of a grouped conv reads channel j of every group: average them."""
-        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.groups > 1:
-            return per_channel.reshape(m.groups, -1).mean(0)
-        return per_channel
+        return per_channel.reshape(op.groups, -1).mean(0) if op.groups > 1 else per_channel
 
-    def unit_stats(self, gm: fx.GraphModule, groups, stats: dict[int, torch.Tensor] | None = None) -> dict[str, list[tuple[nn.Module, int, torch.Tensor]]]:
-        """Per group: (consumer module, slot position, per-unit statistic)."""
+    def unit_stats(self, gm: fx.GraphModule, groups, stats: dict[str, torch.Tensor] | None = None) -> dict[str, list[tuple[WeightOp, int, torch.Tensor]]]:
+        """Per group: (consumer op, slot position, per-unit statistic)."""
+        ops = weight_ops(gm)
         if stats is None:
-            stats = self._collect(gm, {id(m): m for g in groups for _, m in self._consumers(gm, g)})
+            stats = self._collect(gm, {op.weight: op for g in groups for _, op in self._consumers(ops, g)})
         out: dict[str, list] = {}
         for g in groups:
             rows = []
-            for s, module in self._consumers(gm, g):
-                if id(module) not in stats:
+            for s, op in self._consumers(ops, g):
+                if op.weight not in stats:
                     continue
                 index, unit = g.flat[s]
-                per_index = self._per_weight_index(module, stats[id(module)])[index]
+                per_index = self._per_weight_index(op, stats[op.weight])[index]
                 count = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, torch.ones_like(per_index))
-                rows.append((module, s, torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, per_index) / count.clamp(min=1)))
+                rows.append((op, s, torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, per_index) / count.clamp(min=1)))
             out[g.key] = rows
         return out
 
@@ -199,10 +168,10 @@ class _ActivationStats(ScorePass):
         if missing:
             ctx.record(unscored=missing)
         if groups and len(missing) == len(groups):
-            raise PreconditionError(f"{self.name}: no group has a Conv or Linear consumer to read activations at")
+            raise PreconditionError(f"{self.name}: no group has a linear or conv consumer to read activations at")
         return out
 
-    def _stats_for(self, gm, groups, ctx) -> dict[int, torch.Tensor] | None:
+    def _stats_for(self, gm, groups, ctx) -> dict[str, torch.Tensor] | None:
         return None
 
     def combine(self, gm, g, rows) -> torch.Tensor:
@@ -235,26 +204,26 @@ class WandaScore(_ActivationStats):
     def _stats_for(self, gm, groups, ctx):
         from graphprune.passes.sparse_mask import WEIGHT_SCORES
 
-        modules = {id(m): (n, m) for n, m in gm.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
-        stats = self._collect(gm, {k: m for k, (_, m) in modules.items()})
+        ops = weight_ops(gm)
+        stats = self._collect(gm, ops)
         weight_scores = {}
-        for key, (name, m) in modules.items():
-            if key not in stats:
+        for name, op in ops.items():
+            if name not in stats:
                 continue
-            w = m.weight.detach().abs().double()
-            if isinstance(m, nn.Linear):
-                weight_scores[f"{name}.weight"] = w * stats[key].reshape(1, -1)
+            w = _tensor(gm, name).abs().double()
+            if op.kind == "linear":
+                weight_scores[name] = w * stats[name].reshape(1, -1)
             else:
-                cog, cig = m.out_channels // m.groups, m.in_channels // m.groups
-                channel = (torch.arange(m.out_channels) // cog).unsqueeze(1) * cig + torch.arange(cig).unsqueeze(0)
-                weight_scores[f"{name}.weight"] = w * stats[key][channel].reshape(*channel.shape, *([1] * (w.ndim - 2)))
+                cog, cig = w.shape[0] // op.groups, w.shape[1]
+                channel = (torch.arange(w.shape[0]) // cog).unsqueeze(1) * cig + torch.arange(cig).unsqueeze(0)
+                weight_scores[name] = w * stats[name][channel].reshape(*channel.shape, *([1] * (w.ndim - 2)))
         ctx.set_analysis(WEIGHT_SCORES, weight_scores)
         return stats
 
     def combine(self, gm, g, rows):
         scores = []
-        for module, s, rms in rows:
-            w = module.weight.detach().double()
+        for op, s, rms in rows:
+            w = _tensor(gm, op.weight).double()
             col = w.movedim(1, 0).reshape(w.shape[1], -1).pow(2).sum(1)
             index, unit = g.flat[s]
             norm = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, col[index]).sqrt()

@@ -1,8 +1,9 @@
 """Structured channel masks: choose the lowest-scored units of every group and mask them.
 
 `ratio` is the share of each group's units to remove (local), or of all
-prunable units ranked together after normalising each group's scores by their
-mean (global).  Every group keeps at least `min_channels` units, rounded up to
+prunable units of a kind ranked together after normalising each group's scores
+by their mean (global; heads and channels are ranked apart).  `ratios` sets the
+ratio per kind of group in either scope.  Every group keeps at least `min_channels` units, rounded up to
 a multiple of `round_to` so that the widths stay hardware friendly.
 """
 
@@ -64,8 +65,6 @@ class ChannelMask(PassBase):
         for kind, r in (ratios or {}).items():
             if kind not in KINDS or not isinstance(r, (int, float)) or not 0 <= r < 1:
                 raise ValueError(f"ChannelMask ratios maps a kind of group {KINDS} to a ratio in [0, 1), got {kind!r}: {r!r}")
-        if ratios and scope != "local":
-            raise ValueError("ChannelMask ratios (per kind of group) work with scope='local'")
         self.ratios = dict(ratios or {})
         self.group_ratios = dict(group_ratios or {})
         self.max_ratio = max_ratio
@@ -92,8 +91,11 @@ class ChannelMask(PassBase):
                 g.key: self._lowest(scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key], self._ratio_of(g)))
                 for g in groups
             }
-        else:
-            plan = self._global(groups, scores, done, floor)
+        else:  # each kind of group ranked on its own: heads do not compete with channels
+            plan = {}
+            for kind in sorted({g.kind for g in groups}):
+                same = [g for g in groups if g.kind == kind]
+                plan.update(self._global(same, scores, done, floor, self.ratios.get(kind, self.ratio)))
         modified, report = False, {}
         for g in groups:
             chosen = plan[g.key]
@@ -101,7 +103,9 @@ class ChannelMask(PassBase):
             mask_units(gm, g, new, deps.aliases)
             modified |= bool(new)
             report[g.key] = (g.size, g.size - len(chosen))
-        ctx.record(groups=report, scope=self.scope, ratio=self.ratio)
+        masked = {g.key: torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist() for g in groups}
+        plan = {"op": "channel_mask", "units": {k: ids for k, ids in masked.items() if ids}}
+        ctx.record(groups=report, scope=self.scope, ratio=self.ratio, plan=plan)
         return PassResult(gm, modified)
 
     # -- choosing ----------------------------------------------------------------------
@@ -128,7 +132,7 @@ class ChannelMask(PassBase):
         key = torch.where(done, torch.full_like(scores, -math.inf), scores)
         return sorted(torch.argsort(key, stable=True)[: max(count, int(done.sum()))].tolist())
 
-    def _global(self, groups, scores, done, floor) -> dict[str, list[int]]:
+    def _global(self, groups, scores, done, floor, ratio: float) -> dict[str, list[int]]:
         flat, owner = [], []
         for g in groups:
             s = scores[g.key]
@@ -140,7 +144,7 @@ class ChannelMask(PassBase):
             return {}
         order = torch.argsort(torch.cat(flat), stable=True).tolist()
         total = sum(g.size for g in groups)
-        budget = math.floor(self.ratio * total + 1e-9)
+        budget = math.floor(ratio * total + 1e-9)
         removable = {g.key: g.size - floor[g.key] for g in groups}
         chosen: dict[str, list[int]] = {g.key: [] for g in groups}
         for i in order:

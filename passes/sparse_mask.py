@@ -2,8 +2,10 @@
 
 Weights are ranked by per-weight scores when a score pass left them in the
 context (`WandaScore` does: |W| * ||x||), otherwise by magnitude |w| (as
-`torch.nn.utils.prune.l1_unstructured`).  Masks are parametrizations like the
-channel masks: they compose with them, stay applied while training, and a
+`torch.nn.utils.prune.l1_unstructured`).  Masks go on every weight that a
+linear/conv op of the graph reads (`graphprune.weight_ops`): modules, or
+`aten.linear` on parameters in exported graphs.  They are parametrizations like
+the channel masks: they compose with them, stay applied while training, and a
 weight masked once stays masked (a second mask can only add zeros).
 """
 
@@ -17,15 +19,15 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from graphprune.masking import WeightMaskParametrization, weight_mask
+from graphprune.masking import WeightMaskParametrization, resolve, weight_mask
 from graphprune.pipeline import PassBase, PassContext, PassResult
+from graphprune.weight_ops import weight_ops
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["UnstructuredMask", "NMMask", "BlockMask", "WEIGHT_SCORES"]
 
 WEIGHT_SCORES = "weight_scores"
-_TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _apply(owner: nn.Module, attr: str, keep: torch.Tensor) -> int:
@@ -54,12 +56,13 @@ class _WeightMaskPass(PassBase):
         if missing:
             raise ValueError(f"{self.name} exclude names modules the model does not have: {missing}")
         out = []
-        for name, m in gm.named_modules():
-            if not isinstance(m, _TARGETS) or any(name == e or name.startswith(e + ".") for e in self.exclude):
+        for op in weight_ops(gm).values():  # nn.Linear/nn.ConvNd modules, or aten.linear/conv on parameters
+            module = op.weight.rpartition(".")[0]
+            if any(module == e or module.startswith(e + ".") for e in self.exclude):
                 continue
-            out.append((f"{name}.weight", m, "weight"))
-            if self.include_bias and m.bias is not None:
-                out.append((f"{name}.bias", m, "bias"))
+            for name in (op.weight, op.bias if self.include_bias else None):
+                if name is not None:
+                    out.append((name, *resolve(gm, name)))
         return out
 
     @staticmethod
@@ -79,7 +82,7 @@ class _WeightMaskPass(PassBase):
             newly += _apply(owner, attr, keep)
             mask = weight_mask(owner, attr).mask
             report[qualified] = 1.0 - float(mask.float().mean())
-        ctx.record(sparsity=report)
+        ctx.record(sparsity=report, plan={"op": "weight_mask", "tensors": sorted(report)})
         return PassResult(gm, newly > 0)
 
     def keep_masks(self, gm, ctx, tensors) -> list[torch.Tensor | None]:

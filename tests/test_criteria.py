@@ -162,3 +162,26 @@ def test_bn_scale_is_gamma():
         model.bn.weight.copy_(torch.tensor([-8.0, 1, 7, 2, 6, 3, 5, 4]))
     s = scores_of(model, BNScaleScore(), (torch.randn(1, 3, 8, 8),))["conv1"]
     torch.testing.assert_close(s, torch.tensor([8.0, 1, 7, 2, 6, 3, 5, 4], dtype=torch.float64))
+
+
+def test_weight_ops_are_the_same_on_symbolic_and_exported_graphs():
+    """One scan covers nn.Linear modules and aten.linear on get_attr weights, with equal statistics."""
+    from graphprune.weight_ops import input_channel_stats, weight_ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3, bias=False)).eval()
+    x = torch.randn(4, 6)
+    symbolic = gp.trace(model, example_inputs=(x,))
+    exported = torch.export.export(model, (x,)).module()
+    batches = [((torch.randn(4, 6),), None) for _ in range(2)]
+    stats = []
+    for gm in (symbolic, exported):
+        ops, before = weight_ops(gm), str(gm.graph)
+        assert sorted(ops) == ["0.weight", "2.weight"]
+        assert ops["0.weight"].bias == "0.bias" and ops["2.weight"].bias is None
+        stats.append(input_channel_stats(gm, ops, batches, "rms"))
+        assert str(gm.graph) == before  # the taps are gone
+    hidden = torch.relu(model[0](torch.cat([b[0][0] for b in batches])))
+    torch.testing.assert_close(stats[0]["2.weight"], hidden.double().pow(2).mean(0).sqrt())
+    for name in stats[0]:
+        torch.testing.assert_close(stats[0][name], stats[1][name])

@@ -146,3 +146,21 @@ def test_head_sensitivity_is_the_gradient_of_a_head_gate():
     y = F.scaled_dot_product_attention(q, k, v) * gate.view(1, 4, 1, 1)
     loss(model.o(y.transpose(1, 2).reshape(b, t, 32)) + x, target).backward()
     torch.testing.assert_close(seen[head_key], gate.grad.abs().double(), rtol=1e-5, atol=1e-6)
+
+
+def test_global_scope_ranks_each_kind_apart():
+    """scope='global' with ratios per kind: heads are ranked against heads, FFN channels against channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SelfAttention(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), SelfAttention()).eval()
+    x = (torch.randn(2, 5, 32),)
+    weak = torch.cat([torch.arange(0, 16), torch.arange(24, 32)])  # heads 0, 1 and 3 of the second block
+    with torch.no_grad():
+        for p in (model[4].q, model[4].k, model[4].v):
+            p.weight[weak] *= 0.01
+        model[4].o.weight[:, weak] *= 0.01
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.25, scope="global", ratios={"head": 0.5})], example_inputs=x)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert_exact(masked, shrunk, x)
+    assert shrunk.get_submodule("4.q").out_features == 8  # 4 of 8 heads removed: the 3 weak ones and 1 of block 0
+    assert shrunk.get_submodule("0.q").out_features == 24
+    assert shrunk.get_submodule("1").out_features == 48  # a quarter of the FFN channels

@@ -1,0 +1,149 @@
+"""Where a graph multiplies by a weight, and what reaches those ops on calibration data.
+
+Both graph levels are covered by one scan: a symbolically traced graph calls
+`nn.Linear` / `nn.ConvNd` modules, an exported one calls `aten.linear` /
+`aten.conv2d` (or `F.linear`) on parameters read with get_attr.  Each such op
+becomes a `WeightOp` named by its weight tensor, so data-driven scores,
+CompensateBias and SparseLower read activations the same way on both.
+
+Statistics are read by tapping the graph: a call is inserted in front of each
+op for the duration of the calibration run, then removed.  Ops inside leaf
+modules are not in the graph and are not seen.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphprune.inputs import call_with, eval_mode
+
+__all__ = ["WeightOp", "weight_ops", "tapped", "input_channel_stats", "op_inputs"]
+
+aten = torch.ops.aten
+_LINEAR = {F.linear, aten.linear.default}
+_CONV = {F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class WeightOp:
+    """One op computing x @ W^T (+ b) over its input's channel dim (last for linear, 1 for conv)."""
+
+    nodes: tuple[str, ...]  # the graph nodes calling it (a module called twice has two)
+    weight: str  # qualified name of the weight tensor
+    bias: str | None
+    kind: str  # "linear" or "conv"
+    groups: int = 1
+    module: str | None = None  # the nn.Linear / nn.ConvNd that the graph calls, if any
+
+    def channel_dim(self, x: torch.Tensor) -> int:
+        return x.ndim - 1 if self.kind == "linear" else (1 if x.ndim > 2 else 0)
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _attr(node) -> str | None:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Linear) or isinstance(m, _CONV_MODULES):
+            kind = "linear" if isinstance(m, nn.Linear) else "conv"
+            bias = f"{node.target}.bias" if m.bias is not None else None
+            return WeightOp((node.name,), f"{node.target}.weight", bias, kind, getattr(m, "groups", 1), node.target)
+        return None
+    if node.op != "call_function" or node.target not in _LINEAR | _CONV:
+        return None
+    weight, bias = _attr(_arg(node, 1, "weight")), _arg(node, 2, "bias")
+    if weight is None or (bias is not None and _attr(bias) is None):
+        return None
+    kind = "linear" if node.target in _LINEAR else "conv"
+    groups = _arg(node, 6, "groups", 1) if kind == "conv" else 1
+    return WeightOp((node.name,), weight, _attr(bias), kind, groups if isinstance(groups, int) else 1)
+
+
+def weight_ops(gm: fx.GraphModule) -> dict[str, WeightOp]:
+    """Every linear/conv op of the graph whose weight is a tensor of the model, by weight name
+    (a weight used by several ops of the same form, e.g. a module called twice, is one entry)."""
+    out: dict[str, WeightOp] = {}
+    for node in gm.graph.nodes:
+        op = _weight_op(gm, node)
+        if op is None:
+            continue
+        first = out.setdefault(op.weight, op)
+        if first is not op:
+            out[op.weight] = replace(first, nodes=first.nodes + op.nodes)
+    return out
+
+
+@contextmanager
+def tapped(gm: fx.GraphModule, taps: dict[str, Callable[[torch.Tensor], None]]) -> Iterator[fx.GraphModule]:
+    """Call `taps[node name](x)` with the input of those nodes while the block runs."""
+    inserted = []
+    try:
+        for node in list(gm.graph.nodes):
+            if node.name in taps:
+                with gm.graph.inserting_before(node):
+                    inserted.append(gm.graph.call_function(taps[node.name], (_arg(node, 0, "input"),)))
+        gm.recompile()
+        yield gm
+    finally:
+        for n in inserted:
+            gm.graph.erase_node(n)
+        gm.recompile()
+
+
+_STATISTICS = {
+    "mean": lambda flat: flat.sum(1),
+    "mean_abs": lambda flat: flat.abs().sum(1),
+    "zero_fraction": lambda flat: (flat == 0).double().sum(1),
+    "rms": lambda flat: flat.pow(2).sum(1),
+}
+
+
+def input_channel_stats(gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list, statistic: str) -> dict[str, torch.Tensor]:
+    """Per input channel of each op (by weight name): a statistic over every position of every
+    calibration batch, in eval mode."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = defaultdict(int)
+    reduce = _STATISTICS[statistic]
+
+    def tap(op: WeightOp):
+        def record(x: torch.Tensor) -> None:
+            x = x.detach().double()
+            cdim = op.channel_dim(x)
+            flat = x.movedim(cdim, 0).reshape(x.shape[cdim], -1)
+            sums[op.weight] = reduce(flat) + sums.get(op.weight, 0)
+            counts[op.weight] += flat.shape[1]
+
+        return record
+
+    with tapped(gm, {n: tap(op) for op in ops.values() for n in op.nodes}), eval_mode(gm), torch.no_grad():
+        for inputs, _ in batches:
+            call_with(gm, inputs)
+    stats = {k: total / counts[k] for k, total in sums.items()}
+    return {k: v.sqrt() for k, v in stats.items()} if statistic == "rms" else stats
+
+
+def op_inputs(gm: fx.GraphModule, ops: dict[str, WeightOp], inputs: tuple | dict) -> dict[str, torch.Tensor]:
+    """The input each op sees on its first call when the model runs on `inputs` (eval mode)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def tap(op: WeightOp):
+        return lambda x: seen.setdefault(op.weight, x.detach().clone())
+
+    with tapped(gm, {n: tap(op) for op in ops.values() for n in op.nodes}), eval_mode(gm), torch.no_grad():
+        call_with(gm, inputs)
+    return seen
