@@ -19,6 +19,7 @@ from graphprune.errors import (
 )
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
+from graphprune.saving import load, save
 from graphprune.schedule import Pruner, sparsity_at
 from graphprune.sensitivity import Sensitivity, sensitivity
 from graphprune.summary import Summary, summary
@@ -31,6 +32,8 @@ __all__ = [
     "summary",
     "Summary",
     "trace",
+    "save",
+    "load",
     "analyze_dependencies",
     "count_macs",
     "count_params",

@@ -30,6 +30,7 @@ class Summary:
     frozen: tuple[FrozenChannels, ...] = ()
     frozen_units: int = 0
     sparsity_counts: tuple[tuple[str, int, int], ...] = ()  # masked tensors: (name, zeros, size)
+    lowered: tuple[tuple[str, str, str], ...] = ()  # SparseLower's decisions: (weight, "csr"/"bsr"/"dense", why and timings)
 
     @property
     def masked_params(self) -> int:
@@ -65,6 +66,7 @@ class Summary:
             "sparsity": [list(r) for r in self.sparsity],
             "frozen": [{"node": f.site.location or f.site.node, "reason": f.site.reason, "channels": f.channels} for f in self.frozen],
             "passes": [list(p) for p in self.passes],
+            "lowered": [list(r) for r in self.lowered],
         }
 
     def __str__(self) -> str:
@@ -75,6 +77,7 @@ class Summary:
             "shrunk": "shrunk: masked channels were removed, the model is smaller",
             "masked": f"masked only: {self.masked_params:,} parameters are zero but still stored and computed; run Shrink() to remove them",
             "dense": "nothing pruned",
+            "lowered": "sparse layers hold compressed weights and run sparse kernels",
         }[self.state]
         lines = [f"graphprune summary of {self.model} ({state})", ""]
         rows = [("", "before", "after", "after/before")]
@@ -91,6 +94,10 @@ class Summary:
         if self.sparsity:
             lines += ["", "masked tensors (share of zeros):"]
             lines += _table([("tensor", "sparsity")] + [(n, f"{z:.3f}") for n, z in self.sparsity], indent="  ")
+        if self.lowered:
+            chosen = sum(1 for _, f, _ in self.lowered if f != "dense")
+            lines += ["", f"sparse lowering: {chosen} of {len(self.lowered)} layers run sparse kernels"]
+            lines += _table([("layer", "runs as", "why")] + list(self.lowered), indent="  ")
         if self.frozen:
             lines += ["", f"frozen channels (kept on purpose; {self.frozen_units} inside the model, the rest at outputs):"]
             for f in self.frozen:
@@ -132,6 +139,17 @@ def _mask_sparsity(model: nn.Module) -> list[tuple[str, int, int]]:
     return rows
 
 
+def _lowered(records) -> tuple[tuple[str, str, str], ...]:
+    """(layer, format or "dense", reason and timings) from the records of SparseLower passes."""
+    rows = {}
+    for r in records:
+        for name, d in (r.details.get("lowered") or {}).items():
+            times = ", ".join(f"{k[:-3]} {v:.3f} ms" for k, v in d.items() if k.endswith("_ms"))
+            why = d.get("kept_dense", f"sparsity {d['sparsity']:.3f}" if "sparsity" in d else "")
+            rows[name] = (name, d.get("format", "dense"), "; ".join(x for x in (why, times) if x))
+    return tuple(rows.values())
+
+
 def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -> Summary:
     """Compare a model with its pruned version on the same inputs (neither is changed)."""
     example_inputs = check_example_inputs(example_inputs)
@@ -141,8 +159,9 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
         if isinstance(r.details.get("groups"), dict):
             groups = tuple((k, v[0], v[1]) for k, v in r.details["groups"].items())
     shrunk = any(r.name == "Shrink" and r.modified for r in records)
+    lowered = _lowered(records)
     sparsity = _mask_sparsity(after)
-    state = "masked" if any(z for _, z, _ in sparsity) else "shrunk" if shrunk else "dense"
+    state = "masked" if any(z for _, z, _ in sparsity) else "shrunk" if shrunk else "lowered" if any(f != "dense" for _, f, _ in lowered) else "dense"
     try:
         gm = after if isinstance(after, fx.GraphModule) else trace(after, example_inputs=example_inputs)
         deps = analyze_dependencies(gm, example_inputs)
@@ -161,4 +180,5 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             frozen=frozen,
             frozen_units=frozen_units,
             passes=tuple((r.name, r.seconds) for r in records),
+            lowered=lowered,
         )

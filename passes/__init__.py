@@ -7,6 +7,7 @@ from graphprune.passes.mask import ChannelMask
 from graphprune.passes.reinsert_zeros import ReinsertZeros
 from graphprune.passes.score import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
 from graphprune.passes.shrink import Shrink
+from graphprune.passes.sparse_lower import SparseLower
 from graphprune.passes.sparse_mask import BlockMask, NMMask, UnstructuredMask
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "Shrink",
     "ReinsertZeros",
     "CompensateBias",
+    "SparseLower",
 ]

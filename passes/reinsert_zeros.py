@@ -46,5 +46,5 @@ class ReinsertZeros(PassBase):
                 new = gm.graph.call_module(name, (src,))
             consumer.replace_input_with(src, new)
             inserted.append(f"{site.source} -> {site.node}")
-        ctx.record(inserted=inserted)
+        ctx.record(inserted=inserted, plan={"op": "reinsert_zeros", "outputs": self.outputs, "unsupported_ops": self.unsupported_ops})
         return PassResult(gm, bool(inserted))

@@ -62,7 +62,7 @@ class Shrink(PassBase):
             for node in gm.graph.nodes:
                 if node.name in deps.squeezes:  # name the dims, or a width shrunk to 1 would vanish too
                     node.args, node.kwargs = (node.args[0], deps.squeezes[node.name]), {}
-        ctx.record(groups=report)
+        ctx.record(groups=report, plan={"op": "shrink"})
         return PassResult(gm, bool(pruned_roots))
 
     @staticmethod

@@ -164,3 +164,18 @@ def test_global_scope_ranks_each_kind_apart():
     assert shrunk.get_submodule("4.q").out_features == 8  # 4 of 8 heads removed: the 3 weak ones and 1 of block 0
     assert shrunk.get_submodule("0.q").out_features == 24
     assert shrunk.get_submodule("1").out_features == 48  # a quarter of the FFN channels
+
+
+def test_a_pruned_bert_saves_and_loads_back_with_identical_outputs(tmp_path):
+    """Weights in safetensors, structure as a plan replayed on a fresh model: no pickle anywhere."""
+    model = small_bert()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
+    pruned = gp.compile(model, [L2Score(), ChannelMask(0.5, ratios={"head": 0.25}), Shrink()], example_inputs=inputs)
+    gp.save(pruned, tmp_path)
+    loaded = gp.load(small_bert(), tmp_path, example_inputs=inputs)
+    other = {"input_ids": torch.randint(0, 100, (3, 8))}
+    expected, got = run(pruned, other), run(loaded, other)
+    assert type(got) is type(expected)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=0, atol=0)
+    assert loaded.get_submodule("encoder.layer.0.attention.self.query").weight.shape == (24, 32)

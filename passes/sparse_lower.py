@@ -1,0 +1,228 @@
+"""SparseLower: replace sparse Linear layers and 1x1 convolutions by sparse-kernel modules.
+
+Runs after a mask pass (unstructured, N:M, block, or channel masks that were
+not shrunk).  Each linear/conv op of the graph (`graphprune.weight_ops`) whose
+effective weight is at least `min_sparsity` zeros is a candidate; its weight
+and bias move into a `SparseLinear` / `SparseConv1x1` (`graphprune.backends.sparse`)
+that holds the weight compressed, and the graph calls that module instead.
+
+With `choose="measure"` (the default) every candidate is timed on the input
+it sees on the example inputs: dense vs each format, interleaved, medians.
+The fastest wins, so a layer where sparse kernels are not faster stays dense.
+The decision and the timings are recorded and shown in the summary.  CSR fits
+any sparsity pattern; BSR is tried only where the zeros come in blocks (the
+largest block shape that stores at most 25 % more values than CSR).
+Each lowered layer is checked against the dense op on that input.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphprune.backends.sparse import FORMATS, _SparseWeight, compress, time_call
+from graphprune.errors import PassError
+from graphprune.masking import raw_tensor, resolve
+from graphprune.pipeline import PassBase, PassContext, PassResult
+from graphprune.weight_ops import WeightOp, op_inputs, weight_ops
+
+__all__ = ["SparseLower"]
+
+CHOICES = ("measure", "first")
+_BLOCKS = ((32, 32), (16, 16), (8, 8), (4, 4), (8, 1), (4, 1), (1, 8), (1, 4))
+
+
+def _blocksize(w: torch.Tensor) -> tuple[int, int] | None:
+    """The largest block shape whose BSR form stores at most 1.25x the non-zeros (None: no blocks)."""
+    nnz = int((w != 0).sum())
+    for r, c in _BLOCKS:
+        if w.shape[0] % r or w.shape[1] % c:
+            continue
+        blocks = (w.reshape(w.shape[0] // r, r, w.shape[1] // c, c) != 0).any(3).any(1)
+        if int(blocks.sum()) * r * c <= 1.25 * max(nnz, 1):
+            return (r, c)
+    return None
+
+
+class SparseLower(PassBase):
+    """Lower sparse linear / 1x1 conv layers to compressed-weight modules (inference only).
+
+    min_sparsity: lower only layers with at least this share of zero weights (in [0, 1)).
+    formats: candidate formats, in order of preference ("csr", "bsr").
+    choose: "measure" times dense vs each format per layer and keeps the fastest (dense
+        included); "first" takes the first format that applies, without timing.
+    """
+
+    def __init__(self, min_sparsity: float = 0.5, formats: Iterable[str] = FORMATS, choose: str = "measure", runs: int = 20) -> None:
+        if not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity < 1:
+            raise ValueError(f"SparseLower min_sparsity must be in [0, 1), got {min_sparsity!r}")
+        formats = (formats,) if isinstance(formats, str) else tuple(formats)
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown or not formats:
+            raise ValueError(f"SparseLower formats must be a non-empty subset of {FORMATS}, got {formats!r}")
+        if choose not in CHOICES:
+            raise ValueError(f"SparseLower choose must be one of {CHOICES}, got {choose!r}")
+        self.min_sparsity, self.formats, self.choose, self.runs = float(min_sparsity), formats, choose, runs
+        self.fixed: dict[str, dict] | None = None  # replaying a saved plan: {weight: {"format", "blocksize"}}
+
+    @classmethod
+    def from_plan(cls, step: dict) -> SparseLower:
+        lower = cls(choose="first")
+        lower.fixed = step["layers"]
+        return lower
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        ops = weight_ops(gm)
+        report: dict[str, dict] = {}
+        candidates = {}
+        for name, op in ops.items():
+            if self.fixed is not None:
+                if name in self.fixed:
+                    candidates[name] = op
+                continue
+            why = self._unsupported(gm, op)
+            if why is None:
+                zeros = float((self._weight(gm, op) == 0).double().mean())
+                why = None if zeros >= self.min_sparsity else f"sparsity {zeros:.3f} below min_sparsity {self.min_sparsity}"
+                report[name] = {"sparsity": zeros}
+            if why is not None:
+                report.setdefault(name, {})["kept_dense"] = why
+            else:
+                candidates[name] = op
+        if self.fixed is not None and set(self.fixed) - set(candidates):
+            raise PassError(f"the plan lowers layers this model does not have: {sorted(set(self.fixed) - set(candidates))[:5]}")
+        inputs = op_inputs(gm, candidates, ctx.example_inputs) if candidates else {}
+        lowered = {}
+        for name, op in candidates.items():
+            w, b = self._weight(gm, op), self._bias(gm, op)
+            if self.fixed is not None:
+                fmt, block = self.fixed[name]["format"], self.fixed[name]["blocksize"]
+                module = compress(w, b, op.kind, fmt, tuple(block) if block else None)
+            else:
+                module, timings = self._choose(op, w, b, inputs[name])
+                report[name].update(timings)
+                if module is None:
+                    report[name]["kept_dense"] = "dense was fastest"
+                    continue
+                self._check(op, module, w, b, inputs[name], name)
+            self._replace(gm, op, module)
+            lowered[name] = {"format": module.format, "blocksize": list(module.blocksize) if module.blocksize else None}
+            report.setdefault(name, {})["format"] = module.format
+        if lowered:
+            gm.graph.lint()
+            gm.recompile()
+        if not ops:
+            ctx.record(note="no linear or conv layers to lower")
+        ctx.record(lowered=report, plan={"op": "sparse_lower", "layers": lowered})
+        return PassResult(gm, bool(lowered))
+
+    # -- which layers ----------------------------------------------------------------------
+    @staticmethod
+    def _unsupported(gm: fx.GraphModule, op: WeightOp) -> str | None:
+        """Why a layer cannot be lowered, or None."""
+        owner_path = op.weight.rpartition(".")[0]
+        owner = gm.get_submodule(owner_path)
+        own = {n for n, _ in owner.named_parameters(recurse=False)} | {n for n, _ in owner.named_buffers(recurse=False)}
+        if own - {"weight", "bias"} or (op.bias is not None and op.bias != f"{owner_path}.bias") \
+                or any(n != "parametrizations" for n, _ in owner.named_children()):
+            return "the module holding the weight holds other tensors or modules"
+        weight = raw_tensor(owner, "weight")
+        names = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight]
+        readers = {u.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == op.weight for u in n.users}
+        if len(names) > 1 or readers - set(op.nodes):
+            return "the weight is shared (tied) with another layer"
+        if op.kind == "conv":
+            return SparseLower._not_pointwise(gm, op, weight)
+        return None
+
+    @staticmethod
+    def _not_pointwise(gm: fx.GraphModule, op: WeightOp, weight: torch.Tensor) -> str | None:
+        def every(value, want) -> bool:
+            return value == want if isinstance(value, int) else value == "valid" if isinstance(value, str) else all(v == want for v in value)
+
+        if any(k != 1 for k in weight.shape[2:]):
+            return f"a {tuple(weight.shape[2:])} convolution (only 1x1 convolutions are matmuls)"
+        for node in gm.graph.nodes:
+            if node.name not in op.nodes:
+                continue
+            if node.op == "call_module":
+                m = gm.get_submodule(node.target)
+                settings = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups}
+            else:
+                names = ("stride", "padding", "dilation", "groups")
+                settings = {k: (node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(k, 0 if k == "padding" else 1)) for i, k in enumerate(names)}
+            if not all(every(v, 0 if k == "padding" else 1) for k, v in settings.items()):
+                return f"a convolution with {settings} (only stride 1, no padding, one group)"
+        return None
+
+    @staticmethod
+    def _weight(gm: fx.GraphModule, op: WeightOp) -> torch.Tensor:
+        w = getattr(*resolve(gm, op.weight)).detach()  # the effective (masked) weight
+        return w.reshape(w.shape[0], -1)
+
+    @staticmethod
+    def _bias(gm: fx.GraphModule, op: WeightOp) -> torch.Tensor | None:
+        return None if op.bias is None else getattr(*resolve(gm, op.bias)).detach()
+
+    # -- choosing --------------------------------------------------------------------------
+    def _candidates(self, op: WeightOp, w: torch.Tensor, b: torch.Tensor | None) -> list[_SparseWeight]:
+        out = []
+        for fmt in self.formats:
+            if fmt == "csr":
+                out.append(compress(w, b, op.kind, "csr"))
+            elif (block := _blocksize(w)) is not None:
+                out.append(compress(w, b, op.kind, "bsr", block))
+        return out
+
+    @staticmethod
+    def _dense(op: WeightOp, w: torch.Tensor, b: torch.Tensor | None):
+        """The op as the dense graph computes it, on the 2-D weight."""
+        if op.kind == "linear":
+            return lambda x: F.linear(x, w, b)
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+        return lambda x: conv[x.ndim](x, w.reshape(*w.shape, *([1] * (x.ndim - 2))), b)
+
+    def _choose(self, op, w, b, x) -> tuple[_SparseWeight | None, dict]:
+        candidates = self._candidates(op, w, b)
+        if not candidates:
+            return None, {}
+        if self.choose == "first":
+            return candidates[0], {}
+        dense = self._dense(op, w, b)
+        with torch.no_grad():
+            times = {"dense_ms": 1e3 * time_call(lambda: dense(x), self.runs)}
+            for module in candidates:
+                times[f"{module.format}_ms"] = 1e3 * time_call(lambda m=module: m(x), self.runs)
+        best = min(candidates, key=lambda m: times[f"{m.format}_ms"])
+        return (best if times[f"{best.format}_ms"] < times["dense_ms"] else None), times
+
+    def _check(self, op, module, w, b, x, name) -> None:
+        with torch.no_grad():
+            expected, got = self._dense(op, w, b)(x), module(x)
+        try:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        except AssertionError as exc:
+            raise PassError(f"SparseLower: the {module.format} form of {name} does not compute what the dense layer does: {exc}") from exc
+
+    # -- rewriting -------------------------------------------------------------------------
+    @staticmethod
+    def _replace(gm: fx.GraphModule, op: WeightOp, module: nn.Module) -> None:
+        path = op.weight.rpartition(".")[0]
+        parent_path, _, child = path.rpartition(".")
+        setattr(gm.get_submodule(parent_path) if parent_path else gm, child, module)
+        for node in list(gm.graph.nodes):
+            if node.name not in op.nodes:
+                continue
+            x = node.args[0] if node.args else node.kwargs["input"]
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(path, (x,))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        for node in list(gm.graph.nodes):  # the dense weight and bias are no longer read
+            if node.op == "get_attr" and not node.users and node.target in (op.weight, op.bias):
+                gm.graph.erase_node(node)
