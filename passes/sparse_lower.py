@@ -7,7 +7,9 @@ and bias move into a `SparseLinear` / `SparseConv1x1` (`graphprune.backends.spar
 that holds the weight compressed, and the graph calls that module instead.
 
 With `choose="measure"` (the default) every candidate is timed on the input
-it sees on the example inputs: dense vs each format, interleaved, medians.
+it sees on the example inputs: dense vs each format, medians, each variant run
+over all layers in turn as the model would (so small layers' weights are not
+kept warm in cache between their own calls).
 The fastest wins, so a layer where sparse kernels are not faster stays dense.
 The decision and the timings are recorded and shown in the summary.  CSR fits
 any sparsity pattern; BSR is tried only where the zeros come in blocks (the
@@ -17,6 +19,10 @@ Each lowered layer is checked against the dense op on that input.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import defaultdict
+from functools import partial
 from typing import Iterable
 
 import torch
@@ -24,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.backends.sparse import FORMATS, _SparseWeight, compress, time_call
+from graphprune.backends.sparse import FORMATS, _SparseWeight, compress
 from graphprune.errors import PassError
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
@@ -96,20 +102,10 @@ class SparseLower(PassBase):
         if self.fixed is not None and set(self.fixed) - set(candidates):
             raise PassError(f"the plan lowers layers this model does not have: {sorted(set(self.fixed) - set(candidates))[:5]}")
         inputs = op_inputs(gm, candidates, ctx.example_inputs) if candidates else {}
+        chosen = self._fixed(gm, candidates) if self.fixed is not None else self._choose(gm, candidates, inputs, report)
         lowered = {}
-        for name, op in candidates.items():
-            w, b = self._weight(gm, op), self._bias(gm, op)
-            if self.fixed is not None:
-                fmt, block = self.fixed[name]["format"], self.fixed[name]["blocksize"]
-                module = compress(w, b, op.kind, fmt, tuple(block) if block else None)
-            else:
-                module, timings = self._choose(op, w, b, inputs[name])
-                report[name].update(timings)
-                if module is None:
-                    report[name]["kept_dense"] = "dense was fastest"
-                    continue
-                self._check(op, module, w, b, inputs[name], name)
-            self._replace(gm, op, module)
+        for name, module in chosen.items():
+            self._replace(gm, candidates[name], module)
             lowered[name] = {"format": module.format, "blocksize": list(module.blocksize) if module.blocksize else None}
             report.setdefault(name, {})["format"] = module.format
         if lowered:
@@ -186,19 +182,62 @@ class SparseLower(PassBase):
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
         return lambda x: conv[x.ndim](x, w.reshape(*w.shape, *([1] * (x.ndim - 2))), b)
 
-    def _choose(self, op, w, b, x) -> tuple[_SparseWeight | None, dict]:
-        candidates = self._candidates(op, w, b)
-        if not candidates:
-            return None, {}
+    def _fixed(self, gm: fx.GraphModule, ops: dict[str, WeightOp]) -> dict[str, _SparseWeight]:
+        """The formats a saved plan names (the values come with the saved weights)."""
+        out = {}
+        for name, op in ops.items():
+            fmt, block = self.fixed[name]["format"], self.fixed[name]["blocksize"]
+            out[name] = compress(self._weight(gm, op), self._bias(gm, op), op.kind, fmt, tuple(block) if block else None)
+        return out
+
+    def _choose(self, gm: fx.GraphModule, ops: dict[str, WeightOp], inputs: dict, report: dict) -> dict[str, _SparseWeight]:
+        options = {}
+        for name, op in ops.items():
+            options[name] = self._candidates(op, self._weight(gm, op), self._bias(gm, op))
+            if not options[name]:
+                report[name]["kept_dense"] = "no format fits (BSR needs the zeros in blocks)"
+        options = {name: modules for name, modules in options.items() if modules}
         if self.choose == "first":
-            return candidates[0], {}
-        dense = self._dense(op, w, b)
+            chosen = {name: modules[0] for name, modules in options.items()}
+        else:
+            times, chosen = self._measure(gm, ops, options, inputs), {}
+            for name, modules in options.items():
+                report[name].update(times[name])
+                best = min(modules, key=lambda m: times[name][f"{m.format}_ms"])
+                if times[name][f"{best.format}_ms"] < times[name]["dense_ms"]:
+                    chosen[name] = best
+                else:
+                    report[name]["kept_dense"] = "dense was fastest"
+        for name, module in chosen.items():
+            self._check(ops[name], module, self._weight(gm, ops[name]), self._bias(gm, ops[name]), inputs[name], name)
+        return chosen
+
+    def _measure(self, gm, ops, options, inputs) -> dict[str, dict[str, float]]:
+        """Median ms of dense and of each format, per layer.  Each variant runs over all the layers
+        in turn (dense for every layer, then CSR for every layer, ...), as a model runs them, so a
+        layer's weights do not stay in cache between its own calls: small layers are not flattered."""
+        calls = {}
+        for variant in ("dense", *self.formats):
+            for name, modules in options.items():
+                x = inputs[name]
+                if variant == "dense":
+                    calls[(name, variant)] = partial(self._dense(ops[name], self._weight(gm, ops[name]), self._bias(gm, ops[name])), x)
+                for m in modules:
+                    if m.format == variant:
+                        calls[(name, variant)] = partial(m, x)
+        samples = defaultdict(list)
         with torch.no_grad():
-            times = {"dense_ms": 1e3 * time_call(lambda: dense(x), self.runs)}
-            for module in candidates:
-                times[f"{module.format}_ms"] = 1e3 * time_call(lambda m=module: m(x), self.runs)
-        best = min(candidates, key=lambda m: times[f"{m.format}_ms"])
-        return (best if times[f"{best.format}_ms"] < times["dense_ms"] else None), times
+            for call in calls.values():  # warm up
+                call()
+            for _ in range(self.runs):
+                for key, call in calls.items():
+                    start = time.perf_counter()
+                    call()
+                    samples[key].append(time.perf_counter() - start)
+        out: dict[str, dict[str, float]] = defaultdict(dict)
+        for (name, variant), seconds in samples.items():
+            out[name][f"{variant}_ms"] = 1e3 * statistics.median(seconds)
+        return out
 
     def _check(self, op, module, w, b, x, name) -> None:
         with torch.no_grad():
