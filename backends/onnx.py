@@ -210,6 +210,10 @@ def export(
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if sparse_initializers is not None and not 0 < sparse_initializers <= 1:
         raise ValueError(f"sparse_initializers is the minimal share of zeros, in (0, 1]; got {sparse_initializers!r}")
+    lowered = [n for n, m in model.named_modules() if hasattr(m, "graphprune_macs")]
+    if lowered:
+        raise GraphPruneError(f"{lowered[:3]} hold compressed weights for torch's sparse kernels, which ONNX cannot express: "
+                              "export the model before SparseLower (sparse_initializers=0.5 keeps the file small)")
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():

@@ -174,3 +174,14 @@ def test_latency_helper_interleaves_and_states_threads():
     assert result.threads == 1 and result.runs == 3 and result.dense_ms > 0 and result.sparse_ms > 0
     assert "speedup" in str(result) and "1 threads" in str(result)
 
+
+
+def test_onnx_export_of_a_lowered_model_says_what_to_export_instead(tmp_path):
+    from graphprune.backends import onnx
+
+    model = nn.Sequential(nn.Linear(16, 16)).eval()
+    x = (torch.randn(2, 16),)
+    lowered = gp.compile(model, [UnstructuredMask(0.9), SparseLower(choose="first")], example_inputs=x)
+    with pytest.raises(gp.GraphPruneError, match="before SparseLower"):
+        onnx.export(lowered, tmp_path / "m.onnx", example_inputs=x)
+    assert not (tmp_path / "m.onnx").exists()
