@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ChannelMask"]
 
 SCOPES = ("local", "global")
-KINDS = ("channel", "head")
+KINDS = ("channel", "head", "ffn")
 
 
 class ChannelMask(PassBase):
@@ -110,7 +110,7 @@ class ChannelMask(PassBase):
 
     # -- choosing ----------------------------------------------------------------------
     def _ratio_of(self, g: ChannelGroup) -> float:
-        """A group's own ratio, else its kind's ("head", "channel"), else `ratio`."""
+        """A group's own ratio, else its kind's ("head", "ffn", "channel"), else `ratio`."""
         return self.group_ratios.get(g.key, self.ratios.get(g.kind, self.ratio))
 
     def _floor(self, g: ChannelGroup) -> int:

@@ -125,6 +125,30 @@ def _sizes_of(node: fx.Node) -> tuple[list, str | int]:
     return rest, "varargs"
 
 
+_SPLITS = {"split", torch.split, torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
+
+
+def _is_split(node: fx.Node) -> bool:
+    return node.op in ("call_method", "call_function") and node.target in _SPLITS
+
+
+def _rewrite_split(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) -> None:
+    """split(x, size or sizes, dim): each part's size becomes the number of channels it keeps."""
+    sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim %= len(shape)
+    if isinstance(sizes, int):
+        sizes = [min(sizes, shape[dim] - start) for start in range(0, shape[dim], sizes)]
+    kept = (~pruned.movedim(dim, 0).reshape(shape[dim], -1).all(1)).long()
+    new = [int(part.sum()) for part in kept.split(list(sizes))]
+    if new == list(sizes):
+        return
+    if node.target is torch.ops.aten.split.Tensor:
+        node.target = torch.ops.aten.split_with_sizes.default  # the ATen split takes a single size
+    node.args = (node.args[0], new, dim)
+    node.kwargs = {}
+
+
 def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[int]) -> None:
     if not pruned_roots or not deps.reshapes:
         return
@@ -134,6 +158,9 @@ def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[
             continue
         shape, roots = deps.reshapes[node.name]
         pruned = torch.isin(roots, pruned_set)
+        if _is_split(node):
+            _rewrite_split(node, shape, pruned)
+            continue
         new_shape = []
         for d, size in enumerate(shape):
             if roots.shape[d] == 1:

@@ -41,6 +41,18 @@ class SplitInt(nn.Module):
         return self.d(a) + self.d(b)
 
 
+class SplitSections(nn.Module):
+    """Uneven sections: each part keeps what its own consumer's group keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d, self.e = nn.Conv2d(3, 12, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.c(x).relu(), [4, 8], dim=1)
+        return self.d(a) + self.e(b)
+
+
 class UnflattenLiteral(nn.Module):
     def __init__(self):
         super().__init__()
@@ -136,7 +148,7 @@ class FunctionalBatchNorm(nn.Module):
         return self.d(F.relu(y))
 
 
-CASES = [FunctionalBatchNorm, DivideByParam, Rsqrt, SplitInt, UnflattenLiteral, UnflattenFree, GroupNormNoAffine, FunctionalGroupNorm,
+CASES = [FunctionalBatchNorm, DivideByParam, Rsqrt, SplitInt, SplitSections, UnflattenLiteral, UnflattenFree, GroupNormNoAffine, FunctionalGroupNorm,
          ClampTensor, ExpandLiteral, ParamReadWhole, Tied, SqueezeAll]
 
 
@@ -148,6 +160,12 @@ def test_exact_after_review_findings(factory):
     masked, shrunk = prune(model, x, 0.5)
     assert not torch.isnan(run(masked, x)).any()
     assert_exact(masked, shrunk, x)
+
+
+def test_split_sections_are_rewritten_to_what_each_part_keeps():
+    _, shrunk = prune(SplitSections(), (torch.randn(2, 3, 5, 5),), 0.5)
+    (split,) = [n for n in shrunk.graph.nodes if n.op == "call_function" and n.target is torch.split]
+    assert split.args[1] == [2, 4] and shrunk.get_submodule("c").out_channels == 6
 
 
 def test_functional_batch_norm_still_prunes():

@@ -33,9 +33,9 @@ def test_bert_heads_and_ffn_neurons_prune_exactly_with_no_hints():
     kinds = {g.key: (g.kind, g.size) for g in deps.groups}
     assert kinds == {
         "encoder.layer.0.attention.self.query": ("head", 4), "encoder.layer.1.attention.self.query": ("head", 4),
-        "encoder.layer.0.intermediate.dense": ("channel", 64), "encoder.layer.1.intermediate.dense": ("channel", 64),
+        "encoder.layer.0.intermediate.dense": ("ffn", 64), "encoder.layer.1.intermediate.dense": ("ffn", 64),
     }
-    masked = gp.compile(model, [L2Score(), ChannelMask(0.5, ratios={"head": 0.25})], example_inputs=inputs)
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"head": 0.25, "ffn": 0.5})], example_inputs=inputs)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
     assert_exact(masked, shrunk, inputs)
     out = run(shrunk, inputs)
@@ -100,10 +100,10 @@ def _hf(name):
 
 
 # (kinds of groups found, units per head group): GQA prunes whole kv groups (a kv head with its q heads);
-# GPT-2's fused qkv is split with constant sizes and T5 computes attention with matmuls, so their heads
-# stay (frozen and named) while their FFN neurons prune.
-HF = {"roberta": {"channel", "head"}, "distilbert": {"channel", "head"}, "vit": {"channel", "head"},
-      "gpt2": {"channel"}, "llama": {"channel", "head"}, "qwen2": {"channel", "head"}, "t5": {"channel"}}
+# GPT-2's fused qkv is split with constant sizes, which Shrink rewrites; T5 computes attention with
+# matmuls, so its heads stay (frozen and named) while its FFN neurons prune.
+HF = {"roberta": {"ffn", "head"}, "distilbert": {"ffn", "head"}, "vit": {"ffn", "head"},
+      "gpt2": {"ffn", "head"}, "llama": {"ffn", "head"}, "qwen2": {"ffn", "head"}, "t5": {"ffn"}}
 
 
 @pytest.mark.parametrize("name", list(HF))
@@ -179,3 +179,32 @@ def test_a_pruned_bert_saves_and_loads_back_with_identical_outputs(tmp_path):
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=0, atol=0)
     assert loaded.get_submodule("encoder.layer.0.attention.self.query").weight.shape == (24, 32)
+
+
+class FusedQKV(nn.Module):
+    """One projection for q, k and v, split with constant sizes (as GPT-2 does)."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.width, self.heads, self.dim = width, heads, width // heads
+        self.qkv, self.o = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(self.width, dim=2)
+        q, k, v = (p.view(b, t, self.heads, self.dim).transpose(1, 2) for p in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.heads * self.dim)) + x
+
+
+def test_a_fused_qkv_split_with_constant_sizes_prunes_whole_heads():
+    torch.manual_seed(0)
+    model = FusedQKV().eval()
+    x = (torch.randn(2, 5, 32),)
+    deps = gp.analyze_dependencies(gp.trace(model, example_inputs=x), x)
+    assert [(g.kind, g.size) for g in deps.groups] == [("head", 4)]
+    masked, shrunk = prune(model, x, 0.5)
+    assert_exact(masked, shrunk, x)
+    assert shrunk.get_submodule("qkv").out_features == 48  # 2 heads of 8, for q, k and v
+    (split,) = [n for n in shrunk.graph.nodes if n.target == "split"]
+    assert split.args[1] == [16, 16, 16]

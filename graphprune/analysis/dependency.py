@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -23,6 +23,7 @@ from graphprune.labels import FreezeSite, LabelSpace, compact, labeled_dims, non
 from graphprune.inputs import clone_inputs, eval_mode, positional_inputs
 from graphprune.rules import base as rules
 from graphprune.rules.base import OpCall, ParamRef, iter_label_tensors, map_tensors
+from graphprune.weight_ops import weight_ops
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,18 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     reshapes = {k: (tuple(v.shape), roots[compact(v)]) for k, v in prop.reshapes.items()}
     kinds = {int(roots[label]): kind for label, kind in space.kinds.items()}
     deps = _build(roots, frozen, slots, reshapes, space.consumer_slots, kinds)
-    return Dependencies(deps.groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()}, prop.squeezes)
+    groups = _name_ffn_groups(gm, deps.groups)
+    return Dependencies(groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()}, prop.squeezes)
+
+
+def _name_ffn_groups(gm: fx.GraphModule, groups: tuple[ChannelGroup, ...]) -> tuple[ChannelGroup, ...]:
+    """Kind "ffn": channels that only linear layers touch (the neurons between the projections of
+    a transformer's MLP, gated or not), so that ratios can name them apart from conv channels."""
+    linear = {t for op in weight_ops(gm).values() if op.kind == "linear" for t in (op.weight, op.bias) if t}
+    for n in gm.graph.nodes:  # addmm(bias, x, weight): Hugging Face's Conv1D
+        if n.op == "call_function" and n.target is torch.ops.aten.addmm.default:
+            linear.update(a.target for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr")
+    return tuple(replace(g, kind="ffn") if g.kind == "channel" and all(s.tensor in linear for s in g.slots) else g for g in groups)
 
 
 def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:

@@ -179,7 +179,8 @@ class Concat(Rule):
 
 
 class SplitChunk(Rule):
-    """split/chunk: equal parts along a pruned dim must each lose the same channels."""
+    """split/chunk along a pruned dim.  chunk(n): the equal parts must each lose the same channels.
+    split with sizes: any channels may go, Shrink rewrites the sizes to what each part keeps."""
 
     def propagate(self, call: OpCall):
         parts = execute(call)
@@ -192,9 +193,11 @@ class SplitChunk(Rule):
         if size_arg is None:
             size_arg = call.kwargs.get("split_size")
         sizes = {p.shape[dim] for p in parts}
-        if isinstance(size_arg, (list, tuple)) or len(sizes) > 1 or (not is_chunk and isinstance(size_arg, int)):
-            # split(4) or split([a, b]) holds sizes that would be wrong after pruning
-            call.space.freeze(x, call.site("indexing", "split with constant sizes over pruned channels"))
+        if not is_chunk:  # split(4) / split([a, b]) hold sizes: Shrink recounts each part's kept channels
+            call.extra["reshape_labels"] = x
+            return parts
+        if len(sizes) > 1:
+            call.space.freeze(x, call.site("indexing", "chunk into unequal parts over pruned channels"))
             return parts
         first = call.along(parts[0], dim)
         for p in parts[1:]:
