@@ -24,6 +24,7 @@ from graphprune.schedule import Pruner, sparsity_at
 from graphprune.sensitivity import Sensitivity, sensitivity
 from graphprune.summary import Summary, summary
 from graphprune.trace import trace
+from graphprune.vocab import prune_vocabulary
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "trace",
     "save",
     "load",
+    "prune_vocabulary",
     "analyze_dependencies",
     "count_macs",
     "count_params",

