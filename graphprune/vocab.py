@@ -114,5 +114,4 @@ def _prune_tokenizer(tokenizer: Any, state: dict, kept: list[int], new_id: dict[
         added["id"] = new_id[added["id"]]
     pruned = copy.deepcopy(tokenizer)
     pruned._tokenizer = Tokenizer.from_str(json.dumps(state))  # the Rust tokenizer the Python one wraps
-
     return pruned
