@@ -81,6 +81,11 @@ class ChannelMask(PassBase):
         if unknown:
             raise ValueError(f"ChannelMask group_ratios names groups the model does not have: {unknown[:5]}; groups are {[g.key for g in deps.groups][:10]}...")
         groups = [g for g in deps.groups if not self._excluded(g)]
+        absent = sorted(k for k, r in self.ratios.items() if r > 0 and not any(g.kind == k for g in deps.groups))
+        if absent:
+            found = sorted({g.kind for g in deps.groups})
+            raise PreconditionError(f"ChannelMask ratios name kinds of groups this model does not have: {absent} (it has {found}); "
+                                    "a model with no attention has no 'head' groups")
         missing = [g.key for g in groups if g.key not in scores]
         if missing:
             raise PreconditionError(f"no scores for groups {missing[:5]}: run the score pass after any pass that changes the graph")

@@ -208,3 +208,13 @@ def test_a_fused_qkv_split_with_constant_sizes_prunes_whole_heads():
     assert shrunk.get_submodule("qkv").out_features == 48  # 2 heads of 8, for q, k and v
     (split,) = [n for n in shrunk.graph.nodes if n.target == "split"]
     assert split.args[1] == [16, 16, 16]
+
+
+def test_head_ratios_on_a_model_without_attention_are_refused_and_rounding_keeps_a_head():
+    x = (torch.randn(2, 5, 32),)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.raises(gp.PreconditionError, match="'head'"):
+        gp.compile(mlp, [L2Score(), ChannelMask(0.0, ratios={"head": 0.5})], example_inputs=x)
+    model = SelfAttention(heads=2).eval()
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"head": 0.99})], example_inputs=x)
+    assert gp.summary(model, masked, x).groups == (("q", 2, 1),)  # never zero heads: at least min_channels stay
