@@ -19,6 +19,7 @@ import torch.fx as fx
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.errors import PreconditionError
 from graphprune.masking import mask_units, unit_mask_state
+from graphprune.norms import sync_norms
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.passes.score import SCORES
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ChannelMask"]
 
 SCOPES = ("local", "global")
-KINDS = ("channel", "head", "ffn")
+KINDS = ("channel", "head", "ffn", "hidden")
 
 
 class ChannelMask(PassBase):
@@ -108,6 +109,7 @@ class ChannelMask(PassBase):
             mask_units(gm, g, new, deps.aliases)
             modified |= bool(new)
             report[g.key] = (g.size, g.size - len(chosen))
+        sync_norms(gm)  # LayerNorms over masked channels normalise over the kept ones
         masked = {g.key: torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist() for g in groups}
         plan = {"op": "channel_mask", "units": {k: ids for k, ids in masked.items() if ids}}
         ctx.record(groups=report, scope=self.scope, ratio=self.ratio, plan=plan)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
-from graphprune.passes import ChannelMask, L2Score, Shrink
+from graphprune.passes import ChannelMask, L2Score, ReinsertZeros, Shrink
 from tests.helpers import assert_exact, prune, run
 
 transformers = pytest.importorskip("transformers")
@@ -170,7 +170,8 @@ def test_a_pruned_bert_saves_and_loads_back_with_identical_outputs(tmp_path):
     """Weights in safetensors, structure as a plan replayed on a fresh model: no pickle anywhere."""
     model = small_bert()
     inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
-    pruned = gp.compile(model, [L2Score(), ChannelMask(0.5, ratios={"head": 0.25}), Shrink()], example_inputs=inputs)
+    pruned = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask(0.5, ratios={"head": 0.25, "hidden": 0.25}), Shrink()],
+                        example_inputs=inputs)
     gp.save(pruned, tmp_path)
     loaded = gp.load(small_bert(), tmp_path, example_inputs=inputs)
     other = {"input_ids": torch.randint(0, 100, (3, 8))}
@@ -178,7 +179,7 @@ def test_a_pruned_bert_saves_and_loads_back_with_identical_outputs(tmp_path):
     assert type(got) is type(expected)
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=0, atol=0)
-    assert loaded.get_submodule("encoder.layer.0.attention.self.query").weight.shape == (24, 32)
+    assert loaded.get_submodule("encoder.layer.0.attention.self.query").weight.shape == (24, 24)  # 3 heads of 8, 24 hidden
 
 
 class FusedQKV(nn.Module):
@@ -218,3 +219,51 @@ def test_head_ratios_on_a_model_without_attention_are_refused_and_rounding_keeps
     model = SelfAttention(heads=2).eval()
     masked = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"head": 0.99})], example_inputs=x)
     assert gp.summary(model, masked, x).groups == (("q", 2, 1),)  # never zero heads: at least min_channels stay
+
+
+def test_hidden_size_prunes_exactly_through_embeddings_layer_norms_and_residuals():
+    """The residual stream of BERT: embeddings, every LayerNorm, every projection.  Masked LayerNorms
+    normalise over the kept channels, so mask and shrink agree; the output keeps its width (zeros)."""
+    model = small_bert()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
+    deps = gp.analyze_dependencies(gp.trace(model, example_inputs=inputs), inputs)
+    assert not any(g.kind == "hidden" for g in deps.groups)  # it reaches the output: frozen ...
+    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask(0.0, ratios={"hidden": 0.25})], example_inputs=inputs)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)  # ... unless zeros are reinserted there
+    assert ("embeddings.word_embeddings", 32, 24) in gp.summary(model, masked, inputs).groups
+    a, b = run(masked, inputs), run(shrunk, inputs)
+    torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, rtol=1e-4, atol=1e-5)
+    assert b.last_hidden_state.shape == (2, 8, 32) and bool((b.last_hidden_state[..., a.last_hidden_state.abs().sum((0, 1)) == 0] == 0).all())
+    assert shrunk.get_submodule("embeddings.word_embeddings").weight.shape == (100, 24)
+    assert shrunk.get_submodule("encoder.layer.1.output.LayerNorm").weight.shape == (24,)
+    assert gp.count_macs(shrunk, inputs) < 0.85 * gp.count_macs(model, inputs)
+
+
+class TinyEncoder(nn.Module):
+    """nn.Embedding and nn.LayerNorm modules, symbolically traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm1 = nn.Embedding(50, 32), nn.LayerNorm(32)
+        self.attn, self.norm2 = SelfAttention(), nn.LayerNorm(32)
+        self.ffn = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids):
+        h = self.norm1(self.embed(ids))
+        h = self.norm2(self.attn(h))
+        return self.head((h + self.ffn(h)).mean(1))
+
+
+def test_hidden_size_of_a_symbolically_traced_model_updates_module_attributes():
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    x = (torch.randint(0, 50, (2, 7)),)
+    deps = gp.analyze_dependencies(gp.trace(model, example_inputs=x), x)
+    assert {g.kind for g in deps.groups} == {"hidden", "head", "ffn"}
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    assert any(n.target is gp.norms.masked_layer_norm for n in masked.graph.nodes)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert_exact(masked, shrunk, x)
+    assert shrunk.embed.embedding_dim == 16 and shrunk.norm1.normalized_shape == (16,) and shrunk.head.in_features == 16
+    assert not any(n.target is gp.norms.masked_layer_norm for n in shrunk.graph.nodes)

@@ -4,7 +4,7 @@ The same rule classes serve both graph levels: an exported graph calls
 `aten.linear(x, weight, bias)` on parameters read with get_attr where a
 symbolically traced one calls an `nn.Linear`, so only the linear rule is new
 here; everything else is the module-level rule registered under the ATen name.
-Ops not listed (matmul, embedding, ...) have no rule yet and freeze the
+Ops not listed (matmul, ...) have no rule yet and freeze the
 channels that reach them; scaled_dot_product_attention makes whole heads units.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from graphprune.labels import varies_along
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
-from graphprune.rules.channelwise import LayerNormRule
+from graphprune.rules.channelwise import EmbeddingRule, LayerNormRule
 from graphprune.rules.conv import _place
 from graphprune.rules.pointwise import Elementwise, Pow, Unary
 from graphprune.rules.reduce import Reduce, Softmax
@@ -122,6 +122,7 @@ for _op in _overloads(aten.view, aten.reshape, aten._unsafe_view, aten.expand):
 for _op in _overloads(aten.slice, aten.select, aten.narrow, aten.index_select):
     register_rule(_op, FreezeAlongDim(0, "dim"))
 register_rule(aten.layer_norm.default, LayerNormRule())
+register_rule(aten.embedding.default, EmbeddingRule(0))
 for _op in _overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax):
     register_rule(_op, Softmax())
 for _op in _overloads(aten.mean, aten.sum, aten.amax, aten.amin):

@@ -3,8 +3,9 @@
 BatchNorm, InstanceNorm, GroupNorm (whole groups), PReLU, pooling and
 resampling.  `ChannelwiseRule` is public: a user's leaf module that works
 channel by channel registers it with the names of its per-channel tensors.
-LayerNorm normalises *across* channels; pruning some would change the
-statistics of the rest, so channels it normalises over are frozen.
+LayerNorm normalises *across* channels: masked, it is rewritten to normalise
+over the kept channels only (graphprune.norms), so it prunes exactly too.
+Embedding lookups produce channels (their weight's columns).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.labels import varies_along
+from graphprune.norms import masked_layer_norm
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
 from graphprune.rules.pointwise import Unary
 
-__all__ = ["ChannelwiseRule", "GroupNormRule", "LayerNormRule"]
+__all__ = ["ChannelwiseRule", "EmbeddingRule", "GroupNormRule", "LayerNormRule"]
 
 
 class ChannelwiseRule(Rule):
@@ -75,18 +77,68 @@ class GroupNormRule(ChannelwiseRule):
 
 
 class LayerNormRule(Rule):
-    """LayerNorm (module or F.layer_norm): frozen where it normalises over pruned channels."""
+    """LayerNorm over the last dim (module, F.layer_norm, aten.layer_norm, or its masked form):
+    per channel for its weight and bias, and prunable: once masked it normalises over the kept
+    channels only (graphprune.norms), which is what the shrunk LayerNorm computes.  A LayerNorm
+    over several dims, or without a weight to carry the mask, freezes the channels."""
 
     def propagate(self, call: OpCall):
         x = call.input(0)
+        masked = call.node.target is masked_layer_norm
         if call.module is not None:
-            shape = call.module.normalized_shape
+            shape, weight, bias = call.module.normalized_shape, call.module.weight, call.module.bias
+            weight = call.param("weight") if weight is not None else None
+            bias = call.param("bias") if bias is not None else None
         else:
-            shape = call.kwargs.get("normalized_shape", call.args[1] if len(call.args) > 1 else None)
-        count = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
-        if any(varies_along(x, d) for d in range(x.ndim - count, x.ndim)):
-            call.space.freeze(x, call.site("norm", "normalises over these channels; removing some would change the statistics of the rest", source=call.node.args[0].name, dim=x.ndim - 1))
-        return Unary().propagate(call)
+            w_at, b_at = (2, 3)
+            shape = None if masked else call.kwargs.get("normalized_shape", call.args[1] if len(call.args) > 1 else None)
+            weight = call.label_kwargs.get("weight", call.labels[w_at] if len(call.labels) > w_at else None)
+            bias = call.label_kwargs.get("bias", call.labels[b_at] if len(call.labels) > b_at else None)
+            weight = weight.name if isinstance(weight, ParamRef) else weight
+            bias = bias.name if isinstance(bias, ParamRef) else bias
+        count = 1 if masked else len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+        if not any(varies_along(x, d) for d in range(x.ndim - count, x.ndim)):
+            return Unary().propagate(call)
+        site = dict(source=call.node.args[0].name, dim=x.ndim - 1)
+        if count != 1 or not isinstance(weight, str) or (bias is not None and not isinstance(bias, str)):
+            why = "normalises over several dims" if count != 1 else "has no weight parameter to carry a mask"
+            call.space.freeze(x, call.site("norm", f"normalises over these channels and {why}", **site))
+            return Unary().propagate(call)
+        per = call.along(x, -1)
+        for name in (weight, bias):
+            if name is not None:
+                call.space.add_slot(name, 0, per)
+                call.extra.setdefault("sliced_params", set()).add(name)
+        call.space.tag(per, "hidden")
+        return per.reshape([1] * (call.out.ndim - 1) + [-1]).expand(call.out.shape)
+
+    def update_module(self, module: nn.Module) -> None:
+        if getattr(module, "weight", None) is not None:
+            module.normalized_shape = (module.weight.shape[0],)
+
+
+class EmbeddingRule(Rule):
+    """An embedding lookup: the output's last dim is the weight's columns (a hidden size)."""
+
+    def __init__(self, weight_pos: int) -> None:
+        self.weight_pos = weight_pos
+
+    def propagate(self, call: OpCall):
+        if call.module is not None:
+            name, max_norm, width = call.param("weight"), call.module.max_norm, call.module.embedding_dim
+        else:
+            ref = call.label_kwargs.get("weight", call.labels[self.weight_pos] if len(call.labels) > self.weight_pos else None)
+            name, max_norm, width = getattr(ref, "name", None), call.kwargs.get("max_norm"), call.out.shape[-1]
+        if name is None or max_norm is not None:  # max_norm renormalises rows over all their columns
+            call.freeze_inputs("no_rule", "embedding whose weight is not a parameter, or with max_norm")
+            return call.out_none()
+        out = call.space.fresh(width)
+        call.space.add_slot(name, 1, out)
+        call.extra.setdefault("sliced_params", set()).add(name)
+        return out.reshape([1] * (call.out.ndim - 1) + [-1]).expand(call.out.shape)
+
+    def update_module(self, module: nn.Module) -> None:
+        module.embedding_dim = module.weight.shape[1]
 
 
 class FunctionalNormRule(Rule):
@@ -127,6 +179,9 @@ for _cls, _k in [(nn.InstanceNorm1d, 1), (nn.InstanceNorm2d, 2), (nn.InstanceNor
 register_rule(nn.GroupNorm, GroupNormRule())
 register_rule(nn.LayerNorm, LayerNormRule())
 register_rule(F.layer_norm, LayerNormRule())
+register_rule(masked_layer_norm, LayerNormRule())
+register_rule(nn.Embedding, EmbeddingRule(0))
+register_rule(F.embedding, EmbeddingRule(1))
 register_rule(nn.PReLU, ChannelwiseRule(1, {"weight": 0}, "num_parameters"))
 
 _pools = {
