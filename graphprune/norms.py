@@ -1,13 +1,18 @@
-"""LayerNorm over pruned channels, exactly.
+"""Normalisations and reductions over pruned channels, exactly.
 
-A LayerNorm normalises over its channels, so a model with some of them masked
-computes something else than the same model with them removed, unless the
-masked model normalises over the kept channels only.  So once a mask reaches a
-LayerNorm's weight, `sync_norms` rewrites that LayerNorm (module, `F.layer_norm`
-or `aten.layer_norm`) into `masked_layer_norm`, which takes its statistics over
-the channels the weight's mask keeps; `Shrink` turns it back into a plain
-LayerNorm over the channels that are left (`revert_norms`).  The original
-form is kept in the call (`original=`), so the rewrite needs no side table.
+A LayerNorm normalises over its channels (and RMSNorm takes a mean over them),
+so a model with some of them masked computes something else than the same
+model with them removed, unless the masked model reduces over the kept
+channels only.  `sync_masked_ops` (run by the mask passes) rewrites them:
+
+- a LayerNorm (module, `F.layer_norm` or `aten.layer_norm`) whose weight has
+  masked channels becomes `masked_layer_norm`, with statistics over the
+  channels that the weight's mask keeps;
+- a mean or sum over one dim of channels of which some are masked becomes
+  `masked_reduce`, reading a `graphprune_keep_*` buffer of the kept channels.
+
+`Shrink` turns both back into the plain op over the channels that are left
+(`revert_masked_ops`).  The original form is kept in the call (`original=`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,16 @@ from torch import fx, nn
 
 from graphprune.masking import ChannelMaskParametrization, channel_mask, resolve
 
-__all__ = ["masked_layer_norm", "sync_norms", "revert_norms", "LAYER_NORMS"]
+__all__ = ["masked_layer_norm", "masked_reduce", "sync_masked_ops", "revert_masked_ops"]
 
 aten = torch.ops.aten
 LAYER_NORMS = {F.layer_norm: "functional", aten.layer_norm.default: "aten"}
+# a reduction's original form: (op, target, whether its dim is a list)
+REDUCTIONS = {
+    "aten_mean": ("call_function", aten.mean.dim, True), "aten_sum": ("call_function", aten.sum.dim_IntList, True),
+    "torch_mean": ("call_function", torch.mean, False), "torch_sum": ("call_function", torch.sum, False),
+    "method_mean": ("call_method", "mean", False), "method_sum": ("call_method", "sum", False),
+}
 
 
 def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, original: str = "functional") -> torch.Tensor:
@@ -32,6 +43,14 @@ def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor,
     centered = (x - (x * k).sum(-1, keepdim=True) / k.sum()) * k
     y = centered * torch.rsqrt(centered.pow(2).sum(-1, keepdim=True) / k.sum() + eps) * weight
     return y if bias is None else y + bias
+
+
+def masked_reduce(x: torch.Tensor, keep: torch.Tensor, dim: int, keepdim: bool, op: str = "mean", original: str = "torch_mean") -> torch.Tensor:
+    """Mean or sum over `dim` of the entries `keep` marks."""
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    total = (x * keep.to(x.dtype).reshape(shape)).sum(dim, keepdim=keepdim)
+    return total / keep.sum() if op == "mean" else total
 
 
 def _arg(node: fx.Node, i: int, name: str, default=None):
@@ -53,7 +72,55 @@ def _layer_norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return _arg(node, 0, "input"), weight.target, bias.target if bias is not None else None, _arg(node, 4, "eps", 1e-5), LAYER_NORMS[node.target]
 
 
-def sync_norms(gm: fx.GraphModule) -> int:
+def sync_masked_ops(gm: fx.GraphModule, deps) -> None:
+    """Bring LayerNorms and channel reductions in line with the masks (after masks changed)."""
+    _sync_norms(gm)
+    _sync_reductions(gm, deps)
+    gm.recompile()
+
+
+def _masked_roots(gm: fx.GraphModule, deps) -> torch.Tensor:
+    from graphprune.masking import unit_mask_state
+
+    roots = [g.roots[u] for g in deps.groups for u in torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist()]
+    return torch.tensor(roots, dtype=torch.int64)
+
+
+def _reduction_key(node: fx.Node) -> str | None:
+    for key, (op, target, _) in REDUCTIONS.items():
+        if node.op == op and node.target == target:
+            return key
+    return None
+
+
+def _sync_reductions(gm: fx.GraphModule, deps) -> None:
+    if not deps.reductions:
+        return
+    pruned = _masked_roots(gm, deps)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, (dim, roots) in deps.reductions.items():
+        node = nodes.get(name)
+        if node is None:
+            continue
+        keep = ~torch.isin(roots, pruned)
+        if node.target is masked_reduce:  # already rewritten: only the kept channels change
+            getattr(*resolve(gm, node.args[1].target)).copy_(keep)
+            continue
+        key = _reduction_key(node)
+        if key is None or bool(keep.all()):
+            continue
+        buffer = f"graphprune_keep_{name}"
+        gm.register_buffer(buffer, keep.clone())
+        keepdim = _arg(node, 2, "keepdim", False)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(masked_reduce, (node.args[0], gm.graph.get_attr(buffer), dim, bool(keepdim)),
+                                         {"op": key.rpartition("_")[2], "original": key})
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _sync_norms(gm: fx.GraphModule) -> int:
     """Rewrite every LayerNorm whose weight has masked channels into `masked_layer_norm`;
     return how many were rewritten."""
     changed = 0
@@ -83,31 +150,47 @@ def sync_norms(gm: fx.GraphModule) -> int:
             if n.op == "get_attr" and not n.users:
                 gm.graph.erase_node(n)
         changed += 1
-    if changed:
-        gm.recompile()
     return changed
 
 
-def revert_norms(gm: fx.GraphModule) -> None:
-    """After Shrink sliced the weights: plain LayerNorms over the channels that are left."""
+def revert_masked_ops(gm: fx.GraphModule) -> None:
+    """After Shrink sliced the weights: plain LayerNorms and reductions over the channels left."""
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not masked_layer_norm:
-            continue
-        x, keep, w, b, eps = node.args
-        original = node.kwargs.get("original", "functional")
-        width = getattr(*resolve(gm, w.target)).shape[0]
-        with gm.graph.inserting_before(node):
-            if original.startswith("module:"):
-                path = original.partition(":")[2]
-                gm.get_submodule(path).normalized_shape = (width,)
-                new = gm.graph.call_module(path, (x,))
-            elif original == "aten":
-                new = gm.graph.call_function(aten.layer_norm.default, (x, [width], w, b, eps))
-            else:
-                new = gm.graph.call_function(F.layer_norm, (x, (width,), w, b, eps))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        for n in (keep, w, b):
-            if isinstance(n, fx.Node) and not n.users:
-                gm.graph.erase_node(n)
+        if node.op == "call_function" and node.target is masked_reduce:
+            _revert_reduction(gm, node)
+        elif node.op == "call_function" and node.target is masked_layer_norm:
+            _revert_norm(gm, node)
+
+
+def _revert_reduction(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, keep, dim, keepdim = node.args
+    op, target, as_list = REDUCTIONS[node.kwargs["original"]]
+    with gm.graph.inserting_before(node):
+        new = gm.graph.create_node(op, target, (x, [dim] if as_list else dim, keepdim))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    if not keep.users:
+        gm.graph.erase_node(keep)
+        delattr(*resolve(gm, keep.target))
+
+
+def _revert_norm(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, keep, w, b, eps = node.args
+    original = node.kwargs.get("original", "functional")
+    width = getattr(*resolve(gm, w.target)).shape[0]
+    with gm.graph.inserting_before(node):
+        if original.startswith("module:"):
+            path = original.partition(":")[2]
+            gm.get_submodule(path).normalized_shape = (width,)
+            new = gm.graph.call_module(path, (x,))
+        elif original == "aten":
+            new = gm.graph.call_function(aten.layer_norm.default, (x, [width], w, b, eps))
+        else:
+            new = gm.graph.call_function(F.layer_norm, (x, (width,), w, b, eps))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    for n in (keep, w, b):
+        if isinstance(n, fx.Node) and not n.users:
+            gm.graph.erase_node(n)

@@ -117,7 +117,7 @@ class _Replay(PassBase):
 
 def _channel_mask(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:
     from graphprune.masking import mask_units
-    from graphprune.norms import sync_norms
+    from graphprune.norms import sync_masked_ops
 
     deps = ctx.dependencies(gm)
     groups = {g.key: g for g in deps.groups}
@@ -126,7 +126,7 @@ def _channel_mask(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:
         raise GraphPruneError(f"the plan masks groups this model does not have: {missing[:5]}")
     for key, ids in step["units"].items():
         mask_units(gm, groups[key], ids, deps.aliases)
-    sync_norms(gm)
+    sync_masked_ops(gm, deps)
 
 
 def _weight_mask(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:

@@ -19,7 +19,7 @@ import torch.fx as fx
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.errors import PreconditionError
 from graphprune.masking import mask_units, unit_mask_state
-from graphprune.norms import sync_norms
+from graphprune.norms import sync_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.passes.score import SCORES
 
@@ -85,8 +85,8 @@ class ChannelMask(PassBase):
         absent = sorted(k for k, r in self.ratios.items() if r > 0 and not any(g.kind == k for g in deps.groups))
         if absent:
             found = sorted({g.kind for g in deps.groups})
-            raise PreconditionError(f"ChannelMask ratios name kinds of groups this model does not have: {absent} (it has {found}); "
-                                    "a model with no attention has no 'head' groups")
+            note = "; a model with no attention has no 'head' groups" if "head" in absent else ""
+            raise PreconditionError(f"ChannelMask ratios name kinds of groups this model does not have: {absent} (it has {found}){note}")
         missing = [g.key for g in groups if g.key not in scores]
         if missing:
             raise PreconditionError(f"no scores for groups {missing[:5]}: run the score pass after any pass that changes the graph")
@@ -109,7 +109,7 @@ class ChannelMask(PassBase):
             mask_units(gm, g, new, deps.aliases)
             modified |= bool(new)
             report[g.key] = (g.size, g.size - len(chosen))
-        sync_norms(gm)  # LayerNorms over masked channels normalise over the kept ones
+        sync_masked_ops(gm, deps)  # LayerNorms and means over masked channels reduce over the kept ones
         masked = {g.key: torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist() for g in groups}
         plan = {"op": "channel_mask", "units": {k: ids for k, ids in masked.items() if ids}}
         ctx.record(groups=report, scope=self.scope, ratio=self.ratio, plan=plan)

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from graphprune.analysis.dependency import Dependencies
 from graphprune.errors import PassError
 from graphprune.masking import channel_mask, raw_tensor, resolve, take_masks, unit_mask_state
-from graphprune.norms import revert_norms
+from graphprune.norms import revert_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.rules.base import rule_for_module
 
@@ -53,7 +53,7 @@ class Shrink(PassBase):
                 owner, attr = resolve(gm, name)
                 self._slice(owner, attr, {d: sorted(s) for d, s in dims.items() if s}, sliced, name)
                 touched[id(owner)] = owner
-        revert_norms(gm)  # masked LayerNorms become plain ones over the channels left
+        revert_masked_ops(gm)  # masked LayerNorms and means become plain ones over the channels left
         self._strip_unused_masks(gm)
         for owner in touched.values():
             rule = rule_for_module(owner, for_attributes=True)

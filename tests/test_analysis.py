@@ -7,6 +7,7 @@ import torch
 
 import graphprune as gp
 from tests import models
+from tests.helpers import assert_exact, prune
 
 
 def deps_of(model, shape=(1, 3, 8, 8)):
@@ -96,18 +97,24 @@ def test_op_without_rule_freezes_its_channels_and_names_itself():
     assert "custom_op" in site.site.reason and f"{site.channels}" == "8"
 
 
-def test_mean_over_channels_freezes_them():
+def test_mean_over_channels_prunes_exactly_and_max_over_them_freezes():
     class M(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, reduce):
             super().__init__()
             self.a = torch.nn.Conv2d(3, 4, 1)
             self.b = torch.nn.Conv2d(4, 4, 1)
+            self.reduce = reduce
 
         def forward(self, x):
             y = self.a(x)
-            return self.b(y) + y.mean(1, keepdim=True)
+            return self.b(y) + self.reduce(y)
 
-    deps = deps_of(M())
+    x = (torch.randn(2, 3, 5, 5),)
+    deps = deps_of(M(lambda y: y.mean(1, keepdim=True)))
+    assert any(("a.weight", 0) in slots(g) for g in deps.groups) and list(deps.reductions) == ["mean"]
+    masked, shrunk = prune(M(lambda y: y.mean(1, keepdim=True)).eval(), x, 0.5)
+    assert_exact(masked, shrunk, x)
+    deps = deps_of(M(lambda y: y.amax(1, keepdim=True)))
     assert not any(("a.weight", 0) in slots(g) for g in deps.groups)
     assert any(f.site.kind == "reduction" for f in deps.frozen)
 

@@ -267,3 +267,46 @@ def test_hidden_size_of_a_symbolically_traced_model_updates_module_attributes():
     assert_exact(masked, shrunk, x)
     assert shrunk.embed.embedding_dim == 16 and shrunk.norm1.normalized_shape == (16,) and shrunk.head.in_features == 16
     assert not any(n.target is gp.norms.masked_layer_norm for n in shrunk.graph.nodes)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class GatedSum(nn.Module):
+    """A mean of squares (RMSNorm) and a sum over channels after a sigmoid, where masked channels are 0.5, not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.norm, self.down = nn.Linear(8, 32), RMSNorm(32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.norm(self.up(x))
+        return self.down(h) + torch.sigmoid(h).sum(-1, keepdim=True)
+
+
+def test_means_and_sums_over_pruned_channels_reduce_over_the_kept_ones():
+    torch.manual_seed(0)
+    model = GatedSum().eval()
+    x = (torch.randn(4, 8),)
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    assert sum(n.target is gp.norms.masked_reduce for n in masked.graph.nodes) == 2
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert_exact(masked, shrunk, x)
+    assert shrunk.norm.weight.shape == (16,) and not any("graphprune_keep" in k for k in shrunk.state_dict())
+
+
+@pytest.mark.parametrize("name", ["llama", "distilbert"])
+def test_hidden_size_prunes_through_rms_norm_and_layer_norm(name):
+    model, inputs = _hf(name)
+    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask(0.25, ratios={"hidden": 0.25})], example_inputs=inputs)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
+    torch.testing.assert_close(run(shrunk, inputs), run(masked, inputs), rtol=1e-4, atol=1e-5)
+    embedding = [m for m in shrunk.modules() if hasattr(m, "weight") and getattr(m, "weight").shape[0] == 100][0]
+    width = 64 if name == "llama" else 32
+    assert embedding.weight.shape == (100, width - width // 4)

@@ -101,6 +101,7 @@ class Dependencies:
     frozen_units: int = 0  # units kept for a reason other than reaching an output
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tied tensor -> its other names
     squeezes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # squeeze() node -> dims that were 1
+    reductions: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)  # mean/sum over channels -> (dim, label roots)
 
     def group(self, key: str) -> ChannelGroup:
         for g in self.groups:
@@ -141,6 +142,7 @@ class _Propagator(fx.Interpreter):
         self.space = space
         self.labels: dict[fx.Node, Any] = {}
         self.reshapes: dict[str, torch.Tensor] = {}
+        self.reductions: dict[str, tuple[int, torch.Tensor]] = {}  # mean/sum over one channel dim -> (dim, labels)
         self.size_reads: list[tuple[fx.Node, torch.Tensor]] = []
         self.whole_params: dict[str, str] = {}  # parameter -> an op that reads it whole
         self.squeezes: dict[str, tuple[int, ...]] = {}  # squeeze() nodes -> the dims that were 1
@@ -201,6 +203,8 @@ class _Propagator(fx.Interpreter):
                 self.whole_params[ref.name] = where
         if "reshape_labels" in call.extra:
             self.reshapes[n.name] = call.extra["reshape_labels"]
+        if "reduce_labels" in call.extra:
+            self.reductions[n.name] = call.extra["reduce_labels"]
         if "squeeze_dims" in call.extra:
             self.squeezes[n.name] = call.extra["squeeze_dims"]
         return result
@@ -263,7 +267,8 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     kinds = {int(roots[label]): kind for label, kind in space.kinds.items()}
     deps = _build(roots, frozen, slots, reshapes, space.consumer_slots, kinds)
     groups = _name_ffn_groups(gm, deps.groups)
-    return Dependencies(groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()}, prop.squeezes)
+    reductions = {k: (d, roots[compact(v)]) for k, (d, v) in prop.reductions.items()}
+    return Dependencies(groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()}, prop.squeezes, reductions)
 
 
 def _name_ffn_groups(gm: fx.GraphModule, groups: tuple[ChannelGroup, ...]) -> tuple[ChannelGroup, ...]:

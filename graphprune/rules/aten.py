@@ -92,6 +92,15 @@ class AttentionRule(Rule):
         return v.expand(call.out.shape) if v.shape == call.out.shape else v.narrow(-2, 0, 1).expand(call.out.shape)
 
 
+class AssertMetadata(Rule):
+    """torch.export's dtype/device checks: nothing to prune, unless they pin a size or strides."""
+
+    def propagate(self, call: OpCall):
+        if call.kwargs.get("size") is not None or call.kwargs.get("stride") is not None:
+            call.freeze_inputs("no_rule", "a metadata assertion that pins the size")
+        return call.out_none()
+
+
 def _overloads(*packets) -> list:
     out = []
     for packet in packets:
@@ -101,13 +110,14 @@ def _overloads(*packets) -> list:
 
 
 register_rule(aten.linear.default, FunctionalLinearRule())
+register_rule(aten._assert_tensor_metadata.default, AssertMetadata())
 register_rule(aten.addmm.default, AddmmRule())
 for _op in _overloads(aten.split, aten.split_with_sizes, aten.chunk):
     register_rule(_op, SplitChunk())
 for _op in _overloads(aten.scaled_dot_product_attention) + [torch.nn.functional.scaled_dot_product_attention]:
     register_rule(_op, AttentionRule())
 for _op in _overloads(aten.gelu, aten.relu, aten.tanh, aten.sigmoid, aten.silu, aten.dropout, aten.clone,
-                      aten._to_copy, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.hardswish, aten.hardsigmoid, aten.relu6):
+                      aten._to_copy, aten.to, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.hardswish, aten.hardsigmoid, aten.relu6):
     register_rule(_op, Unary())
 for _op in _overloads(aten.add, aten.sub, aten.mul, aten.where, aten.maximum, aten.minimum):
     register_rule(_op, Elementwise())
@@ -125,5 +135,7 @@ register_rule(aten.layer_norm.default, LayerNormRule())
 register_rule(aten.embedding.default, EmbeddingRule(0))
 for _op in _overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax):
     register_rule(_op, Softmax())
-for _op in _overloads(aten.mean, aten.sum, aten.amax, aten.amin):
+for _op in (aten.mean.dim, aten.sum.dim_IntList):
+    register_rule(_op, Reduce(maskable=True))
+for _op in [o for o in _overloads(aten.mean, aten.sum) if o not in (aten.mean.dim, aten.sum.dim_IntList)] + _overloads(aten.amax, aten.amin):
     register_rule(_op, Reduce())

@@ -133,6 +133,7 @@ class EmbeddingRule(Rule):
             call.freeze_inputs("no_rule", "embedding whose weight is not a parameter, or with max_norm")
             return call.out_none()
         out = call.space.fresh(width)
+        call.space.tag(out, "hidden")
         call.space.add_slot(name, 1, out)
         call.extra.setdefault("sliced_params", set()).add(name)
         return out.reshape([1] * (call.out.ndim - 1) + [-1]).expand(call.out.shape)

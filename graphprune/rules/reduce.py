@@ -1,7 +1,6 @@
-"""Reductions and softmax: fine over spatial dims, frozen over pruned channels.
-
-A mean (or softmax) over channels changes when channels are removed, so
-those channels are frozen rather than pruned approximately.
+"""Reductions and softmax: fine over spatial dims.  Over pruned channels, a mean or a sum
+is rewritten once masked to reduce over the kept channels (exact); anything else (softmax,
+max, var, ...) freezes them rather than pruning approximately.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.labels import varies_along
+from graphprune.norms import masked_reduce
 from graphprune.rules.base import OpCall, Rule, map_tensors, register_rule
 from graphprune.rules.pointwise import Elementwise, Unary
 from graphprune.rules.shape import dim_arg
@@ -27,13 +27,27 @@ def _dims(dim, ndim: int) -> list[int]:
 
 
 class Reduce(Rule):
+    """A reduction over dims that carry no channels passes the channels through.  A mean or sum
+    over the one dim that carries them is recorded (`reduce_labels`): once some of those channels
+    are masked it is rewritten to reduce over the kept ones only (graphprune.norms), which is what
+    the shrunk model computes; RMSNorm's mean of squares prunes this way.  Other reductions over
+    channels (max, var, several dims, a dtype) freeze them."""
+
+    def __init__(self, maskable: bool = False) -> None:
+        self.maskable = maskable
+
     def propagate(self, call: OpCall):
-        if len(call.args) > 1 and isinstance(call.args[1], torch.Tensor):  # torch.max(a, b)
+        masked = call.node.target is masked_reduce
+        if not masked and len(call.args) > 1 and isinstance(call.args[1], torch.Tensor):  # torch.max(a, b)
             return Elementwise().propagate(call)
         x = call.input(0)
-        dims = _dims(dim_arg(call, 0, "dim", None), x.ndim)
-        keepdim = bool(dim_arg(call, 1, "keepdim", False))
+        dims = [call.args[2] % x.ndim] if masked else _dims(dim_arg(call, 0, "dim", None), x.ndim)
+        keepdim = bool(call.args[3]) if masked else bool(dim_arg(call, 1, "keepdim", False))
         if any(varies_along(x, d) for d in dims):
+            labeled = [d for d in range(x.ndim) if varies_along(x, d)]
+            if (self.maskable or masked) and len(dims) == 1 and labeled == dims and "dtype" not in call.kwargs:
+                call.extra["reduce_labels"] = (dims[0], call.along(x, dims[0]))
+                return call.out_none()
             call.space.freeze(x, call.site("reduction", f"{getattr(call.node.target, '__name__', call.node.target)} over pruned channels", source=call.node.args[0].name))
             return call.out_none()
         res = x
@@ -55,10 +69,11 @@ class Softmax(Rule):
         return Unary().propagate(call)
 
 
-_reduce = Reduce()
-for _t in [torch.mean, "mean", torch.sum, "sum", torch.amax, "amax", torch.amin, "amin",
-           torch.std, "std", torch.var, "var", torch.logsumexp, "logsumexp", torch.max, "max", torch.min, "min"]:
-    register_rule(_t, _reduce)
+for _t in [torch.mean, "mean", torch.sum, "sum", masked_reduce]:
+    register_rule(_t, Reduce(maskable=True))
+for _t in [torch.amax, "amax", torch.amin, "amin", torch.std, "std", torch.var, "var", torch.logsumexp, "logsumexp",
+           torch.max, "max", torch.min, "min"]:
+    register_rule(_t, Reduce())
 for _t in [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",
            nn.Softmax, nn.LogSoftmax, nn.Softmin]:
     register_rule(_t, Softmax())
