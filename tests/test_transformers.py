@@ -100,10 +100,11 @@ def _hf(name):
 
 
 # (kinds of groups found, units per head group): GQA prunes whole kv groups (a kv head with its q heads);
-# GPT-2's fused qkv is split with constant sizes, which Shrink rewrites; T5 computes attention with
-# matmuls, so its heads stay (frozen and named) while its FFN neurons prune.
+# GPT-2's fused qkv is split with constant sizes, which Shrink rewrites; T5's per-head position bias
+# (an embedding with a column per head, shared by every layer of a stack) ties its self-attention heads
+# across layers; its cross-attention heads get a constant zero bias and stay (frozen and named).
 HF = {"roberta": {"ffn", "head"}, "distilbert": {"ffn", "head"}, "vit": {"ffn", "head"},
-      "gpt2": {"ffn", "head"}, "llama": {"ffn", "head"}, "qwen2": {"ffn", "head"}, "t5": {"ffn"}}
+      "gpt2": {"ffn", "head"}, "llama": {"ffn", "head"}, "qwen2": {"ffn", "head"}, "t5": {"ffn", "head"}}
 
 
 @pytest.mark.parametrize("name", list(HF))
@@ -113,6 +114,10 @@ def test_hugging_face_models_prune_with_no_hints(name):
     assert {g.kind for g in deps.groups} == HF[name]
     if name in ("llama", "qwen2"):
         assert all(g.size == 2 for g in deps.groups if g.kind == "head")  # 8 q heads over 2 kv heads
+    if name == "t5":  # encoder and decoder self-attention: one group each, over both layers
+        heads = [g for g in deps.groups if g.kind == "head"]
+        assert len(heads) == 2 and all(g.size == 4 for g in heads)
+        assert {"encoder.block.1.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"} <= set(heads[0].modules)
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=inputs)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
     # float32 (some exported graphs pin dtypes); the structure is the same as the original's

@@ -264,11 +264,18 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     space.rename_slots({a: c for c, names in aliases.items() for a in names})
     roots, frozen, slots = space.finalize()
     reshapes = {k: (tuple(v.shape), roots[compact(v)]) for k, v in prop.reshapes.items()}
-    kinds = {int(roots[label]): kind for label, kind in space.kinds.items()}
+    kinds: dict[int, str] = {}
+    for label, kind in space.kinds.items():  # a unit tagged twice takes the more specific kind
+        root = int(roots[label])
+        if _KIND_ORDER.index(kind) > _KIND_ORDER.index(kinds.get(root, "channel")):
+            kinds[root] = kind
     deps = _build(roots, frozen, slots, reshapes, space.consumer_slots, kinds)
     groups = _name_ffn_groups(gm, deps.groups)
     reductions = {k: (d, roots[compact(v)]) for k, (d, v) in prop.reductions.items()}
     return Dependencies(groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()}, prop.squeezes, reductions)
+
+
+_KIND_ORDER = ("channel", "ffn", "hidden", "head")
 
 
 def _name_ffn_groups(gm: fx.GraphModule, groups: tuple[ChannelGroup, ...]) -> tuple[ChannelGroup, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from graphprune.labels import varies_along
+from graphprune.labels import none_like, varies_along
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
 from graphprune.rules.channelwise import EmbeddingRule, LayerNormRule
 from graphprune.rules.conv import _place
@@ -73,11 +73,18 @@ class AttentionRule(Rule):
             call.freeze_inputs("no_rule", "attention with heads that differ between q, k and v (grouped-query attention is not handled yet)")
             return call.out_none()
         hdim = q.ndim - 3
-        extra = [a for a in list(call.args[3:]) + list(call.kwargs.values()) if isinstance(a, torch.Tensor)]
-        for mask in extra:  # an attention mask broadcast over the heads is fine; one per head is not
+        extra = [(i, a) for i, a in enumerate(call.args) if i >= 3 and isinstance(a, torch.Tensor)]
+        extra += [(k, a) for k, a in call.kwargs.items() if isinstance(a, torch.Tensor)]
+        biases = []  # a mask broadcast over the heads is fine; one per head (T5's position bias) goes with them
+        for key, mask in extra:
             if mask.ndim >= q.ndim - hdim and mask.shape[hdim - q.ndim] != 1:
-                call.freeze_inputs("no_rule", "attention with a per-head tensor argument")
-                return call.out_none()
+                labels = call.labels[key] if isinstance(key, int) else call.label_kwargs.get(key)
+                labels = labels if isinstance(labels, torch.Tensor) else none_like(mask.shape)
+                mdim = mask.ndim + hdim - q.ndim
+                if any(varies_along(labels, d) for d in range(mask.ndim) if d != mdim):
+                    call.freeze_inputs("no_rule", "attention with a per-head tensor argument that varies along other dims")
+                    return call.out_none()
+                biases.append(labels.movedim(mdim, 0).reshape(mask.shape[mdim], -1)[:, 0])
         per_head = []
         for t in (q, k, v):
             rows = t.movedim(hdim, 0).reshape(t.shape[hdim], -1)
@@ -86,6 +93,8 @@ class AttentionRule(Rule):
         call.space.tag(per_head[0], "head")
         call.space.unify(per_head[0], per_head[1], call.site("attention", "q and k heads"))
         call.space.unify(per_head[0], per_head[2], call.site("attention", "q and v heads"))
+        for bias in biases:  # a bias that is not sliceable per head (a constant) freezes the heads
+            call.space.unify(per_head[0], bias, call.site("attention", "a per-head attention bias that cannot be sliced"))
         if any(varies_along(v, d) for d in range(v.ndim - 1) if d != hdim):
             call.freeze_inputs("attention", "attention whose batch or token dims carry channels")
             return call.out_none()
@@ -117,7 +126,7 @@ for _op in _overloads(aten.split, aten.split_with_sizes, aten.chunk):
 for _op in _overloads(aten.scaled_dot_product_attention) + [torch.nn.functional.scaled_dot_product_attention]:
     register_rule(_op, AttentionRule())
 for _op in _overloads(aten.gelu, aten.relu, aten.tanh, aten.sigmoid, aten.silu, aten.dropout, aten.clone,
-                      aten._to_copy, aten.to, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.hardswish, aten.hardsigmoid, aten.relu6):
+                      aten._to_copy, aten.to, aten.contiguous, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.hardswish, aten.hardsigmoid, aten.relu6):
     register_rule(_op, Unary())
 for _op in _overloads(aten.add, aten.sub, aten.mul, aten.where, aten.maximum, aten.minimum):
     register_rule(_op, Elementwise())
