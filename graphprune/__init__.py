@@ -9,6 +9,7 @@
 from graphprune import rules as _rules  # noqa: F401  (registers the built-in per-op rules)
 from graphprune.analysis import ChannelGroup, Dependencies, FrozenChannels, Slot, analyze_dependencies, count_macs, count_params
 from graphprune.compile import compile
+from graphprune.hf import as_hf_model
 from graphprune.errors import (
     GraphPruneError,
     PassError,
@@ -36,6 +37,7 @@ __all__ = [
     "save",
     "load",
     "prune_vocabulary",
+    "as_hf_model",
     "analyze_dependencies",
     "count_macs",
     "count_params",

@@ -315,3 +315,34 @@ def test_hidden_size_prunes_through_rms_norm_and_layer_norm(name):
     embedding = [m for m in shrunk.modules() if hasattr(m, "weight") and getattr(m, "weight").shape[0] == 100][0]
     width = 64 if name == "llama" else 32
     assert embedding.weight.shape == (100, width - width // 4)
+
+
+def test_a_pruned_model_goes_back_to_its_own_class_when_the_config_can_say_it(tmp_path):
+    model = small_bert()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
+    pruned = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"ffn": 0.5}), Shrink()], example_inputs=inputs)
+    own = gp.as_hf_model(pruned, model, inputs)
+    assert type(own) is transformers.BertModel and own.config.intermediate_size == 32
+    other = {"input_ids": torch.randint(0, 100, (3, 11))}  # any length: the class is not tied to the traced shapes
+    shrunk_like = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"ffn": 0.5}), Shrink()], example_inputs=other)
+    torch.testing.assert_close(run(own, other).last_hidden_state, run(shrunk_like, other).last_hidden_state)
+    own.train()  # trainable again
+    own(**other).last_hidden_state.sum().backward()
+    assert own.encoder.layer[0].intermediate.dense.weight.grad is not None
+    own.save_pretrained(tmp_path)
+    again = transformers.BertModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(run(again, other).last_hidden_state, run(own.eval(), other).last_hidden_state)
+
+
+def test_fewer_kv_groups_become_fewer_heads_in_the_config_and_bert_heads_cannot():
+    model, inputs = _hf("llama")
+    pruned = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=inputs)
+    own = gp.as_hf_model(pruned, model, inputs)
+    assert (own.config.num_attention_heads, own.config.num_key_value_heads, own.config.intermediate_size) == (4, 1, 64)
+    assert own.config.head_dim == model.config.head_dim  # same shapes as half the head_dim, but not the same model
+    torch.testing.assert_close(run(own, inputs).last_hidden_state, run(pruned, inputs).last_hidden_state)
+    bert = small_bert()
+    x = {"input_ids": torch.randint(0, 100, (2, 8))}
+    heads = gp.compile(bert, [L2Score(), ChannelMask(0.0, ratios={"head": 0.5}), Shrink()], example_inputs=x)
+    with pytest.raises(gp.GraphPruneError, match="cannot express"):
+        gp.as_hf_model(heads, bert, x)
