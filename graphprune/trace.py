@@ -70,14 +70,15 @@ def _concrete_args(model: nn.Module, example_inputs: tuple | dict | None) -> dic
 
 def _export(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModule | None:
     """torch.export's (ATen-level) graph, for models symbolic tracing cannot follow (Hugging Face
-    transformers): shapes are specialised to the example inputs and the module cannot switch modes."""
+    transformers): the dims of batched inputs stay dynamic where torch.export can keep them so
+    (batch, sequence length), the others are specialised; the module cannot switch modes."""
     if batch_of(example_inputs) == 1:  # torch.export would specialise a batch of 1 for good
         example_inputs = with_batch(example_inputs, 2)
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
     batch = batch_of(example_inputs)
 
-    def dims(t):  # let the batch stay dynamic where torch.export can keep it so
-        return {0: torch.export.Dim.AUTO} if batched(t, batch) else None
+    def dims(t):  # batched inputs stay dynamic in every dim where torch.export can keep them so
+        return {d: torch.export.Dim.AUTO for d in range(t.ndim)} if batched(t, batch) else None
 
     dynamic = tuple(dims(a) for a in args) if args else {k: dims(v) for k, v in kwargs.items()}
     try:

@@ -30,9 +30,18 @@ def load():
 
 
 def encode(tokenizer, sentences, length: int = 32) -> dict:
-    """Padded to a fixed length: a model traced by torch.export keeps the sequence length."""
+    """A batch padded to a fixed length."""
     batch = tokenizer(sentences, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def calibration(tokenizer, sentences) -> list:
+    """One unpadded batch per sentence, so that activation statistics see no padding tokens."""
+    batches = []
+    for s in sentences:
+        b = tokenizer([s], return_tensors="pt")
+        batches.append(({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, None))
+    return batches
 
 
 def embed(model, inputs) -> torch.Tensor:

@@ -35,7 +35,7 @@ def test_wanda_and_bias_compensation_read_the_exported_graph():
     model, tokenizer = minilm.load()
     calib = minilm.encode(tokenizer, minilm.SENTENCES)
     held = minilm.encode(tokenizer, minilm.HELD_OUT)
-    batches = [(calib, None)]
+    batches = minilm.calibration(tokenizer, minilm.SENTENCES)  # unpadded: any sequence length runs
     dense = minilm.embed(model, held)
 
     def cosine(passes) -> float:
@@ -46,8 +46,8 @@ def test_wanda_and_bias_compensation_read_the_exported_graph():
     magnitude = cosine([L2Score(), mask])
     wanda = cosine([WandaScore(batches), mask])
     compensated = cosine([WandaScore(batches), mask, CompensateBias(batches)])
-    assert magnitude < wanda < compensated  # measured: 0.720 < 0.789 < 0.830 (benchmarks/minilm_fidelity.py)
-    assert compensated > 0.8
+    assert magnitude < wanda < compensated  # measured: 0.720 < 0.810 < 0.868 (benchmarks/minilm_fidelity.py)
+    assert compensated >= 0.85  # the acceptance bar of the criteria issue
 
 
 def test_unstructured_sparsity_lowers_exactly_on_the_exported_graph(tmp_path):
