@@ -75,8 +75,10 @@ class _SparseWeight(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """The number of stored values is the saved model's: take the saved buffers' shapes."""
         for name in ("crow_indices", "col_indices", "values"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+            if prefix + name in state_dict:  # the saved size, this module's device (and dtype for the values)
+                current, saved = getattr(self, name), state_dict[prefix + name]
+                dtype = saved.dtype if name != "values" else current.dtype
+                setattr(self, name, torch.empty(saved.shape, dtype=dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def to_dense(self) -> torch.Tensor:
@@ -141,6 +143,12 @@ def compress(weight: torch.Tensor, bias: torch.Tensor | None, kind: str, format:
 # -- latency ---------------------------------------------------------------------------------
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timing measures it (nothing to do on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @dataclass(frozen=True)
 class Latency:
     dense_ms: float
@@ -176,6 +184,7 @@ def benchmark(dense: nn.Module, lowered: nn.Module, example_inputs: tuple | dict
                 for name, m in (("dense", dense), ("sparse", lowered)):
                     start = time.perf_counter()
                     call_with(m, example_inputs)
+                    synchronize()
                     times[name].append(time.perf_counter() - start)
         return Latency(1e3 * statistics.median(times["dense"]), 1e3 * statistics.median(times["sparse"]), torch.get_num_threads(), runs)
     finally:

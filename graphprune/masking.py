@@ -174,6 +174,9 @@ def take_masks(owner: nn.Module, attr: str, name: str) -> list[WeightMaskParamet
     return [p for p in plist if isinstance(p, WeightMaskParametrization)]
 
 
+KEEP_PREFIX = "graphprune_keep_"  # buffers of the channels a masked mean or sum reduces over (graphprune.norms)
+
+
 class masks_disabled:
     """Context manager: run the model as if unmasked (the original weights), then restore the masks."""
 
@@ -183,8 +186,9 @@ class masks_disabled:
 
     def __enter__(self) -> nn.Module:
         for m in self.root.modules():
-            if isinstance(m, (ChannelMaskParametrization, WeightMaskParametrization)):
-                for name, buf in m.named_buffers(recurse=False):
+            mask = isinstance(m, (ChannelMaskParametrization, WeightMaskParametrization))
+            for name, buf in m.named_buffers(recurse=False):
+                if mask or name.startswith(KEEP_PREFIX):  # masks, and the kept channels of masked reductions
                     self.saved.append((m, name, buf.clone()))
                     buf.fill_(True)
         return self.root

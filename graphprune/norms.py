@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphprune.masking import ChannelMaskParametrization, channel_mask, resolve
+from graphprune.masking import KEEP_PREFIX, ChannelMaskParametrization, channel_mask, resolve
+from graphprune.trace import ROOT_HOLDER, root_holder
 
 __all__ = ["masked_layer_norm", "masked_reduce", "sync_masked_ops", "revert_masked_ops"]
 
@@ -67,7 +68,7 @@ def _layer_norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     if node.op != "call_function" or node.target not in LAYER_NORMS:
         return None
     shape, weight, bias = _arg(node, 1, "normalized_shape"), _arg(node, 2, "weight"), _arg(node, 3, "bias")
-    if len(shape) != 1 or not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (bias is not None and bias.op != "get_attr"):
+    if not isinstance(shape, (tuple, list)) or len(shape) != 1 or isinstance(shape[0], fx.Node) or not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (bias is not None and bias.op != "get_attr"):
         return None
     return _arg(node, 0, "input"), weight.target, bias.target if bias is not None else None, _arg(node, 4, "eps", 1e-5), LAYER_NORMS[node.target]
 
@@ -109,8 +110,10 @@ def _sync_reductions(gm: fx.GraphModule, deps) -> None:
         key = _reduction_key(node)
         if key is None or bool(keep.all()):
             continue
-        buffer = f"graphprune_keep_{name}"
-        gm.register_buffer(buffer, keep.clone())
+        holder = root_holder(gm)
+        buffer = f"{KEEP_PREFIX}{name}"
+        holder.register_buffer(buffer, keep.clone())
+        buffer = f"{ROOT_HOLDER}.{buffer}"
         keepdim = _arg(node, 2, "keepdim", False)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(masked_reduce, (node.args[0], gm.graph.get_attr(buffer), dim, bool(keepdim)),

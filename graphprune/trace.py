@@ -127,6 +127,15 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: t
 ROOT_HOLDER = "graphprune_root"
 
 
+def root_holder(gm: fx.GraphModule) -> nn.Module:
+    """The child module that holds the tensors graphprune keeps for the graph's root (made once)."""
+    holder = getattr(gm, ROOT_HOLDER, None)
+    if holder is None:
+        holder = nn.Module()
+        gm.add_submodule(ROOT_HOLDER, holder)
+    return holder
+
+
 def _hoist_root_tensors(gm: fx.GraphModule) -> None:
     """Move tensors the graph reads straight off the root into a child module.
 
@@ -136,8 +145,7 @@ def _hoist_root_tensors(gm: fx.GraphModule) -> None:
     nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and "." not in n.target]
     if not nodes:
         return
-    holder = nn.Module()
-    gm.add_submodule(ROOT_HOLDER, holder)
+    holder = root_holder(gm)
     for n in nodes:
         t = getattr(gm, n.target)
         if isinstance(t, nn.Parameter):

@@ -70,9 +70,9 @@ def _prune_model(model: nn.Module, kept: list[int], new_id: dict[int, int]) -> n
     new.weight = nn.Parameter(old.weight.detach()[rows].clone(), requires_grad=old.weight.requires_grad)
     model.set_input_embeddings(new)
     if head is not None:
-        head.weight = new.weight if tied else nn.Parameter(head.weight.detach()[rows].clone())
-        if getattr(head, "bias", None) is not None:
-            head.bias = nn.Parameter(head.bias.detach()[rows].clone())
+        _rebind(model, head.weight, new.weight if tied else nn.Parameter(head.weight.detach()[rows].clone()))
+        if getattr(head, "bias", None) is not None:  # BERT's LM head shares it with cls.predictions.bias
+            _rebind(model, head.bias, nn.Parameter(head.bias.detach()[rows].clone()))
         if hasattr(head, "out_features"):
             head.out_features = len(kept)
     config = model.config
@@ -82,6 +82,14 @@ def _prune_model(model: nn.Module, kept: list[int], new_id: dict[int, int]) -> n
         if isinstance(value, int):
             setattr(config, name, new_id.get(value, value))
     return model
+
+
+def _rebind(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
+    """Put `new` everywhere the model holds `old` (a tensor tied under several names stays tied)."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is old:
+                setattr(module, name, new)
 
 
 def _remap_ids(node: Any, new_id: dict[int, int]) -> Any:
@@ -109,9 +117,9 @@ def _prune_tokenizer(tokenizer: Any, state: dict, kept: list[int], new_id: dict[
 
     token_of = {i: t for t, i in state["model"]["vocab"].items()}
     state = _remap_ids(state, new_id)
-    state["model"]["vocab"] = {token_of[i]: new_id[i] for i in kept}
-    for added in state["added_tokens"]:
-        added["id"] = new_id[added["id"]]
+    state["model"]["vocab"] = {token_of[i]: new_id[i] for i in kept if i in token_of}
+    # tokens added to the tokenizer (outside the WordPiece vocabulary) stay if kept, else go
+    state["added_tokens"] = [dict(a, id=new_id[a["id"]]) for a in state["added_tokens"] if a["id"] in new_id]
     pruned = copy.deepcopy(tokenizer)
     pruned._tokenizer = Tokenizer.from_str(json.dumps(state))  # the Rust tokenizer the Python one wraps
     return pruned

@@ -75,17 +75,20 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:
 
 
 def weight_ops(gm: fx.GraphModule) -> dict[str, WeightOp]:
-    """Every linear/conv op of the graph whose weight is a tensor of the model, by weight name
-    (a weight used by several ops of the same form, e.g. a module called twice, is one entry)."""
+    """Every linear/conv op of the graph whose weight is a tensor of the model, by weight name.
+    A weight used by several ops of the same form (a module called twice) is one entry; a weight
+    that ops of different forms read (another bias, a module and a functional call) is left out."""
     out: dict[str, WeightOp] = {}
+    mixed = set()
     for node in gm.graph.nodes:
         op = _weight_op(gm, node)
         if op is None:
             continue
         first = out.setdefault(op.weight, op)
         if first is not op:
+            mixed |= {op.weight} if replace(first, nodes=op.nodes) != op else set()
             out[op.weight] = replace(first, nodes=first.nodes + op.nodes)
-    return out
+    return {k: v for k, v in out.items() if k not in mixed}
 
 
 @contextmanager

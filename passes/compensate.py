@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphprune.masking import masks_disabled, raw_tensor, resolve, unit_mask_state
+from graphprune.masking import channel_mask, ensure_channel_mask, masks_disabled, raw_tensor, resolve, unit_mask_state
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.passes.data_scores import _batches
 from graphprune.weight_ops import WeightOp, input_channel_stats, weight_ops
@@ -58,13 +58,18 @@ class CompensateBias(PassBase):
             w = raw_tensor(*resolve(gm, name)).detach().double()
             cols = w.index_select(1, idx).reshape(w.shape[0], len(idx), -1).sum(2)  # a constant input meets every kernel tap
             delta = cols @ means[name][idx]
-            if op.bias is None:  # an nn.Linear / nn.ConvNd without bias gets one
+            if op.bias is None:  # an nn.Linear / nn.ConvNd without bias gets one, masked like its outputs
                 module = gm.get_submodule(op.module)
                 new_biases.append(op.module)
                 module.bias = nn.Parameter(delta.to(module.weight.dtype))
+                mask = channel_mask(module, "weight")
+                if mask is not None and hasattr(mask, "keep_0"):
+                    ensure_channel_mask(module, "bias").keep(0, len(delta)).copy_(mask.keep_0)
             else:
                 bias = raw_tensor(*resolve(gm, op.bias))
                 with torch.no_grad():
                     bias.add_(delta.to(bias.dtype))
+        if new_biases:  # new tensors: the channel groups must be found again
+            ctx.invalidate(self.preserves - {"dependencies"})
         ctx.record(compensated=sorted(targets), skipped=skipped, plan={"op": "add_bias", "modules": new_biases})
         return PassResult(gm, True)

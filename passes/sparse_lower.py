@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.backends.sparse import FORMATS, _SparseWeight, compress
+from graphprune.backends.sparse import FORMATS, _SparseWeight, compress, synchronize
 from graphprune.errors import PassError
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
@@ -102,6 +102,13 @@ class SparseLower(PassBase):
         if self.fixed is not None and set(self.fixed) - set(candidates):
             raise PassError(f"the plan lowers layers this model does not have: {sorted(set(self.fixed) - set(candidates))[:5]}")
         inputs = op_inputs(gm, candidates, ctx.example_inputs) if candidates else {}
+        for name, op in list(candidates.items()):
+            weight_ndim = getattr(*resolve(gm, op.weight)).ndim
+            if op.kind == "conv" and inputs[name].ndim != weight_ndim:
+                if self.fixed is not None:
+                    raise PassError(f"the plan lowers {name}, whose input is not batched here")
+                report[name]["kept_dense"] = "an unbatched convolution input"
+                del candidates[name]
         chosen = self._fixed(gm, candidates) if self.fixed is not None else self._choose(gm, candidates, inputs, report)
         lowered = {}
         for name, module in chosen.items():
@@ -127,6 +134,8 @@ class SparseLower(PassBase):
                 or any(n != "parametrizations" for n, _ in owner.named_children()):
             return "the module holding the weight holds other tensors or modules"
         weight = raw_tensor(owner, "weight")
+        if weight.dtype not in (torch.float32, torch.float64):
+            return f"{weight.dtype} weights (torch's CPU sparse kernels take float32 and float64)"
         names = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight]
         readers = {u.name for n in gm.graph.nodes if n.op == "get_attr" and n.target == op.weight for u in n.users}
         if len(names) > 1 or readers - set(op.nodes):
@@ -233,6 +242,7 @@ class SparseLower(PassBase):
                 for key, call in calls.items():
                     start = time.perf_counter()
                     call()
+                    synchronize()
                     samples[key].append(time.perf_counter() - start)
         out: dict[str, dict[str, float]] = defaultdict(dict)
         for (name, variant), seconds in samples.items():

@@ -126,3 +126,24 @@ def test_a_quarter_of_the_hidden_size_is_removed_exactly():
     assert shrunk.get_submodule("encoder.layer.3.intermediate.dense").weight.shape == (1536, 288)
     held = minilm.encode(tokenizer, minilm.HELD_OUT[:4])
     torch.testing.assert_close(minilm.embed(shrunk, held), minilm.embed(masked, held), rtol=1e-4, atol=1e-5)
+
+
+def test_vocabulary_pruning_keeps_bert_mlm_bias_tied_and_handles_added_tokens(tmp_path):
+    import transformers
+
+    _, tokenizer = minilm.load()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    small, small_tokenizer = gp.prune_vocabulary(model, tokenizer, minilm.SENTENCES[:3], keep=["[MASK]"])
+    assert small.cls.predictions.decoder.bias is small.cls.predictions.bias
+    small.save_pretrained(tmp_path)
+    again = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    text = small_tokenizer("The cat sits on the [MASK].", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**text).logits, small(**text).logits)
+    tokenizer.add_tokens(["graphprunex"])
+    model.resize_token_embeddings(len(tokenizer))
+    for corpus, kept in ((["The cat sits."], False), (["The graphprunex sits."], True)):
+        _, pruned_tokenizer = gp.prune_vocabulary(model, tokenizer, corpus)
+        assert ("graphprunex" in pruned_tokenizer.convert_ids_to_tokens(pruned_tokenizer("graphprunex")["input_ids"])) is kept

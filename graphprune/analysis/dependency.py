@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from graphprune.labels import FreezeSite, LabelSpace, compact, labeled_dims, none_like
 from graphprune.inputs import clone_inputs, eval_mode, positional_inputs
+from graphprune.masking import is_maskable, resolve
 from graphprune.rules import base as rules
 from graphprune.rules.base import OpCall, ParamRef, iter_label_tensors, map_tensors
 from graphprune.weight_ops import weight_ops
@@ -161,7 +162,9 @@ class _Propagator(fx.Interpreter):
         if n.op == "placeholder":
             return map_tensors(out, lambda t: none_like(t.shape))
         if n.op == "get_attr":
-            return ParamRef(n.target, tuple(out.shape)) if isinstance(out, torch.Tensor) else None
+            if not isinstance(out, torch.Tensor):
+                return None
+            return ParamRef(n.target, tuple(out.shape), is_maskable(*resolve(self.module, n.target)))
         lab_args = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
         lab_kwargs = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
         if n.op == "output":

@@ -28,6 +28,7 @@ class ParamRef:
 
     name: str
     shape: tuple[int, ...]
+    maskable: bool = True  # a parameter (or a buffer a module declares maskable), not a plain buffer
 
 
 @dataclass

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from graphprune.labels import varies_along
+from graphprune.masking import is_maskable
 from graphprune.norms import masked_layer_norm
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
 from graphprune.rules.pointwise import Unary
@@ -76,6 +77,13 @@ class GroupNormRule(ChannelwiseRule):
             module.num_groups = module.num_channels // per_group
 
 
+def _computed(value) -> bool:
+    """A graph argument that is (or holds) another node's result, known only at run time."""
+    if isinstance(value, fx.Node):
+        return True
+    return isinstance(value, (tuple, list)) and any(_computed(v) for v in value)
+
+
 class LayerNormRule(Rule):
     """LayerNorm over the last dim (module, F.layer_norm, aten.layer_norm, or its masked form):
     per channel for its weight and bias, and prunable: once masked it normalises over the kept
@@ -87,21 +95,24 @@ class LayerNormRule(Rule):
         masked = call.node.target is masked_layer_norm
         if call.module is not None:
             shape, weight, bias = call.module.normalized_shape, call.module.weight, call.module.bias
-            weight = call.param("weight") if weight is not None else None
-            bias = call.param("bias") if bias is not None else None
+            weight = call.param("weight") if weight is not None and is_maskable(call.module, "weight") else weight
+            bias = call.param("bias") if bias is not None and is_maskable(call.module, "bias") else bias
         else:
             w_at, b_at = (2, 3)
             shape = None if masked else call.kwargs.get("normalized_shape", call.args[1] if len(call.args) > 1 else None)
             weight = call.label_kwargs.get("weight", call.labels[w_at] if len(call.labels) > w_at else None)
             bias = call.label_kwargs.get("bias", call.labels[b_at] if len(call.labels) > b_at else None)
-            weight = weight.name if isinstance(weight, ParamRef) else weight
-            bias = bias.name if isinstance(bias, ParamRef) else bias
+            weight = weight.name if isinstance(weight, ParamRef) and weight.maskable else weight
+            bias = bias.name if isinstance(bias, ParamRef) and bias.maskable else bias
         count = 1 if masked else len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
         if not any(varies_along(x, d) for d in range(x.ndim - count, x.ndim)):
             return Unary().propagate(call)
         site = dict(source=call.node.args[0].name, dim=x.ndim - 1)
-        if count != 1 or not isinstance(weight, str) or (bias is not None and not isinstance(bias, str)):
-            why = "normalises over several dims" if count != 1 else "has no weight parameter to carry a mask"
+        node_shape = call.node.kwargs.get("normalized_shape", call.node.args[1] if len(call.node.args) > 1 else None)
+        computed = call.module is None and not masked and _computed(node_shape)
+        if count != 1 or computed or not isinstance(weight, str) or (bias is not None and not isinstance(bias, str)):
+            why = ("normalises over several dims" if count != 1 else "takes a shape computed at run time" if computed
+                   else "has no weight (or bias) parameter to carry a mask")
             call.space.freeze(x, call.site("norm", f"normalises over these channels and {why}", **site))
             return Unary().propagate(call)
         per = call.along(x, -1)

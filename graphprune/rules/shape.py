@@ -185,7 +185,7 @@ class SplitChunk(Rule):
     def propagate(self, call: OpCall):
         parts = execute(call)
         x = call.input(0)
-        is_chunk = call.node.target in ("chunk", torch.chunk)
+        is_chunk = call.node.target in ("chunk", torch.chunk, torch.ops.aten.chunk.default)
         dim = dim_arg(call, 1, "dim", 0) % x.ndim
         if not varies_along(x, dim):
             return parts
