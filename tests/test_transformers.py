@@ -346,3 +346,47 @@ def test_fewer_kv_groups_become_fewer_heads_in_the_config_and_bert_heads_cannot(
     heads = gp.compile(bert, [L2Score(), ChannelMask(0.0, ratios={"head": 0.5}), Shrink()], example_inputs=x)
     with pytest.raises(gp.GraphPruneError, match="cannot express"):
         gp.as_hf_model(heads, bert, x)
+
+
+class MhaBlock(nn.Module):
+    def __init__(self, batch_first: bool, need_weights: bool = False) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.ffn = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.need_weights = need_weights
+
+    def forward(self, x, pad):
+        a, w = self.attn(x, x, x, key_padding_mask=pad, need_weights=self.need_weights)
+        x = x + a
+        return x + self.ffn(x) + (w.sum() if self.need_weights else 0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads_prune_exactly(batch_first):
+    torch.manual_seed(0)
+    model = MhaBlock(batch_first).eval()
+    x = torch.randn(2, 5, 32) if batch_first else torch.randn(5, 2, 32)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    inputs = (x, pad)
+    deps = gp.analyze_dependencies(gp.trace(model), inputs)
+    assert ("attn", "head", 4) in [(g.key, g.kind, g.size) for g in deps.groups]
+    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask(0.5)], example_inputs=inputs)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
+    assert_exact(masked, shrunk, inputs)
+    assert shrunk.attn.num_heads == 2 and shrunk.attn.in_proj_weight.shape[0] == 3 * 2 * 8
+    weights = MhaBlock(batch_first, need_weights=True).eval()  # the weights averaged over heads are used: frozen
+    deps = gp.analyze_dependencies(gp.trace(weights), inputs)
+    assert not any(g.kind == "head" for g in deps.groups)
+
+
+def test_torchvision_vision_transformer_heads_prune():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts it at zero
+    x = (torch.randn(2, 3, 32, 32),)
+    masked, shrunk = prune(model, x, 0.5)
+    assert_exact(masked, shrunk, x)
+    assert shrunk.get_submodule("encoder.layers.encoder_layer_0.self_attention").num_heads == 2
+    assert gp.count_macs(shrunk, x) < 0.9 * gp.count_macs(model, x)

@@ -31,8 +31,11 @@ def count_macs(model: nn.Module, example_inputs: tuple | dict) -> int:
         sparse[0] += module.graphprune_macs(args[0])
 
     handles = [m.register_forward_hook(add) for m in model.modules() if hasattr(m, "graphprune_macs")]
+    # nn.MultiheadAttention's inference fast path runs one fused op that FlopCounterMode does not
+    # count; with grad enabled it takes the path of plain ops, which it does
+    fused = any(isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) for m in model.modules())
     try:
-        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with eval_mode(model), torch.set_grad_enabled(fused), FlopCounterMode(display=False) as counter:
             call_with(model, example_inputs)
     finally:
         for h in handles:

@@ -1,6 +1,6 @@
 """Per-op channel rules, one registry (importing this package registers the built-in rules)."""
 
-from graphprune.rules import aten, channelwise, conv, interface, pointwise, reduce, shape  # noqa: F401  (registration)
+from graphprune.rules import aten, channelwise, conv, interface, mha, pointwise, reduce, shape  # noqa: F401  (registration)
 from graphprune.rules.base import OpCall, ParamRef, Rule, find_rule, register_rule
 from graphprune.rules.channelwise import ChannelwiseRule
 
