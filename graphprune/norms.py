@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from graphprune.masking import KEEP_PREFIX, ChannelMaskParametrization, channel_mask, resolve
 from graphprune.trace import ROOT_HOLDER, root_holder
+from graphprune.weight_ops import node_arg
 
 __all__ = ["masked_layer_norm", "masked_reduce", "sync_masked_ops", "revert_masked_ops"]
 
@@ -54,10 +55,6 @@ def masked_reduce(x: torch.Tensor, keep: torch.Tensor, dim: int, keepdim: bool, 
     return total / keep.sum() if op == "mean" else total
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
 def _layer_norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """(input, weight name, bias name, eps, original) of a LayerNorm over one dim with a weight."""
     if node.op == "call_module":
@@ -67,10 +64,10 @@ def _layer_norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
         return node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None, m.eps, f"module:{node.target}"
     if node.op != "call_function" or node.target not in LAYER_NORMS:
         return None
-    shape, weight, bias = _arg(node, 1, "normalized_shape"), _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    shape, weight, bias = node_arg(node, 1, "normalized_shape"), node_arg(node, 2, "weight"), node_arg(node, 3, "bias")
     if not isinstance(shape, (tuple, list)) or len(shape) != 1 or isinstance(shape[0], fx.Node) or not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (bias is not None and bias.op != "get_attr"):
         return None
-    return _arg(node, 0, "input"), weight.target, bias.target if bias is not None else None, _arg(node, 4, "eps", 1e-5), LAYER_NORMS[node.target]
+    return node_arg(node, 0, "input"), weight.target, bias.target if bias is not None else None, node_arg(node, 4, "eps", 1e-5), LAYER_NORMS[node.target]
 
 
 def sync_masked_ops(gm: fx.GraphModule, deps) -> None:
@@ -114,7 +111,7 @@ def _sync_reductions(gm: fx.GraphModule, deps) -> None:
         buffer = f"{KEEP_PREFIX}{name}"
         holder.register_buffer(buffer, keep.clone())
         buffer = f"{ROOT_HOLDER}.{buffer}"
-        keepdim = _arg(node, 2, "keepdim", False)
+        keepdim = node_arg(node, 2, "keepdim", False)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(masked_reduce, (node.args[0], gm.graph.get_attr(buffer), dim, bool(keepdim)),
                                          {"op": key.rpartition("_")[2], "original": key})

@@ -25,7 +25,7 @@ from torch import nn
 
 from graphprune.inputs import call_with, eval_mode
 
-__all__ = ["WeightOp", "weight_ops", "tapped", "input_channel_stats", "op_inputs"]
+__all__ = ["WeightOp", "weight_ops", "node_arg", "tapped", "input_channel_stats", "op_inputs"]
 
 aten = torch.ops.aten
 _LINEAR = {F.linear, aten.linear.default}
@@ -48,7 +48,8 @@ class WeightOp:
         return x.ndim - 1 if self.kind == "linear" else (1 if x.ndim > 2 else 0)
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
+def node_arg(node: fx.Node, i: int, name: str, default=None):
+    """Argument i of a call node, by position or keyword."""
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
@@ -66,11 +67,11 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:
         return None
     if node.op != "call_function" or node.target not in _LINEAR | _CONV:
         return None
-    weight, bias = _attr(_arg(node, 1, "weight")), _arg(node, 2, "bias")
+    weight, bias = _attr(node_arg(node, 1, "weight")), node_arg(node, 2, "bias")
     if weight is None or (bias is not None and _attr(bias) is None):
         return None
     kind = "linear" if node.target in _LINEAR else "conv"
-    groups = _arg(node, 6, "groups", 1) if kind == "conv" else 1
+    groups = node_arg(node, 6, "groups", 1) if kind == "conv" else 1
     return WeightOp((node.name,), weight, _attr(bias), kind, groups if isinstance(groups, int) else 1)
 
 
@@ -99,7 +100,7 @@ def tapped(gm: fx.GraphModule, taps: dict[str, Callable[[torch.Tensor], None]]) 
         for node in list(gm.graph.nodes):
             if node.name in taps:
                 with gm.graph.inserting_before(node):
-                    inserted.append(gm.graph.call_function(taps[node.name], (_arg(node, 0, "input"),)))
+                    inserted.append(gm.graph.call_function(taps[node.name], (node_arg(node, 0, "input"),)))
         gm.recompile()
         yield gm
     finally:

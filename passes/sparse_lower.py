@@ -34,7 +34,7 @@ from graphprune.backends.sparse import FORMATS, _SparseWeight, compress, synchro
 from graphprune.errors import PassError
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.weight_ops import WeightOp, op_inputs, weight_ops
+from graphprune.weight_ops import WeightOp, node_arg, op_inputs, weight_ops
 
 __all__ = ["SparseLower"]
 
@@ -159,7 +159,7 @@ class SparseLower(PassBase):
                 settings = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups}
             else:
                 names = ("stride", "padding", "dilation", "groups")
-                settings = {k: (node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(k, 0 if k == "padding" else 1)) for i, k in enumerate(names)}
+                settings = {k: node_arg(node, 3 + i, k, 0 if k == "padding" else 1) for i, k in enumerate(names)}
             if not all(every(v, 0 if k == "padding" else 1) for k, v in settings.items()):
                 return f"a convolution with {settings} (only stride 1, no padding, one group)"
         return None
