@@ -70,6 +70,18 @@ def _layer_norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return node_arg(node, 0, "input"), weight.target, bias.target if bias is not None else None, node_arg(node, 4, "eps", 1e-5), LAYER_NORMS[node.target]
 
 
+def _swap(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> list[str]:
+    """Put `new` in `node`'s place; drop the get_attr nodes only `node` read, return their targets."""
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    inputs = node.all_input_nodes
+    gm.graph.erase_node(node)
+    orphans = [n for n in inputs if n.op == "get_attr" and not n.users]
+    for n in orphans:
+        gm.graph.erase_node(n)
+    return [n.target for n in orphans]
+
+
 def sync_masked_ops(gm: fx.GraphModule, deps) -> None:
     """Bring LayerNorms and channel reductions in line with the masks (after masks changed)."""
     _sync_norms(gm)
@@ -115,15 +127,11 @@ def _sync_reductions(gm: fx.GraphModule, deps) -> None:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(masked_reduce, (node.args[0], gm.graph.get_attr(buffer), dim, bool(keepdim)),
                                          {"op": key.rpartition("_")[2], "original": key})
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _swap(gm, node, new)
 
 
-def _sync_norms(gm: fx.GraphModule) -> int:
-    """Rewrite every LayerNorm whose weight has masked channels into `masked_layer_norm`;
-    return how many were rewritten."""
-    changed = 0
+def _sync_norms(gm: fx.GraphModule) -> None:
+    """Rewrite every LayerNorm whose weight has masked channels into `masked_layer_norm`."""
     for node in list(gm.graph.nodes):
         call = _layer_norm_call(gm, node)
         if call is None:
@@ -142,15 +150,7 @@ def _sync_norms(gm: fx.GraphModule) -> int:
             w = gm.graph.get_attr(weight)
             b = gm.graph.get_attr(bias) if bias is not None else None
             new = gm.graph.call_function(masked_layer_norm, (x, keep, w, b, eps), {"original": original})
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        old_inputs = node.all_input_nodes
-        gm.graph.erase_node(node)
-        for n in old_inputs:
-            if n.op == "get_attr" and not n.users:
-                gm.graph.erase_node(n)
-        changed += 1
-    return changed
+        _swap(gm, node, new)
 
 
 def revert_masked_ops(gm: fx.GraphModule) -> None:
@@ -167,11 +167,7 @@ def _revert_reduction(gm: fx.GraphModule, node: fx.Node) -> None:
     op, target, as_list = REDUCTIONS[node.kwargs["original"]]
     with gm.graph.inserting_before(node):
         new = gm.graph.create_node(op, target, (x, [dim] if as_list else dim, keepdim))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    if not keep.users:
-        gm.graph.erase_node(keep)
+    if keep.target in _swap(gm, node, new):  # the keep buffer goes with the last reduction reading it
         delattr(*resolve(gm, keep.target))
 
 
@@ -188,9 +184,4 @@ def _revert_norm(gm: fx.GraphModule, node: fx.Node) -> None:
             new = gm.graph.call_function(aten.layer_norm.default, (x, [width], w, b, eps))
         else:
             new = gm.graph.call_function(F.layer_norm, (x, (width,), w, b, eps))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    for n in (keep, w, b):
-        if isinstance(n, fx.Node) and not n.users:
-            gm.graph.erase_node(n)
+    _swap(gm, node, new)
