@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from graphprune.masking import KEEP_PREFIX, ChannelMaskParametrization, channel_mask, resolve
 from graphprune.trace import ROOT_HOLDER, root_holder
-from graphprune.weight_ops import node_arg
+from graphprune.weight_ops import node_arg, swap_node
 
 __all__ = ["masked_layer_norm", "masked_reduce", "sync_masked_ops", "revert_masked_ops"]
 
@@ -68,18 +68,6 @@ def _layer_norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     if not isinstance(shape, (tuple, list)) or len(shape) != 1 or isinstance(shape[0], fx.Node) or not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (bias is not None and bias.op != "get_attr"):
         return None
     return node_arg(node, 0, "input"), weight.target, bias.target if bias is not None else None, node_arg(node, 4, "eps", 1e-5), LAYER_NORMS[node.target]
-
-
-def _swap(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> list[str]:
-    """Put `new` in `node`'s place; drop the get_attr nodes only `node` read, return their targets."""
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    inputs = node.all_input_nodes
-    gm.graph.erase_node(node)
-    orphans = [n for n in inputs if n.op == "get_attr" and not n.users]
-    for n in orphans:
-        gm.graph.erase_node(n)
-    return [n.target for n in orphans]
 
 
 def sync_masked_ops(gm: fx.GraphModule, deps) -> None:
@@ -127,7 +115,7 @@ def _sync_reductions(gm: fx.GraphModule, deps) -> None:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(masked_reduce, (node.args[0], gm.graph.get_attr(buffer), dim, bool(keepdim)),
                                          {"op": key.rpartition("_")[2], "original": key})
-        _swap(gm, node, new)
+        swap_node(gm, node, new)
 
 
 def _sync_norms(gm: fx.GraphModule) -> None:
@@ -150,7 +138,7 @@ def _sync_norms(gm: fx.GraphModule) -> None:
             w = gm.graph.get_attr(weight)
             b = gm.graph.get_attr(bias) if bias is not None else None
             new = gm.graph.call_function(masked_layer_norm, (x, keep, w, b, eps), {"original": original})
-        _swap(gm, node, new)
+        swap_node(gm, node, new)
 
 
 def revert_masked_ops(gm: fx.GraphModule) -> None:
@@ -167,7 +155,7 @@ def _revert_reduction(gm: fx.GraphModule, node: fx.Node) -> None:
     op, target, as_list = REDUCTIONS[node.kwargs["original"]]
     with gm.graph.inserting_before(node):
         new = gm.graph.create_node(op, target, (x, [dim] if as_list else dim, keepdim))
-    if keep.target in _swap(gm, node, new):  # the keep buffer goes with the last reduction reading it
+    if keep.target in swap_node(gm, node, new):  # the keep buffer goes with the last reduction reading it
         delattr(*resolve(gm, keep.target))
 
 
@@ -184,4 +172,4 @@ def _revert_norm(gm: fx.GraphModule, node: fx.Node) -> None:
             new = gm.graph.call_function(aten.layer_norm.default, (x, [width], w, b, eps))
         else:
             new = gm.graph.call_function(F.layer_norm, (x, (width,), w, b, eps))
-    _swap(gm, node, new)
+    swap_node(gm, node, new)

@@ -25,7 +25,7 @@ from torch import nn
 
 from graphprune.inputs import call_with, eval_mode
 
-__all__ = ["WeightOp", "weight_ops", "node_arg", "tapped", "input_channel_stats", "op_inputs"]
+__all__ = ["WeightOp", "weight_ops", "node_arg", "swap_node", "tapped", "input_channel_stats", "op_inputs"]
 
 aten = torch.ops.aten
 _LINEAR = {F.linear, aten.linear.default}
@@ -51,6 +51,18 @@ class WeightOp:
 def node_arg(node: fx.Node, i: int, name: str, default=None):
     """Argument i of a call node, by position or keyword."""
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def swap_node(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> list[str]:
+    """Put `new` in `node`'s place; drop the get_attr nodes only `node` read, return their targets."""
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    inputs = node.all_input_nodes
+    gm.graph.erase_node(node)
+    orphans = [n for n in inputs if n.op == "get_attr" and not n.users]
+    for n in orphans:
+        gm.graph.erase_node(n)
+    return [n.target for n in orphans]
 
 
 def _attr(node) -> str | None:

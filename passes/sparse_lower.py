@@ -34,7 +34,7 @@ from graphprune.backends.sparse import FORMATS, _SparseWeight, compress, synchro
 from graphprune.errors import PassError
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.weight_ops import WeightOp, node_arg, op_inputs, weight_ops
+from graphprune.weight_ops import WeightOp, node_arg, op_inputs, swap_node, weight_ops
 
 __all__ = ["SparseLower"]
 
@@ -264,14 +264,6 @@ class SparseLower(PassBase):
         parent_path, _, child = path.rpartition(".")
         setattr(gm.get_submodule(parent_path) if parent_path else gm, child, module)
         for node in list(gm.graph.nodes):
-            if node.name not in op.nodes:
-                continue
-            x = node.args[0] if node.args else node.kwargs["input"]
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(path, (x,))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-        for node in list(gm.graph.nodes):  # the dense weight and bias are no longer read
-            if node.op == "get_attr" and not node.users and node.target in (op.weight, op.bias):
-                gm.graph.erase_node(node)
+            if node.name in op.nodes:  # the dense weight and bias, no longer read, leave the graph too
+                with gm.graph.inserting_before(node):
+                    swap_node(gm, node, gm.graph.call_module(path, (node_arg(node, 0, "input"),)))
