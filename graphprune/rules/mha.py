@@ -22,6 +22,7 @@ from torch import fx, nn
 from graphprune.labels import none_like
 from graphprune.rules.base import OpCall, Rule, register_rule
 from graphprune.rules.conv import _place
+from graphprune.rules.shape import dim_arg
 
 __all__ = ["MultiheadAttentionRule", "PrunedMultiheadAttention"]
 
@@ -36,20 +37,16 @@ def _weights_used(node: fx.Node) -> bool:
     return False
 
 
-def _arg(call: OpCall, i: int, name: str, default=None):
-    return call.args[i] if len(call.args) > i else call.kwargs.get(name, default)
-
-
 class MultiheadAttentionRule(Rule):
     def propagate(self, call: OpCall):
         m = call.module
-        mask = _arg(call, 5, "attn_mask")
+        mask = dim_arg(call, 4, "attn_mask")  # (query, key, value, key_padding_mask, need_weights, attn_mask)
         reason = None
         if not getattr(m, "_qkv_same_embed_dim", False) or m.bias_k is not None or m.add_zero_attn:
             reason = "separate q/k/v projections, bias_k/bias_v or add_zero_attn"
         elif isinstance(mask, torch.Tensor) and mask.ndim == 3:
             reason = "a per-head attention mask"
-        elif _arg(call, 4, "need_weights", True) and _weights_used(call.node):
+        elif dim_arg(call, 3, "need_weights", True) and _weights_used(call.node):
             reason = "the attention weights (averaged over heads) are used"
         if reason is not None:
             call.freeze_inputs("no_rule", f"nn.MultiheadAttention with {reason}")
