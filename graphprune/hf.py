@@ -87,25 +87,23 @@ def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | 
     best = _misfits(cls, original.config, target) or []
     frontier = [(copy.deepcopy(original.config), best)]
     seen = set()
-    for _ in range(4):  # up to four config values change (heads, kv heads, FFN width, hidden size)
+    for changed in range(5):  # up to four config values change (heads, kv heads, FFN width, hidden size)
         next_frontier = []
         for config, misfits in frontier:
             if not misfits and (model := verified(config)) is not None:
                 return model.train(original.training)
-            for attr, value in moves(config):
+            for attr, value in moves(config) if changed < 4 else ():
                 trial = copy.deepcopy(config)
                 setattr(trial, attr, value)
                 key = json.dumps(trial.to_dict(), sort_keys=True, default=str)
-                fits = _misfits(cls, trial, target)
-                if key in seen or fits is None or len(fits) >= len(misfits):
+                if key in seen:
                     continue
                 seen.add(key)
-                next_frontier.append((trial, fits))
-                best = min(best, fits, key=len)
+                fits = _misfits(cls, trial, target)
+                if fits is not None and len(fits) < len(misfits):
+                    next_frontier.append((trial, fits))
+                    best = min(best, fits, key=len)
         frontier = next_frontier
-    for config, misfits in frontier:
-        if not misfits and (model := verified(config)) is not None:
-            return model.train(original.training)
     raise GraphPruneError(f"{cls.__name__}'s config cannot express this pruning (every layer alike, and sizes the class derives "
                           f"from its config); tensors that do not fit: {best[:6]}{'...' if len(best) > 6 else ''}. "
                           "Keep using the pruned GraphModule, or prune what the config describes (e.g. FFN neurons alike in every layer)")
