@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import numbers
 import os
 import statistics
 import tempfile
@@ -25,7 +26,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphprune.inputs import batch_of, batched, call_with, check_example_inputs, eval_mode, with_batch
-from graphprune.errors import GraphPruneError, VerificationError
+from graphprune.arguments import choice, fraction, positive_int
+from graphprune.errors import ArgumentError, GraphPruneError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ __all__ = ["ExportError", "ExportResult", "export", "LatencyRow", "benchmark", "
 # onnx >= 1.23 writes IR version 14 by default; onnxruntime 1.31 (and older) reads up to 10 safely.
 MAX_IR_VERSION = 10
 MAX_OPSET = 21  # the newest opset IR version 10 covers
+MIN_OPSET = 7
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
@@ -206,23 +209,25 @@ def export(
     """
     onnx, _ = _import_onnx()
     example_inputs = check_example_inputs(example_inputs)
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if sparse_initializers is not None and not 0 < sparse_initializers <= 1:
-        raise ValueError(f"sparse_initializers is the minimal share of zeros, in (0, 1]; got {sparse_initializers!r}")
+    choice(exporter, "exporter", EXPORTERS)
+    if sparse_initializers is not None:
+        sparse_initializers = fraction(sparse_initializers, "sparse_initializers (the minimal share of zeros)", closed=True, open_low=True)
+    if opset is not None and (not isinstance(opset, numbers.Integral) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET):
+        raise ArgumentError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET} (the opsets torch's exporters write and "
+                            f"ONNX Runtime reads at IR version {MAX_IR_VERSION}), got {opset!r}")
     lowered = [n for n, m in model.named_modules() if hasattr(m, "graphprune_macs")]
     if lowered:
         raise GraphPruneError(f"{lowered[:3]} hold compressed weights for torch's sparse kernels, which ONNX cannot express: "
                               "export the model before SparseLower (sparse_initializers=0.5 keeps the file small)")
     path = Path(path)
+    if path.is_dir():
+        raise ArgumentError(f"cannot write {path}: it is a folder; give a file name such as {path / 'model.onnx'}")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ExportError(f"cannot write {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ExportError(f"cannot write {path}: the folder {folder} is not writable")
-    opset = opset or 18
-    if opset > MAX_OPSET:
-        raise ExportError(f"opset {opset} needs an ONNX IR version newer than {MAX_IR_VERSION}, which onnxruntime may not read; use opset <= {MAX_OPSET}")
+    opset = 18 if opset is None else int(opset)
     if isinstance(example_inputs, dict):  # signature order, so that names and values pair up
         import inspect
 
@@ -241,21 +246,24 @@ def export(
         notes: list[str] = []
         try:
             order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
-            used, errors = None, []
+            used, errors, proto = None, [], None
             for name in order:
                 try:
                     fn = _export_dynamo if name == "dynamo" else _export_torchscript
                     fn(model, trace_inputs, tmp, input_names, output_names, opset, dynamic_batch)
+                    proto = onnx.load(tmp)
+                    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+                    if written != opset:  # the dynamo exporter writes the opsets it supports, whatever was asked
+                        raise ExportError(f"it wrote opset {written} instead of {opset}")
                     used = name
                     break
                 except Exception as exc:
                     errors.append(f"{name} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
                     logger.info("ONNX export with the %s exporter failed: %s", name, exc)
             if used is None:
-                raise ExportError("torch could not export the model to ONNX:\n  " + "\n  ".join(errors))
+                raise ExportError(f"torch could not export the model to ONNX at opset {opset}:\n  " + "\n  ".join(errors))
             if errors:
                 notes.append("fell back: " + "; ".join(errors))
-            proto = onnx.load(tmp)
             proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
             n_sparse = _sparsify(onnx, proto, sparse_initializers) if sparse_initializers else 0
             onnx.save(proto, tmp)
@@ -318,8 +326,9 @@ def benchmark(
 ) -> list[LatencyRow]:
     """ONNX Runtime CPU latency of several ONNX files on the same inputs, runs interleaved
     (one run of each model per round) so that machine noise hits all alike; medians reported."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    positive_int(repeats, "repeats")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ArgumentError(f"warmup must be an int >= 0, got {warmup!r}")
     sessions = {name: session(str(p), threads) for name, p in models.items()}
     feeds = {name: _feed(s, example_inputs) for name, s in sessions.items()}
     for _ in range(warmup):

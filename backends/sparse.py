@@ -72,6 +72,13 @@ class _SparseWeight(nn.Module):
                 self._cache = (key, build(self.crow_indices, self.col_indices, self.values, self.shape, check_invariants=False))
         return self._cache[1]
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the sparse tensor built over the buffers (torch cannot copy
+        sparse CSR/BSR tensors); it is rebuilt on first use."""
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """The number of stored values is the saved model's: take the saved buffers' shapes."""
         for name in ("crow_indices", "col_indices", "values"):

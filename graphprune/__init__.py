@@ -11,7 +11,11 @@ from graphprune.analysis import ChannelGroup, Dependencies, FrozenChannels, Slot
 from graphprune.compile import compile
 from graphprune.hf import as_hf_model
 from graphprune.errors import (
+    ArgumentError,
+    CheckpointError,
     GraphPruneError,
+    GraphPruneWarning,
+    InputError,
     PassError,
     PreconditionError,
     TraceError,
@@ -58,6 +62,10 @@ __all__ = [
     "sensitivity",
     "Sensitivity",
     "GraphPruneError",
+    "ArgumentError",
+    "InputError",
+    "CheckpointError",
+    "GraphPruneWarning",
     "TraceError",
     "PassError",
     "PreconditionError",

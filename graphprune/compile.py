@@ -1,20 +1,37 @@
-"""compile(): copy (unless inplace), trace, run the passes, return the rewritten module."""
+"""compile(): decide on a graph, land the result on the user's own model.
+
+The model is never touched while passes run: they work on a graph traced from
+a shadow of it (`graphprune.shadow`: the same tensors, module objects of its
+own).  Only when every pass succeeded and the graph still runs is the result
+written back onto the model (or its copy) and verified (`graphprune.writeback`).
+So a failure leaves the model as it was, with or without `inplace=True`.
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any, Iterable, Sequence
 
 import torch.fx as fx
 from torch import nn
 
-from graphprune.inputs import check_example_inputs
-from graphprune.masking import deepcopy_model
-from graphprune.pipeline import PassContext, Pipeline
-from graphprune.trace import trace
+from graphprune.errors import ArgumentError, GraphPruneError, GraphPruneWarning, InputError
+from graphprune.inputs import check_example_inputs, check_fits
+from graphprune.masking import attach_masks, channel_masked, deepcopy_model, detach_masks
+from graphprune.pipeline import PassContext, PassRecord, Pipeline
+from graphprune.shadow import shadow
+from graphprune.trace import ROOT_HOLDER, trace
+from graphprune.verify import check_runs, run_outputs
+from graphprune.writeback import land
 
-__all__ = ["compile"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["compile", "graph_of", "OUTPUTS"]
 
 REPORT_ATTR = "graphprune_report"
+LEAF_ATTR = "graphprune_leaf_modules"  # the leaf modules a model was traced with, used again when it is compiled again
+OUTPUTS = ("auto", "module", "graph")
 
 
 def compile(
@@ -24,25 +41,98 @@ def compile(
     example_inputs: tuple | dict | None = None,
     inplace: bool = False,
     leaf_modules: Iterable[type] = (),
+    verify: bool = True,
     verify_each: bool = False,
-) -> fx.GraphModule:
-    """Run `passes` over `model` and return a module called exactly like it.
+    output: str = "auto",
+) -> nn.Module:
+    """Run `passes` over `model` and return the result, called exactly like `model`.
 
-    The caller's model is never changed unless `inplace=True`.  A module
-    returned by an earlier compile() can be compiled again: masks, reports and
-    the graph carry over, so passes may be split across calls.
+    output="auto" returns the user's own model (its class, methods and module objects) holding
+    the result when that model's forward computes what the pruned graph computes (checked on the
+    example inputs and another batch size), else the graph module, with the reason in the
+    summary; "module" raises instead of returning a graph; "graph" always returns the graph.
+    The caller's model is never changed unless `inplace=True`, and then only if everything
+    succeeded.  Passes that claim to keep the outputs (Shrink, ...) are verified unless
+    `verify=False`.  A model returned by an earlier compile() can be compiled again.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"compile expects an nn.Module, got {type(model).__name__}")
+        raise ArgumentError(f"compile expects an nn.Module, got {type(model).__name__}")
     if isinstance(passes, (str, bytes)) or not isinstance(passes, Iterable):
-        raise TypeError("passes must be a list of passes, e.g. [L2Score(), ChannelMask(0.5), Shrink()]")
+        raise ArgumentError("passes must be a list of passes, e.g. [L2Score(), ChannelMask(0.5), Shrink()]")
+    if output not in OUTPUTS:
+        raise ArgumentError(f"output must be one of {OUTPUTS}, got {output!r}")
     example_inputs = check_example_inputs(example_inputs)
+    check_fits(model, example_inputs)
     pipeline = Pipeline(list(passes), verify_each=verify_each)
-    target = model if inplace else deepcopy_model(model)
-    gm = trace(target, leaf_modules, example_inputs)
-    ctx = PassContext(example_inputs)
+    leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
+    work = model if inplace else deepcopy_model(model)
+    ahead, origin = shadow(work)
+    gm = _trace(ahead, leaf_modules, example_inputs)
+    ctx = PassContext(example_inputs, verify=verify)
     gm = pipeline.call(gm, ctx).gm
     gm.graph.lint()
     gm.recompile()
-    setattr(gm, REPORT_ATTR, list(getattr(model, REPORT_ATTR, [])) + ctx.records)
+    if ctx.version != ctx.checked_version:
+        check_runs(ctx.records[-1].name if ctx.records else "tracing", gm, example_inputs)
+    records = list(getattr(model, REPORT_ATTR, [])) + ctx.records
+    _warn_masks_after_shrink(ctx.records, gm)
+    gm.__dict__[REPORT_ATTR], gm.__dict__[LEAF_ATTR] = records, leaf_modules
+    if output == "graph":
+        return gm
+    landing = land(work, gm, origin, example_inputs)
+    if landing.model is None:
+        if output == "module":
+            raise GraphPruneError(f"the result cannot be written back into {type(model).__name__}: {landing.reason}")
+        records.append(PassRecord("write-back", details={"note": f"returned as a graph module: {landing.reason}"}))
+        logger.info("returning the graph module: %s", landing.reason)
+        return gm
+    landing.model.__dict__[REPORT_ATTR], landing.model.__dict__[LEAF_ATTR] = records, leaf_modules
+    return landing.model
+
+
+def graph_of(model: nn.Module, example_inputs: tuple | dict, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
+    """The graph compile() would work on (the leaf modules the model was compiled with included),
+    traced from a shadow: `model` is not changed."""
+    leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
+    return _trace(shadow(model)[0], leaf_modules, check_example_inputs(example_inputs))
+
+
+def _trace(ahead: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict) -> fx.GraphModule:
+    """The graph of the shadow, traced from its plain tensors with its masks put back on after."""
+    masks = detach_masks(ahead)
+    try:
+        gm = trace(ahead, leaf_modules, example_inputs)
+    except GraphPruneError:
+        _check_runs_eagerly(ahead, example_inputs, masks)
+        raise
+    holder = getattr(gm, ROOT_HOLDER, None)
+    rename = {"": ROOT_HOLDER} if holder is not None and gm is not ahead else {}
+    attach_masks(gm, masks, rename)
+    try:
+        run_outputs(gm, example_inputs)
+    except Exception as exc:
+        raise InputError(f"{type(ahead).__name__} does not run on example_inputs: {type(exc).__name__}: "
+                         f"{str(exc).strip()[:400]}") from exc
     return gm
+
+
+def _check_runs_eagerly(model: nn.Module, example_inputs: tuple | dict, masks) -> None:
+    """When tracing fails, a model that does not run on the inputs at all is the clearer error."""
+    attach_masks(model, masks)
+    try:
+        run_outputs(model, example_inputs)
+    except Exception as exc:
+        raise InputError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: "
+                         f"{str(exc).strip()[:400]}") from exc
+
+
+def _warn_masks_after_shrink(records: list[PassRecord], gm: nn.Module) -> None:
+    """[Shrink(), L2Score(), ChannelMask(...)] leaves a masked model: say so, it is not what was meant."""
+    names = [r.name for r in records]
+    if "Shrink" not in names or not any(channel_masked(m) for m in gm.modules()):
+        return
+    last_shrink = len(names) - 1 - names[::-1].index("Shrink")
+    later = [r.name for r in records[last_shrink + 1:] if r.modified]
+    if later:
+        warnings.warn(f"Shrink ran before {later}: the result is masked, not shrunk (masked channels are still stored "
+                      "and computed); put Shrink() after the mask passes", GraphPruneWarning, stacklevel=3)

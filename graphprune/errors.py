@@ -4,16 +4,29 @@ from __future__ import annotations
 
 __all__ = [
     "GraphPruneError",
+    "ArgumentError",
+    "InputError",
     "TraceError",
     "PassError",
     "PreconditionError",
     "UnsupportedOpError",
     "VerificationError",
+    "CheckpointError",
+    "GraphPruneWarning",
 ]
 
 
 class GraphPruneError(Exception):
     """Base class of every error graphprune raises on purpose."""
+
+
+class ArgumentError(GraphPruneError, ValueError, TypeError):
+    """A bad argument: the message names it and says what to give instead.  Also a ValueError and a
+    TypeError, so code that catches those for bad arguments keeps working."""
+
+
+class InputError(ArgumentError):
+    """The model cannot run on the inputs given (example inputs or calibration batches)."""
 
 
 class TraceError(GraphPruneError):
@@ -33,4 +46,12 @@ class UnsupportedOpError(GraphPruneError):
 
 
 class VerificationError(GraphPruneError):
-    """A pass that must keep outputs unchanged changed them."""
+    """A pass that must keep outputs unchanged changed them, or the model no longer runs."""
+
+
+class CheckpointError(GraphPruneError):
+    """A saved model cannot be written or read back (damaged, foreign or mismatched files)."""
+
+
+class GraphPruneWarning(UserWarning):
+    """Something the user asked for had no effect, or less than asked (never silently)."""

@@ -4,28 +4,82 @@ tensors never change, in eval mode and back to the mode the model was in."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import inspect
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["check_example_inputs", "clone_inputs", "positional_inputs", "call_with", "eval_mode", "batch_of", "batched", "with_batch"]
+from graphprune.errors import ArgumentError, InputError
+
+__all__ = ["check_example_inputs", "check_fits", "calibration_batches", "clone_inputs", "positional_inputs", "call_with",
+           "eval_mode", "batch_of", "batched", "with_batch"]
 
 
 def check_example_inputs(example_inputs: Any) -> tuple | dict:
     if example_inputs is None:
-        raise ValueError(
+        raise ArgumentError(
             "example_inputs is required: a tuple of positional arguments, e.g. example_inputs=(torch.randn(1, 3, 224, 224),), "
             "or a dict of keyword arguments, e.g. example_inputs={'input_ids': ids}"
         )
     if isinstance(example_inputs, torch.Tensor):
-        raise ValueError("example_inputs must be a tuple or a dict: wrap a single tensor as (x,)")
+        raise ArgumentError("example_inputs must be a tuple or a dict: wrap a single tensor as (x,)")
     if isinstance(example_inputs, list):
         return tuple(example_inputs)
     if not isinstance(example_inputs, (tuple, dict)):
-        raise ValueError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, got {type(example_inputs).__name__}")
+        raise ArgumentError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, got {type(example_inputs).__name__}")
     return example_inputs
+
+
+def check_fits(model: torch.nn.Module, inputs: tuple | dict, what: str = "example_inputs") -> None:
+    """The inputs bind to the model's forward signature (right number of arguments, known names)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a forward without a readable signature: nothing to check
+        return
+    try:
+        signature.bind(**inputs) if isinstance(inputs, dict) else signature.bind(*inputs)
+    except TypeError as exc:
+        names = [p for p in signature.parameters]
+        raise InputError(f"{what} do not fit {type(model).__name__}.forward{signature}: {exc} "
+                         f"(its arguments are {names})") from None
+
+
+def _as_batch(item: Any, who: str, i: int) -> tuple[tuple | dict, Any]:
+    """(inputs, targets) from one item of a calibration iterable, as a DataLoader yields them."""
+    if isinstance(item, torch.Tensor):
+        return (item,), None
+    if isinstance(item, dict):
+        return item, None
+    if isinstance(item, (tuple, list)) and len(item) in (1, 2):
+        x, y = item[0], item[1] if len(item) == 2 else None
+        if isinstance(x, torch.Tensor):
+            return (x,), y
+        if isinstance(x, (tuple, list)):
+            return tuple(x), y
+        if isinstance(x, dict):
+            return x, y
+    raise ArgumentError(f"{who}: calibration item {i} is a {type(item).__name__}; give what a DataLoader yields: "
+                        "x, (x, y) or [x, y], with x a tensor, a tuple of tensors or a dict of keyword inputs")
+
+
+def calibration_batches(calibration: Iterable | None, who: str) -> list[tuple[tuple | dict, Any]]:
+    """Calibration data as a list of (inputs, targets), checked: items may be what a DataLoader yields."""
+    if calibration is None:
+        raise ArgumentError(f"{who} is data-driven: pass calibration=... (a DataLoader, or a list of x or (x, y) "
+                            "batches, with x shaped like example_inputs)")
+    if isinstance(calibration, (torch.Tensor, dict)) or not isinstance(calibration, Iterable):
+        raise ArgumentError(f"{who}: calibration must be an iterable of batches (e.g. a DataLoader or a list), "
+                            f"got {type(calibration).__name__}")
+    batches = [_as_batch(item, who, i) for i, item in enumerate(calibration)]
+    if not batches:
+        raise ArgumentError(f"{who}: calibration holds no batches")
+    for i, (inputs, _) in enumerate(batches):
+        for t in pytree.tree_leaves(inputs):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InputError(f"{who}: calibration batch {i} holds NaN or inf values")
+    return batches
 
 
 def clone_inputs(inputs: Any) -> Any:
@@ -46,7 +100,7 @@ def positional_inputs(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple
         elif node.args:
             out.append(node.args[0])
         else:
-            raise ValueError(f"example_inputs has no value for the model's argument {node.target!r}")
+            raise InputError(f"example_inputs has no value for the model's argument {node.target!r}")
     return tuple(out)
 
 

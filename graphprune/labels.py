@@ -43,6 +43,7 @@ class LabelSpace:
         self.sites: list[FreezeSite] = []
         # (tensor qualified name, dim) -> list of (index tensor, label tensor)
         self._slots: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._pinned: dict[tuple[str, int], list[torch.Tensor]] = {}  # indices some use reads with no channel
         self.consumer_slots: set[tuple[str, int]] = set()  # input side of a module (conv/linear weight dim 1)
         self.kinds: dict[int, str] = {}  # label -> kind of unit it makes ("head"); default "channel"
 
@@ -121,6 +122,8 @@ class LabelSpace:
         keep = labels != NONE
         if keep.any():
             self._slots.setdefault((tensor, dim), []).append((index[keep], labels[keep]))
+        if not keep.all():  # a tensor read twice (tied, or a module called twice) must keep these indices
+            self._pinned.setdefault((tensor, dim), []).append(index[~keep])
 
     def tag(self, labels: torch.Tensor, kind: str) -> None:
         """Mark the units these labels belong to as a kind (e.g. "head") for per-kind ratios."""
@@ -143,6 +146,10 @@ class LabelSpace:
         for (name, dim), parts in self._slots.items():
             merged.setdefault((rename.get(name, name), dim), []).extend(parts)
         self._slots = merged
+        pinned: dict[tuple[str, int], list] = {}
+        for (name, dim), parts in self._pinned.items():
+            pinned.setdefault((rename.get(name, name), dim), []).extend(parts)
+        self._pinned = pinned
         self.consumer_slots = {(rename.get(n, n), d) for n, d in self.consumer_slots}
 
     # -- reading the result ------------------------------------------------------------
@@ -163,6 +170,12 @@ class LabelSpace:
                 pos = torch.nonzero(same).reshape(-1)
                 for i in pos.tolist():
                     self.unify_all(labels[i : i + 2])
+            if key in self._pinned:  # read with channels by one use and without by another
+                clash = torch.isin(index, torch.cat(self._pinned[key]))
+                if clash.any():
+                    self.freeze(labels[clash], FreezeSite("conflict", key[0], f"{key[0]} is shared (tied, or its module is "
+                                                          "called twice) and another use reads these slices unprunable",
+                                                          location=key[0]))
             merged[key] = (index, labels)
         roots = torch.tensor([self.find(i) for i in range(len(self._parent))], dtype=torch.int64)
         frozen: dict[int, list[FreezeSite]] = {}
@@ -233,5 +246,5 @@ def along(space: LabelSpace, labels: torch.Tensor, dim: int, site: FreezeSite) -
             if torch.unique(space.roots_of(row)).numel() > 1:
                 space.freeze(row, site)
                 fixed[r] = NONE
-        return fixed
-    return hi
+        return fixed.expand(labels.shape[dim]) if fixed.numel() == 1 else fixed
+    return hi.expand(labels.shape[dim]) if hi.numel() == 1 else hi

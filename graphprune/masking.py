@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from graphprune.errors import PassError, PreconditionError
+
 __all__ = [
     "ChannelMaskParametrization",
     "resolve",
@@ -18,6 +20,12 @@ __all__ = [
     "ensure_channel_mask",
     "is_maskable",
     "raw_tensor",
+    "replace_tensor",
+    "masks_of",
+    "refuse_lowered",
+    "channel_masked",
+    "detach_masks",
+    "attach_masks",
     "unit_mask_state",
     "mask_units",
     "deepcopy_model",
@@ -40,6 +48,13 @@ class ChannelMaskParametrization(nn.Module):
         if not hasattr(self, name):
             self.register_buffer(name, torch.ones(size, dtype=torch.bool))
         return getattr(self, name)
+
+    def drop(self, dim: int, size: int, index: list[int] | torch.Tensor) -> None:
+        """Mask more channels along `dim`.  A new keep vector, never an edit of the old one: the
+        old one may be shared with the model a compile() started from."""
+        keep = self.keep(dim, size).clone()
+        keep[index] = False
+        self.register_buffer(f"keep_{dim}", keep)
 
     def masked_dims(self) -> list[int]:
         return sorted(int(n.split("_")[1]) for n, _ in self.named_buffers() if n.startswith("keep_"))
@@ -80,6 +95,18 @@ def raw_tensor(owner: nn.Module, attr: str) -> torch.Tensor:
     if parametrize.is_parametrized(owner, attr):
         return owner.parametrizations[attr].original
     return getattr(owner, attr)
+
+
+def replace_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Store a new tensor under `attr` (the original under any parametrization), of the same kind
+    (parameter or buffer).  A new object, not an edit: the old one may be shared with the model a
+    compile() started from."""
+    holder, name = (owner.parametrizations[attr], "original") if parametrize.is_parametrized(owner, attr) else (owner, attr)
+    old = getattr(holder, name)
+    if isinstance(old, nn.Parameter):
+        setattr(holder, name, nn.Parameter(value.detach().to(old.dtype), requires_grad=old.requires_grad))
+    else:
+        holder.register_buffer(name, value.detach().to(old.dtype), persistent=name not in holder._non_persistent_buffers_set)
 
 
 def is_maskable(owner: nn.Module, attr: str) -> bool:
@@ -139,7 +166,7 @@ def mask_units(root: nn.Module, group, unit_ids: list[int], aliases: dict[str, t
             owner, attr = resolve(root, name)
             if is_maskable(owner, attr):
                 size = raw_tensor(owner, attr).shape[slot.dim]
-                ensure_channel_mask(owner, attr).keep(slot.dim, size)[idx] = False
+                ensure_channel_mask(owner, attr).drop(slot.dim, size, idx)
 
 
 def deepcopy_model(model: nn.Module) -> nn.Module:
@@ -167,11 +194,56 @@ def take_masks(owner: nn.Module, attr: str, name: str) -> list[WeightMaskParamet
         return []
     plist = list(owner.parametrizations[attr])
     if any(not isinstance(p, (ChannelMaskParametrization, WeightMaskParametrization)) for p in plist):
-        from graphprune.errors import PassError
-
         raise PassError(f"{name} has parametrizations graphprune does not know; remove them before Shrink")
     parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
     return [p for p in plist if isinstance(p, WeightMaskParametrization)]
+
+
+def masks_of(module: nn.Module) -> dict[str, nn.Module]:
+    """attribute -> ParametrizationList, for the tensors of `module` that only graphprune masks."""
+    if not parametrize.is_parametrized(module):
+        return {}
+    return {attr: plist for attr, plist in module.parametrizations.items()
+            if all(isinstance(p, (ChannelMaskParametrization, WeightMaskParametrization)) for p in plist)}
+
+
+def channel_masked(module: nn.Module) -> bool:
+    """Whether some tensor of `module` (itself, not its children) has masked channels."""
+    for attr in masks_of(module):
+        mask = channel_mask(module, attr)
+        if mask is not None and any(not bool(getattr(mask, f"keep_{d}").all()) for d in mask.masked_dims()):
+            return True
+    return False
+
+
+def detach_masks(root: nn.Module) -> list[tuple[str, str, list[nn.Module]]]:
+    """Take graphprune's masks off every tensor of `root` (its stored originals come back) and return
+    them as (module path, attribute, parametrizations), so that a graph is traced from the plain
+    tensors (a mask traced through would become a constant) and the masks go back on after."""
+    out = []
+    for path, module in list(root.named_modules()):
+        for attr, plist in masks_of(module).items():
+            out.append((path, attr, list(plist)))
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+    return out
+
+
+def attach_masks(root: nn.Module, masks: list[tuple[str, str, list[nn.Module]]], rename: dict[str, str] | None = None) -> None:
+    """Put masks taken by `detach_masks` back on the tensors of the same names (`rename`: module
+    paths that moved, e.g. root tensors that a graph keeps in a holder module)."""
+    for path, attr, plist in masks:
+        owner = root.get_submodule((rename or {}).get(path, path))
+        for p in plist:
+            parametrize.register_parametrization(owner, attr, p, unsafe=True)
+
+
+def refuse_lowered(model: nn.Module, who: str) -> None:
+    """Masks and Shrink work on dense tensors: after SparseLower they would do nothing to the lowered
+    layers (which hold compressed weights and count their own cost), so they are refused."""
+    lowered = [n for n, m in model.named_modules() if hasattr(m, "graphprune_macs")]
+    if lowered:
+        raise PreconditionError(f"{who} after SparseLower: {lowered[:3]} already hold compressed weights, which cannot be "
+                                "masked or sliced; put the mask passes and Shrink() before SparseLower()")
 
 
 KEEP_PREFIX = "graphprune_keep_"  # buffers of the channels a masked mean or sum reduces over (graphprune.norms)

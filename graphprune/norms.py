@@ -102,7 +102,8 @@ def _sync_reductions(gm: fx.GraphModule, deps) -> None:
             continue
         keep = ~torch.isin(roots, pruned)
         if node.target is masked_reduce:  # already rewritten: only the kept channels change
-            getattr(*resolve(gm, node.args[1].target)).copy_(keep)
+            owner, attr = resolve(gm, node.args[1].target)
+            owner.register_buffer(attr, keep.clone())
             continue
         key = _reduction_key(node)
         if key is None or bool(keep.all()):

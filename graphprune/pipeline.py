@@ -17,8 +17,8 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 import torch.fx as fx
 
-from graphprune.errors import GraphPruneError, PassError, VerificationError
-from graphprune.inputs import call_with, eval_mode
+from graphprune.errors import ArgumentError, GraphPruneError, PassError, VerificationError
+from graphprune.verify import Reference, check_keeps_outputs, check_runs, reference
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,21 @@ class PassRecord:
 class PassContext:
     """Shared by the passes of one compile(): example inputs, cached analyses, records."""
 
-    def __init__(self, example_inputs: tuple | dict) -> None:
+    def __init__(self, example_inputs: tuple | dict, *, verify: bool = True) -> None:
         self.example_inputs = example_inputs
+        self.verify = verify
         self.records: list[PassRecord] = []
         self._analyses: dict[str, Any] = {}
         self._current: PassRecord | None = None
+        self.version = 0  # bumped whenever a pass modifies the graph
+        self._reference: tuple[int, Reference] | None = None
+        self.checked_version = 0  # the last version known to run (verified or checked)
+
+    def reference(self, gm: fx.GraphModule) -> Reference:
+        """What the graph computes now on the example inputs (cached until a pass modifies it)."""
+        if self._reference is None or self._reference[0] != self.version:
+            self._reference = (self.version, reference(gm, self.example_inputs))
+        return self._reference[1]
 
     # -- analyses ----------------------------------------------------------------------
     def analysis(self, name: str, compute: Callable[[], Any]) -> Any:
@@ -86,10 +96,12 @@ class PassContext:
 
 class PassBase(abc.ABC):
     """Subclass and implement `call`.  `preserves` names analyses a modifying pass keeps valid;
-    `keeps_outputs` says the pass must not change what the model computes (checked by verify_each)."""
+    `keeps_outputs` says the pass must not change what the model computes: the pipeline then
+    checks it on the example inputs (unless compile(verify=False) or the pass's `verify` is False)."""
 
     preserves: ClassVar[frozenset[str]] = frozenset()
     keeps_outputs: ClassVar[bool] = False
+    verify: bool = True
 
     @property
     def name(self) -> str:
@@ -116,14 +128,21 @@ class _FunctionPass(PassBase):
         return getattr(self.fn, "__name__", "function_pass")
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        before = _state_key(gm)
         result = self.fn(gm, ctx)
         if isinstance(result, PassResult):
             return result
         if isinstance(result, fx.GraphModule):
-            return PassResult(result, True)
-        if result is None:
-            return PassResult(gm, True)
-        raise TypeError(f"pass {self.name} returned {type(result).__name__}; return a PassResult, a GraphModule or None")
+            return PassResult(result, result is not gm or _state_key(gm) != before)
+        if result is None:  # modified only if it changed the graph or a tensor
+            return PassResult(gm, _state_key(gm) != before)
+        raise ArgumentError(f"pass {self.name} returned {type(result).__name__}; return a PassResult, a GraphModule or None")
+
+
+def _state_key(gm: fx.GraphModule) -> tuple:
+    """Changes when the graph, a tensor's identity, shape or contents (version counter) change."""
+    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    return gm.graph.python_code("self").src, tuple((n, id(t), tuple(t.shape), t._version) for n, t in tensors)
 
 
 def as_pass(p: Any) -> PassBase:
@@ -133,20 +152,16 @@ def as_pass(p: Any) -> PassBase:
         return Pipeline(p)
     if callable(p) and not isinstance(p, type):
         return _FunctionPass(p)
-    raise TypeError(
+    raise ArgumentError(
         f"{p!r} is not a pass: give a graphprune.PassBase instance (e.g. graphprune.passes.L2Score()) "
         "or a function (gm, ctx) -> PassResult"
     )
 
 
-def _run_model(gm: fx.GraphModule, example_inputs: tuple | dict) -> Any:
-    with eval_mode(gm), torch.no_grad():
-        return call_with(gm, example_inputs)
-
-
 class Pipeline(PassBase):
-    """Runs passes in order; itself a pass.  Times each pass; with verify_each checks the graph
-    after every modifying pass, and that passes which must keep outputs did."""
+    """Runs passes in order; itself a pass.  Times each pass and checks that passes which must keep
+    the outputs did (see graphprune.verify); with verify_each also checks that the graph still runs
+    after every other modifying pass."""
 
     def __init__(self, passes: Iterable[Any], *, verify_each: bool = False) -> None:
         self.passes = [as_pass(p) for p in passes]
@@ -163,7 +178,9 @@ class Pipeline(PassBase):
         return PassResult(gm, modified)
 
     def _run_one(self, p: PassBase, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        before = _run_model(gm, ctx.example_inputs) if (self.verify_each and p.keeps_outputs) else None
+        check = p.keeps_outputs and ctx.verify and p.verify
+        ref = ctx.reference(gm) if check else None
+        groups = _cached_groups(ctx) if check else ()
         record = PassRecord(p.name)
         previous, ctx._current = ctx._current, record
         start = time.perf_counter()
@@ -185,25 +202,25 @@ class Pipeline(PassBase):
         ctx.records.append(record)
         if result.modified:
             ctx.invalidate(p.preserves)
+            ctx.version += 1
             result.gm.recompile()
-            if self.verify_each:
-                self._verify(p, result.gm, ctx, before)
+            if ref is not None:
+                check_keeps_outputs(p.name, result.gm, ref, ctx.example_inputs, groups, _after(ctx, skip_last=True))
+                ctx.checked_version = ctx.version
+            elif self.verify_each:
+                result.gm.graph.lint()
+                check_runs(p.name, result.gm, ctx.example_inputs, _after(ctx, skip_last=True))
+                ctx.checked_version = ctx.version
         logger.info("%s: %.3fs, modified=%s", p.name, record.seconds, result.modified)
         return result
 
-    @staticmethod
-    def _verify(p: PassBase, gm: fx.GraphModule, ctx: PassContext, before: Any) -> None:
-        try:
-            gm.graph.lint()
-            after = _run_model(gm, ctx.example_inputs)
-        except Exception as exc:
-            raise VerificationError(f"after {p.name}{_after(ctx)} the model no longer runs: {exc}") from exc
-        if before is not None:
-            try:
-                torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
-            except AssertionError as exc:
-                raise VerificationError(f"{p.name} must keep the model's outputs but changed them: {exc}") from exc
+
+def _cached_groups(ctx: PassContext) -> tuple:
+    """The channel groups, if an analysis is cached (to name them in a verification error)."""
+    deps = ctx.get_analysis("dependencies")
+    return deps.groups if deps is not None else ()
 
 
-def _after(ctx: PassContext) -> str:
-    return f" (after {', '.join(ctx.history)})" if ctx.history else ""
+def _after(ctx: PassContext, skip_last: bool = False) -> str:
+    names = ctx.history[:-1] if skip_last else ctx.history
+    return f" (after {', '.join(names)})" if names else ""

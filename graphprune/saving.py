@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch.fx as fx
 from torch import nn
 
 from graphprune.compile import REPORT_ATTR
-from graphprune.errors import GraphPruneError
+from graphprune.errors import ArgumentError, CheckpointError, GraphPruneError
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
 __all__ = ["save", "load", "plan_of", "PLAN_FILE", "WEIGHTS_FILE"]
@@ -47,11 +50,17 @@ def plan_of(model: nn.Module) -> dict:
 
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write `model.safetensors` (the state dict; a tensor tied under two names is stored once)
-    and `plan.json` into `directory`."""
+    and `plan.json` into `directory`.  Both are written into a new folder beside it, which then
+    takes its place: a failure at any point leaves an existing checkpoint there as it was."""
     from safetensors.torch import save_file
 
-    if not isinstance(model, fx.GraphModule) or not hasattr(model, REPORT_ATTR):
-        raise GraphPruneError("save() takes a model returned by graphprune.compile (it replays that model's passes)")
+    if not isinstance(model, nn.Module) or not hasattr(model, REPORT_ATTR):
+        raise ArgumentError("save() takes a model returned by graphprune.compile (it replays that model's passes)")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ArgumentError(f"save: {directory} is a file; give a folder to write the checkpoint into")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / PLAN_FILE).exists():
+        raise ArgumentError(f"save: {directory} holds files and is not a graphprune checkpoint; give a new or empty folder")
     plan = plan_of(model)
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -62,37 +71,89 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
             seen[key] = name
             tensors[name] = t.detach().contiguous()
     plan["tied"] = tied
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_FILE))
-    with open(os.path.join(directory, PLAN_FILE), "w") as f:
-        json.dump(plan, f, indent=1)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        with open(staging / PLAN_FILE, "w") as f:
+            json.dump(plan, f, indent=1)
+        save_file(tensors, str(staging / WEIGHTS_FILE))
+        for extra in directory.iterdir() if directory.is_dir() else ():  # the user's own files stay
+            if extra.name not in (PLAN_FILE, WEIGHTS_FILE):
+                (shutil.copytree if extra.is_dir() else shutil.copy2)(extra, staging / extra.name)
+        _swap(staging, directory)
+    except TypeError as exc:
+        raise CheckpointError(f"save: the plan holds a value JSON cannot store ({exc}); nothing was written") from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def load(model: nn.Module, directory: str | os.PathLike, example_inputs: tuple | dict, *, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
+def _swap(staging: Path, directory: Path) -> None:
+    """Put the staging folder in the checkpoint's place (the old one goes only once the new is there)."""
+    old = None
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+        os.rmdir(old)
+        os.rename(directory, old)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        if old is not None:
+            os.rename(old, directory)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_plan(directory: Path) -> dict:
+    path = directory / PLAN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a graphprune checkpoint: it has no {PLAN_FILE}")
+    try:
+        plan = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is damaged (not JSON: {exc})") from exc
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT or plan.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a graphprune plan of version {VERSION}")
+    steps, tied = plan.get("steps"), plan.get("tied", {})
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("op"), str) for s in steps) \
+            or not isinstance(tied, dict):
+        raise CheckpointError(f"{path} is damaged: 'steps' must be a list of steps, each with an 'op'")
+    unknown = sorted({s["op"] for s in steps} - set(REPLAY))
+    if unknown:
+        raise CheckpointError(f"{path} has steps this graphprune cannot replay: {unknown}")
+    return plan
+
+
+def load(model: nn.Module, directory: str | os.PathLike, example_inputs: tuple | dict, *, leaf_modules: Iterable[type] = ()) -> nn.Module:
     """Rebuild what `save` wrote: replay its plan on a copy of the original `model` (not changed),
     traced on the same kind of example inputs, then load the weights; every tensor must fit."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from graphprune.compile import compile
 
-    with open(os.path.join(directory, PLAN_FILE)) as f:
-        plan = json.load(f)
-    if plan.get("format") != FORMAT or plan.get("version") != VERSION:
-        raise GraphPruneError(f"{directory}/{PLAN_FILE} is not a graphprune plan of version {VERSION}")
-    unknown = sorted({s.get("op") for s in plan["steps"]} - set(REPLAY))
-    if unknown:
-        raise GraphPruneError(f"{directory}/{PLAN_FILE} has steps this graphprune cannot replay: {unknown}")
-    tensors = load_file(os.path.join(directory, WEIGHTS_FILE))
+    directory = Path(directory)
+    plan = _read_plan(directory)
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} cannot be read: {exc}") from exc
     for name, source in plan.get("tied", {}).items():
+        if source not in tensors:
+            raise CheckpointError(f"{directory / PLAN_FILE} ties {name} to {source}, which the weights do not hold")
         tensors[name] = tensors[source]
-    rebuilt = compile(model, [REPLAY[s["op"]](s) for s in plan["steps"]], example_inputs=example_inputs, leaf_modules=leaf_modules)
     advice = "pass the original model and example inputs of the same shapes as when it was pruned"
+    try:
+        rebuilt = compile(model, [REPLAY[s["op"]](s) for s in plan["steps"]], example_inputs=example_inputs, leaf_modules=leaf_modules)
+    except (KeyError, IndexError, TypeError, ValueError, GraphPruneError) as exc:
+        raise CheckpointError(f"{directory} does not fit this model ({type(exc).__name__}: {exc}): {advice}") from exc
     try:
         missing, unexpected = rebuilt.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:
-        raise GraphPruneError(f"{directory} does not fit the rebuilt model: {advice}\n{exc}") from exc
+        raise CheckpointError(f"{directory} does not fit the rebuilt model: {advice}\n{exc}") from exc
     if missing or unexpected:
-        raise GraphPruneError(f"{directory} does not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]}): {advice}")
+        raise CheckpointError(f"{directory} does not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]}): {advice}")
     return rebuilt
 
 
@@ -123,8 +184,10 @@ def _channel_mask(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:
     groups = {g.key: g for g in deps.groups}
     missing = sorted(set(step["units"]) - set(groups))
     if missing:
-        raise GraphPruneError(f"the plan masks groups this model does not have: {missing[:5]}")
+        raise CheckpointError(f"the plan masks groups this model does not have: {missing[:5]}")
     for key, ids in step["units"].items():
+        if not all(isinstance(i, int) and 0 <= i < groups[key].size for i in ids):
+            raise CheckpointError(f"the plan masks units of group {key} that it does not have (it has {groups[key].size})")
         mask_units(gm, groups[key], ids, deps.aliases)
     sync_masked_ops(gm, deps)
 

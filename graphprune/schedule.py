@@ -22,7 +22,9 @@ from typing import Callable
 
 from torch import nn
 
+from graphprune.arguments import choice, fraction, positive_int
 from graphprune.compile import compile
+from graphprune.errors import ArgumentError
 from graphprune.pipeline import PassBase
 
 logger = logging.getLogger(__name__)
@@ -69,17 +71,15 @@ class Pruner:
         per: str = "step",
         leaf_modules=(),
     ) -> None:
-        for name, value in (("target_sparsity", target_sparsity), ("initial_sparsity", initial_sparsity)):
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"Pruner {name} must be in [0, 1), got {value!r}")
+        target_sparsity = fraction(target_sparsity, "Pruner target_sparsity")
+        initial_sparsity = fraction(initial_sparsity, "Pruner initial_sparsity")
         if initial_sparsity > target_sparsity:
-            raise ValueError("Pruner initial_sparsity must not exceed target_sparsity")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"Pruner schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if per not in ("step", "epoch"):
-            raise ValueError(f"Pruner per must be 'step' or 'epoch', got {per!r}")
-        if not (isinstance(frequency, int) and frequency >= 1) or not (isinstance(end_step, int) and end_step > start_step >= 0):
-            raise ValueError("Pruner needs an int frequency >= 1 and ints 0 <= start_step < end_step")
+            raise ArgumentError("Pruner initial_sparsity must not exceed target_sparsity")
+        choice(schedule, "Pruner schedule", SCHEDULES)
+        choice(per, "Pruner per", ("step", "epoch"))
+        frequency = positive_int(frequency, "Pruner frequency")
+        if not (isinstance(end_step, int) and isinstance(start_step, int) and end_step > start_step >= 0):
+            raise ArgumentError(f"Pruner needs ints 0 <= start_step < end_step, got start_step={start_step!r}, end_step={end_step!r}")
         if mask is None:
             from graphprune.passes.sparse_mask import UnstructuredMask
 

@@ -9,13 +9,16 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from graphprune.arguments import fraction
 from graphprune.compile import compile
+from graphprune.errors import ArgumentError, InputError
 from graphprune.pipeline import PassBase, PassResult
 
 logger = logging.getLogger(__name__)
@@ -89,6 +92,19 @@ class _GivenScores(PassBase):
         return PassResult(gm, False)
 
 
+def _metric(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str) -> float:
+    """evaluate(model) as a finite float: a NaN would make every ratio look harmless."""
+    value = evaluate(model)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"sensitivity: evaluate returned {type(value).__name__} for {what}; return a number "
+                            "(higher is better)") from None
+    if not math.isfinite(value):
+        raise InputError(f"sensitivity: evaluate returned {value} for {what}; it must return a finite number")
+    return value
+
+
 def sensitivity(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
@@ -104,9 +120,13 @@ def sensitivity(
     from graphprune.passes.mask import ChannelMask
     from graphprune.passes.score import L1Score
 
-    ratios = sorted(float(r) for r in ratios)
-    if not ratios or any(not 0 < r < 1 for r in ratios):
-        raise ValueError(f"sensitivity ratios must be in (0, 1), got {ratios}")
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+        raise ArgumentError(f"sensitivity ratios must be a list of numbers in (0, 1), got {ratios!r}")
+    ratios = sorted(fraction(r, "each sensitivity ratio", open_low=True) for r in ratios)
+    if not ratios:
+        raise ArgumentError("sensitivity ratios must hold at least one number in (0, 1)")
+    if not callable(evaluate):
+        raise ArgumentError(f"sensitivity evaluate must be a function model -> float, got {type(evaluate).__name__}")
     seen: dict = {}
 
     def grab(gm, ctx):
@@ -118,12 +138,12 @@ def sensitivity(
     keys = seen["groups"] if groups is None else list(groups)
     unknown = sorted(set(keys) - set(seen["groups"]))
     if unknown:
-        raise ValueError(f"sensitivity: no such groups {unknown}; the model has {seen['groups']}")
-    baseline = float(evaluate(base))
+        raise ArgumentError(f"sensitivity: no such groups {unknown}; the model has {seen['groups']}")
+    baseline = _metric(evaluate, base, "the unpruned model")
     rows = []
     for key in keys:
         for r in ratios:
             masked = compile(base, [_GivenScores(seen["scores"]), ChannelMask(0.0, group_ratios={key: r})], example_inputs=example_inputs)
-            rows.append((key, r, float(evaluate(masked))))
+            rows.append((key, r, _metric(evaluate, masked, f"group {key} at ratio {r:g}")))
             logger.info("sensitivity %s @ %.2f: %.4g", key, r, rows[-1][2])
     return Sensitivity(baseline, tuple(rows))

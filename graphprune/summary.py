@@ -11,10 +11,9 @@ from torch.nn.utils import parametrize
 
 from graphprune.analysis.cost import count_macs, count_params
 from graphprune.analysis.dependency import FrozenChannels, analyze_dependencies
-from graphprune.compile import REPORT_ATTR
+from graphprune.compile import REPORT_ATTR, graph_of
 from graphprune.inputs import check_example_inputs
 from graphprune.masking import channel_mask, weight_mask
-from graphprune.trace import trace
 
 __all__ = ["Summary", "summary"]
 
@@ -163,7 +162,7 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
     sparsity = _mask_sparsity(after)
     state = "masked" if any(z for _, z, _ in sparsity) else "shrunk" if shrunk else "lowered" if any(f != "dense" for _, f, _ in lowered) else "dense"
     try:
-        gm = after if isinstance(after, fx.GraphModule) else trace(after, example_inputs=example_inputs)
+        gm = graph_of(after, example_inputs)
         deps = analyze_dependencies(gm, example_inputs)
         frozen, frozen_units = deps.frozen, deps.frozen_units
     except Exception:  # a summary of an untraceable model still reports its cost

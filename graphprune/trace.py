@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import threading
 import traceback
+import warnings
 from typing import Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from graphprune.errors import TraceError
-from graphprune.inputs import batch_of, batched, with_batch
+from graphprune.errors import ArgumentError, TraceError
+from graphprune.inputs import batch_of, batched, call_with, with_batch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["trace"]
+__all__ = ["trace", "no_cache", "TRACE_LOCK", "TRACED_BY"]
+
+# torch.fx patches nn.Module.__call__ while it traces, and torch.export patches more: two traces
+# at once in two threads would leave them patched for good.  One trace at a time per process.
+TRACE_LOCK = threading.RLock()
+TRACED_BY = "graphprune_traced_by"  # gm.meta key: "fx", "export" or "export-static"
 
 
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: tuple[type, ...]) -> None:
         super().__init__()
         self.leaf_types = leaf_modules
+        self.record_stack_traces = True  # nodes keep the source line they came from (for messages)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -33,6 +43,13 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         try:
+            self.path_of_module(m)
+        except NameError:
+            # a module of another model, run by another thread while this one traces (fx patches
+            # nn.Module.__call__ for the whole process): run it as if nothing were patched
+            if not _holds_proxy((args, kwargs)):
+                return forward(*args, **kwargs)
+        try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
             if not hasattr(exc, "_graphprune_module"):
@@ -41,6 +58,12 @@ class _Tracer(fx.Tracer):
                 except Exception:
                     pass
             raise
+
+
+def _holds_proxy(value) -> bool:
+    found = []
+    fx.node.map_aggregate(value, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
+    return bool(found)
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -68,24 +91,105 @@ def _concrete_args(model: nn.Module, example_inputs: tuple | dict | None) -> dic
     return concrete or None
 
 
-def _export(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModule | None:
-    """torch.export's (ATen-level) graph, for models symbolic tracing cannot follow (Hugging Face
-    transformers): the dims of batched inputs stay dynamic where torch.export can keep them so
-    (batch, sequence length), the others are specialised; the module cannot switch modes."""
-    if batch_of(example_inputs) == 1:  # torch.export would specialise a batch of 1 for good
-        example_inputs = with_batch(example_inputs, 2)
-    args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
-    batch = batch_of(example_inputs)
-
-    def dims(t):  # batched inputs stay dynamic in every dim where torch.export can keep them so
-        return {d: torch.export.Dim.AUTO for d in range(t.ndim)} if batched(t, batch) else None
-
-    dynamic = tuple(dims(a) for a in args) if args else {k: dims(v) for k, v in kwargs.items()}
+def _runs(gm: fx.GraphModule, example_inputs: tuple | dict) -> bool:
     try:
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False).module()
+        with torch.no_grad():
+            call_with(gm, example_inputs)
+        return True
     except Exception as exc:
-        logger.info("torch.export failed too: %s", exc)
+        logger.info("the exported graph does not run on the example inputs: %s", exc)
+        return False
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module):
+    """Hugging Face models return their key/value cache when `config.use_cache` is on (the default of
+    most decoders), which torch.export cannot put in a graph's outputs: off while exporting."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None and getattr(c, "use_cache", False)}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True
+
+
+def _dynamic_dims(t: torch.Tensor, batch: int | None) -> dict | None:
+    """Dims that stay dynamic in an exported graph: the batch, and the sequence length of integer
+    (token id, mask) inputs.  Image sizes stay static: symbolic reasoning over window partitions
+    (Swin) takes minutes, and a pruned model runs at the size it was pruned at anyway."""
+    if not batched(t, batch):
         return None
+    dims = {0: torch.export.Dim.AUTO}
+    if t.ndim == 2 and not t.is_floating_point():
+        dims[1] = torch.export.Dim.AUTO
+    return dims
+
+
+def _export(model: nn.Module, example_inputs: tuple | dict) -> tuple[fx.GraphModule | None, str]:
+    """torch.export's (ATen-level) graph, for models symbolic tracing cannot follow (Hugging Face
+    transformers): the batch and sequence length stay dynamic where torch.export can keep them so.
+    When the dynamic graph does not run on the example inputs themselves (a size torch.export
+    specialised), the shapes are made static.  Returns the graph (None when export fails) and
+    what went wrong."""
+    args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+    with no_cache(model):
+        try:
+            traced = with_batch(example_inputs, 2) if batch_of(example_inputs) == 1 else example_inputs  # batch 1 would specialise
+            t_args, t_kwargs = (traced, {}) if isinstance(traced, tuple) else ((), dict(traced))
+            batch = batch_of(traced)
+            dynamic = pytree.tree_map(lambda t: _dynamic_dims(t, batch) if isinstance(t, torch.Tensor) else None,
+                                      t_args if t_args else t_kwargs)
+            gm = torch.export.export(model, t_args, t_kwargs, dynamic_shapes=dynamic, strict=False).module()
+            if _runs(gm, example_inputs):
+                gm.meta[TRACED_BY] = "export"
+                return gm, ""
+        except Exception as exc:
+            logger.info("torch.export with dynamic shapes failed: %s", exc)
+        try:  # the shapes of the example inputs, and only those
+            gm = torch.export.export(model, args, kwargs, strict=False).module()
+            gm.meta[TRACED_BY] = "export-static"
+            logger.warning("%s was exported with static shapes: the pruned graph runs on inputs shaped like the "
+                           "example inputs only", type(model).__name__)
+            return gm, ""
+        except Exception as exc:
+            logger.info("torch.export failed: %s", exc)
+            return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+# Ops whose behaviour depends on the mode: torch.export records the mode it ran in as a constant.
+_MODE_ARGS = {
+    torch.ops.aten.dropout.default: 2, torch.ops.aten.feature_dropout.default: 2,
+    torch.ops.aten.alpha_dropout.default: 2, torch.ops.aten.feature_alpha_dropout.default: 2,
+    torch.ops.aten.batch_norm.default: 5,
+}
+
+
+def _switchable_modes(gm: fx.GraphModule) -> None:
+    """Give an exported module working train()/eval(): the ops that depend on the mode (dropout,
+    batch norm) read the module's `training` flag instead of the constant recorded at export."""
+    mode = None
+    for node in list(gm.graph.nodes):
+        pos = _MODE_ARGS.get(node.target) if node.op == "call_function" else None
+        if pos is None or len(node.args) <= pos or not isinstance(node.args[pos], bool):
+            continue
+        if mode is None:
+            with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+                mode = gm.graph.get_attr("training")
+        node.args = (*node.args[:pos], mode, *node.args[pos + 1:])
+    for name in ("train", "eval"):  # torch.export's module refuses both; nn.Module's own ones work now
+        gm.__dict__.pop(name, None)
+    gm.recompile()
+
+
+def _with_full_tree(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Make the graph module hold the model's own submodules (not the plain stand-ins fx builds for
+    the path to each one used), so a qualified name means the same module in both."""
+    for name, child in model.named_children():
+        setattr(gm, name, child)
+    return gm
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: tuple | dict | None = None) -> fx.GraphModule:
@@ -100,28 +204,40 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: t
     leaf = tuple(leaf_modules)
     for t in leaf:
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
-            raise TypeError(f"leaf_modules must hold nn.Module classes, got {t!r}")
+            raise ArgumentError(f"leaf_modules must hold nn.Module classes, got {t!r}")
     tracer = _Tracer(leaf)
-    try:
-        graph = tracer.trace(model, concrete_args=_concrete_args(model, example_inputs))
-    except Exception as exc:
-        exported = _export(model, example_inputs) if example_inputs is not None else None
-        if exported is not None:
-            logger.info("symbolic tracing failed (%s); using torch.export's graph", exc)
-            _hoist_root_tensors(exported)
-            return exported
-        path, cls = getattr(exc, "_graphprune_module", ("", type(model).__name__))
-        inside = f" inside module '{path}' ({cls})" if path else f" in {cls}.forward"
-        raise TraceError(
-            f"could not trace {type(model).__name__} to a torch.fx graph: {type(exc).__name__}: {exc}\n"
-            f"  it broke at {_user_frame(exc)}{inside}.\n"
-            f"  Python control flow that depends on tensor values cannot be traced. Mark the module that "
-            f"contains it as a leaf: graphprune.compile(..., leaf_modules=[{cls}]). Its channels are then kept "
-            f"(register a rule with graphprune.register_rule to prune through it)."
-        ) from exc
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    with TRACE_LOCK:
+        try:
+            graph = tracer.trace(model, concrete_args=_concrete_args(model, example_inputs))
+        except Exception as exc:
+            exported, why = _export(model, example_inputs) if example_inputs is not None else (None, "no example inputs")
+            if exported is not None:
+                logger.info("symbolic tracing failed (%s); using torch.export's graph", exc)
+                _hoist_root_tensors(exported)
+                _switchable_modes(exported)
+                exported.train(model.training)
+                return exported
+            raise _trace_error(model, exc, why) from exc
+    gm = _with_full_tree(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
+    gm.meta[TRACED_BY] = "fx"
     _hoist_root_tensors(gm)
     return gm
+
+
+def _trace_error(model: nn.Module, exc: Exception, export_error: str) -> TraceError:
+    path, cls = getattr(exc, "_graphprune_module", ("", type(model).__name__))
+    head = (f"could not trace {type(model).__name__} to a graph: torch.fx failed with {type(exc).__name__}: {exc}\n"
+            f"  it broke at {_user_frame(exc)}")
+    if path:
+        advice = (f" inside module '{path}' ({cls}).\n  Python control flow that depends on tensor values cannot be "
+                  f"traced. Mark the module that contains it as a leaf: graphprune.compile(..., leaf_modules=[{cls}]). "
+                  "Its channels are then kept (register a rule with graphprune.register_rule to prune through it).")
+    else:
+        advice = (f" in {cls}.forward itself, which leaf_modules cannot isolate (it is the model).\n  Move the "
+                  "data-dependent part into a submodule and mark that submodule's class as a leaf "
+                  "(graphprune.compile(..., leaf_modules=[ThatClass])), or prune the traceable part on its own "
+                  "(e.g. model.backbone).")
+    return TraceError(head + advice + f"\n  torch.export failed too: {export_error}")
 
 
 ROOT_HOLDER = "graphprune_root"

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from graphprune.errors import GraphPruneError
+from graphprune.errors import ArgumentError, GraphPruneError
 
 __all__ = ["prune_vocabulary"]
 
@@ -45,13 +45,13 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, corpus: Iterable[str], *,
         raise GraphPruneError(f"prune_vocabulary supports WordPiece tokenizers (BERT family); this one is {kind}")
     texts = [corpus] if isinstance(corpus, str) else list(corpus)
     if not texts:
-        raise ValueError("prune_vocabulary needs a corpus: the texts whose tokens to keep")
+        raise ArgumentError("prune_vocabulary needs a corpus: the texts whose tokens to keep")
     used = {i for text in texts for i in tokenizer(text)["input_ids"]}
     used |= set(tokenizer.all_special_ids)
     for k in keep:
         token_id = tokenizer.convert_tokens_to_ids(k) if isinstance(k, str) else int(k)
         if token_id is None or not 0 <= token_id < len(state["model"]["vocab"]) or (isinstance(k, str) and token_id == tokenizer.unk_token_id and k != tokenizer.unk_token):
-            raise ValueError(f"prune_vocabulary keep={k!r} is not a token of this tokenizer")
+            raise ArgumentError(f"prune_vocabulary keep={k!r} is not a token of this tokenizer")
         used.add(token_id)
     kept = sorted(used)
     new_id = {old: new for new, old in enumerate(kept)}

@@ -16,9 +16,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphprune.masking import channel_mask, ensure_channel_mask, masks_disabled, raw_tensor, resolve, unit_mask_state
+from graphprune.inputs import calibration_batches
+from graphprune.masking import refuse_lowered, channel_mask, ensure_channel_mask, masks_disabled, raw_tensor, replace_tensor, resolve, unit_mask_state
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.passes.data_scores import _batches
 from graphprune.weight_ops import WeightOp, input_channel_stats, weight_ops
 
 __all__ = ["CompensateBias"]
@@ -30,7 +30,8 @@ class CompensateBias(PassBase):
         self.calibration = calibration
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        batches = _batches(self.calibration, "CompensateBias")
+        refuse_lowered(gm, "CompensateBias")
+        batches = calibration_batches(self.calibration, "CompensateBias")
         deps = ctx.dependencies(gm)
         ops = weight_ops(gm)
         targets: dict[str, tuple[WeightOp, set[int]]] = {}
@@ -64,11 +65,10 @@ class CompensateBias(PassBase):
                 module.bias = nn.Parameter(delta.to(module.weight.dtype))
                 mask = channel_mask(module, "weight")
                 if mask is not None and hasattr(mask, "keep_0"):
-                    ensure_channel_mask(module, "bias").keep(0, len(delta)).copy_(mask.keep_0)
+                    ensure_channel_mask(module, "bias").drop(0, len(delta), torch.nonzero(~mask.keep_0).reshape(-1))
             else:
-                bias = raw_tensor(*resolve(gm, op.bias))
-                with torch.no_grad():
-                    bias.add_(delta.to(bias.dtype))
+                owner, attr = resolve(gm, op.bias)
+                replace_tensor(owner, attr, raw_tensor(owner, attr).detach() + delta.to(raw_tensor(owner, attr).dtype))
         if new_biases:  # new tensors: the channel groups must be found again
             ctx.invalidate(self.preserves - {"dependencies"})
         ctx.record(compensated=sorted(targets), skipped=skipped, plan={"op": "add_bias", "modules": new_biases})

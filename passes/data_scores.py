@@ -21,26 +21,14 @@ import torch.fx as fx
 from torch import nn
 
 from graphprune.analysis.dependency import ChannelGroup
-from graphprune.errors import PreconditionError
-from graphprune.inputs import call_with, eval_mode
+from graphprune.errors import ArgumentError, PreconditionError
+from graphprune.inputs import calibration_batches, call_with, eval_mode
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassContext
 from graphprune.passes.score import ScorePass
 from graphprune.weight_ops import WeightOp, input_channel_stats, weight_ops
 
 __all__ = ["TaylorScore", "HeadSensitivityScore", "ActivationScore", "APoZScore", "WandaScore"]
-
-
-def _batches(calibration: Any, who: str) -> list:
-    if calibration is None:
-        raise ValueError(f"{who} is data-driven: pass calibration=[(inputs, targets), ...] with inputs shaped like example_inputs")
-    batches = list(calibration)
-    if not batches:
-        raise ValueError(f"{who}: calibration holds no batches")
-    for b in batches:
-        if not (isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], (tuple, list, dict))):
-            raise ValueError(f"{who}: each calibration item must be (inputs, targets) with inputs a tuple or dict, got {type(b).__name__}")
-    return batches
 
 
 def _tensor(gm: nn.Module, qualified: str) -> torch.Tensor:
@@ -58,9 +46,9 @@ class TaylorScore(ScorePass):
 
     def _weight_times_gradient(self, gm, groups) -> dict[str, torch.Tensor]:
         """Per parameter of the groups: w * dL/dw summed over the calibration batches (signed)."""
-        batches = _batches(self.calibration, self.name)
+        batches = calibration_batches(self.calibration, self.name)
         if self.loss_fn is None:
-            raise ValueError(f"{self.name} needs loss_fn=, called as loss_fn(model_output, targets)")
+            raise ArgumentError(f"{self.name} needs loss_fn=, called as loss_fn(model_output, targets)")
         params = {}
         for g in groups:
             for slot in g.slots:
@@ -69,6 +57,7 @@ class TaylorScore(ScorePass):
                 if isinstance(t, nn.Parameter):
                     params[slot.tensor] = t
         acc = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+        grads = [(p, p.grad) for p in gm.parameters()]  # the caller's gradients, put back afterwards
         try:
             with eval_mode(gm):
                 for inputs, targets in batches:
@@ -78,7 +67,8 @@ class TaylorScore(ScorePass):
                         if p.grad is not None:
                             acc[name] += (p.detach() * p.grad.detach()).double()
         finally:
-            gm.zero_grad(set_to_none=True)
+            for p, grad in grads:
+                p.grad = grad
         return acc
 
     @staticmethod
@@ -129,7 +119,7 @@ class _ActivationStats(ScorePass):
         return [(s, ops[slot.tensor]) for s, slot in enumerate(g.slots) if slot in g.consumers and slot.dim == 1 and slot.tensor in ops]
 
     def _collect(self, gm: fx.GraphModule, ops: dict[str, WeightOp]) -> dict[str, torch.Tensor]:
-        batches = _batches(self.calibration, type(self).__name__)
+        batches = calibration_batches(self.calibration, type(self).__name__)
         return input_channel_stats(gm, ops, batches, self.statistic)
 
     @staticmethod

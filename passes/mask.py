@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Iterable
 
 import torch
 import torch.fx as fx
 
 from graphprune.analysis.dependency import ChannelGroup
-from graphprune.errors import PreconditionError
-from graphprune.masking import mask_units, unit_mask_state
+from graphprune.arguments import choice, fraction, mapping, module_names, positive_int
+from graphprune.errors import ArgumentError, GraphPruneWarning, PreconditionError
+from graphprune.masking import refuse_lowered, mask_units, unit_mask_state
 from graphprune.norms import sync_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.passes.score import SCORES
@@ -46,33 +48,28 @@ class ChannelMask(PassBase):
         max_ratio: float | None = None,
         ratios: dict[str, float] | None = None,
     ) -> None:
-        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise ValueError(f"ChannelMask ratio must be in [0, 1) (the share of channels to remove), got {ratio!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"ChannelMask scope must be one of {SCOPES}, got {scope!r}")
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"ChannelMask round_to must be a positive int, got {round_to!r}")
-        if not isinstance(min_channels, int) or min_channels < 1:
-            raise ValueError(f"ChannelMask min_channels must be a positive int, got {min_channels!r}")
-        if isinstance(exclude, str):
-            exclude = [exclude]
-        for key, r in (group_ratios or {}).items():
-            if not isinstance(r, (int, float)) or not 0 <= r < 1:
-                raise ValueError(f"ChannelMask group_ratios[{key!r}] must be in [0, 1), got {r!r}")
-        if group_ratios and scope != "local":
-            raise ValueError("ChannelMask group_ratios sets each group's own ratio: use it with scope='local'")
-        if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not 0 < max_ratio <= 1 or scope != "global"):
-            raise ValueError(f"ChannelMask max_ratio caps each group in global scope: a number in (0, 1] with scope='global', got {max_ratio!r}")
-        for kind, r in (ratios or {}).items():
-            if kind not in KINDS or not isinstance(r, (int, float)) or not 0 <= r < 1:
-                raise ValueError(f"ChannelMask ratios maps a kind of group {KINDS} to a ratio in [0, 1), got {kind!r}: {r!r}")
-        self.ratios = dict(ratios or {})
-        self.group_ratios = dict(group_ratios or {})
+        self.ratio = fraction(ratio, "ChannelMask ratio (the share of channels to remove)")
+        self.scope = choice(scope, "ChannelMask scope", SCOPES)
+        self.round_to = positive_int(round_to, "ChannelMask round_to")
+        self.min_channels = positive_int(min_channels, "ChannelMask min_channels")
+        self.exclude = module_names(exclude, "ChannelMask exclude")
+        self.group_ratios = mapping(group_ratios, "ChannelMask group_ratios", "group keys to ratios")
+        for key, r in self.group_ratios.items():
+            self.group_ratios[key] = fraction(r, f"ChannelMask group_ratios[{key!r}]")
+        if self.group_ratios and scope != "local":
+            raise ArgumentError("ChannelMask group_ratios sets each group's own ratio: use it with scope='local'")
+        if max_ratio is not None:
+            max_ratio = fraction(max_ratio, "ChannelMask max_ratio (caps each group in global scope)", closed=True, open_low=True)
+            if scope != "global":
+                raise ArgumentError("ChannelMask max_ratio caps each group in global scope: use it with scope='global'")
         self.max_ratio = max_ratio
-        self.ratio, self.scope, self.round_to, self.min_channels = float(ratio), scope, round_to, min_channels
-        self.exclude = tuple(exclude)
+        self.ratios = mapping(ratios, "ChannelMask ratios", f"kinds of group {KINDS} to ratios")
+        for kind, r in self.ratios.items():
+            choice(kind, "a key of ChannelMask ratios (a kind of group)", KINDS)
+            self.ratios[kind] = fraction(r, f"ChannelMask ratios[{kind!r}]")
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        refuse_lowered(gm, "ChannelMask")
         deps = ctx.dependencies(gm)
         scores = ctx.get_analysis(SCORES)
         if scores is None:
@@ -80,7 +77,7 @@ class ChannelMask(PassBase):
         self._check_exclude(gm)
         unknown = sorted(set(self.group_ratios) - {g.key for g in deps.groups})
         if unknown:
-            raise ValueError(f"ChannelMask group_ratios names groups the model does not have: {unknown[:5]}; groups are {[g.key for g in deps.groups][:10]}...")
+            raise ArgumentError(f"ChannelMask group_ratios names groups the model does not have: {unknown[:5]}; groups are {[g.key for g in deps.groups][:10]}...")
         groups = [g for g in deps.groups if not self._excluded(g)]
         absent = sorted(k for k, r in self.ratios.items() if r > 0 and not any(g.kind == k for g in deps.groups))
         if absent:
@@ -113,7 +110,26 @@ class ChannelMask(PassBase):
         masked = {g.key: torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist() for g in groups}
         plan = {"op": "channel_mask", "units": {k: ids for k, ids in masked.items() if ids}}
         ctx.record(groups=report, scope=self.scope, ratio=self.ratio, plan=plan)
+        self._warn_if_short(deps, groups, report)
         return PassResult(gm, modified)
+
+    def _warn_if_short(self, deps, groups: list[ChannelGroup], report: dict[str, tuple[int, int]]) -> None:
+        """Never a silent no-op: say why nothing (or less than asked) was pruned."""
+        asked = self.ratio > 0 or any(r > 0 for r in (*self.ratios.values(), *self.group_ratios.values()))
+        if not asked:
+            return
+        if not groups:
+            reasons = sorted(deps.frozen, key=lambda f: -f.channels)[:3]
+            why = "; ".join(f"{f.site.location or f.site.node}: {f.channels} channel(s) {f.site.reason}" for f in reasons)
+            excluded = " (the rest is excluded)" if deps.groups else ""
+            warnings.warn(f"ChannelMask: no channel group can be pruned{excluded}; frozen: {why or 'nothing prunable found'}",
+                          GraphPruneWarning, stacklevel=2)
+            return
+        whole = [g.key for g in groups if report[g.key][1] == g.size and math.floor(self._ratio_of(g) * g.size + 1e-9) > 0]
+        if whole and self.scope == "local":
+            warnings.warn(f"ChannelMask: {len(whole)} group(s) keep every unit because round_to={self.round_to} / "
+                          f"min_channels={self.min_channels} / max_ratio leave nothing to remove: {whole[:5]}",
+                          GraphPruneWarning, stacklevel=2)
 
     # -- choosing ----------------------------------------------------------------------
     def _ratio_of(self, g: ChannelGroup) -> float:
@@ -179,4 +195,4 @@ class ChannelMask(PassBase):
         names = {n for n, _ in gm.named_modules()}
         missing = [e for e in self.exclude if e not in names]
         if missing:
-            raise ValueError(f"ChannelMask exclude names modules the model does not have: {missing}; use names from model.named_modules()")
+            raise ArgumentError(f"ChannelMask exclude names modules the model does not have: {missing}; use names from model.named_modules()")

@@ -7,10 +7,13 @@ Write your own by subclassing `ScorePass` and implementing `score_group`.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.fx as fx
 
 from graphprune.analysis.dependency import ChannelGroup
+from graphprune.errors import ArgumentError, PassError
 from graphprune.masking import resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
@@ -25,7 +28,11 @@ class ScorePass(PassBase):
         scores = {key: s.to(torch.float64) for key, s in self.scores(gm, deps.groups, ctx).items()}
         for key, s in scores.items():
             if s.shape != (deps.group(key).size,):
-                raise ValueError(f"{self.name}.score_group returned shape {tuple(s.shape)} for group {key}; expected ({deps.group(key).size},)")
+                raise PassError(f"{self.name}.score_group returned shape {tuple(s.shape)} for group {key}; expected ({deps.group(key).size},)")
+        bad = [key for key, s in scores.items() if not bool(torch.isfinite(s).all())]
+        if bad:
+            raise PassError(f"{self.name} gave NaN or infinite scores to groups {bad[:5]}: check the calibration data and "
+                            "the model's outputs on it (a mask from such scores would be arbitrary)")
         ctx.set_analysis(SCORES, scores)
         ctx.record(groups=len(scores))
         return PassResult(gm, False)
@@ -42,8 +49,8 @@ class MagnitudeScore(ScorePass):
     (as effectively used: masked entries count as zero)."""
 
     def __init__(self, p: float = 2) -> None:
-        if not (isinstance(p, (int, float)) and p > 0):
-            raise ValueError(f"MagnitudeScore p must be a positive number (1 for L1, 2 for L2), got {p!r}")
+        if not (isinstance(p, numbers.Real) and not isinstance(p, bool) and p > 0):
+            raise ArgumentError(f"MagnitudeScore p must be a positive number (1 for L1, 2 for L2), got {p!r}")
         self.p = p
 
     def score_group(self, gm, group, ctx):

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from graphprune.analysis.dependency import Dependencies
 from graphprune.errors import PassError
-from graphprune.masking import channel_mask, raw_tensor, resolve, take_masks, unit_mask_state
+from graphprune.masking import refuse_lowered, channel_mask, raw_tensor, resolve, take_masks, unit_mask_state
 from graphprune.norms import revert_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.rules.base import rule_for_module
@@ -29,6 +29,7 @@ class Shrink(PassBase):
     keeps_outputs = True
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        refuse_lowered(gm, "Shrink")
         deps = ctx.dependencies(gm)
         removed: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
         pruned_roots: set[int] = set()
@@ -152,13 +153,15 @@ def _rewrite_split(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) 
 
 
 def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[int]) -> None:
+    """Sizes in reshapes that count pruned channels become what is kept: literals that carry the old
+    width, and sizes the graph computes from a channel count (possibly another tensor's)."""
     if not pruned_roots or not deps.reshapes:
         return
     pruned_set = torch.tensor(sorted(pruned_roots), dtype=torch.int64)
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if node.name not in deps.reshapes:
             continue
-        shape, roots = deps.reshapes[node.name]
+        shape, roots, counted = deps.reshapes[node.name]
         pruned = torch.isin(roots, pruned_set)
         if _is_split(node):
             _rewrite_split(node, shape, pruned)
@@ -173,9 +176,11 @@ def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[
         sizes, where = _sizes_of(node)
         if len(sizes) != len(shape):
             continue
-        fixed = [new if (isinstance(s, int) and s != -1 and s == old and new != old) else s for s, old, new in zip(sizes, shape, new_shape)]
+        fixed = [new if ((isinstance(s, int) and s != -1 and s == old) or (d in counted and isinstance(s, fx.Node))) and new != old else s
+                 for d, (s, old, new) in enumerate(zip(sizes, shape, new_shape))]
         if fixed == sizes:
             continue
+        node.meta["graphprune_rewritten"] = True  # a constant the user's source may hold: named if write-back fails
         if where == "shape":
             node.kwargs = {**node.kwargs, "shape": tuple(fixed)}
         elif where == 1:

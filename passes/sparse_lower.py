@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.backends.sparse import FORMATS, _SparseWeight, compress, synchronize
-from graphprune.errors import PassError
+from graphprune.arguments import choice, fraction, positive_int
+from graphprune.errors import ArgumentError, PassError
 from graphprune.masking import raw_tensor, resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.weight_ops import WeightOp, node_arg, op_inputs, swap_node, weight_ops
@@ -49,9 +50,21 @@ def _blocksize(w: torch.Tensor) -> tuple[int, int] | None:
         if w.shape[0] % r or w.shape[1] % c:
             continue
         blocks = (w.reshape(w.shape[0] // r, r, w.shape[1] // c, c) != 0).any(3).any(1)
-        if int(blocks.sum()) * r * c <= 1.25 * max(nnz, 1):
+        stored = int(blocks.sum())
+        if stored < blocks.numel() and stored * r * c <= 1.25 * max(nnz, 1):  # (no empty block: dense in disguise)
             return (r, c)
     return None
+
+
+def _runs(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether torch's sparse kernels on this machine take the format (MKL refuses non-square BSR
+    blocks in some products, for instance)."""
+    try:
+        with torch.no_grad():
+            module(x)
+        return True
+    except RuntimeError:
+        return False
 
 
 class SparseLower(PassBase):
@@ -64,15 +77,14 @@ class SparseLower(PassBase):
     """
 
     def __init__(self, min_sparsity: float = 0.5, formats: Iterable[str] = FORMATS, choose: str = "measure", runs: int = 20) -> None:
-        if not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity < 1:
-            raise ValueError(f"SparseLower min_sparsity must be in [0, 1), got {min_sparsity!r}")
+        min_sparsity = fraction(min_sparsity, "SparseLower min_sparsity")
         formats = (formats,) if isinstance(formats, str) else tuple(formats)
         unknown = [f for f in formats if f not in FORMATS]
         if unknown or not formats:
-            raise ValueError(f"SparseLower formats must be a non-empty subset of {FORMATS}, got {formats!r}")
-        if choose not in CHOICES:
-            raise ValueError(f"SparseLower choose must be one of {CHOICES}, got {choose!r}")
-        self.min_sparsity, self.formats, self.choose, self.runs = float(min_sparsity), formats, choose, runs
+            raise ArgumentError(f"SparseLower formats must be a non-empty subset of {FORMATS}, got {formats!r}")
+        choice(choose, "SparseLower choose", CHOICES)
+        self.min_sparsity, self.formats, self.choose = min_sparsity, formats, choose
+        self.runs = positive_int(runs, "SparseLower runs")
         self.fixed: dict[str, dict] | None = None  # replaying a saved plan: {weight: {"format", "blocksize"}}
 
     @classmethod
@@ -202,9 +214,9 @@ class SparseLower(PassBase):
     def _choose(self, gm: fx.GraphModule, ops: dict[str, WeightOp], inputs: dict, report: dict) -> dict[str, _SparseWeight]:
         options = {}
         for name, op in ops.items():
-            options[name] = self._candidates(op, self._weight(gm, op), self._bias(gm, op))
+            options[name] = [m for m in self._candidates(op, self._weight(gm, op), self._bias(gm, op)) if _runs(m, inputs[name])]
             if not options[name]:
-                report[name]["kept_dense"] = "no format fits (BSR needs the zeros in blocks)"
+                report[name]["kept_dense"] = "no format fits (BSR needs the zeros in blocks) or runs here"
         options = {name: modules for name, modules in options.items() if modules}
         if self.choose == "first":
             chosen = {name: modules[0] for name, modules in options.items()}

@@ -19,7 +19,9 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from graphprune.masking import WeightMaskParametrization, resolve, weight_mask
+from graphprune.arguments import choice, fraction, module_names
+from graphprune.errors import ArgumentError
+from graphprune.masking import refuse_lowered, WeightMaskParametrization, resolve, weight_mask
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.weight_ops import weight_ops
 
@@ -37,8 +39,8 @@ def _apply(owner: nn.Module, attr: str, keep: torch.Tensor) -> int:
         before = torch.ones_like(keep, dtype=torch.bool)
         parametrize.register_parametrization(owner, attr, WeightMaskParametrization(keep))
     else:
-        before = existing.mask.clone()
-        existing.mask &= keep
+        before = existing.mask
+        existing.mask = before & keep  # a new tensor: the old one may be shared with the caller's model
         keep = existing.mask
     return int((before & ~keep).sum())
 
@@ -47,14 +49,14 @@ class _WeightMaskPass(PassBase):
     preserves = frozenset({"dependencies", "scores", WEIGHT_SCORES})
 
     def __init__(self, *, exclude: Iterable[str] = (), include_bias: bool = False) -> None:
-        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.exclude = module_names(exclude, f"{type(self).__name__} exclude")
         self.include_bias = include_bias
 
     def _tensors(self, gm: fx.GraphModule) -> list[tuple[str, nn.Module, str]]:
         names = {n for n, _ in gm.named_modules()}
         missing = [e for e in self.exclude if e not in names]
         if missing:
-            raise ValueError(f"{self.name} exclude names modules the model does not have: {missing}")
+            raise ArgumentError(f"{self.name} exclude names modules the model does not have: {missing}")
         out = []
         for op in weight_ops(gm).values():  # nn.Linear/nn.ConvNd modules, or aten.linear/conv on parameters
             module = op.weight.rpartition(".")[0]
@@ -73,6 +75,7 @@ class _WeightMaskPass(PassBase):
         return getattr(owner, attr).detach().abs().double()
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        refuse_lowered(gm, self.name)
         tensors = self._tensors(gm)
         keeps = self.keep_masks(gm, ctx, tensors)
         newly, report = 0, {}
@@ -94,10 +97,8 @@ class UnstructuredMask(_WeightMaskPass):
     targeted tensors at once (scope="global", like torch's global_unstructured)."""
 
     def __init__(self, sparsity: float, *, scope: str = "layer", exclude: Iterable[str] = (), include_bias: bool = False) -> None:
-        if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise ValueError(f"UnstructuredMask sparsity must be in [0, 1), got {sparsity!r}")
-        if scope not in ("layer", "global"):
-            raise ValueError(f"UnstructuredMask scope must be 'layer' or 'global', got {scope!r}")
+        sparsity = fraction(sparsity, "UnstructuredMask sparsity")
+        choice(scope, "UnstructuredMask scope", ("layer", "global"))
         super().__init__(exclude=exclude, include_bias=include_bias)
         self.sparsity, self.scope = float(sparsity), scope
 
@@ -146,7 +147,7 @@ class NMMask(_WeightMaskPass):
 
     def __init__(self, n: int = 2, m: int = 4, *, exclude: Iterable[str] = ()) -> None:
         if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-            raise ValueError(f"NMMask needs integers 0 < n < m, got n={n!r}, m={m!r}")
+            raise ArgumentError(f"NMMask needs integers 0 < n < m, got n={n!r}, m={m!r}")
         super().__init__(exclude=exclude)
         self.n, self.m = n, m
 
@@ -173,10 +174,9 @@ class BlockMask(_WeightMaskPass):
     blocks per tensor (Intel Neural Compressor's NxM patterns, e.g. block=(4, 1))."""
 
     def __init__(self, sparsity: float, block: tuple[int, int] = (4, 1), *, exclude: Iterable[str] = ()) -> None:
-        if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise ValueError(f"BlockMask sparsity must be in [0, 1), got {sparsity!r}")
+        sparsity = fraction(sparsity, "BlockMask sparsity")
         if not (isinstance(block, tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-            raise ValueError(f"BlockMask block must be a (rows, cols) tuple of positive ints, got {block!r}")
+            raise ArgumentError(f"BlockMask block must be a (rows, cols) tuple of positive ints, got {block!r}")
         super().__init__(exclude=exclude)
         self.sparsity, self.block = float(sparsity), block
 

@@ -159,3 +159,35 @@ def test_summary_says_what_was_masked_removed_and_frozen():
     m = gp.summary(model, masked, x)
     assert m.state == "masked" and "run Shrink()" in str(m) and m.macs[1] == m.macs[0]
     assert s.to_dict()["groups"] == [["a", 8, 4]]
+
+
+def test_inplace_is_all_or_nothing():
+    model = models.Mlp()
+    before = state(model)
+
+    def boom(gm, ctx):
+        raise RuntimeError("kaput")
+
+    with pytest.raises(gp.PassError, match="kaput"):
+        gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink(), boom], example_inputs=(torch.randn(2, 10),), inplace=True)
+    assert_same_state(before, model)
+    assert model.fc1.out_features == 32 and not any(hasattr(m, "parametrizations") for m in model.modules())
+    out = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=(torch.randn(2, 10),), inplace=True)
+    assert out is model and model.fc1.out_features == 16
+
+
+def test_an_exported_graph_switches_between_train_and_eval():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, hidden_dropout_prob=0.5)
+    model = transformers.BertModel(config).eval()
+    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
+    gm = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=ids, output="graph")
+    assert not gm.training
+    with torch.no_grad():
+        first = gm(**ids).last_hidden_state
+        torch.testing.assert_close(gm(**ids).last_hidden_state, first)  # eval: dropout off
+        gm.train()
+        assert not torch.equal(gm(**ids).last_hidden_state, first)  # train: dropout on
+        gm.eval()
+        torch.testing.assert_close(gm(**ids).last_hidden_state, first)

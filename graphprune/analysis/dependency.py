@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphprune.labels import FreezeSite, LabelSpace, compact, labeled_dims, none_like
+from graphprune.analysis.sizes import SIZE_ARITH, DimSize, read_size, reads_size, shapes_only, size_arithmetic
+from graphprune.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like
 from graphprune.inputs import clone_inputs, eval_mode, positional_inputs
 from graphprune.masking import is_maskable, resolve
 from graphprune.rules import base as rules
@@ -98,7 +99,8 @@ class FrozenChannels:
 class Dependencies:
     groups: tuple[ChannelGroup, ...]
     frozen: tuple[FrozenChannels, ...]
-    reshapes: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)  # node -> (shape, label roots)
+    # reshape/split node -> (output shape, label roots, dims whose size argument is a channel count)
+    reshapes: dict[str, tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]]] = field(default_factory=dict)
     frozen_units: int = 0  # units kept for a reason other than reaching an output
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tied tensor -> its other names
     squeezes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # squeeze() node -> dims that were 1
@@ -123,10 +125,6 @@ def node_location(node: fx.Node) -> str:
     return node.name
 
 
-_SIZE_SAFE_USERS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full", "unflatten", "repeat"}
-_SIZE_SAFE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.unflatten}
-_SIZE_ARITH = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.neg}
-_SIZES = {"size", "numel", "nelement", "shape"}  # reads that change when channels go
 _METADATA = {"dim", "ndim", "dtype", "device"}  # reads that do not
 
 
@@ -142,9 +140,8 @@ class _Propagator(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.space = space
         self.labels: dict[fx.Node, Any] = {}
-        self.reshapes: dict[str, torch.Tensor] = {}
+        self.reshapes: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
         self.reductions: dict[str, tuple[int, torch.Tensor]] = {}  # mean/sum over one channel dim -> (dim, labels)
-        self.size_reads: list[tuple[fx.Node, torch.Tensor]] = []
         self.whole_params: dict[str, str] = {}  # parameter -> an op that reads it whole
         self.squeezes: dict[str, tuple[int, ...]] = {}  # squeeze() nodes -> the dims that were 1
 
@@ -176,14 +173,29 @@ class _Propagator(fx.Interpreter):
         has_labels = any(True for _ in iter_label_tensors([lab_args, lab_kwargs]))
         if _reads(n, _METADATA):
             return None
-        if _reads(n, _SIZES):
-            if has_labels:
-                self.size_reads.append((n, next(iter_label_tensors(lab_args))))
-            return None
+        if reads_size(n):
+            site = FreezeSite("conflict", n.name, "one index mixes several channels", location=where)
+            return read_size(n, lab_args[0] if lab_args else None, out, lambda t, d: along(self.space, t, d, site))
+        sizes = [s for s in _flat_nodes([lab_args, lab_kwargs]) if isinstance(s, DimSize)]
+        size_labels = None
+        if sizes:
+            if n.op == "call_function" and n.target in SIZE_ARITH and not isinstance(out, torch.Tensor):
+                return size_arithmetic(sizes)
+            if n.target is operator.getitem and isinstance(lab_args[0], tuple):
+                pass  # indexing a shape: the rule picks its sizes
+            else:
+                if shapes_only(n):
+                    size_labels = (lab_args, lab_kwargs)
+                else:  # a channel count used in a computation would change its result when channels go
+                    for s in sizes:
+                        if s.labels is not None:
+                            self.space.freeze(s.labels, FreezeSite("size", n.name, "uses the channel count in a computation "
+                                                                   "that pruning would change", location=where))
+                lab_args, lab_kwargs = _without_sizes(lab_args), _without_sizes(lab_kwargs)
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         rule = rules.find_rule(n, module)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        call = OpCall(n, module, args, kwargs, lab_args, lab_kwargs, out, self.space, where)
+        call = OpCall(n, module, args, kwargs, lab_args, lab_kwargs, out, self.space, where, size_labels=size_labels)
         start = len(self.space)
         if rule is None:
             if has_labels:
@@ -205,38 +217,22 @@ class _Propagator(fx.Interpreter):
             if isinstance(ref, ParamRef) and ref.name not in sliced:
                 self.whole_params[ref.name] = where
         if "reshape_labels" in call.extra:
-            self.reshapes[n.name] = call.extra["reshape_labels"]
+            self.reshapes[n.name] = (call.extra["reshape_labels"], call.extra.get("counted_dims", ()))
         if "reduce_labels" in call.extra:
             self.reductions[n.name] = call.extra["reduce_labels"]
         if "squeeze_dims" in call.extra:
             self.squeezes[n.name] = call.extra["squeeze_dims"]
         return result
 
-    def check_size_reads(self) -> None:
-        """Channel counts read with size() may only flow into shapes (which shrink with them)."""
-        for n, labels in self.size_reads:
-            bad = _unsafe_size_use(n)
-            if bad is not None:
-                self.space.freeze(labels, FreezeSite("size", bad.name, "uses the channel count in a computation that pruning would change", location=node_location(bad)))
-
-
-def _unsafe_size_use(n: fx.Node) -> fx.Node | None:
-    todo = [(u, n) for u in n.users]
-    seen = set()
-    while todo:
-        u, src = todo.pop()
-        if u in seen:
-            continue
-        seen.add(u)
-        if u.op == "call_function" and u.target is operator.getitem and u.args[0] is not src:
-            return u  # a size used to index a tensor
-        if u.op == "call_function" and u.target in _SIZE_ARITH:
-            todo.extend((v, u) for v in u.users)
-        elif (u.op == "call_method" and u.target in _SIZE_SAFE_USERS) or (u.op == "call_function" and u.target in _SIZE_SAFE_FUNCTIONS):
-            continue
-        else:
-            return u
-    return None
+def _without_sizes(labels: Any) -> Any:
+    """Size labels read as plain numbers (None) by rules that do not look at sizes."""
+    if isinstance(labels, DimSize):
+        return None
+    if isinstance(labels, (tuple, list)):
+        return type(labels)(_without_sizes(v) for v in labels) if not hasattr(labels, "_fields") else labels
+    if isinstance(labels, dict):
+        return {k: _without_sizes(v) for k, v in labels.items()}
+    return labels
 
 
 def _target_name(n: fx.Node, module: Any) -> str:
@@ -260,13 +256,12 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     prop = _Propagator(gm, space)
     with eval_mode(gm), torch.no_grad():
         prop.run(*positional_inputs(gm, clone_inputs(example_inputs)))
-    prop.check_size_reads()
     for name, where in prop.whole_params.items():
         space.freeze_slots(name, FreezeSite("conflict", where.split(" ")[0], f"reads {name} whole while another op slices it", location=where))
     aliases = _aliases(gm)
     space.rename_slots({a: c for c, names in aliases.items() for a in names})
     roots, frozen, slots = space.finalize()
-    reshapes = {k: (tuple(v.shape), roots[compact(v)]) for k, v in prop.reshapes.items()}
+    reshapes = {k: (tuple(v.shape), roots[compact(v)], counted) for k, (v, counted) in prop.reshapes.items()}
     kinds: dict[int, str] = {}
     for label, kind in space.kinds.items():  # a unit tagged twice takes the more specific kind
         root = int(roots[label])

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphprune.errors import ArgumentError
 from graphprune.labels import NONE, FreezeSite, LabelSpace, along, labeled_dims, none_like
 
 __all__ = ["Rule", "OpCall", "ParamRef", "register_rule", "find_rule"]
@@ -45,6 +46,7 @@ class OpCall:
     space: LabelSpace
     where: str = ""  # node name and source module path, for messages
     extra: dict = field(default_factory=dict)
+    size_labels: Any = None  # (args, kwargs) labels with the sizes read off tensors (graphprune.analysis.sizes), for ops that shape with them
 
     def site(self, kind: str, reason: str, source: str | None = None, dim: int | None = None) -> FreezeSite:
         return FreezeSite(kind, self.node.name, reason, source, dim, self.where)
@@ -144,7 +146,7 @@ def register_rule(target: type | Callable | str, rule: Rule) -> None:
     when it is traced as a leaf; see `ChannelwiseRule` for the common case.
     """
     if not isinstance(rule, Rule):
-        raise TypeError(f"register_rule expects a graphprune Rule instance, got {type(rule).__name__}")
+        raise ArgumentError(f"register_rule expects a graphprune Rule instance, got {type(rule).__name__}")
     if isinstance(target, str):
         _by_method[target] = rule
     elif isinstance(target, type) and issubclass(target, nn.Module):
@@ -152,7 +154,7 @@ def register_rule(target: type | Callable | str, rule: Rule) -> None:
     elif callable(target):
         _by_function[target] = rule
     else:
-        raise TypeError(f"cannot register a rule for {target!r}: give a module class, a function or a method name")
+        raise ArgumentError(f"cannot register a rule for {target!r}: give a module class, a function or a method name")
 
 
 def rule_for_module(module: nn.Module, for_attributes: bool = False) -> Rule | None:

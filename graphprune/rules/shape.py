@@ -118,12 +118,32 @@ def _size_kinds(call: OpCall, ndim_out: int) -> list[str] | None:
     return None
 
 
+def _size_args(call: OpCall, ndim_out: int) -> list:
+    """The size labels of a view/reshape/expand's size arguments, one per output dim ([] if unknown)."""
+    if call.size_labels is None:
+        return []
+    args, kwargs = call.size_labels
+    if "shape" in kwargs:
+        sizes = list(kwargs["shape"])
+    elif "size" in kwargs:
+        sizes = list(kwargs["size"])
+    else:
+        sizes = list(args[1:])
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = list(sizes[0])
+    return sizes if len(sizes) == ndim_out else []
+
+
 class Reshape(Rule):
     """view/reshape/unflatten: execution plus the split constraint (see the module docstring)."""
 
     def propagate(self, call: OpCall):
         out = execute(call)
         x = call.input(0)
+        counted = tuple(j for j, size in enumerate(_size_args(call, out.ndim)) if getattr(size, "labels", None) is not None)
+        if counted:  # sizes computed from channel counts: Shrink writes what each of those dims keeps
+            call.extra["reshape_labels"] = out
+            call.extra["counted_dims"] = counted
         if not labeled_dims(x):
             return out
         kinds = _size_kinds(call, out.ndim)

@@ -1,0 +1,64 @@
+"""Checking the arguments people pass: one place, one wording, an ArgumentError that names them.
+
+Numbers are accepted in every form Python and NumPy give them (`np.float32(0.5)` is a ratio);
+booleans are not numbers here.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable
+
+from graphprune.errors import ArgumentError
+
+__all__ = ["fraction", "positive_int", "module_names", "choice", "mapping"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def fraction(value: Any, name: str, *, closed: bool = False, open_low: bool = False) -> float:
+    """A share in [0, 1) ([0, 1] with closed=True; (0, ...) with open_low=True), as a float."""
+    high = "1]" if closed else "1)"
+    low = "(0" if open_low else "[0"
+    if not _is_number(value) or value != value:
+        raise ArgumentError(f"{name} must be a number in {low}, {high}, got {value!r}")
+    v = float(value)
+    if v < 0 or (open_low and v == 0) or v > 1 or (not closed and v == 1):
+        raise ArgumentError(f"{name} must be in {low}, {high}, got {value!r}")
+    return v
+
+
+def positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ArgumentError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def module_names(value: Any, name: str) -> tuple[str, ...]:
+    """A module name or a list of them (as model.named_modules() spells them; '' is not one)."""
+    if isinstance(value, str):
+        value = [value]
+    if value is None or not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+        raise ArgumentError(f"{name} must be a list of module names from model.named_modules(), got {value!r}")
+    value = tuple(value)
+    if "" in value:
+        raise ArgumentError(f"{name} holds '' (the whole model): name the submodules to leave alone")
+    return value
+
+
+def choice(value: Any, name: str, options: Iterable[Any]) -> Any:
+    options = tuple(options)
+    if value not in options:
+        raise ArgumentError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def mapping(value: Any, name: str, what: str) -> dict:
+    """A dict (or None for an empty one); `what` describes its keys and values for the message."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ArgumentError(f"{name} must be a dict of {what}, got {type(value).__name__}")
+    return dict(value)

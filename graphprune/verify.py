@@ -1,0 +1,193 @@
+"""Verification: passes that claim to keep what the model computes are checked, by default.
+
+Before such a pass runs, the graph is run once on the example inputs and every
+node's output is fingerprinted (shape, sum, sum of magnitudes: a few numbers,
+not the activations).  After it, the model runs again and its outputs must
+match.  When they do not (or the model no longer runs), the new graph is run
+node by node and the first node whose output has the shape it had but other
+values, or that raises, is named with its module path, together with the
+channel groups that touch it.  It costs two forwards per verified pass and
+never a second analysis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from graphprune.errors import VerificationError
+from graphprune.inputs import call_with, clone_inputs, eval_mode, positional_inputs
+
+__all__ = ["Reference", "reference", "run_outputs", "mismatch", "check_keeps_outputs", "check_runs"]
+
+# allowed error relative to the largest magnitude of each output, by dtype (summation order
+# changes when channels go; half precision rounds every partial sum)
+_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a graph computed on the example inputs: its outputs and a fingerprint of every node."""
+
+    outputs: Any
+    fingerprints: dict[str, tuple[tuple[int, ...], float, float]]
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[tuple[int, ...], float, float]:
+    d = t.detach().double()
+    return tuple(t.shape), float(d.sum()), float(d.abs().sum())
+
+
+class _Fingerprinter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.prints: dict[str, tuple[tuple[int, ...], float, float]] = {}
+        self.current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.device.type != "meta":
+            self.prints[n.name] = _fingerprint(out)
+        return out
+
+
+def _detach(value: Any) -> Any:
+    return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)
+
+
+def run_outputs(model: torch.nn.Module, example_inputs: tuple | dict) -> Any:
+    """The model's outputs on the example inputs, in eval mode, without gradients."""
+    with eval_mode(model), torch.no_grad():
+        return _detach(call_with(model, example_inputs))
+
+
+def reference(gm: fx.GraphModule, example_inputs: tuple | dict) -> Reference:
+    interp = _Fingerprinter(gm)
+    with eval_mode(gm), torch.no_grad():
+        out = interp.run(*positional_inputs(gm, clone_inputs(example_inputs)))
+    return Reference(_detach(out), interp.prints)
+
+
+def mismatch(expected: Any, got: Any) -> str | None:
+    """None when `got` matches `expected` (same structure, shapes and values up to rounding),
+    else what differs."""
+    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    if len(exp_leaves) != len(got_leaves):
+        return f"the model returns {len(got_leaves)} values instead of {len(exp_leaves)}"
+    for i, (e, g) in enumerate(zip(exp_leaves, got_leaves)):
+        if isinstance(e, torch.Tensor) != isinstance(g, torch.Tensor):
+            return f"output {i} is {type(g).__name__} instead of {type(e).__name__}"
+        if not isinstance(e, torch.Tensor):
+            if e != g and not (isinstance(e, float) and math.isnan(e) and math.isnan(g)):
+                return f"output {i} is {g!r} instead of {e!r}"
+            continue
+        if tuple(e.shape) != tuple(g.shape):
+            return f"output {i} has shape {tuple(g.shape)} instead of {tuple(e.shape)}"
+        if not e.is_floating_point():
+            if not torch.equal(e.cpu(), g.cpu()):
+                return f"output {i} ({e.dtype}) differs in {int((e != g).sum())} places"
+            continue
+        ed, gd = e.detach().double().cpu(), g.detach().double().cpu()
+        finite = torch.isfinite(ed)
+        if not torch.equal(finite, torch.isfinite(gd)) or not torch.equal(ed[~finite].nan_to_num(), gd[~finite].nan_to_num()):
+            return f"output {i} has NaN or inf in other places"
+        if not finite.any():
+            continue
+        err = float((ed[finite] - gd[finite]).abs().max())
+        scale = float(ed[finite].abs().max())
+        allowed = _RTOL.get(e.dtype, 1e-4) * max(scale, 1e-3)
+        if err > allowed:
+            return f"output {i} differs by up to {err:.3g} (largest magnitude {scale:.3g}, allowed {allowed:.2g})"
+    return None
+
+
+def _location(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return f"{n.name} [{n.target}]"
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        path = path[0] if isinstance(path, tuple) else path
+        return f"{n.name} [{path}]"
+    return n.name
+
+
+def _module_of(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return str(n.target)
+    if n.op == "get_attr":
+        return str(n.target).rpartition(".")[0]
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)
+    return ""
+
+
+def _divergence(gm: fx.GraphModule, ref: Reference, example_inputs: tuple | dict) -> tuple[fx.Node | None, str]:
+    """The first node that raises, or whose output kept its shape but changed its values."""
+    interp = _Fingerprinter(gm)
+    try:
+        with eval_mode(gm), torch.no_grad():
+            interp.run(*positional_inputs(gm, clone_inputs(example_inputs)))
+    except Exception as exc:  # the node that raised is the divergence
+        return interp.current, f"raises {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    for node in gm.graph.nodes:
+        before, after = ref.fingerprints.get(node.name), interp.prints.get(node.name)
+        if before is None or after is None or before[0] != after[0]:
+            continue
+        scale = max(abs(before[2]), 1e-6)
+        if abs(before[1] - after[1]) > 1e-3 * scale or abs(before[2] - after[2]) > 1e-3 * scale:
+            return node, f"computes other values (sum {after[1]:.6g} instead of {before[1]:.6g})"
+    return None, "the outputs differ, but no single node could be blamed"
+
+
+def _groups_at(node: fx.Node | None, groups: Iterable[Any]) -> list[str]:
+    """Channel groups with a tensor in the module of `node` or of the nodes feeding it."""
+    if node is None:
+        return []
+    paths = {p for p in [_module_of(node)] + [_module_of(a) for a in node.all_input_nodes] if p}
+    hits = []
+    for g in groups:
+        if any(s.tensor.rpartition(".")[0] == p or s.tensor.startswith(p + ".") for s in g.slots for p in paths):
+            hits.append(g.key)
+    return hits
+
+
+def check_keeps_outputs(name: str, gm: fx.GraphModule, ref: Reference, example_inputs: tuple | dict,
+                        groups: Iterable[Any] = (), history: str = "") -> None:
+    """Raise a VerificationError naming the first diverging node when `gm` no longer computes `ref`."""
+    try:
+        got = run_outputs(gm, example_inputs)
+        problem = mismatch(ref.outputs, got)
+    except Exception as exc:
+        problem = f"the model no longer runs ({type(exc).__name__}: {str(exc).strip()[:300]})"
+    if problem is None:
+        return
+    node, what = _divergence(gm, ref, example_inputs)
+    where = f"; first divergence at node {_location(node)}, which {what}" if node is not None else f"; {what}"
+    hit = _groups_at(node, groups)
+    involved = f"; channel groups there: {hit[:6]}" if hit else ""
+    raise VerificationError(
+        f"{name}{history} must keep the model's outputs but changed them: {problem}{where}{involved}. "
+        "This is a bug in a rule or pass (please report it with the model); the result was not returned. "
+        "verify=False skips this check."
+    )
+
+
+def check_runs(name: str, gm: fx.GraphModule, example_inputs: tuple | dict, history: str = "") -> Any:
+    """The model's outputs; a VerificationError naming the pass after which it stopped running."""
+    try:
+        return run_outputs(gm, example_inputs)
+    except Exception as exc:
+        raise VerificationError(
+            f"after {name}{history} the model no longer runs on the example inputs: {type(exc).__name__}: "
+            f"{str(exc).strip()[:400]}"
+        ) from exc

@@ -1,0 +1,207 @@
+"""Landing: the graph's result written back onto the user's own module tree, then verified.
+
+The passes decide on a graph whose modules are shadows of the user's model
+(`graphprune.shadow`); landing makes the user's modules take on the shadows'
+state (sliced tensors, masks, new attributes, swapped sparse layers), so the
+result keeps the user's class, methods and module objects.  Graphs from
+torch.export have modules of their own: there the tensors are written back by
+qualified name and module attributes are fixed by the ops' rules.  The landed
+model must compute what the graph computes, on the example inputs and on
+another batch size; where it does not (the source holds a constant the module
+tree cannot change), everything is rolled back and the reason names the line.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from graphprune.inputs import batch_of, with_batch
+from graphprune.masking import masks_of
+from graphprune.rules.base import rule_for_module
+from graphprune.shadow import Snapshot, own_class
+from graphprune.trace import ROOT_HOLDER, no_cache
+from graphprune.verify import mismatch, run_outputs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Landing", "land"]
+
+
+@dataclass(frozen=True)
+class Landing:
+    model: nn.Module | None  # the user's model (or its copy) holding the result; None if it cannot
+    reason: str = ""  # why it cannot
+
+
+def _graph_only(gm: fx.GraphModule) -> str | None:
+    """Constructs that exist only in the graph, which a module tree cannot hold."""
+    from graphprune.norms import masked_reduce
+
+    for name, _ in gm.named_children():
+        if name.startswith("graphprune_reinsert"):
+            return ("zeros are reinserted (ReinsertZeros) by modules that only the graph holds; the pruned model is "
+                    "returned as a graph")
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is masked_reduce:
+            return (f"a mean or sum over masked channels ({_line(node)}) reduces over the kept channels in the graph only; "
+                    "run Shrink() to get your own class back")
+    return None
+
+
+def _line(node: fx.Node) -> str:
+    """`file:line: code` of the user source a node came from (or its name)."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File ") and "/torch/" not in lines[i] and "/graphprune/" not in lines[i]:
+            where = lines[i].split(",")
+            file, line = where[0][6:-1], where[1].strip().removeprefix("line ")
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{file}:{line}: {code}"
+    return f"node {node.name}"
+
+
+def _transplant(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module]) -> None:
+    """Symbolically traced graphs: every shadow module's state goes onto the module it shadows."""
+    pairs = [(origin[id(s)], s) for s in {id(m): m for m in gm.modules()}.values() if id(s) in origin]
+    shadowed = {id(w) for w, _ in pairs}
+    if id(work) not in shadowed:  # the root is the GraphModule itself: only its children and root tensors
+        for name, child in gm.named_children():
+            if name in work._modules:
+                work._modules[name] = origin.get(id(child), child)
+        holder = getattr(gm, ROOT_HOLDER, None)
+        if holder is not None:
+            _write_tensors(work, holder)
+    for w, s in pairs:
+        attrs = dict(s.__dict__)
+        attrs["_modules"] = OrderedDict((k, None if c is None else origin.get(id(c), c)) for k, c in s._modules.items())
+        w.__dict__.clear()
+        w.__dict__.update(attrs)
+        w.__class__ = type(s)
+        own_class(w)
+
+
+def _write_tensors(w: nn.Module, g: nn.Module) -> bool:
+    """Give `w` the tensors (and masks) that `g` holds directly; True when a shape changed."""
+    changed = False
+    for attr, masks in masks_of(w).items():  # the graph's masks replace these
+        parametrize.remove_parametrizations(w, attr, leave_parametrized=False)
+    for table in ("_parameters", "_buffers"):
+        for attr, t in g.__dict__[table].items():
+            old = getattr(w, attr, None)
+            if t is None or old is t:
+                continue
+            changed |= not isinstance(old, torch.Tensor) or old.shape != t.shape
+            w.__dict__[table][attr] = t
+    for attr, plist in masks_of(g).items():
+        original = plist.original
+        old = getattr(w, attr, None)
+        changed |= not isinstance(old, torch.Tensor) or old.shape != original.shape
+        w._parameters.pop(attr, None)
+        w._buffers.pop(attr, None)
+        if isinstance(original, nn.Parameter):
+            w.register_parameter(attr, original)
+        else:
+            w.register_buffer(attr, original)
+        for p in plist:
+            parametrize.register_parametrization(w, attr, p, unsafe=True)
+    return changed
+
+
+def _by_name(work: nn.Module, gm: fx.GraphModule) -> None:
+    """Exported graphs: tensors by qualified name, swapped-in graphprune modules by path, then the
+    attributes (in_features, num_heads, ...) that the rules of the modules' classes fix."""
+    targets = dict(work.named_modules())
+    for path, g in gm.named_modules():
+        if not path or path.startswith((ROOT_HOLDER, "parametrizations")) or ".parametrizations" in path:
+            continue
+        w = targets.get(path)
+        if w is None:
+            continue
+        if type(g).__module__.startswith("graphprune") and type(g) is not type(w):
+            parent, _, child = path.rpartition(".")
+            targets[parent or ""]._modules[child] = g
+            continue
+        if _write_tensors(w, g):
+            rule = rule_for_module(w, for_attributes=True)
+            if rule is not None:
+                rule.update_module(w)
+    holder = getattr(gm, ROOT_HOLDER, None)
+    if holder is not None:
+        _write_tensors(work, holder)
+
+
+def _second_inputs(example_inputs: tuple | dict) -> tuple | dict | None:
+    batch = batch_of(example_inputs)
+    return with_batch(example_inputs, batch + 1) if batch else None
+
+
+def _why(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and "/graphprune/" not in f.filename]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    return f"{type(exc).__name__}{where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def _rewritten_lines(gm: fx.GraphModule) -> list[str]:
+    return [_line(n) for n in gm.graph.nodes if n.meta.get("graphprune_rewritten")]
+
+
+def land(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module], example_inputs: tuple | dict) -> Landing:
+    """Write the graph's result onto `work` (the user's model or its copy) and verify it; on any
+    mismatch `work` is rolled back and the reason says what in the source prevents it."""
+    reason = _graph_only(gm)
+    if reason is not None:
+        return Landing(None, reason)
+    snapshot = Snapshot(work)
+    try:
+        if any(id(m) in origin for m in gm.modules()):
+            _transplant(work, gm, origin)
+        else:
+            _by_name(work, gm)
+        problem = _compare(work, gm, example_inputs)
+    except Exception as exc:  # landing itself failed: the model stays as it was
+        logger.debug("landing failed", exc_info=True)
+        problem = _why(exc)
+    if problem is None:
+        return Landing(work)
+    snapshot.restore()
+    lines = _rewritten_lines(gm)
+    hint = f"; the graph rewrote constants at {lines[:3]}, which your source cannot change" if lines else ""
+    return Landing(None, f"{type(work).__name__}'s own forward does not compute the pruned graph's result: {problem}{hint}")
+
+
+def _compare(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple | dict) -> str | None:
+    for inputs in (example_inputs, _second_inputs(example_inputs)):
+        if inputs is None:
+            continue
+        try:
+            expected = run_outputs(gm, inputs)
+        except Exception:  # the graph itself is specialised to these shapes: nothing to compare there
+            continue
+        try:
+            with no_cache(work):  # the graph was traced without a key/value cache in its outputs
+                got = run_outputs(work, inputs)
+        except Exception as exc:
+            return _why(exc)
+        problem = mismatch(_plain(expected), _plain(got))
+        if problem is not None:
+            return problem
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """Model outputs as plain containers (a Hugging Face ModelOutput compares as the tuple of its values)."""
+    if isinstance(value, dict) and type(value) is not dict:
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
