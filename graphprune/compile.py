@@ -18,9 +18,9 @@ from torch import nn
 
 from graphprune.errors import ArgumentError, GraphPruneError, GraphPruneWarning, InputError
 from graphprune.inputs import check_example_inputs, check_fits
-from graphprune.masking import attach_masks, channel_masked, deepcopy_model, detach_masks
+from graphprune.masking import attach_masks, channel_masked, detach_masks
 from graphprune.pipeline import PassContext, PassRecord, Pipeline
-from graphprune.shadow import shadow
+from graphprune.shadow import deepcopy_model, shadow
 from graphprune.trace import ROOT_HOLDER, trace
 from graphprune.verify import check_runs, run_outputs
 from graphprune.writeback import land
@@ -31,6 +31,7 @@ __all__ = ["compile", "graph_of", "OUTPUTS"]
 
 REPORT_ATTR = "graphprune_report"
 LEAF_ATTR = "graphprune_leaf_modules"  # the leaf modules a model was traced with, used again when it is compiled again
+ORIGIN_ATTR = "graphprune_origin"  # a graph result keeps the model it came from, to land a later result on
 OUTPUTS = ("auto", "module", "graph")
 
 
@@ -65,7 +66,8 @@ def compile(
     check_fits(model, example_inputs)
     pipeline = Pipeline(list(passes), verify_each=verify_each)
     leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
-    work = model if inplace else deepcopy_model(model)
+    source = getattr(model, ORIGIN_ATTR, None)  # the user's model, if `model` is a graph returned earlier
+    work = model if inplace else deepcopy_model(model, share=(source,))
     ahead, origin = shadow(work)
     gm = _trace(ahead, leaf_modules, example_inputs)
     ctx = PassContext(example_inputs, verify=verify)
@@ -77,15 +79,20 @@ def compile(
     records = list(getattr(model, REPORT_ATTR, [])) + ctx.records
     _warn_masks_after_shrink(ctx.records, gm)
     gm.__dict__[REPORT_ATTR], gm.__dict__[LEAF_ATTR] = records, leaf_modules
+    gm.__dict__[ORIGIN_ATTR] = source if source is not None else work  # (plain attribute, not a submodule)
     if output == "graph":
         return gm
-    landing = land(work, gm, origin, example_inputs)
+    if source is not None:  # a graph compiled again: its result lands on a copy of the model it came from
+        landing = land(deepcopy_model(source), gm, {}, example_inputs)
+    else:
+        landing = land(work, gm, origin, example_inputs)
     if landing.model is None:
         if output == "module":
-            raise GraphPruneError(f"the result cannot be written back into {type(model).__name__}: {landing.reason}")
+            raise GraphPruneError(f"the result cannot be written back into {type(source or model).__name__}: {landing.reason}")
         records.append(PassRecord("write-back", details={"note": f"returned as a graph module: {landing.reason}"}))
         logger.info("returning the graph module: %s", landing.reason)
         return gm
+    del gm.__dict__[ORIGIN_ATTR]
     landing.model.__dict__[REPORT_ATTR], landing.model.__dict__[LEAF_ATTR] = records, leaf_modules
     return landing.model
 

@@ -205,6 +205,21 @@ def labeled_dims(labels: torch.Tensor) -> list[int]:
     return [d for d in range(labels.ndim) if varies_along(labels, d)]
 
 
+def channel_dims(labels: torch.Tensor) -> list[int]:
+    """Dims along which every index belongs to one channel (or none).  A dim that varies only
+    because some positions carry no channel (a class token's position among a sequence's tokens),
+    with every index holding several channels, is not one of them."""
+    out = []
+    for d in labeled_dims(labels):
+        c = compact(labels).movedim(d, 0)
+        rows = c.reshape(c.shape[0], -1)
+        hi = rows.max(dim=1).values
+        lo = torch.where(rows == NONE, hi.unsqueeze(1), rows).min(dim=1).values
+        if bool((lo == hi).all()):
+            out.append(d)
+    return out
+
+
 def compact(labels: torch.Tensor) -> torch.Tensor:
     """Drop broadcast (stride-0) extents so that work scales with channels, not activations."""
     return compact_together(labels)[0]

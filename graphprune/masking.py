@@ -28,7 +28,6 @@ __all__ = [
     "attach_masks",
     "unit_mask_state",
     "mask_units",
-    "deepcopy_model",
     "WeightMaskParametrization",
     "weight_mask",
     "take_masks",
@@ -167,24 +166,6 @@ def mask_units(root: nn.Module, group, unit_ids: list[int], aliases: dict[str, t
             if is_maskable(owner, attr):
                 size = raw_tensor(owner, attr).shape[slot.dim]
                 ensure_channel_mask(owner, attr).drop(slot.dim, size, idx)
-
-
-def deepcopy_model(model: nn.Module) -> nn.Module:
-    """copy.deepcopy that also gives every parametrized module of the copy its own class.
-
-    torch keeps a parametrized attribute as a property on a per-module class;
-    deepcopy shares that class between original and copy, so removing a
-    parametrization from the copy (as Shrink does) would break the original.
-    """
-    import copy
-
-    clone = copy.deepcopy(model)
-    for module in clone.modules():
-        if parametrize.is_parametrized(module):
-            cls = type(module)
-            namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-    return clone
 
 
 def take_masks(owner: nn.Module, attr: str, name: str) -> list[WeightMaskParametrization]:

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["shadow", "own_class", "Snapshot"]
+__all__ = ["shadow", "own_class", "deepcopy_model", "Snapshot"]
 
 _TABLES = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks", "_forward_pre_hooks",
            "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
@@ -29,10 +29,22 @@ def own_class(module: nn.Module) -> None:
     """Give a module whose class is made per instance a class of its own: torch keeps a parametrized
     tensor as a property on a per-module class, and a GraphModule's forward lives on its class; a
     copy would otherwise share it with the original (and changing one would change the other)."""
-    if parametrize.is_parametrized(module) or isinstance(module, fx.GraphModule):
+    if isinstance(module, fx.GraphModule):  # a subclass: methods of the class may call super()
+        module.__class__ = type(type(module).__name__, (type(module),), {})
+    elif parametrize.is_parametrized(module):
         cls = type(module)
         namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
         module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def deepcopy_model(model: nn.Module, share: tuple[object, ...] = ()) -> nn.Module:
+    """copy.deepcopy, with the classes made per instance (parametrized modules) made the copy's own;
+    the objects in `share` are referenced, not copied."""
+    clone = copy.deepcopy(model, {id(o): o for o in share})
+    for module in clone.modules():
+        if parametrize.is_parametrized(module):
+            own_class(module)
+    return clone
 
 
 def _copy_tables(module: nn.Module) -> None:

@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from graphprune.errors import VerificationError
 from graphprune.inputs import call_with, clone_inputs, eval_mode, positional_inputs
 
-__all__ = ["Reference", "reference", "run_outputs", "mismatch", "check_keeps_outputs", "check_runs"]
+__all__ = ["module_of", "Reference", "reference", "run_outputs", "mismatch", "check_keeps_outputs", "check_runs"]
 
 # allowed error relative to the largest magnitude of each output, by dtype (summation order
 # changes when channels go; half precision rounds every partial sum)
@@ -119,7 +119,8 @@ def _location(n: fx.Node) -> str:
     return n.name
 
 
-def _module_of(n: fx.Node) -> str:
+def module_of(n: fx.Node) -> str:
+    """The path of the module a node belongs to ('' for the root)."""
     if n.op == "call_module":
         return str(n.target)
     if n.op == "get_attr":
@@ -153,7 +154,7 @@ def _groups_at(node: fx.Node | None, groups: Iterable[Any]) -> list[str]:
     """Channel groups with a tensor in the module of `node` or of the nodes feeding it."""
     if node is None:
         return []
-    paths = {p for p in [_module_of(node)] + [_module_of(a) for a in node.all_input_nodes] if p}
+    paths = {p for p in [module_of(node)] + [module_of(a) for a in node.all_input_nodes] if p}
     hits = []
     for g in groups:
         if any(s.tensor.rpartition(".")[0] == p or s.tensor.startswith(p + ".") for s in g.slots for p in paths):

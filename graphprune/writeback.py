@@ -26,10 +26,11 @@ from torch.nn.utils import parametrize
 
 from graphprune.inputs import batch_of, with_batch
 from graphprune.masking import masks_of
+from graphprune.norms import masked_layer_norm, masked_reduce, set_layer_norm_class
 from graphprune.rules.base import rule_for_module
 from graphprune.shadow import Snapshot, own_class
 from graphprune.trace import ROOT_HOLDER, no_cache
-from graphprune.verify import mismatch, run_outputs
+from graphprune.verify import mismatch, module_of, run_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ class Landing:
 
 def _graph_only(gm: fx.GraphModule) -> str | None:
     """Constructs that exist only in the graph, which a module tree cannot hold."""
-    from graphprune.norms import masked_reduce
-
     for name, _ in gm.named_children():
         if name.startswith("graphprune_reinsert"):
             return ("zeros are reinserted (ReinsertZeros) by modules that only the graph holds; the pruned model is "
@@ -54,7 +53,31 @@ def _graph_only(gm: fx.GraphModule) -> str | None:
         if node.op == "call_function" and node.target is masked_reduce:
             return (f"a mean or sum over masked channels ({_line(node)}) reduces over the kept channels in the graph only; "
                     "run Shrink() to get your own class back")
+        if node.op == "call_function" and node.target is masked_layer_norm and not _masked_module(node):
+            return (f"a functional layer_norm over masked channels ({_line(node)}) normalises over the kept channels in "
+                    "the graph only; run Shrink() to get your own class back")
     return None
+
+
+def _masked_module(node: fx.Node) -> str | None:
+    """The nn.LayerNorm (or subclass calling F.layer_norm on its own weight) that a masked_layer_norm
+    node stands for, if it was one."""
+    original = node.kwargs.get("original", "")
+    if original.startswith("module:"):
+        return original.partition(":")[2]
+    weight = node.args[2]
+    path = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    try:
+        return path if path is not None and isinstance(node.graph.owning_module.get_submodule(path), nn.LayerNorm) else None
+    except AttributeError:
+        return None
+
+
+def _mask_layer_norms(work: nn.Module, gm: fx.GraphModule) -> None:
+    """LayerNorm modules the graph normalises over kept channels do so in the module tree too."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is masked_layer_norm and (path := _masked_module(node)):
+            set_layer_norm_class(work.get_submodule(path), masked=True)
 
 
 def _line(node: fx.Node) -> str:
@@ -151,6 +174,25 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}{where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
+def _set_attributes(work: nn.Module, gm: fx.GraphModule) -> bool:
+    """Where Shrink rewrote a literal size in the graph (a head count, a hidden width), the source
+    most often reads it from an int attribute of the module it runs in (`self.num_heads`): set those
+    attributes to the new value.  A guess, so the caller verifies it (and rolls back if wrong)."""
+    modules = dict(work.named_modules())
+    changed = False
+    for node in gm.graph.nodes:
+        for old, new in node.meta.get("graphprune_rewritten") or ():
+            path = module_of(node)
+            while path not in modules:
+                path = path.rpartition(".")[0]
+            module = modules[path]
+            for attr, value in list(vars(module).items()):
+                if type(value) is int and value == old and not attr.startswith("_"):
+                    setattr(module, attr, new)
+                    changed = True
+    return changed
+
+
 def _rewritten_lines(gm: fx.GraphModule) -> list[str]:
     return [_line(n) for n in gm.graph.nodes if n.meta.get("graphprune_rewritten")]
 
@@ -167,7 +209,10 @@ def land(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module], exam
             _transplant(work, gm, origin)
         else:
             _by_name(work, gm)
+        _mask_layer_norms(work, gm)
         problem = _compare(work, gm, example_inputs)
+        if problem is not None and _set_attributes(work, gm):  # sizes the source reads from module attributes
+            problem = _compare(work, gm, example_inputs)
     except Exception as exc:  # landing itself failed: the model stays as it was
         logger.debug("landing failed", exc_info=True)
         problem = _why(exc)

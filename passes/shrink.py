@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from graphprune.analysis.dependency import Dependencies
 from graphprune.errors import PassError
 from graphprune.masking import refuse_lowered, channel_mask, raw_tensor, resolve, take_masks, unit_mask_state
-from graphprune.norms import revert_masked_ops
+from graphprune.norms import revert_masked_ops, set_layer_norm_class
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.rules.base import rule_for_module
 
@@ -56,6 +56,8 @@ class Shrink(PassBase):
                 touched[id(owner)] = owner
         revert_masked_ops(gm)  # masked LayerNorms and means become plain ones over the channels left
         self._strip_unused_masks(gm)
+        for module in gm.modules():  # masked LayerNorms of the module tree become plain ones
+            set_layer_norm_class(module, masked=False)
         for owner in touched.values():
             rule = rule_for_module(owner, for_attributes=True)
             if rule is not None:
@@ -176,11 +178,14 @@ def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[
         sizes, where = _sizes_of(node)
         if len(sizes) != len(shape):
             continue
-        fixed = [new if ((isinstance(s, int) and s != -1 and s == old) or (d in counted and isinstance(s, fx.Node))) and new != old else s
+        # a size computed from a channel count (perhaps another tensor's) becomes the width kept here
+        fixed = [new if (isinstance(s, int) and s != -1 and s == old != new) or (d in counted and isinstance(s, fx.Node)) else s
                  for d, (s, old, new) in enumerate(zip(sizes, shape, new_shape))]
         if fixed == sizes:
             continue
-        node.meta["graphprune_rewritten"] = True  # a constant the user's source may hold: named if write-back fails
+        # constants the user's source may hold (in a module attribute): write-back tries them, or names the line
+        node.meta["graphprune_rewritten"] = [(old, new) for s, old, new in zip(sizes, shape, new_shape)
+                                             if isinstance(s, int) and s == old != new]
         if where == "shape":
             node.kwargs = {**node.kwargs, "shape": tuple(fixed)}
         elif where == 1:

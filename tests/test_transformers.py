@@ -64,15 +64,18 @@ class SelfAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, self.heads * self.dim)) + x
 
 
-def test_head_count_constants_are_rewritten():
+def test_head_count_constants_are_rewritten_in_the_graph_and_in_the_module():
     torch.manual_seed(0)
     model = SelfAttention().eval()
     x = (torch.randn(2, 5, 32),)
-    masked, shrunk = prune(model, x, 0.5)
-    assert_exact(masked, shrunk, x)
-    assert shrunk.get_submodule("q").out_features == 16
-    views = [n for n in shrunk.graph.nodes if n.target in ("view", "reshape")]
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    graph = gp.compile(masked, [Shrink()], example_inputs=x, output="graph")
+    views = [n for n in graph.graph.nodes if n.target in ("view", "reshape")]
     assert all(2 in n.args[1:] or 16 in n.args[1:] for n in views)  # 4 heads -> 2, 32 wide -> 16
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)  # the source reads self.heads: set, verified
+    assert type(shrunk) is SelfAttention and shrunk.heads == 2 and shrunk.get_submodule("q").out_features == 16
+    assert_exact(masked, shrunk, x)
+    assert_exact(graph, shrunk, x)
 
 
 def _hf(name):
@@ -212,7 +215,9 @@ def test_a_fused_qkv_split_with_constant_sizes_prunes_whole_heads():
     masked, shrunk = prune(model, x, 0.5)
     assert_exact(masked, shrunk, x)
     assert shrunk.get_submodule("qkv").out_features == 48  # 2 heads of 8, for q, k and v
-    (split,) = [n for n in shrunk.graph.nodes if n.target == "split"]
+    assert type(shrunk) is FusedQKV and (shrunk.width, shrunk.heads) == (16, 2)
+    graph = gp.compile(masked, [Shrink()], example_inputs=x, output="graph")
+    (split,) = [n for n in graph.graph.nodes if n.target == "split"]
     assert split.args[1] == [16, 16, 16]
 
 
@@ -266,12 +271,15 @@ def test_hidden_size_of_a_symbolically_traced_model_updates_module_attributes():
     x = (torch.randint(0, 50, (2, 7)),)
     deps = gp.analyze_dependencies(gp.trace(model, example_inputs=x), x)
     assert {g.kind for g in deps.groups} == {"hidden", "head", "ffn"}
-    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
-    assert any(n.target is gp.norms.masked_layer_norm for n in masked.graph.nodes)
+    graph = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x, output="graph")
+    assert any(n.target is gp.norms.masked_layer_norm for n in graph.graph.nodes)
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)  # the LayerNorm modules normalise
+    assert isinstance(masked.norm1, gp.norms.MaskedLayerNorm)                      # over the kept channels too
+    assert_exact(graph, masked, x)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert_exact(masked, shrunk, x)
+    assert type(shrunk) is TinyEncoder and type(shrunk.norm1) is nn.LayerNorm
     assert shrunk.embed.embedding_dim == 16 and shrunk.norm1.normalized_shape == (16,) and shrunk.head.in_features == 16
-    assert not any(n.target is gp.norms.masked_layer_norm for n in shrunk.graph.nodes)
 
 
 class RMSNorm(nn.Module):

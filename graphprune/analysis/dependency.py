@@ -24,7 +24,8 @@ from graphprune.labels import FreezeSite, LabelSpace, along, compact, labeled_di
 from graphprune.inputs import clone_inputs, eval_mode, positional_inputs
 from graphprune.masking import is_maskable, resolve
 from graphprune.rules import base as rules
-from graphprune.rules.base import OpCall, ParamRef, iter_label_tensors, map_tensors
+from graphprune.rules.base import OpCall, ParamRef, ParamView, iter_label_tensors, map_tensors, param_view
+from graphprune.rules.shape import follow_param
 from graphprune.weight_ops import weight_ops
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,11 @@ class _Propagator(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         call = OpCall(n, module, args, kwargs, lab_args, lab_kwargs, out, self.space, where, size_labels=size_labels)
         start = len(self.space)
-        if rule is None:
+        view = param_view(lab_args[0]) if lab_args and rule is not None and rule.follows_params else None
+        if view is not None and (followed := follow_param(call, view, rule)) is not None:
+            call.extra["sliced_params"] = {view.ref.name}  # its consumers decide whether it is sliced
+            result = followed
+        elif rule is None:
             if has_labels:
                 call.freeze_inputs("no_rule", f"no rule for {_target_name(n, module)}")
             result = call.out_none()
@@ -214,6 +219,7 @@ class _Propagator(fx.Interpreter):
         # A parameter this op reads whole cannot also be sliced for another op.
         sliced = call.extra.get("sliced_params", set())
         for ref in _flat_nodes([lab_args, lab_kwargs]):
+            ref = ref.ref if isinstance(ref, ParamView) else ref
             if isinstance(ref, ParamRef) and ref.name not in sliced:
                 self.whole_params[ref.name] = where
         if "reshape_labels" in call.extra:

@@ -20,7 +20,7 @@ from torch import nn
 from graphprune.errors import ArgumentError
 from graphprune.labels import NONE, FreezeSite, LabelSpace, along, labeled_dims, none_like
 
-__all__ = ["Rule", "OpCall", "ParamRef", "register_rule", "find_rule"]
+__all__ = ["Rule", "OpCall", "ParamRef", "ParamView", "param_view", "register_rule", "find_rule"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,25 @@ class ParamRef:
     name: str
     shape: tuple[int, ...]
     maskable: bool = True  # a parameter (or a buffer a module declares maskable), not a plain buffer
+
+
+@dataclass(frozen=True)
+class ParamView:
+    """A parameter seen through shape ops (expanded, permuted, rows picked by an index tensor, ...):
+    `dims[j]` is the parameter dim that dim j of the value runs along, index for index (None: no
+    dim of the parameter does).  Rules that slice parameters broadcast against channels (a class
+    token concatenated with a sequence, a relative position table added per head) read it;
+    every other rule sees unprunable data."""
+
+    ref: ParamRef
+    dims: tuple[int | None, ...]
+
+
+def param_view(lab: Any) -> ParamView | None:
+    """The view of a parameter a label stands for (a plain parameter is its own identity view)."""
+    if isinstance(lab, ParamRef):
+        return ParamView(lab, tuple(range(len(lab.shape))))
+    return lab if isinstance(lab, ParamView) else None
 
 
 @dataclass
@@ -118,7 +137,11 @@ def iter_label_tensors(lab: Any):
 
 
 class Rule:
-    """One op family. Subclasses implement `propagate`; `update_module` when they own attributes."""
+    """One op family. Subclasses implement `propagate`; `update_module` when they own attributes.
+    `follows_params`: the op only moves a tensor's elements around (views, permutes, indexing), so a
+    parameter going through it stays a sliceable `ParamView` (the analyzer works out the dims)."""
+
+    follows_params = False
 
     def propagate(self, call: OpCall) -> Any:  # pragma: no cover - interface
         raise NotImplementedError

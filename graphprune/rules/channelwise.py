@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from graphprune.labels import varies_along
 from graphprune.masking import is_maskable
-from graphprune.norms import masked_layer_norm
+from graphprune.norms import MaskedLayerNorm, masked_layer_norm
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
 from graphprune.rules.pointwise import Unary
 
@@ -190,6 +190,7 @@ for _cls, _k in [(nn.InstanceNorm1d, 1), (nn.InstanceNorm2d, 2), (nn.InstanceNor
     register_rule(_cls, ChannelwiseRule(-_k - 1, _bn, "num_features"))
 register_rule(nn.GroupNorm, GroupNormRule())
 register_rule(nn.LayerNorm, LayerNormRule())
+register_rule(MaskedLayerNorm, LayerNormRule())
 register_rule(F.layer_norm, LayerNormRule())
 register_rule(masked_layer_norm, LayerNormRule())
 register_rule(nn.Embedding, EmbeddingRule(0))

@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.labels import NONE, compact_together, labeled_dims, none_like
-from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule, register_rule_by_name
+from graphprune.labels import NONE, channel_dims, compact_together, labeled_dims, none_like
+from graphprune.rules.base import OpCall, Rule, param_view, register_rule, register_rule_by_name
 
 __all__ = ["Unary", "Elementwise"]
 
 
 class Unary(Rule):
     """The output has the channels of the first argument, element for element."""
+
+    follows_params = True
 
     def propagate(self, call: OpCall):
         if not isinstance(call.out, torch.Tensor):
@@ -58,19 +60,24 @@ class Elementwise(Rule):
         for i, (lab, val) in enumerate(pairs):
             if not isinstance(val, torch.Tensor):
                 continue
-            if i == self.divisor and (isinstance(lab, ParamRef) or (isinstance(lab, torch.Tensor) and bool((lab != NONE).any()))):
+            if i == self.divisor and (param_view(lab) is not None or (isinstance(lab, torch.Tensor) and bool((lab != NONE).any()))):
                 call.freeze_inputs("conflict", "divides by pruned channels (a masked channel would give 0/0)")
                 return none_like(shape)
-            if isinstance(lab, ParamRef):
-                params.append((lab, tuple(val.shape)))
+            if param_view(lab) is not None:
+                params.append((param_view(lab), tuple(val.shape)))
             elif isinstance(lab, torch.Tensor) and bool((lab != NONE).any()):
                 labeled.append(lab.expand(shape))
             else:
                 plain.append(tuple(val.shape))
         if not labeled:
             return none_like(shape)
-        vary = sorted({d for t in labeled for d in labeled_dims(t)})
         space = call.space
+        vary = sorted({d for t in labeled for d in channel_dims(t)})
+        if not vary:  # channels, but along no dim one per index: nothing could be sliced alongside
+            if plain or params:
+                for t in labeled:
+                    space.freeze(t, call.site("conflict", "combined element-wise with a tensor that cannot be sliced"))
+            vary = sorted({d for t in labeled for d in labeled_dims(t)})
         for other in plain:
             other = _aligned(other, len(shape))
             if any(other[d] > 1 for d in vary):
@@ -82,12 +89,16 @@ class Elementwise(Rule):
             space.unify(result, t, call.site("conflict", "combined element-wise with channels that cannot be pruned"))
             result = torch.where(result == NONE, t, result)
         result = result.expand(shape)
-        for ref, pshape in params:
-            pshape_al = _aligned(pshape, len(shape))
+        for view, pshape in params:  # a parameter broadcast against channels is sliced with them
             offset = len(shape) - len(pshape)
             for d in vary:
-                if pshape_al[d] > 1 and d >= offset:
-                    call.slot_param(ref, d - offset, call.along(result, d))
+                if d < offset or pshape[d - offset] == 1:
+                    continue
+                pd = view.dims[d - offset]
+                if pd is None or view.ref.shape[pd] != shape[d]:
+                    space.freeze(result, call.site("conflict", "combined element-wise with a tensor that cannot be sliced"))
+                    continue
+                call.slot_param(view.ref, pd, call.along(result, d))
         return result
 
 

@@ -17,6 +17,7 @@ some ops put on *which* channels may go together:
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.labels import labeled_dims, none_like, varies_along
-from graphprune.rules.base import OpCall, Rule, register_rule
+from graphprune.rules.base import OpCall, ParamView, Rule, param_view, register_rule
 
-__all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim", "dim_arg"]
+__all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim", "dim_arg", "follow_param"]
 
 
 def _label_args(labels: Any, values: Any) -> Any:
@@ -61,8 +62,46 @@ def dim_arg(call: OpCall, pos: int, name: str = "dim", default: Any = None) -> A
     return rest[pos] if len(rest) > pos else default
 
 
+_PROBE_LIMIT = 1 << 22  # parameters seen through larger views are read as unprunable data
+
+
+def follow_param(call: OpCall, view: ParamView, rule: Rule) -> ParamView | None:
+    """Where the dims of a (viewed) parameter go through this shape op: each dim is probed with its
+    own indices and found again in the output (None when the op reorders or mixes it, or when a
+    literal size in a reshape would keep the old width after Shrink)."""
+    x, out = call.args[0], call.out
+    if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or out.numel() > _PROBE_LIMIT:
+        return None
+    if x.shape == out.shape and call.node.target is not operator.getitem and not isinstance(rule, (Execute, Reshape)):
+        return view  # an element-wise op: every element stays where it was
+    kinds = _size_kinds(call, out.ndim) if isinstance(rule, Reshape) else None
+    dims: list[int | None] = [None] * out.ndim
+    for j, pd in enumerate(view.dims):
+        if pd is None or x.shape[j] <= 1:
+            continue
+        shape = [1] * x.ndim
+        shape[j] = -1
+        index = torch.arange(1, x.shape[j] + 1)
+        probe = index.reshape(shape).expand(x.shape)
+        got = probe[call.args[1]] if call.node.target is operator.getitem else execute(replace(call, labels=(probe, *call.labels[1:])))
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(out.shape):
+            return None
+        varying = labeled_dims(got)
+        if len(varying) != 1:
+            continue
+        jo = varying[0]
+        line = got.movedim(jo, 0).reshape(got.shape[jo], -1)[:, 0]
+        if got.shape[jo] == x.shape[j] and torch.equal(line.long(), index):
+            if kinds is not None and kinds[jo] == "literal":
+                return None
+            dims[jo] = pd
+    return ParamView(view.ref, tuple(dims))
+
+
 class Execute(Rule):
     """Ops whose effect on channels is a re-indexing that commutes with removing channels."""
+
+    follows_params = True
 
     def propagate(self, call: OpCall):
         return execute(call)
@@ -134,8 +173,41 @@ def _size_args(call: OpCall, ndim_out: int) -> list:
     return sizes if len(sizes) == ndim_out else []
 
 
+_PASS_THROUGH = {"contiguous", "clone", "to", torch.ops.aten.clone.default, torch.ops.aten.contiguous.default}
+_PERMUTES = {"permute", torch.permute, torch.ops.aten.permute.default}
+_TRANSPOSES = {"transpose", torch.transpose, torch.ops.aten.transpose.int}
+_UNBINDS = {"unbind", torch.unbind, torch.ops.aten.unbind.int}
+
+
+def _split_apart(node: fx.Node, ndim: int) -> set[int]:
+    """Output dims of a reshape that later ops take apart (`qkv.reshape(B, N, 3, H, hd).permute(...)`
+    then `unbind(0)` or `qkv[0], qkv[1], qkv[2]`): the parts are q, k and v, not channels to prune."""
+    dims, n = list(range(ndim)), node
+    for _ in range(8):
+        users = list(n.users)
+        if users and all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in users):
+            return {dims[0]}
+        if len(users) != 1:
+            return set()
+        u = users[0]
+        if u.target in _PERMUTES:
+            order = u.args[1:] if len(u.args) > 2 else u.args[1] if len(u.args) > 1 else u.kwargs.get("dims")
+            dims = [dims[int(i)] for i in order]
+        elif u.target in _TRANSPOSES:
+            a, b = (int(i) % len(dims) for i in u.args[1:3])
+            dims[a], dims[b] = dims[b], dims[a]
+        elif u.target in _UNBINDS:
+            return {dims[int(u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)) % len(dims)]}
+        elif u.target not in _PASS_THROUGH:
+            return set()
+        n = u
+    return set()
+
+
 class Reshape(Rule):
     """view/reshape/unflatten: execution plus the split constraint (see the module docstring)."""
+
+    follows_params = True
 
     def propagate(self, call: OpCall):
         out = execute(call)
@@ -162,7 +234,8 @@ class Reshape(Rule):
             if len(gin) > 1 or others or len(free) > 1:
                 call.space.freeze(out, call.site("reshape", "reshape mixes pruned channels in a way that cannot shrink"))
                 return out
-            keep = free[0] if free else varied[0]
+            split = _split_apart(call.node, out.ndim)  # q, k and v of a fused projection: not where channels go
+            keep = ([d for d in free if d not in split] or free or [d for d in varied if d not in split] or varied)[0]
             sub = out
             for d in sorted(set(range(out.ndim)) - set(gout), reverse=True):
                 sub = sub.select(d, 0)
@@ -188,13 +261,25 @@ class Concat(Rule):
         dim = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else 0)
         stacking = call.node.target in (torch.stack,)
         labs = [l if isinstance(l, torch.Tensor) else none_like(v.shape) for l, v in zip(tensors_lab, tensors_val)]
+        views = [param_view(l) for l in tensors_lab]
         ndim = labs[0].ndim
         dim = dim % (ndim + 1 if stacking else ndim)
         vary = sorted({d for t in labs for d in labeled_dims(t) if stacking or d != dim})
+        site = call.site("conflict", "concatenated with channels that cannot be pruned")
         for d in vary:
-            first = call.along(labs[0], d)
-            for t in labs[1:]:
-                call.space.unify(first, call.along(t, d), call.site("conflict", "concatenated with channels that cannot be pruned"))
+            # a parameter concatenated with channels (a class token) is sliced with them
+            sliceable = [v is not None and v.dims[d] is not None and v.ref.shape[v.dims[d]] == t.shape[d] for v, t in zip(views, labs)]
+            channels = [call.along(t, d) for t, s in zip(labs, sliceable) if not s]
+            for c in channels[1:]:
+                call.space.unify(channels[0], c, site)
+            for i, (v, s) in enumerate(zip(views, sliceable)):
+                if s and channels:
+                    call.slot_param(v.ref, v.dims[d], channels[0])
+                    shape = [1] * labs[i].ndim
+                    shape[d] = -1
+                    labs[i] = channels[0].reshape(shape).expand(labs[i].shape)  # its elements are those channels now
+        if any(v is not None for v in views):
+            return execute(replace(call, labels=(labs, *call.labels[1:])) if call.labels else call)
         return execute(call)
 
 
@@ -252,6 +337,8 @@ def _is_full(item: Any, size: int) -> bool:
 class GetItem(Rule):
     """Indexing: picking from a tuple is free; indexing a pruned dim with constants freezes it."""
 
+    follows_params = True
+
     def propagate(self, call: OpCall):
         src, index = call.labels[0], call.args[1]
         if isinstance(call.args[0], (tuple, list)):
@@ -282,6 +369,8 @@ class FreezeAlongDim(Rule):
 
 class Squeeze(Rule):
     """squeeze() with no dim would also drop a pruned dim that shrinks to 1: Shrink names the dims."""
+
+    follows_params = True
 
     def propagate(self, call: OpCall):
         out = execute(call)
