@@ -18,7 +18,8 @@ from torch import nn
 
 from graphprune.errors import ArgumentError, GraphPruneError, GraphPruneWarning, InputError
 from graphprune.inputs import check_example_inputs, check_fits
-from graphprune.masking import attach_masks, channel_masked, detach_masks
+from graphprune.masking import attach_masks, channel_masked, detach_masks, masks_of
+from graphprune.norms import sync_masked_ops
 from graphprune.pipeline import PassContext, PassRecord, Pipeline
 from graphprune.shadow import deepcopy_model, shadow
 from graphprune.trace import ROOT_HOLDER, trace
@@ -71,6 +72,8 @@ def compile(
     ahead, origin = shadow(work)
     gm = _trace(ahead, leaf_modules, example_inputs)
     ctx = PassContext(example_inputs, verify=verify)
+    if any(masks_of(m) for m in gm.modules()):  # masks from an earlier compile: LayerNorms and means over
+        sync_masked_ops(gm, ctx.dependencies(gm))  # masked channels reduce over the kept ones, as they did
     gm = pipeline.call(gm, ctx).gm
     gm.graph.lint()
     gm.recompile()

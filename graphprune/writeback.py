@@ -25,11 +25,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from graphprune.inputs import batch_of, with_batch
-from graphprune.masking import masks_of
-from graphprune.norms import masked_layer_norm, masked_reduce, set_layer_norm_class
+from graphprune.masking import channel_masked, masks_of
+from graphprune.norms import MaskedLayerNorm, masked_layer_norm, masked_reduce, set_layer_norm_class
 from graphprune.rules.base import rule_for_module
 from graphprune.shadow import Snapshot, own_class
-from graphprune.trace import ROOT_HOLDER, no_cache
+from graphprune.trace import ROOT_HOLDER, TRACED_BY, no_cache
 from graphprune.verify import mismatch, module_of, run_outputs
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Landing:
     reason: str = ""  # why it cannot
 
 
-def _graph_only(gm: fx.GraphModule) -> str | None:
+def _graph_only(gm: fx.GraphModule, work: nn.Module) -> str | None:
     """Constructs that exist only in the graph, which a module tree cannot hold."""
     for name, _ in gm.named_children():
         if name.startswith("graphprune_reinsert"):
@@ -53,30 +53,34 @@ def _graph_only(gm: fx.GraphModule) -> str | None:
         if node.op == "call_function" and node.target is masked_reduce:
             return (f"a mean or sum over masked channels ({_line(node)}) reduces over the kept channels in the graph only; "
                     "run Shrink() to get your own class back")
-        if node.op == "call_function" and node.target is masked_layer_norm and not _masked_module(node):
+        if node.op == "call_function" and node.target is masked_layer_norm and not _masked_module(node, work):
             return (f"a functional layer_norm over masked channels ({_line(node)}) normalises over the kept channels in "
                     "the graph only; run Shrink() to get your own class back")
     return None
 
 
-def _masked_module(node: fx.Node) -> str | None:
-    """The nn.LayerNorm (or subclass calling F.layer_norm on its own weight) that a masked_layer_norm
-    node stands for, if it was one."""
+def _masked_module(node: fx.Node, work: nn.Module) -> str | None:
+    """The nn.LayerNorm of `work` (or subclass calling F.layer_norm on its own weight) that a
+    masked_layer_norm node stands for, if it was one."""
     original = node.kwargs.get("original", "")
     if original.startswith("module:"):
         return original.partition(":")[2]
     weight = node.args[2]
     path = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
     try:
-        return path if path is not None and isinstance(node.graph.owning_module.get_submodule(path), nn.LayerNorm) else None
+        return path if path is not None and isinstance(work.get_submodule(path), nn.LayerNorm) else None
     except AttributeError:
         return None
 
 
 def _mask_layer_norms(work: nn.Module, gm: fx.GraphModule) -> None:
-    """LayerNorm modules the graph normalises over kept channels do so in the module tree too."""
+    """LayerNorm modules the graph normalises over kept channels do so in the module tree too (and
+    those with nothing masked any more are plain LayerNorms again)."""
+    for module in work.modules():
+        if isinstance(module, MaskedLayerNorm) and not channel_masked(module):
+            set_layer_norm_class(module, masked=False)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is masked_layer_norm and (path := _masked_module(node)):
+        if node.op == "call_function" and node.target is masked_layer_norm and (path := _masked_module(node, work)):
             set_layer_norm_class(work.get_submodule(path), masked=True)
 
 
@@ -140,6 +144,17 @@ def _write_tensors(w: nn.Module, g: nn.Module) -> bool:
     return changed
 
 
+# Classes traced through in exported graphs whose forward reads their width from an attribute
+# (graphs have no modules, so no rule fixes them): set from the sliced tensors.
+_WIDTH_ATTRIBUTES = {
+    "transformers.pytorch_utils.Conv1D": lambda m: setattr(m, "nf", m.weight.shape[1]),  # GPT-2's projections
+}
+
+
+def _width_fix(module: nn.Module):
+    return _WIDTH_ATTRIBUTES.get(f"{type(module).__module__}.{type(module).__qualname__}")
+
+
 def _by_name(work: nn.Module, gm: fx.GraphModule) -> None:
     """Exported graphs: tensors by qualified name, swapped-in graphprune modules by path, then the
     attributes (in_features, num_heads, ...) that the rules of the modules' classes fix."""
@@ -158,6 +173,9 @@ def _by_name(work: nn.Module, gm: fx.GraphModule) -> None:
             rule = rule_for_module(w, for_attributes=True)
             if rule is not None:
                 rule.update_module(w)
+            fix = _width_fix(w)
+            if fix is not None:
+                fix(w)
     holder = getattr(gm, ROOT_HOLDER, None)
     if holder is not None:
         _write_tensors(work, holder)
@@ -186,6 +204,8 @@ def _set_attributes(work: nn.Module, gm: fx.GraphModule) -> bool:
             while path not in modules:
                 path = path.rpartition(".")[0]
             module = modules[path]
+            if rule_for_module(module, for_attributes=True) is not None or _width_fix(module) is not None:
+                continue  # its widths are kept right by its rule
             for attr, value in list(vars(module).items()):
                 if type(value) is int and value == old and not attr.startswith("_"):
                     setattr(module, attr, new)
@@ -200,12 +220,12 @@ def _rewritten_lines(gm: fx.GraphModule) -> list[str]:
 def land(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module], example_inputs: tuple | dict) -> Landing:
     """Write the graph's result onto `work` (the user's model or its copy) and verify it; on any
     mismatch `work` is rolled back and the reason says what in the source prevents it."""
-    reason = _graph_only(gm)
+    reason = _graph_only(gm, work)
     if reason is not None:
         return Landing(None, reason)
     snapshot = Snapshot(work)
     try:
-        if any(id(m) in origin for m in gm.modules()):
+        if id(gm) in origin or (origin and gm.meta.get(TRACED_BY) == "fx"):  # the graph holds shadows of work's modules
             _transplant(work, gm, origin)
         else:
             _by_name(work, gm)

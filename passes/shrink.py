@@ -148,6 +148,8 @@ def _rewrite_split(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) 
     new = [int(part.sum()) for part in kept.split(list(sizes))]
     if new == list(sizes):
         return
+    if len(set(new)) == 1 and len(set(sizes)) == 1:  # split(self.split_size): an attribute write-back can set
+        node.meta["graphprune_rewritten"] = [(sizes[0], new[0])]
     if node.target is torch.ops.aten.split.Tensor:
         node.target = torch.ops.aten.split_with_sizes.default  # the ATen split takes a single size
     node.args = (node.args[0], new, dim)
