@@ -8,7 +8,7 @@
 
 from graphprune import rules as _rules  # noqa: F401  (registers the built-in per-op rules)
 from graphprune.analysis import ChannelGroup, Dependencies, FrozenChannels, Slot, analyze_dependencies, count_macs, count_params
-from graphprune.compile import compile
+from graphprune.compile import analyze, compile
 from graphprune.hf import as_hf_model
 from graphprune.errors import (
     ArgumentError,
@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compile",
+    "analyze",
     "summary",
     "Summary",
     "trace",

@@ -16,7 +16,9 @@ from typing import Any, Iterable, Sequence
 import torch.fx as fx
 from torch import nn
 
+from graphprune.analysis.dependency import Dependencies, analyze_dependencies
 from graphprune.errors import ArgumentError, GraphPruneError, GraphPruneWarning, InputError
+from graphprune.hf import express_config
 from graphprune.inputs import check_example_inputs, check_fits
 from graphprune.masking import attach_masks, channel_masked, detach_masks, masks_of
 from graphprune.norms import sync_masked_ops
@@ -28,7 +30,7 @@ from graphprune.writeback import land
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compile", "graph_of", "OUTPUTS"]
+__all__ = ["compile", "analyze", "graph_of", "OUTPUTS"]
 
 REPORT_ATTR = "graphprune_report"
 LEAF_ATTR = "graphprune_leaf_modules"  # the leaf modules a model was traced with, used again when it is compiled again
@@ -96,6 +98,10 @@ def compile(
         logger.info("returning the graph module: %s", landing.reason)
         return gm
     del gm.__dict__[ORIGIN_ATTR]
+    if not any(masks_of(m) for m in landing.model.modules()):
+        reason = express_config(landing.model)  # Hugging Face: sizes into the config, or save_pretrained refused
+        if reason is not None:
+            records.append(PassRecord("write-back", details={"note": f"{reason}: save with graphprune.save"}))
     landing.model.__dict__[REPORT_ATTR], landing.model.__dict__[LEAF_ATTR] = records, leaf_modules
     return landing.model
 
@@ -105,6 +111,14 @@ def graph_of(model: nn.Module, example_inputs: tuple | dict, leaf_modules: Itera
     traced from a shadow: `model` is not changed."""
     leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
     return _trace(shadow(model)[0], leaf_modules, check_example_inputs(example_inputs))
+
+
+def analyze(model: nn.Module, example_inputs: tuple | dict, leaf_modules: Iterable[type] = ()) -> Dependencies:
+    """The channel groups of `model` (which channels must go together, and what is frozen and why),
+    without changing it."""
+    example_inputs = check_example_inputs(example_inputs)
+    check_fits(model, example_inputs)
+    return analyze_dependencies(graph_of(model, example_inputs, leaf_modules), example_inputs)
 
 
 def _trace(ahead: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict) -> fx.GraphModule:

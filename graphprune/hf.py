@@ -1,17 +1,15 @@
-"""A pruned Hugging Face model back in its own class, where its config can express the pruning.
+"""Hugging Face configs that describe a pruned model, so that save_pretrained / from_pretrained work.
 
-    pruned = gp.compile(model, [L2Score(), ChannelMask(0.5, ratios={"head": 0.0}), Shrink()], example_inputs=x)
-    own = gp.as_hf_model(pruned, model, x)   # a BertModel again: trainable, save_pretrained() works
-
-graphprune's result is a GraphModule (for Hugging Face models, traced by torch.export, which cannot
-switch to train mode and keeps the example's sequence length).  When every layer was pruned alike,
-the config can often describe the result: a uniform FFN width is `intermediate_size`, fewer heads
-with a fixed `head_dim` are `num_attention_heads` / `num_key_value_heads`.  `as_hf_model` finds the
-config values by trying them: it changes integers of the config to values the pruned shapes suggest,
-keeps the changes after which more tensors have the pruned shapes, and accepts a config whose model
-has every pruned shape, holds every weight and computes the pruned model's output on the example
-inputs (shapes alone can mislead: fewer heads or a smaller head_dim give the same q projection).  When no config matches (per-layer widths, BERT's heads whose
-size is hidden_size / num_attention_heads, zeros reinserted), it says which tensors do not fit.
+compile() returns a pruned Hugging Face model in its own class (see graphprune.writeback); its
+config still holds the sizes before pruning.  `express_config` (run by compile) finds config values
+under which the class has exactly the pruned shapes, by trying them on the meta device: it changes
+integers of the config to values the pruned shapes suggest and keeps the changes after which more
+tensors fit.  When every layer was pruned alike this usually works (a uniform FFN width is
+`intermediate_size`, fewer kv groups are `num_key_value_heads`); when it cannot (widths that differ
+per layer, BERT's heads whose size the config derives from the hidden size), save_pretrained is
+refused on that instance with a message pointing to graphprune.save.  `as_hf_model` does the same
+for a graph module, building the class anew and checking its outputs numerically (shapes alone can
+mislead: fewer heads or a smaller head_dim give the same q projection).
 """
 
 from __future__ import annotations
@@ -24,11 +22,12 @@ from torch import nn
 
 from graphprune.errors import GraphPruneError
 
-__all__ = ["as_hf_model"]
+__all__ = ["as_hf_model", "express_config"]
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {k: tuple(v.shape) for k, v in named}
 
 
 def _build(cls, config) -> nn.Module | None:
@@ -47,53 +46,34 @@ def _misfits(cls, config, target: dict[str, tuple[int, ...]]) -> list[str] | Non
     return sorted(k for k in shapes if target.get(k) != shapes[k])
 
 
-def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | dict) -> nn.Module:
-    """An instance of `original`'s class whose config expresses `pruned`'s sizes, holding its weights
-    and checked to compute what `pruned` computes on `example_inputs`."""
-    from torch.nn.utils import parametrize
-
-    from graphprune.inputs import call_with, check_example_inputs, eval_mode
-
-    if not hasattr(original, "config"):
-        raise GraphPruneError(f"as_hf_model needs the original Hugging Face model (with a config), got {type(original).__name__}")
-    if any(parametrize.is_parametrized(m) for m in pruned.modules()):
-        raise GraphPruneError("the model still holds masks: run Shrink() first, then as_hf_model")
-    example_inputs = check_example_inputs(example_inputs)
-    cls = type(original)
-    weights = pruned.state_dict()
-    target = {k: tuple(v.shape) for k, v in weights.items()}
-    before = _shapes(original)
+def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[object | None, list[str]]:
+    """Config values under which `cls` has exactly the shapes of `target`: integers of the config are
+    changed to values the pruned shapes suggest, keeping changes after which more tensors fit; a
+    config with every shape right is offered to `accept` (which may verify more).  Returns the
+    config (None if none fits) and the tensors that fit least badly."""
+    before = _shapes(_build(cls, config) or nn.Module())
     changes = {(before[k][d], target[k][d]) for k in before if k in target and len(before[k]) == len(target[k])
                for d in range(len(before[k])) if before[k][d] != target[k][d]}
-    with eval_mode(pruned), torch.no_grad():
-        expected = _first(call_with(pruned, example_inputs))
 
-    def verified(config) -> nn.Module | None:
-        model = cls(config)
-        if model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False).missing_keys:
-            return None
-        with eval_mode(model), torch.no_grad():
-            got = _first(call_with(model, example_inputs))
-        return model if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5) else None
-
-    def moves(config) -> list[tuple[str, int]]:
+    def moves(cfg) -> list[tuple[str, int]]:
         out = []
-        for attr, value in config.to_dict().items():
+        for attr, value in cfg.to_dict().items():
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 candidates = {new for old, new in changes if old == value} | {value * new // old for old, new in changes if value * new % old == 0}
                 out += [(attr, c) for c in sorted(candidates - {value, 0})]
         return out
 
-    best = _misfits(cls, original.config, target) or []
-    frontier = [(copy.deepcopy(original.config), best)]
-    seen = set()
+    best = _misfits(cls, config, target)
+    if best is None:
+        return None, []
+    frontier, seen = [(copy.deepcopy(config), best)], set()
     for changed in range(5):  # up to four config values change (heads, kv heads, FFN width, hidden size)
         next_frontier = []
-        for config, misfits in frontier:
-            if not misfits and (model := verified(config)) is not None:
-                return model.train(original.training)
-            for attr, value in moves(config) if changed < 4 else ():
-                trial = copy.deepcopy(config)
+        for cfg, misfits in frontier:
+            if not misfits and accept(cfg):
+                return cfg, []
+            for attr, value in moves(cfg) if changed < 4 else ():
+                trial = copy.deepcopy(cfg)
                 setattr(trial, attr, value)
                 key = json.dumps(trial.to_dict(), sort_keys=True, default=str)
                 if key in seen:
@@ -104,9 +84,86 @@ def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | 
                     next_frontier.append((trial, fits))
                     best = min(best, fits, key=len)
         frontier = next_frontier
-    raise GraphPruneError(f"{cls.__name__}'s config cannot express this pruning (every layer alike, and sizes the class derives "
-                          f"from its config); tensors that do not fit: {best[:6]}{'...' if len(best) > 6 else ''}. "
-                          "Keep using the pruned GraphModule, or prune what the config describes (e.g. FFN neurons alike in every layer)")
+    return None, best
+
+
+def _refuse_save_pretrained(reason: str):
+    def save_pretrained(*args, **kwargs):
+        raise GraphPruneError(f"save_pretrained would write a config that does not describe this pruned model ({reason}); "
+                              "save it with graphprune.save(model, folder) and load it with graphprune.load(original, folder, "
+                              "example_inputs)")
+
+    return save_pretrained
+
+
+def express_config(model: nn.Module) -> str | None:
+    """After a Hugging Face model was pruned in place: write the sizes into its config where the config
+    can express them (every layer alike: intermediate_size, num_key_value_heads, ...), so that
+    save_pretrained / from_pretrained round-trip.  Where it cannot (widths that differ per layer, BERT's
+    heads, whose size the config derives from the hidden size), save_pretrained is refused on this
+    instance with a message saying to use graphprune.save; the reason is returned."""
+    if not (hasattr(model, "config") and hasattr(model, "save_pretrained")):
+        return None
+    model.__dict__.pop("save_pretrained", None)
+    cls = type(model)
+    target = _shapes(model)
+    if _misfits(cls, model.config, target) == []:
+        return None
+    found, misfits = _search(cls, model.config, target, accept=lambda cfg: True)
+    if found is None:
+        reason = (f"{cls.__name__}'s config cannot express these sizes (tensors that do not fit: "
+                  f"{misfits[:4]}{'...' if len(misfits) > 4 else ''})")
+        model.__dict__["save_pretrained"] = _refuse_save_pretrained(reason)
+        return reason
+    for attr, value in found.to_dict().items():
+        if getattr(model.config, attr, None) != value and not isinstance(value, dict):
+            setattr(model.config, attr, value)
+    return None
+
+
+def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | dict) -> nn.Module:
+    """An instance of `original`'s class whose config expresses `pruned`'s sizes, holding its weights
+    and checked to compute what `pruned` computes on `example_inputs`.  compile() returns the model's
+    own class already where its forward computes the result; this is for graph modules (and checks
+    that the config of an own-class result describes it)."""
+    from torch.nn.utils import parametrize
+
+    from graphprune.inputs import call_with, check_example_inputs, eval_mode
+
+    if not hasattr(original, "config"):
+        raise GraphPruneError(f"as_hf_model needs the original Hugging Face model (with a config), got {type(original).__name__}")
+    if any(parametrize.is_parametrized(m) for m in pruned.modules()):
+        raise GraphPruneError("the model still holds masks: run Shrink() first, then as_hf_model")
+    example_inputs = check_example_inputs(example_inputs)
+    cls = type(original)
+    if type(pruned) is cls:
+        reason = express_config(pruned)
+        if reason is not None:
+            raise GraphPruneError(f"{reason}. Keep using the pruned model (it is a {cls.__name__}) and save it with graphprune.save")
+        return pruned
+    weights = pruned.state_dict()
+    with eval_mode(pruned), torch.no_grad():
+        expected = _first(call_with(pruned, example_inputs))
+
+    def verified(config) -> bool:
+        model = cls(config)
+        if model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False).missing_keys:
+            return False
+        with eval_mode(model), torch.no_grad():
+            got = _first(call_with(model, example_inputs))
+        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            found.append(model)
+            return True
+        return False
+
+    found: list[nn.Module] = []
+    target = {k: tuple(v.shape) for k, v in list(pruned.named_parameters()) + list(pruned.named_buffers())}
+    config, misfits = _search(cls, original.config, target, verified)
+    if config is None:
+        raise GraphPruneError(f"{cls.__name__}'s config cannot express this pruning (every layer alike, and sizes the class derives "
+                              f"from its config); tensors that do not fit: {misfits[:6]}{'...' if len(misfits) > 6 else ''}. "
+                              "Keep using the pruned GraphModule, or prune what the config describes (e.g. FFN neurons alike in every layer)")
+    return found[-1].train(original.training)
 
 
 def _first(out):

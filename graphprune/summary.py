@@ -66,6 +66,7 @@ class Summary:
             "frozen": [{"node": f.site.location or f.site.node, "reason": f.site.reason, "channels": f.channels} for f in self.frozen],
             "passes": [list(p) for p in self.passes],
             "lowered": [list(r) for r in self.lowered],
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
@@ -103,7 +104,8 @@ class Summary:
                 lines.append(f"  {f.site.location or f.site.node}: {f.channels} channel(s) {f.site.reason}")
         if self.passes:
             lines += ["", "passes: " + ", ".join(f"{n} {s:.2f}s" for n, s in self.passes)]
-        lines += list(self.notes)
+        if self.notes:
+            lines += [""] + list(self.notes)
         return "\n".join(lines)
 
 
@@ -180,4 +182,5 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             frozen_units=frozen_units,
             passes=tuple((r.name, r.seconds) for r in records),
             lowered=lowered,
+            notes=tuple(f"note ({r.name}): {r.details['note']}" for r in records if r.details.get("note")),
         )

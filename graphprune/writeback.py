@@ -181,6 +181,18 @@ def _by_name(work: nn.Module, gm: fx.GraphModule) -> None:
         _write_tensors(work, holder)
 
 
+def _head_width(work: nn.Module) -> None:
+    """timm models keep the width their classifier reads in `num_features` (reset_classifier builds the
+    new head from it): the classifier's input width after pruning."""
+    if not (hasattr(work, "get_classifier") and isinstance(getattr(work, "num_features", None), int)):
+        return
+    head = work.get_classifier()
+    if isinstance(head, nn.Linear) and head.in_features != work.num_features:
+        if getattr(work, "head_hidden_size", None) == work.num_features:
+            work.head_hidden_size = head.in_features
+        work.num_features = head.in_features
+
+
 def _second_inputs(example_inputs: tuple | dict) -> tuple | dict | None:
     batch = batch_of(example_inputs)
     return with_batch(example_inputs, batch + 1) if batch else None
@@ -230,6 +242,7 @@ def land(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module], exam
         else:
             _by_name(work, gm)
         _mask_layer_norms(work, gm)
+        _head_width(work)
         problem = _compare(work, gm, example_inputs)
         if problem is not None and _set_attributes(work, gm):  # sizes the source reads from module attributes
             problem = _compare(work, gm, example_inputs)
