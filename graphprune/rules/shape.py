@@ -54,6 +54,13 @@ def execute(call: OpCall) -> Any:
     return call.module(*args, **kwargs)
 
 
+def _node_arg(node: fx.Node, pos: int, *names: str) -> Any:
+    """Argument `pos` of a call node as the graph holds it (a node where it is computed)."""
+    if len(node.args) > pos:
+        return node.args[pos]
+    return next((node.kwargs[n] for n in names if n in node.kwargs), None)
+
+
 def dim_arg(call: OpCall, pos: int, name: str = "dim", default: Any = None) -> Any:
     """An argument after the input tensor, by position or keyword."""
     if name in call.kwargs:
@@ -299,6 +306,11 @@ class SplitChunk(Rule):
             size_arg = call.kwargs.get("split_size")
         sizes = {p.shape[dim] for p in parts}
         if not is_chunk:  # split(4) / split([a, b]) hold sizes: Shrink recounts each part's kept channels
+            literal = isinstance(size_arg, int) or (isinstance(size_arg, (list, tuple)) and all(isinstance(v, int) for v in size_arg))
+            computed = _node_arg(call.node, 1, "split_size_or_sections", "split_size")
+            if not literal or isinstance(computed, fx.Node) or (isinstance(computed, (list, tuple)) and any(isinstance(v, fx.Node) for v in computed)):
+                call.space.freeze(x, call.site("indexing", "split over pruned channels with sizes computed at run time", source=call.node.args[0].name, dim=dim))
+                return parts
             call.extra["reshape_labels"] = x
             return parts
         if len(sizes) > 1:
