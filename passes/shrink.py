@@ -64,9 +64,16 @@ class Shrink(PassBase):
                 rule.update_module(owner)
         _rewrite_reshapes(gm, deps, pruned_roots)
         if pruned_roots:
+            pruned = torch.tensor(sorted(pruned_roots), dtype=torch.int64)
             for node in gm.graph.nodes:
                 if node.name in deps.squeezes:  # name the dims, or a width shrunk to 1 would vanish too
                     node.args, node.kwargs = (node.args[0], deps.squeezes[node.name]), {}
+                for pos, name, roots in deps.counts.get(node.name, ()):  # a depthwise conv's groups: its channels
+                    kept = int((~torch.isin(roots, pruned)).sum())
+                    if len(node.args) > pos:
+                        node.args = (*node.args[:pos], kept, *node.args[pos + 1:])
+                    else:
+                        node.kwargs = {**node.kwargs, name: kept}
         ctx.record(groups=report, plan={"op": "shrink"})
         return PassResult(gm, bool(pruned_roots))
 

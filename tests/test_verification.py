@@ -148,3 +148,32 @@ def test_spatial_sizes_read_for_resampling_and_splitting_do_not_freeze_channels(
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert_exact(masked, shrunk, x)
     assert shrunk.a.out_channels == shrunk.b.out_channels == 4
+
+
+class ExportedCnn(nn.Module):
+    """fx cannot trace `len(x)`: the graph comes from torch.export, with ATen convolutions, batch and
+    group norms and a depthwise conv whose group count Shrink must rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.gn = nn.GroupNorm(4, 8)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        scale = float(len(x))
+        y = self.gn(self.dw(F.relu(self.bn(self.a(x)))))
+        return self.b(F.silu(y)) * scale
+
+
+def test_exported_convolutions_and_norms_prune_exactly():
+    torch.manual_seed(0)
+    model = models.randomize_bn(ExportedCnn()).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert type(shrunk) is ExportedCnn and shrunk.dw.groups == shrunk.dw.out_channels == 4
+    assert shrunk.gn.num_groups == 2 and shrunk.a.out_channels == 4
+    assert_exact(masked, shrunk, x)

@@ -106,6 +106,8 @@ class Dependencies:
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tied tensor -> its other names
     squeezes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # squeeze() node -> dims that were 1
     reductions: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)  # mean/sum over channels -> (dim, label roots)
+    # arguments that count channels (a depthwise conv's groups) -> [(position, name, label roots)]; Shrink sets the kept count
+    counts: dict[str, list[tuple[int, str, torch.Tensor]]] = field(default_factory=dict)
 
     def group(self, key: str) -> ChannelGroup:
         for g in self.groups:
@@ -145,6 +147,7 @@ class _Propagator(fx.Interpreter):
         self.reductions: dict[str, tuple[int, torch.Tensor]] = {}  # mean/sum over one channel dim -> (dim, labels)
         self.whole_params: dict[str, str] = {}  # parameter -> an op that reads it whole
         self.squeezes: dict[str, tuple[int, ...]] = {}  # squeeze() nodes -> the dims that were 1
+        self.counts: dict[str, list[tuple[int, str, torch.Tensor]]] = {}  # arguments that count channels
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -228,6 +231,8 @@ class _Propagator(fx.Interpreter):
             self.reductions[n.name] = call.extra["reduce_labels"]
         if "squeeze_dims" in call.extra:
             self.squeezes[n.name] = call.extra["squeeze_dims"]
+        if "count_args" in call.extra:
+            self.counts[n.name] = call.extra["count_args"]
         return result
 
 def _without_sizes(labels: Any) -> Any:
@@ -276,7 +281,9 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     deps = _build(roots, frozen, slots, reshapes, space.consumer_slots, kinds)
     groups = _name_ffn_groups(gm, deps.groups)
     reductions = {k: (d, roots[compact(v)]) for k, (d, v) in prop.reductions.items()}
-    return Dependencies(groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()}, prop.squeezes, reductions)
+    counts = {k: [(pos, name, roots[compact(v)]) for pos, name, v in args] for k, args in prop.counts.items()}
+    return Dependencies(groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()},
+                        prop.squeezes, reductions, counts)
 
 
 _KIND_ORDER = ("channel", "ffn", "hidden", "head")

@@ -14,11 +14,11 @@ import torch
 
 from graphprune.labels import none_like, varies_along
 from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
-from graphprune.rules.channelwise import EmbeddingRule, LayerNormRule
-from graphprune.rules.conv import _place
-from graphprune.rules.pointwise import Elementwise, Pow, Unary
+from graphprune.rules.channelwise import ChannelwiseRule, EmbeddingRule, LayerNormRule
+from graphprune.rules.conv import place
+from graphprune.rules.pointwise import Clamp, Elementwise, Pow, Unary
 from graphprune.rules.reduce import Reduce, Softmax
-from graphprune.rules.shape import Execute, FreezeAlongDim, Reshape, SplitChunk
+from graphprune.rules.shape import Concat, Execute, FreezeAlongDim, Reshape, SplitChunk, Squeeze
 
 aten = torch.ops.aten
 
@@ -40,7 +40,7 @@ class FunctionalLinearRule(Rule):
         call.slot_param(weight, 0, out_labels)
         if isinstance(bias, ParamRef):
             call.slot_param(bias, 0, out_labels)
-        return _place(out_labels, call.out.ndim - 1, call.out.shape)
+        return place(out_labels, call.out.ndim - 1, call.out.shape)
 
 
 class AddmmRule(Rule):
@@ -55,7 +55,7 @@ class AddmmRule(Rule):
         out_labels = call.space.fresh(call.args[2].shape[1])
         call.slot_param(weight, 1, out_labels)
         call.slot_param(bias, 0, out_labels)
-        return _place(out_labels, call.out.ndim - 1, call.out.shape)
+        return place(out_labels, call.out.ndim - 1, call.out.shape)
 
 
 class AttentionRule(Rule):
@@ -125,17 +125,37 @@ for _op in _overloads(aten.split, aten.split_with_sizes, aten.chunk):
     register_rule(_op, SplitChunk())
 for _op in _overloads(aten.scaled_dot_product_attention) + [torch.nn.functional.scaled_dot_product_attention]:
     register_rule(_op, AttentionRule())
-for _op in _overloads(aten.gelu, aten.relu, aten.tanh, aten.sigmoid, aten.silu, aten.dropout, aten.clone,
-                      aten._to_copy, aten.to, aten.contiguous, aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.hardswish, aten.hardsigmoid, aten.relu6):
+for _op in _overloads(aten.gelu, aten.gelu_, aten.relu, aten.relu_, aten.tanh, aten.sigmoid, aten.sigmoid_, aten.silu,
+                      aten.silu_, aten.dropout, aten.feature_dropout, aten.clone, aten._to_copy, aten.to, aten.contiguous,
+                      aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.rsqrt, aten.hardswish,
+                      aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.relu6, aten.leaky_relu, aten.leaky_relu_,
+                      aten.elu, aten.elu_, aten.mish, aten.mish_, aten.hardtanh, aten.hardtanh_, aten.sin, aten.cos,
+                      aten.square, aten.log_sigmoid, aten.softplus):
     register_rule(_op, Unary())
+for _op in _overloads(aten.clamp, aten.clamp_, aten.clamp_min, aten.clamp_max, aten.clip):
+    register_rule(_op, Clamp())
+for _k, _ops in {1: (aten.max_pool1d, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d),
+                 2: (aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.adaptive_max_pool2d,
+                     aten.max_pool2d_with_indices),
+                 3: (aten.max_pool3d, aten.avg_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d)}.items():
+    for _op in _overloads(*_ops):
+        register_rule(_op, ChannelwiseRule(-_k - 1))
+for _op in _overloads(aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten.upsample_linear1d,
+                      aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d):
+    register_rule(_op, ChannelwiseRule(1))
 for _op in _overloads(aten.add, aten.sub, aten.mul, aten.where, aten.maximum, aten.minimum):
     register_rule(_op, Elementwise())
 for _op in _overloads(aten.div):
     register_rule(_op, Elementwise(divisor=1))
 for _op in _overloads(aten.pow):
     register_rule(_op, Pow())
-for _op in _overloads(aten.permute, aten.transpose, aten.unsqueeze, aten.t, aten.flatten, aten.cat, aten.flip):
+for _op in _overloads(aten.permute, aten.transpose, aten.unsqueeze, aten.t, aten.flatten, aten.flip, aten.expand_as,
+                      aten.constant_pad_nd, aten.pad):
     register_rule(_op, Execute())
+for _op in _overloads(aten.cat, aten.concat, aten.stack):
+    register_rule(_op, Concat())
+for _op in _overloads(aten.squeeze):
+    register_rule(_op, Squeeze())
 for _op in _overloads(aten.view, aten.reshape, aten._unsafe_view, aten.expand):
     register_rule(_op, Reshape())
 for _op in _overloads(aten.slice, aten.select, aten.narrow, aten.index_select):

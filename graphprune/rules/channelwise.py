@@ -162,9 +162,14 @@ class FunctionalNormRule(Rule):
     def propagate(self, call: OpCall):
         x = call.input(0)
         per = call.along(x, 1)
-        if self.groups_arg is not None:
-            # the group count is a constant in the graph that Shrink does not rewrite: keep these channels
-            call.space.freeze(per, call.site("norm", "F.group_norm with a constant group count"))
+        if self.groups_arg is not None:  # whole groups go; Shrink writes the number of groups kept
+            groups = call.node.args[self.groups_arg] if len(call.node.args) > self.groups_arg else call.node.kwargs.get("num_groups")
+            if not isinstance(groups, int):
+                call.space.freeze(per, call.site("norm", "group_norm with a group count computed at run time"))
+            else:
+                rows = per.reshape(groups, -1)
+                call.space.unify(rows[:, :1], rows, call.site("norm", "group_norm normalises over its groups"))
+                call.extra["count_args"] = [(self.groups_arg, "num_groups", rows[:, 0])]
         for pos, name in self.tensor_args.items():
             lab = call.label_kwargs.get(name, call.labels[pos] if len(call.labels) > pos else None)
             if isinstance(lab, ParamRef):
@@ -178,6 +183,9 @@ class FunctionalNormRule(Rule):
 
 
 register_rule(F.batch_norm, FunctionalNormRule({1: "running_mean", 2: "running_var", 3: "weight", 4: "bias"}))
+register_rule(torch.ops.aten.batch_norm.default, FunctionalNormRule({1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}))
+register_rule(torch.ops.aten.instance_norm.default, FunctionalNormRule({1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}))
+register_rule(torch.ops.aten.group_norm.default, FunctionalNormRule({2: "weight", 3: "bias"}, groups_arg=1))
 register_rule(F.instance_norm, FunctionalNormRule({1: "running_mean", 2: "running_var", 3: "weight", 4: "bias"}))
 register_rule(F.group_norm, FunctionalNormRule({2: "weight", 3: "bias"}, groups_arg=1))
 

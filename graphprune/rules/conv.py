@@ -11,14 +11,18 @@ outputs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from graphprune.rules.base import OpCall, Rule, register_rule
+from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
+from graphprune.weight_ops import node_arg
 
-__all__ = ["ConvRule", "ConvTransposeRule", "LinearRule"]
+aten = torch.ops.aten
+
+__all__ = ["ConvRule", "ConvTransposeRule", "LinearRule", "FunctionalConvRule", "place"]
 
 
-def _place(per_channel: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+def place(per_channel: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     view = [1] * len(shape)
     view[dim] = -1
     return per_channel.reshape(view).expand(shape)
@@ -58,7 +62,7 @@ class ConvRule(Rule):
             out_labels = call.space.fresh(cout // g).repeat(g)
         call.space.add_slot(call.param("weight"), 0, out_labels)
         _bias(call, m, out_labels)
-        return _place(out_labels, cdim, call.out.shape)
+        return place(out_labels, cdim, call.out.shape)
 
     def update_module(self, module: nn.Module) -> None:
         w = module.weight
@@ -88,7 +92,7 @@ class ConvTransposeRule(ConvRule):
             call.space.add_slot(call.param("weight"), 1, fresh)
             out_labels = fresh.repeat(g)
         _bias(call, m, out_labels)
-        return _place(out_labels, cdim, call.out.shape)
+        return place(out_labels, cdim, call.out.shape)
 
     def update_module(self, module: nn.Module) -> None:
         w = module.weight
@@ -109,10 +113,45 @@ class LinearRule(Rule):
         out_labels = call.space.fresh(m.out_features)
         call.space.add_slot(call.param("weight"), 0, out_labels)
         _bias(call, m, out_labels)
-        return _place(out_labels, call.out.ndim - 1, call.out.shape)
+        return place(out_labels, call.out.ndim - 1, call.out.shape)
 
     def update_module(self, module: nn.Module) -> None:
         module.out_features, module.in_features = module.weight.shape
+
+
+class FunctionalConvRule(Rule):
+    """conv(x, weight, bias, stride, padding, dilation, groups) on parameters of the model: F.conv*d,
+    and the ATen convolutions of exported graphs.  A depthwise conv's group count is the number of
+    its channels, so Shrink rewrites it (`count_args`)."""
+
+    def __init__(self, spatial: int | None, groups_pos: int = 6, transposed_pos: int | None = None) -> None:
+        self.spatial, self.groups_pos, self.transposed_pos = spatial, groups_pos, transposed_pos
+
+    def propagate(self, call: OpCall):
+        weight = call.labels[1] if len(call.labels) > 1 else call.label_kwargs.get("weight")
+        bias = call.labels[2] if len(call.labels) > 2 else call.label_kwargs.get("bias")
+        bias_value = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
+        groups = node_arg(call.node, self.groups_pos, "groups", 1)
+        transposed = self.transposed_pos is not None and node_arg(call.node, self.transposed_pos, "transposed", False)
+        if not isinstance(weight, ParamRef) or (bias_value is not None and not isinstance(bias, ParamRef)) \
+                or not isinstance(groups, int) or transposed:
+            call.freeze_inputs("no_rule", "convolution whose weight is not a parameter, with a computed group count, or transposed")
+            return call.out_none()
+        x = call.input(0)
+        spatial = self.spatial if self.spatial is not None else call.args[1].ndim - 2
+        cdim = x.ndim - spatial - 1
+        per_in = call.along(x, cdim)
+        cout, cin = call.args[1].shape[0], per_in.numel()
+        if groups == cin and groups > 1:  # depthwise, maybe with a channel multiplier: groups counts channels
+            out_labels = per_in.repeat_interleave(cout // cin)
+            call.extra["count_args"] = [(self.groups_pos, "groups", per_in)]
+        else:
+            call.slot_param(weight, 1, _coupled_across_groups(call, per_in, groups), consumer=True)
+            out_labels = call.space.fresh(cout // groups).repeat(groups)
+        call.slot_param(weight, 0, out_labels)
+        if isinstance(bias, ParamRef):
+            call.slot_param(bias, 0, out_labels)
+        return place(out_labels, cdim, call.out.shape)
 
 
 for _cls, _k in [(nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)]:
@@ -120,3 +159,7 @@ for _cls, _k in [(nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)]:
 for _cls, _k in [(nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 2), (nn.ConvTranspose3d, 3)]:
     register_rule(_cls, ConvTransposeRule(_k))
 register_rule(nn.Linear, LinearRule())
+for _k, (_fn, _op) in enumerate([(F.conv1d, aten.conv1d.default), (F.conv2d, aten.conv2d.default), (F.conv3d, aten.conv3d.default)], 1):
+    register_rule(_fn, FunctionalConvRule(_k))
+    register_rule(_op, FunctionalConvRule(_k))
+register_rule(aten.convolution.default, FunctionalConvRule(None, groups_pos=8, transposed_pos=6))

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from graphprune.labels import none_like
 from graphprune.rules.base import OpCall, Rule, register_rule
-from graphprune.rules.conv import _place
+from graphprune.rules.conv import place
 from graphprune.rules.shape import dim_arg
 
 __all__ = ["MultiheadAttentionRule", "PrunedMultiheadAttention"]
@@ -68,7 +68,7 @@ class MultiheadAttentionRule(Rule):
         if m.out_proj.bias is not None:
             call.space.add_slot(call.param("out_proj.bias"), 0, out)
         first, weights = call.out
-        return _place(out, first.ndim - 1, first.shape), none_like(weights.shape) if isinstance(weights, torch.Tensor) else None
+        return place(out, first.ndim - 1, first.shape), none_like(weights.shape) if isinstance(weights, torch.Tensor) else None
 
     def update_module(self, module: nn.Module) -> None:
         module.num_heads = module.in_proj_weight.shape[0] // (3 * module.head_dim)

@@ -266,7 +266,7 @@ class Concat(Rule):
         tensors_lab = call.labels[0] if call.labels else call.label_kwargs.get("tensors")
         tensors_val = call.args[0] if call.args else call.kwargs["tensors"]
         dim = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else 0)
-        stacking = call.node.target in (torch.stack,)
+        stacking = call.node.target in (torch.stack, torch.ops.aten.stack.default)
         labs = [l if isinstance(l, torch.Tensor) else none_like(v.shape) for l, v in zip(tensors_lab, tensors_val)]
         views = [param_view(l) for l in tensors_lab]
         ndim = labs[0].ndim
