@@ -52,6 +52,15 @@ class Summary:
         lines.append(f"Global sparsity: {100 * self.masked_params / max(total, 1):.2f}%")
         return "\n".join(lines)
 
+    def _why_nothing(self) -> str:
+        """What kept every channel, when nothing was pruned (never a bare "nothing pruned")."""
+        if any(kept < n for _, n, kept in self.groups):
+            return ""
+        if not self.groups:
+            return ": no pass masked or removed anything" + ("" if not self.frozen else " (and some channels are frozen, below)")
+        top = sorted(self.frozen, key=lambda f: -f.channels)[:2]
+        return ": " + "; ".join(f"{f.channels} channel(s) at {f.site.location or f.site.node} {f.site.reason}" for f in top)
+
     def to_dict(self) -> dict:
         return {
             "model": self.model,
@@ -76,7 +85,7 @@ class Summary:
         state = {
             "shrunk": "shrunk: masked channels were removed, the model is smaller",
             "masked": f"masked only: {self.masked_params:,} parameters are zero but still stored and computed; run Shrink() to remove them",
-            "dense": "nothing pruned",
+            "dense": "nothing pruned" + self._why_nothing(),
             "lowered": "sparse layers hold compressed weights and run sparse kernels",
         }[self.state]
         lines = [f"graphprune summary of {self.model} ({state})", ""]
