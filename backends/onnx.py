@@ -14,9 +14,9 @@ import numbers
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from graphprune.inputs import batch_of, batched, call_with, check_example_inputs, eval_mode, with_batch
+from graphprune.ir.inputs import batch_of, batched, call_with, check_example_inputs, eval_mode, with_batch
 from graphprune.arguments import choice, fraction, positive_int
 from graphprune.errors import ArgumentError, GraphPruneError, VerificationError
+from graphprune.timing import interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -331,15 +332,7 @@ def benchmark(
         raise ArgumentError(f"warmup must be an int >= 0, got {warmup!r}")
     sessions = {name: session(str(p), threads) for name, p in models.items()}
     feeds = {name: _feed(s, example_inputs) for name, s in sessions.items()}
-    for _ in range(warmup):
-        for name, s in sessions.items():
-            s.run(None, feeds[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[name])
-            times[name].append(time.perf_counter() - start)
+    times = interleaved({name: partial(s.run, None, feeds[name]) for name, s in sessions.items()}, repeats, warmup)
     batch = batch_of(example_inputs) or 1
     rows = []
     for name, ts in times.items():

@@ -28,7 +28,7 @@ from graphprune.saving import load, save
 from graphprune.schedule import Pruner, sparsity_at
 from graphprune.sensitivity import Sensitivity, sensitivity
 from graphprune.summary import Summary, summary
-from graphprune.trace import trace
+from graphprune.ir.trace import trace
 from graphprune.vocab import prune_vocabulary
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """compile(): decide on a graph, land the result on the user's own model.
 
 The model is never touched while passes run: they work on a graph traced from
-a shadow of it (`graphprune.shadow`: the same tensors, module objects of its
+a shadow of it (`graphprune.ir.shadow`: the same tensors, module objects of its
 own).  Only when every pass succeeded and the graph still runs is the result
 written back onto the model (or its copy) and verified (`graphprune.writeback`).
 So a failure leaves the model as it was, with or without `inplace=True`.
@@ -19,13 +19,13 @@ from torch import nn
 from graphprune.analysis.dependency import Dependencies, analyze_dependencies
 from graphprune.errors import ArgumentError, GraphPruneError, GraphPruneWarning, InputError
 from graphprune.hf import express_config
-from graphprune.inputs import check_example_inputs, check_fits
-from graphprune.masking import attach_masks, channel_masked, detach_masks, masks_of
-from graphprune.norms import sync_masked_ops
+from graphprune.ir.inputs import check_example_inputs, check_fits
+from graphprune.ir.masking import attach_masks, channel_masked, detach_masks, masks_of
+from graphprune.ir.norms import sync_masked_ops
 from graphprune.pipeline import PassContext, PassRecord, Pipeline
-from graphprune.shadow import deepcopy_model, shadow
-from graphprune.trace import ROOT_HOLDER, trace
-from graphprune.verify import check_runs, run_outputs
+from graphprune.ir.shadow import deepcopy_model, shadow
+from graphprune.ir.trace import ROOT_HOLDER, trace
+from graphprune.ir.verify import check_runs, run_outputs
 from graphprune.writeback import land
 
 logger = logging.getLogger(__name__)

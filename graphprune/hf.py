@@ -128,7 +128,7 @@ def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | 
     that the config of an own-class result describes it)."""
     from torch.nn.utils import parametrize
 
-    from graphprune.inputs import call_with, check_example_inputs, eval_mode
+    from graphprune.ir.inputs import call_with, check_example_inputs, eval_mode
 
     if not hasattr(original, "config"):
         raise GraphPruneError(f"as_hf_model needs the original Hugging Face model (with a config), got {type(original).__name__}")

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from graphprune.errors import ArgumentError, GraphPruneError, PassError, VerificationError
-from graphprune.verify import Reference, check_keeps_outputs, check_runs, reference
+from graphprune.ir.verify import Reference, check_keeps_outputs, check_runs, reference
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def as_pass(p: Any) -> PassBase:
 
 class Pipeline(PassBase):
     """Runs passes in order; itself a pass.  Times each pass and checks that passes which must keep
-    the outputs did (see graphprune.verify); with verify_each also checks that the graph still runs
+    the outputs did (see graphprune.ir.verify); with verify_each also checks that the graph still runs
     after every other modifying pass."""
 
     def __init__(self, passes: Iterable[Any], *, verify_each: bool = False) -> None:

@@ -177,8 +177,8 @@ class _Replay(PassBase):
 
 
 def _channel_mask(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:
-    from graphprune.masking import mask_units
-    from graphprune.norms import sync_masked_ops
+    from graphprune.ir.masking import mask_units
+    from graphprune.ir.norms import sync_masked_ops
 
     deps = ctx.dependencies(gm)
     groups = {g.key: g for g in deps.groups}
@@ -196,7 +196,7 @@ def _weight_mask(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:
     import torch
     from torch.nn.utils import parametrize
 
-    from graphprune.masking import WeightMaskParametrization, raw_tensor, resolve, weight_mask
+    from graphprune.ir.masking import WeightMaskParametrization, raw_tensor, resolve, weight_mask
 
     for name in step["tensors"]:  # the mask values come with the weights
         owner, attr = resolve(gm, name)

@@ -118,7 +118,7 @@ def sensitivity(
     """Mask each group alone at each ratio (scores by `score`, L1 magnitude by default) and call
     `evaluate` on the masked model, which computes what the shrunk one would."""
     from graphprune.passes.mask import ChannelMask
-    from graphprune.passes.score import L1Score
+    from graphprune.passes.scores.magnitude import L1Score
 
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
         raise ArgumentError(f"sensitivity ratios must be a list of numbers in (0, 1), got {ratios!r}")

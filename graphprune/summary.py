@@ -12,8 +12,8 @@ from torch.nn.utils import parametrize
 from graphprune.analysis.cost import count_macs, count_params
 from graphprune.analysis.dependency import FrozenChannels, analyze_dependencies
 from graphprune.compile import REPORT_ATTR, graph_of
-from graphprune.inputs import check_example_inputs
-from graphprune.masking import channel_mask, weight_mask
+from graphprune.ir.inputs import check_example_inputs
+from graphprune.ir.masking import channel_mask, weight_mask
 
 __all__ = ["Summary", "summary"]
 

@@ -1,7 +1,7 @@
 """Landing: the graph's result written back onto the user's own module tree, then verified.
 
 The passes decide on a graph whose modules are shadows of the user's model
-(`graphprune.shadow`); landing makes the user's modules take on the shadows'
+(`graphprune.ir.shadow`); landing makes the user's modules take on the shadows'
 state (sliced tensors, masks, new attributes, swapped sparse layers), so the
 result keeps the user's class, methods and module objects.  Graphs from
 torch.export have modules of their own: there the tensors are written back by
@@ -24,13 +24,14 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from graphprune.inputs import batch_of, with_batch
-from graphprune.masking import channel_masked, masks_of
-from graphprune.norms import MaskedLayerNorm, masked_layer_norm, masked_reduce, set_layer_norm_class
+from graphprune.ir.inputs import batch_of, with_batch
+from graphprune.ir.masking import channel_masked, masks_of
+from graphprune.ir.modules import MaskedLayerNorm, set_layer_norm_class
+from graphprune.ir.norms import masked_layer_norm, masked_reduce
 from graphprune.rules.base import rule_for_module
-from graphprune.shadow import Snapshot, own_class
-from graphprune.trace import ROOT_HOLDER, TRACED_BY, no_cache
-from graphprune.verify import mismatch, module_of, run_outputs
+from graphprune.ir.shadow import Snapshot, own_class
+from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY, no_cache
+from graphprune.ir.verify import mismatch, module_of, run_outputs
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Built-in passes (installed as graphprune.passes)."""
 
 from graphprune.passes.compensate import CompensateBias
-from graphprune.passes.criteria import BNScaleScore, FPGMScore
-from graphprune.passes.data_scores import ActivationScore, APoZScore, HeadSensitivityScore, TaylorScore, WandaScore
+from graphprune.passes.scores.criteria import BNScaleScore, FPGMScore
+from graphprune.passes.scores.data import ActivationScore, APoZScore, HeadSensitivityScore, TaylorScore, WandaScore
 from graphprune.passes.mask import ChannelMask
 from graphprune.passes.reinsert_zeros import ReinsertZeros
-from graphprune.passes.score import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
+from graphprune.passes.scores.magnitude import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
 from graphprune.passes.shrink import Shrink
 from graphprune.passes.sparse_lower import SparseLower
 from graphprune.passes.sparse_mask import BlockMask, NMMask, UnstructuredMask

@@ -16,10 +16,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphprune.inputs import calibration_batches
-from graphprune.masking import refuse_lowered, channel_mask, ensure_channel_mask, masks_disabled, raw_tensor, replace_tensor, resolve, unit_mask_state
+from graphprune.ir.inputs import calibration_batches
+from graphprune.ir.masking import refuse_lowered, channel_mask, ensure_channel_mask, masks_disabled, raw_tensor, replace_tensor, resolve, unit_mask_state
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.weight_ops import WeightOp, input_channel_stats, weight_ops
+from graphprune.ir.weight_ops import WeightOp, input_channel_stats, weight_ops
 
 __all__ = ["CompensateBias"]
 

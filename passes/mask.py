@@ -20,10 +20,10 @@ import torch.fx as fx
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.arguments import choice, fraction, mapping, module_names, positive_int
 from graphprune.errors import ArgumentError, GraphPruneWarning, PreconditionError
-from graphprune.masking import refuse_lowered, mask_units, unit_mask_state
-from graphprune.norms import sync_masked_ops
+from graphprune.ir.masking import refuse_lowered, mask_units, unit_mask_state
+from graphprune.ir.norms import sync_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.passes.score import SCORES
+from graphprune.passes.scores.magnitude import SCORES
 
 logger = logging.getLogger(__name__)
 

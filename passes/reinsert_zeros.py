@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.reinsert import ZeroReinsert
+from graphprune.ir.modules import ZeroReinsert
 
 __all__ = ["ReinsertZeros"]
 

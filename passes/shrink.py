@@ -17,8 +17,9 @@ from torch.nn.utils import parametrize
 
 from graphprune.analysis.dependency import Dependencies
 from graphprune.errors import PassError
-from graphprune.masking import refuse_lowered, channel_mask, raw_tensor, resolve, take_masks, unit_mask_state
-from graphprune.norms import revert_masked_ops, set_layer_norm_class
+from graphprune.ir.masking import refuse_lowered, channel_mask, raw_tensor, resolve, take_masks, unit_mask_state
+from graphprune.ir.modules import set_layer_norm_class
+from graphprune.ir.norms import revert_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.rules.base import rule_for_module
 

@@ -1,9 +1,9 @@
 """SparseLower: replace sparse Linear layers and 1x1 convolutions by sparse-kernel modules.
 
 Runs after a mask pass (unstructured, N:M, block, or channel masks that were
-not shrunk).  Each linear/conv op of the graph (`graphprune.weight_ops`) whose
+not shrunk).  Each linear/conv op of the graph (`graphprune.ir.weight_ops`) whose
 effective weight is at least `min_sparsity` zeros is a candidate; its weight
-and bias move into a `SparseLinear` / `SparseConv1x1` (`graphprune.backends.sparse`)
+and bias move into a `SparseLinear` / `SparseConv1x1` (`graphprune.ir.modules`)
 that holds the weight compressed, and the graph calls that module instead.
 
 With `choose="measure"` (the default) every candidate is timed on the input
@@ -20,7 +20,6 @@ Each lowered layer is checked against the dense op on that input.
 from __future__ import annotations
 
 import statistics
-import time
 from collections import defaultdict
 from functools import partial
 from typing import Iterable
@@ -30,12 +29,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.backends.sparse import FORMATS, _SparseWeight, compress, synchronize
 from graphprune.arguments import choice, fraction, positive_int
 from graphprune.errors import ArgumentError, PassError
-from graphprune.masking import raw_tensor, resolve
+from graphprune.ir.masking import raw_tensor, resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.weight_ops import WeightOp, node_arg, op_inputs, swap_node, weight_ops
+from graphprune.ir.modules import FORMATS, _SparseWeight, compress
+from graphprune.ir.weight_ops import WeightOp, node_arg, op_inputs, swap_node, weight_ops
+from graphprune.timing import interleaved
 
 __all__ = ["SparseLower"]
 
@@ -246,16 +246,8 @@ class SparseLower(PassBase):
                 for m in modules:
                     if m.format == variant:
                         calls[(name, variant)] = partial(m, x)
-        samples = defaultdict(list)
         with torch.no_grad():
-            for call in calls.values():  # warm up
-                call()
-            for _ in range(self.runs):
-                for key, call in calls.items():
-                    start = time.perf_counter()
-                    call()
-                    synchronize()
-                    samples[key].append(time.perf_counter() - start)
+            samples = interleaved(calls, self.runs)
         out: dict[str, dict[str, float]] = defaultdict(dict)
         for (name, variant), seconds in samples.items():
             out[name][f"{variant}_ms"] = 1e3 * statistics.median(seconds)

@@ -3,7 +3,7 @@
 Weights are ranked by per-weight scores when a score pass left them in the
 context (`WandaScore` does: |W| * ||x||), otherwise by magnitude |w| (as
 `torch.nn.utils.prune.l1_unstructured`).  Masks go on every weight that a
-linear/conv op of the graph reads (`graphprune.weight_ops`): modules, or
+linear/conv op of the graph reads (`graphprune.ir.weight_ops`): modules, or
 `aten.linear` on parameters in exported graphs.  They are parametrizations like
 the channel masks: they compose with them, stay applied while training, and a
 weight masked once stays masked (a second mask can only add zeros).
@@ -21,9 +21,9 @@ from torch.nn.utils import parametrize
 
 from graphprune.arguments import choice, fraction, module_names
 from graphprune.errors import ArgumentError
-from graphprune.masking import refuse_lowered, WeightMaskParametrization, resolve, weight_mask
+from graphprune.ir.masking import refuse_lowered, WeightMaskParametrization, resolve, weight_mask
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.weight_ops import weight_ops
+from graphprune.ir.weight_ops import weight_ops
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import graphprune as gp
-from graphprune.inputs import call_with, eval_mode
+from graphprune.ir.inputs import call_with, eval_mode
 from graphprune.passes import ChannelMask, L2Score, Shrink
 
 

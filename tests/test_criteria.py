@@ -166,7 +166,7 @@ def test_bn_scale_is_gamma():
 
 def test_weight_ops_are_the_same_on_symbolic_and_exported_graphs():
     """One scan covers nn.Linear modules and aten.linear on get_attr weights, with equal statistics."""
-    from graphprune.weight_ops import input_channel_stats, weight_ops
+    from graphprune.ir.weight_ops import input_channel_stats, weight_ops
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3, bias=False)).eval()

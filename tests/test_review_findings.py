@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
-from graphprune.masking import masks_disabled
+from graphprune.ir.masking import masks_disabled
 from graphprune.passes import ChannelMask, CompensateBias, L1Score, L2Score, Shrink, SparseLower, UnstructuredMask
 from tests.helpers import assert_exact, prune
 from tests.test_transformers import GatedSum, RMSNorm

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
+from graphprune.ir import norms
+from graphprune.ir.modules import MaskedLayerNorm
 from graphprune.passes import ChannelMask, L2Score, ReinsertZeros, Shrink
 from tests.helpers import assert_exact, prune, run
 
@@ -272,9 +274,9 @@ def test_hidden_size_of_a_symbolically_traced_model_updates_module_attributes():
     deps = gp.analyze_dependencies(gp.trace(model, example_inputs=x), x)
     assert {g.kind for g in deps.groups} == {"hidden", "head", "ffn"}
     graph = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x, output="graph")
-    assert any(n.target is gp.norms.masked_layer_norm for n in graph.graph.nodes)
+    assert any(n.target is norms.masked_layer_norm for n in graph.graph.nodes)
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)  # the LayerNorm modules normalise
-    assert isinstance(masked.norm1, gp.norms.MaskedLayerNorm)                      # over the kept channels too
+    assert isinstance(masked.norm1, MaskedLayerNorm)                      # over the kept channels too
     assert_exact(graph, masked, x)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert_exact(masked, shrunk, x)
@@ -308,7 +310,7 @@ def test_means_and_sums_over_pruned_channels_reduce_over_the_kept_ones():
     model = GatedSum().eval()
     x = (torch.randn(4, 8),)
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
-    assert sum(n.target is gp.norms.masked_reduce for n in masked.graph.nodes) == 2
+    assert sum(n.target is norms.masked_reduce for n in masked.graph.nodes) == 2
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert_exact(masked, shrunk, x)
     assert shrunk.norm.weight.shape == (16,) and not any("graphprune_keep" in k for k in shrunk.state_dict())

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from graphprune.inputs import call_with, eval_mode
+from graphprune.ir.inputs import call_with, eval_mode
 
 __all__ = ["count_params", "count_macs"]
 

@@ -1,7 +1,7 @@
 """The dependency analyzer: which channels must be removed together.
 
 It runs the graph once on the example inputs with an fx Interpreter, and
-beside every value carries its channel labels (see `graphprune.labels`), asking the
+beside every value carries its channel labels (see `graphprune.ir.labels`), asking the
 per-op rule of every node how labels flow.  The result is a set of immutable
 `ChannelGroup`s: every parameter slice that must lose the same channels,
 with the channels frozen (and why) left out of them.
@@ -20,13 +20,13 @@ import torch
 import torch.fx as fx
 
 from graphprune.analysis.sizes import SIZE_ARITH, DimSize, read_size, reads_size, shapes_only, size_arithmetic
-from graphprune.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like
-from graphprune.inputs import clone_inputs, eval_mode, positional_inputs
-from graphprune.masking import is_maskable, resolve
+from graphprune.ir.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like
+from graphprune.ir.inputs import clone_inputs, eval_mode, positional_inputs
+from graphprune.ir.masking import is_maskable, resolve
 from graphprune.rules import base as rules
 from graphprune.rules.base import OpCall, ParamRef, ParamView, iter_label_tensors, map_tensors, param_view
 from graphprune.rules.shape import follow_param
-from graphprune.weight_ops import weight_ops
+from graphprune.ir.weight_ops import weight_ops
 
 logger = logging.getLogger(__name__)
 

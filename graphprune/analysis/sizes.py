@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphprune.labels import varies_along
+from graphprune.ir.labels import varies_along
 
 __all__ = ["DimSize", "read_size", "size_arithmetic", "shapes_only", "reads_size", "SIZE_ARITH"]
 

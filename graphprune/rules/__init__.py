@@ -1,7 +1,26 @@
-"""Per-op channel rules, one registry (importing this package registers the built-in rules)."""
+"""Per-op channel rules, one registry.
 
-from graphprune.rules import aten, channelwise, conv, interface, mha, pointwise, reduce, shape  # noqa: F401  (registration)
-from graphprune.rules.base import OpCall, ParamRef, Rule, find_rule, register_rule
+Rules are sorted by what an op does to channels, whatever graph level it comes from (module, torch
+function, tensor method or ATen op): each rule file ends with a `RULES` table of
+(targets, rule) rows, and importing this package registers every table once.
+
+- `conv`: layers with weights (convolutions, linear, addmm).
+- `channelwise`: per-channel ops (norms, embeddings, pools, resampling, PReLU).
+- `pointwise`: elementwise math, broadcasting.
+- `shape`: views, permutes, concat/split, indexing.
+- `reduce`: reductions and softmax.
+- `attention`: attention heads (nn.MultiheadAttention, scaled_dot_product_attention).
+- `reinsert`: graphprune's own ZeroReinsert.
+
+A new rule goes into the file of the op family it belongs to, as a row of that file's table; a
+user's own rule is registered with `register_rule(target, rule)`.
+"""
+
+from graphprune.rules import attention, channelwise, conv, pointwise, reduce, reinsert, shape
+from graphprune.rules.base import OpCall, ParamRef, Rule, find_rule, register_rule, register_table
 from graphprune.rules.channelwise import ChannelwiseRule
+
+for _table in (conv.RULES, channelwise.RULES, pointwise.RULES, shape.RULES, reduce.RULES, attention.RULES, reinsert.RULES):
+    register_table(_table)
 
 __all__ = ["Rule", "OpCall", "ParamRef", "register_rule", "find_rule", "ChannelwiseRule"]

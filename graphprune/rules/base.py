@@ -1,7 +1,7 @@
 """The per-op rule contract and the one registry rules live in.
 
 A rule says, for one op family, how channel labels flow from the op's inputs
-to its outputs (see `graphprune.labels`), which slices of its
+to its outputs (see `graphprune.ir.labels`), which slices of its
 parameters belong to which channel, and how to fix the module's attributes
 once its tensors were sliced.  Rules are looked up by module class (through
 the class hierarchy, as long as the subclass keeps the parent's forward), by
@@ -18,9 +18,11 @@ import torch.fx as fx
 from torch import nn
 
 from graphprune.errors import ArgumentError
-from graphprune.labels import NONE, FreezeSite, LabelSpace, along, labeled_dims, none_like
+from graphprune.ir.labels import NONE, FreezeSite, LabelSpace, along, labeled_dims, none_like
 
-__all__ = ["Rule", "OpCall", "ParamRef", "ParamView", "param_view", "register_rule", "find_rule"]
+aten = torch.ops.aten
+
+__all__ = ["Rule", "OpCall", "ParamRef", "ParamView", "param_view", "register_rule", "register_table", "overloads", "find_rule", "aten", "place"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,13 @@ class OpCall:
                 self.space.freeze(t, self.site(kind, reason, source=source, dim=single_dim(t)))
 
 
+def place(per_channel: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+    """Labels of an output whose dim `dim` carries these per-channel labels (broadcast elsewhere)."""
+    view = [1] * len(shape)
+    view[dim] = -1
+    return per_channel.reshape(view).expand(shape)
+
+
 def single_dim(t: torch.Tensor) -> int | None:
     dims = labeled_dims(t)
     return dims[0] if len(dims) == 1 else None
@@ -156,21 +165,19 @@ _by_method: dict[str, Rule] = {}
 _by_qualname: dict[str, Rule] = {}
 
 
-def register_rule_by_name(qualname: str, rule: Rule) -> None:
-    """Register a rule for a function of a package that need not be imported now
-    (e.g. "torchvision.ops.stochastic_depth.stochastic_depth")."""
-    _by_qualname[qualname] = rule
-
-
 def register_rule(target: type | Callable | str, rule: Rule) -> None:
-    """Register `rule` for a module class, a function (or aten op), or a tensor method name.
+    """Register `rule` for a module class, a function (or aten op), a tensor method name, or the
+    qualified name of a function of a package that need not be imported now
+    ("torchvision.ops.stochastic_depth.stochastic_depth").
 
     Registering for your own module class lets graphprune prune through it
     when it is traced as a leaf; see `ChannelwiseRule` for the common case.
     """
     if not isinstance(rule, Rule):
         raise ArgumentError(f"register_rule expects a graphprune Rule instance, got {type(rule).__name__}")
-    if isinstance(target, str):
+    if isinstance(target, str) and "." in target:  # a function of a package that need not be imported now
+        _by_qualname[target] = rule
+    elif isinstance(target, str):
         _by_method[target] = rule
     elif isinstance(target, type) and issubclass(target, nn.Module):
         _by_type[target] = rule
@@ -178,6 +185,18 @@ def register_rule(target: type | Callable | str, rule: Rule) -> None:
         _by_function[target] = rule
     else:
         raise ArgumentError(f"cannot register a rule for {target!r}: give a module class, a function or a method name")
+
+
+def register_table(table: list[tuple[tuple[Any, ...], Rule]]) -> None:
+    """Register a rule file's table: (targets, rule) rows, every target served by that rule."""
+    for targets, rule in table:
+        for target in targets:
+            register_rule(target, rule)
+
+
+def overloads(*packets) -> list:
+    """Every overload of ATen op packets (aten.add -> aten.add.Tensor, aten.add.Scalar, ...)."""
+    return [getattr(packet, name) for packet in packets for name in packet.overloads()]
 
 
 def rule_for_module(module: nn.Module, for_attributes: bool = False) -> Rule | None:

@@ -4,7 +4,7 @@ BatchNorm, InstanceNorm, GroupNorm (whole groups), PReLU, pooling and
 resampling.  `ChannelwiseRule` is public: a user's leaf module that works
 channel by channel registers it with the names of its per-channel tensors.
 LayerNorm normalises *across* channels: masked, it is rewritten to normalise
-over the kept channels only (graphprune.norms), so it prunes exactly too.
+over the kept channels only (graphprune.ir.norms), so it prunes exactly too.
 Embedding lookups produce channels (their weight's columns).
 """
 
@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphprune.labels import varies_along
-from graphprune.masking import is_maskable
-from graphprune.norms import MaskedLayerNorm, masked_layer_norm
-from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
+from graphprune.ir.labels import varies_along
+from graphprune.ir.masking import is_maskable
+from graphprune.ir.modules import MaskedLayerNorm
+from graphprune.ir.norms import masked_layer_norm
+from graphprune.rules.base import OpCall, ParamRef, Rule, aten, overloads
 from graphprune.rules.pointwise import Unary
 
-__all__ = ["ChannelwiseRule", "EmbeddingRule", "GroupNormRule", "LayerNormRule"]
+__all__ = ["ChannelwiseRule", "EmbeddingRule", "GroupNormRule", "LayerNormRule", "FunctionalNormRule", "RULES"]
 
 
 class ChannelwiseRule(Rule):
@@ -87,7 +88,7 @@ def _computed(value) -> bool:
 class LayerNormRule(Rule):
     """LayerNorm over the last dim (module, F.layer_norm, aten.layer_norm, or its masked form):
     per channel for its weight and bias, and prunable: once masked it normalises over the kept
-    channels only (graphprune.norms), which is what the shrunk LayerNorm computes.  A LayerNorm
+    channels only (graphprune.ir.norms), which is what the shrunk LayerNorm computes.  A LayerNorm
     over several dims, or without a weight to carry the mask, freezes the channels."""
 
     def propagate(self, call: OpCall):
@@ -182,56 +183,44 @@ class FunctionalNormRule(Rule):
         return per.reshape(shape).expand(call.out.shape)
 
 
-register_rule(F.batch_norm, FunctionalNormRule({1: "running_mean", 2: "running_var", 3: "weight", 4: "bias"}))
-register_rule(torch.ops.aten.batch_norm.default, FunctionalNormRule({1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}))
-register_rule(torch.ops.aten.instance_norm.default, FunctionalNormRule({1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}))
-register_rule(torch.ops.aten.group_norm.default, FunctionalNormRule({2: "weight", 3: "bias"}, groups_arg=1))
-register_rule(F.instance_norm, FunctionalNormRule({1: "running_mean", 2: "running_var", 3: "weight", 4: "bias"}))
-register_rule(F.group_norm, FunctionalNormRule({2: "weight", 3: "bias"}, groups_arg=1))
-
-_bn = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
-register_rule(nn.BatchNorm1d, ChannelwiseRule(1, _bn, "num_features"))
-register_rule(nn.BatchNorm2d, ChannelwiseRule(1, _bn, "num_features"))
-register_rule(nn.BatchNorm3d, ChannelwiseRule(1, _bn, "num_features"))
-register_rule(nn.SyncBatchNorm, ChannelwiseRule(1, _bn, "num_features"))
-for _cls, _k in [(nn.InstanceNorm1d, 1), (nn.InstanceNorm2d, 2), (nn.InstanceNorm3d, 3)]:
-    register_rule(_cls, ChannelwiseRule(-_k - 1, _bn, "num_features"))
-register_rule(nn.GroupNorm, GroupNormRule())
-register_rule(nn.LayerNorm, LayerNormRule())
-register_rule(MaskedLayerNorm, LayerNormRule())
-register_rule(F.layer_norm, LayerNormRule())
-register_rule(masked_layer_norm, LayerNormRule())
-register_rule(nn.Embedding, EmbeddingRule(0))
-register_rule(F.embedding, EmbeddingRule(1))
-register_rule(nn.PReLU, ChannelwiseRule(1, {"weight": 0}, "num_parameters"))
-
-_pools = {
-    1: [nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d, nn.ReflectionPad1d,
-        nn.ReplicationPad1d, nn.ZeroPad1d, nn.ConstantPad1d, nn.CircularPad1d],
-    2: [nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.ReflectionPad2d,
+_BN = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
+_F_NORM = {1: "running_mean", 2: "running_var", 3: "weight", 4: "bias"}  # F.batch_norm / F.instance_norm
+_ATEN_NORM = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}  # their ATen forms
+_POOLS = {
+    1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d, nn.ReflectionPad1d,
+        nn.ReplicationPad1d, nn.ZeroPad1d, nn.ConstantPad1d, nn.CircularPad1d, F.max_pool1d, F.avg_pool1d,
+        F.adaptive_avg_pool1d, F.adaptive_max_pool1d,
+        *overloads(aten.max_pool1d, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d)),
+    2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.ReflectionPad2d,
         nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.CircularPad2d, nn.UpsamplingNearest2d,
-        nn.UpsamplingBilinear2d, nn.FractionalMaxPool2d],
-    3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.ReflectionPad3d,
-        nn.ReplicationPad3d, nn.ConstantPad3d, nn.CircularPad3d, nn.FractionalMaxPool3d],
+        nn.UpsamplingBilinear2d, nn.FractionalMaxPool2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+        F.adaptive_max_pool2d,
+        *overloads(aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.adaptive_max_pool2d,
+                   aten.max_pool2d_with_indices)),
+    3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.ReflectionPad3d,
+        nn.ReplicationPad3d, nn.ConstantPad3d, nn.CircularPad3d, nn.FractionalMaxPool3d, F.max_pool3d, F.avg_pool3d,
+        F.adaptive_avg_pool3d, F.adaptive_max_pool3d,
+        *overloads(aten.max_pool3d, aten.avg_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d)),
 }
-_pool_fns = {
-    1: [F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d],
-    2: [F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d],
-    3: [F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d],
-}
-for _k, _classes in _pools.items():
-    for _cls in _classes:
-        register_rule(_cls, ChannelwiseRule(-_k - 1))
-    for _fn in _pool_fns[_k]:
-        register_rule(_fn, ChannelwiseRule(-_k - 1))
 
-
-class _ResampleRule(ChannelwiseRule):
-    """Upsample / interpolate: channels stay at dim 1 whatever the spatial rank."""
-
-    def __init__(self) -> None:
-        super().__init__(1)
-
-
-register_rule(nn.Upsample, _ResampleRule())
-register_rule(F.interpolate, _ResampleRule())
+RULES = [
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), ChannelwiseRule(1, _BN, "num_features")),
+    ((nn.InstanceNorm1d,), ChannelwiseRule(-2, _BN, "num_features")),
+    ((nn.InstanceNorm2d,), ChannelwiseRule(-3, _BN, "num_features")),
+    ((nn.InstanceNorm3d,), ChannelwiseRule(-4, _BN, "num_features")),
+    ((F.batch_norm, F.instance_norm), FunctionalNormRule(_F_NORM)),
+    ((aten.batch_norm.default, aten.instance_norm.default), FunctionalNormRule(_ATEN_NORM)),
+    ((nn.GroupNorm,), GroupNormRule()),
+    ((F.group_norm, aten.group_norm.default), FunctionalNormRule({2: "weight", 3: "bias"}, groups_arg=1)),
+    ((nn.LayerNorm, MaskedLayerNorm, F.layer_norm, masked_layer_norm, aten.layer_norm.default), LayerNormRule()),
+    ((nn.Embedding, aten.embedding.default), EmbeddingRule(0)),  # (aten.embedding takes the weight first)
+    ((F.embedding,), EmbeddingRule(1)),
+    ((nn.PReLU,), ChannelwiseRule(1, {"weight": 0}, "num_parameters")),
+    (_POOLS[1], ChannelwiseRule(-2)),
+    (_POOLS[2], ChannelwiseRule(-3)),
+    (_POOLS[3], ChannelwiseRule(-4)),
+    # resampling: channels stay at dim 1 whatever the spatial rank
+    ((nn.Upsample, F.interpolate, *overloads(aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+                                              aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
+                                              aten.upsample_trilinear3d)), ChannelwiseRule(1)),
+]

@@ -1,4 +1,5 @@
-"""Convolutions, transposed convolutions and Linear: where channels are born.
+"""Convolutions, transposed convolutions and linear layers (modules, functional and ATen): where
+channels are born.
 
 Each output channel (feature) gets a fresh label; the weight's input slices
 join the channels of the input.  Grouped convs keep their group count: the
@@ -14,18 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.rules.base import OpCall, ParamRef, Rule, register_rule
-from graphprune.weight_ops import node_arg
+from graphprune.ir.weight_ops import node_arg
+from graphprune.rules.base import OpCall, ParamRef, Rule, aten, place
 
-aten = torch.ops.aten
-
-__all__ = ["ConvRule", "ConvTransposeRule", "LinearRule", "FunctionalConvRule", "place"]
-
-
-def place(per_channel: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
-    view = [1] * len(shape)
-    view[dim] = -1
-    return per_channel.reshape(view).expand(shape)
+__all__ = ["ConvRule", "ConvTransposeRule", "LinearRule", "FunctionalConvRule", "FunctionalLinearRule", "AddmmRule", "RULES"]
 
 
 def _coupled_across_groups(call: OpCall, per_in: torch.Tensor, groups: int) -> torch.Tensor:
@@ -154,12 +147,48 @@ class FunctionalConvRule(Rule):
         return place(out_labels, cdim, call.out.shape)
 
 
-for _cls, _k in [(nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)]:
-    register_rule(_cls, ConvRule(_k))
-for _cls, _k in [(nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 2), (nn.ConvTranspose3d, 3)]:
-    register_rule(_cls, ConvTransposeRule(_k))
-register_rule(nn.Linear, LinearRule())
-for _k, (_fn, _op) in enumerate([(F.conv1d, aten.conv1d.default), (F.conv2d, aten.conv2d.default), (F.conv3d, aten.conv3d.default)], 1):
-    register_rule(_fn, FunctionalConvRule(_k))
-    register_rule(_op, FunctionalConvRule(_k))
-register_rule(aten.convolution.default, FunctionalConvRule(None, groups_pos=8, transposed_pos=6))
+class FunctionalLinearRule(Rule):
+    """linear(x, weight, bias) with the weight and bias read as parameters."""
+
+    def propagate(self, call: OpCall):
+        x = call.input(0)
+        weight = call.labels[1] if len(call.labels) > 1 else None
+        bias = call.labels[2] if len(call.labels) > 2 else call.label_kwargs.get("bias")
+        if not isinstance(weight, ParamRef) or (call.args[2:3] and call.args[2] is not None and not isinstance(bias, ParamRef)):
+            call.freeze_inputs("no_rule", "linear whose weight is not a parameter of the model")
+            return call.out_none()
+        call.slot_param(weight, 1, call.along(x, -1), consumer=True)
+        out_labels = call.space.fresh(call.args[1].shape[0])
+        call.slot_param(weight, 0, out_labels)
+        if isinstance(bias, ParamRef):
+            call.slot_param(bias, 0, out_labels)
+        return place(out_labels, call.out.ndim - 1, call.out.shape)
+
+
+class AddmmRule(Rule):
+    """addmm(bias, x, weight) with weight (in, out): Hugging Face's GPT-2 `Conv1D`."""
+
+    def propagate(self, call: OpCall):
+        bias, x, weight = call.labels[0], call.input(1), call.labels[2]
+        if not (isinstance(weight, ParamRef) and isinstance(bias, ParamRef)) or call.kwargs.get("beta", 1) != 1 or call.kwargs.get("alpha", 1) != 1:
+            call.freeze_inputs("no_rule", "addmm whose weight and bias are not parameters of the model")
+            return call.out_none()
+        call.slot_param(weight, 0, call.along(x, -1), consumer=True)
+        out_labels = call.space.fresh(call.args[2].shape[1])
+        call.slot_param(weight, 1, out_labels)
+        call.slot_param(bias, 0, out_labels)
+        return place(out_labels, call.out.ndim - 1, call.out.shape)
+
+
+RULES = [
+    ((nn.Conv1d,), ConvRule(1)), ((nn.Conv2d,), ConvRule(2)), ((nn.Conv3d,), ConvRule(3)),
+    ((nn.ConvTranspose1d,), ConvTransposeRule(1)), ((nn.ConvTranspose2d,), ConvTransposeRule(2)),
+    ((nn.ConvTranspose3d,), ConvTransposeRule(3)),
+    ((F.conv1d, aten.conv1d.default), FunctionalConvRule(1)),
+    ((F.conv2d, aten.conv2d.default), FunctionalConvRule(2)),
+    ((F.conv3d, aten.conv3d.default), FunctionalConvRule(3)),
+    ((aten.convolution.default,), FunctionalConvRule(None, groups_pos=8, transposed_pos=6)),
+    ((nn.Linear,), LinearRule()),
+    ((aten.linear.default,), FunctionalLinearRule()),
+    ((aten.addmm.default,), AddmmRule()),  # Hugging Face's Conv1D (GPT-2)
+]

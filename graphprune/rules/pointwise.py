@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.labels import NONE, channel_dims, compact_together, labeled_dims, none_like
-from graphprune.rules.base import OpCall, Rule, param_view, register_rule, register_rule_by_name
+from graphprune.ir.labels import NONE, channel_dims, compact_together, labeled_dims, none_like
+from graphprune.rules.base import OpCall, Rule, aten, overloads, param_view
 
-__all__ = ["Unary", "Elementwise"]
+__all__ = ["Unary", "Elementwise", "Pow", "Clamp", "RULES"]
 
 
 class Unary(Rule):
@@ -121,55 +121,46 @@ class Clamp(Rule):
         return Unary().propagate(call)
 
 
-_unary = Unary()
-_elementwise = Elementwise()
-
-UNARY_MODULES = [
+_UNARY = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.RReLU,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
     nn.Identity,
-]
-UNARY_FUNCTIONS = [
     F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.sigmoid,
     F.tanh, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh, F.softplus, F.softsign, F.logsigmoid,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.threshold,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
     torch.sin, torch.cos, torch.erf, torch.square, torch.sign, torch.nn.functional.hardshrink, operator.neg,
     operator.pos, torch.Tensor.contiguous, torch.clone, torch.detach,
-]
-UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt",
     "sin", "cos", "erf", "square", "sign", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
     "to", "type_as", "type", "cpu", "cuda", "requires_grad_",
-]
-ELEMENTWISE_FUNCTIONS = [
+    # stochastic depth scales whole samples (identity in eval): channels pass through
+    "torchvision.ops.stochastic_depth.stochastic_depth",
+    *overloads(aten.gelu, aten.gelu_, aten.relu, aten.relu_, aten.tanh, aten.sigmoid, aten.sigmoid_, aten.silu,
+               aten.silu_, aten.dropout, aten.feature_dropout, aten.clone, aten._to_copy, aten.to, aten.contiguous,
+               aten.alias, aten.detach, aten.neg, aten.abs, aten.exp, aten.erf, aten.sqrt, aten.rsqrt, aten.hardswish,
+               aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.relu6, aten.leaky_relu, aten.leaky_relu_,
+               aten.elu, aten.elu_, aten.mish, aten.mish_, aten.hardtanh, aten.hardtanh_, aten.sin, aten.cos,
+               aten.square, aten.log_sigmoid, aten.softplus),
+)
+_ELEMENTWISE = (
     operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul, torch.add,
     torch.sub, torch.subtract, torch.mul, torch.multiply, torch.maximum, torch.minimum, torch.where,
     torch.lerp, torch.addcmul,
-]
-ELEMENTWISE_METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "maximum", "minimum",
     "masked_fill", "masked_fill_", "lerp", "addcmul", "where",
-]
-DIVISION = [operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide"]
+    *overloads(aten.add, aten.sub, aten.mul, aten.where, aten.maximum, aten.minimum),
+)
+_DIVISION = (operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide",
+             *overloads(aten.div))
 
-for _m in UNARY_MODULES:
-    register_rule(_m, _unary)
-for _f in UNARY_FUNCTIONS:
-    register_rule(_f, _unary)
-for _name in UNARY_METHODS:
-    register_rule(_name, _unary)
-for _f in ELEMENTWISE_FUNCTIONS:
-    register_rule(_f, _elementwise)
-for _name in ELEMENTWISE_METHODS:
-    register_rule(_name, _elementwise)
-for _t in DIVISION:
-    register_rule(_t, Elementwise(divisor=1))
-for _t in [operator.pow, torch.pow, "pow"]:
-    register_rule(_t, Pow())
-for _t in [torch.clamp, torch.clip, "clamp", "clamp_", "clamp_min", "clamp_max", "clip"]:
-    register_rule(_t, Clamp())
-# Stochastic depth scales whole samples (identity in eval): channels pass through.
-register_rule_by_name("torchvision.ops.stochastic_depth.stochastic_depth", _unary)
+RULES = [
+    (_UNARY, Unary()),
+    (_ELEMENTWISE, Elementwise()),
+    (_DIVISION, Elementwise(divisor=1)),
+    ((operator.pow, torch.pow, "pow", *overloads(aten.pow)), Pow()),
+    ((torch.clamp, torch.clip, "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
+      *overloads(aten.clamp, aten.clamp_, aten.clamp_min, aten.clamp_max, aten.clip)), Clamp()),
+]

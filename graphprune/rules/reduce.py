@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.labels import varies_along
-from graphprune.norms import masked_reduce
-from graphprune.rules.base import OpCall, Rule, map_tensors, register_rule
+from graphprune.ir.labels import varies_along
+from graphprune.ir.norms import masked_reduce
+from graphprune.rules.base import OpCall, Rule, aten, map_tensors, overloads
 from graphprune.rules.pointwise import Elementwise, Unary
 from graphprune.rules.shape import dim_arg
 
-__all__ = ["Reduce", "Softmax"]
+__all__ = ["Reduce", "Softmax", "RULES"]
 
 
 def _dims(dim, ndim: int) -> list[int]:
@@ -29,7 +29,7 @@ def _dims(dim, ndim: int) -> list[int]:
 class Reduce(Rule):
     """A reduction over dims that carry no channels passes the channels through.  A mean or sum
     over the one dim that carries them is recorded (`reduce_labels`): once some of those channels
-    are masked it is rewritten to reduce over the kept ones only (graphprune.norms), which is what
+    are masked it is rewritten to reduce over the kept ones only (graphprune.ir.norms), which is what
     the shrunk model computes; RMSNorm's mean of squares prunes this way.  Other reductions over
     channels (max, var, several dims, a dtype) freeze them."""
 
@@ -69,11 +69,11 @@ class Softmax(Rule):
         return Unary().propagate(call)
 
 
-for _t in [torch.mean, "mean", torch.sum, "sum", masked_reduce]:
-    register_rule(_t, Reduce(maskable=True))
-for _t in [torch.amax, "amax", torch.amin, "amin", torch.std, "std", torch.var, "var", torch.logsumexp, "logsumexp",
-           torch.max, "max", torch.min, "min"]:
-    register_rule(_t, Reduce())
-for _t in [F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",
-           nn.Softmax, nn.LogSoftmax, nn.Softmin]:
-    register_rule(_t, Softmax())
+RULES = [
+    ((torch.mean, "mean", torch.sum, "sum", masked_reduce, aten.mean.dim, aten.sum.dim_IntList), Reduce(maskable=True)),
+    ((torch.amax, "amax", torch.amin, "amin", torch.std, "std", torch.var, "var", torch.logsumexp, "logsumexp",
+      torch.max, "max", torch.min, "min", *overloads(aten.amax, aten.amin),
+      *[o for o in overloads(aten.mean, aten.sum) if o not in (aten.mean.dim, aten.sum.dim_IntList)]), Reduce()),
+    ((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax,
+      nn.Softmin, *overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)), Softmax()),
+]

@@ -25,10 +25,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.labels import labeled_dims, none_like, varies_along
-from graphprune.rules.base import OpCall, ParamView, Rule, param_view, register_rule
+from graphprune.ir.labels import labeled_dims, none_like, varies_along
+from graphprune.rules.base import OpCall, ParamView, Rule, aten, overloads, param_view
 
-__all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim", "dim_arg", "follow_param"]
+__all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim", "Squeeze", "dim_arg", "follow_param", "RULES"]
 
 
 def _label_args(labels: Any, values: Any) -> Any:
@@ -407,28 +407,31 @@ class ChannelShuffleRule(Rule):
         return shuffled.reshape(shape).expand(call.out.shape)
 
 
-_execute = Execute()
-for _t in [
-    torch.flatten, "flatten", nn.Flatten, torch.permute, "permute", torch.transpose, "transpose",
-    torch.t, "t", torch.unsqueeze, "unsqueeze", "expand_as",
-    "repeat", torch.movedim, "movedim", torch.flip, "flip", "view_as", "reshape_as", torch.swapaxes,
-    "swapaxes", F.pad, "permute",
-]:
-    register_rule(_t, _execute)
-_reshape = Reshape()
-for _t in ["view", "reshape", torch.reshape, "unflatten", torch.unflatten, nn.Unflatten, "expand"]:
-    register_rule(_t, _reshape)
-for _t in [torch.squeeze, "squeeze"]:
-    register_rule(_t, Squeeze())
-for _t in [torch.cat, torch.concat, torch.concatenate, torch.stack]:
-    register_rule(_t, Concat())
-for _t in [torch.split, "split", torch.chunk, "chunk"]:
-    register_rule(_t, SplitChunk())
-register_rule(operator.getitem, GetItem())
-for _t in ["narrow", torch.narrow, "select", torch.select, "index_select", torch.index_select]:
-    register_rule(_t, FreezeAlongDim(0, "dim"))
-for _t in ["unbind", torch.unbind]:
-    register_rule(_t, FreezeAlongDim(0, "dim", default=0))
-for _t in ["roll", torch.roll]:
-    register_rule(_t, FreezeAlongDim(1, "dims"))
-register_rule(nn.ChannelShuffle, ChannelShuffleRule())
+class AssertMetadata(Rule):
+    """torch.export's dtype/device checks: nothing to prune, unless they pin a size or strides."""
+
+    def propagate(self, call: OpCall):
+        if call.kwargs.get("size") is not None or call.kwargs.get("stride") is not None:
+            call.freeze_inputs("no_rule", "a metadata assertion that pins the size")
+        return call.out_none()
+
+
+RULES = [
+    ((torch.flatten, "flatten", nn.Flatten, torch.permute, "permute", torch.transpose, "transpose", torch.t, "t",
+      torch.unsqueeze, "unsqueeze", "expand_as", "repeat", torch.movedim, "movedim", torch.flip, "flip", "view_as",
+      "reshape_as", torch.swapaxes, "swapaxes", F.pad,
+      *overloads(aten.permute, aten.transpose, aten.unsqueeze, aten.t, aten.flatten, aten.flip, aten.expand_as,
+                 aten.constant_pad_nd, aten.pad)), Execute()),
+    (("view", "reshape", torch.reshape, "unflatten", torch.unflatten, nn.Unflatten, "expand",
+      *overloads(aten.view, aten.reshape, aten._unsafe_view, aten.expand)), Reshape()),
+    ((torch.squeeze, "squeeze", *overloads(aten.squeeze)), Squeeze()),
+    ((torch.cat, torch.concat, torch.concatenate, torch.stack, *overloads(aten.cat, aten.concat, aten.stack)), Concat()),
+    ((torch.split, "split", torch.chunk, "chunk", *overloads(aten.split, aten.split_with_sizes, aten.chunk)), SplitChunk()),
+    ((operator.getitem,), GetItem()),
+    (("narrow", torch.narrow, "select", torch.select, "index_select", torch.index_select,
+      *overloads(aten.slice, aten.select, aten.narrow, aten.index_select)), FreezeAlongDim(0, "dim")),
+    (("unbind", torch.unbind, *overloads(aten.unbind)), FreezeAlongDim(0, "dim", default=0)),
+    (("roll", torch.roll, *overloads(aten.roll)), FreezeAlongDim(1, "dims")),
+    ((nn.ChannelShuffle,), ChannelShuffleRule()),
+    ((aten._assert_tensor_metadata.default,), AssertMetadata()),
+]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphprune.errors import ArgumentError, TraceError
-from graphprune.inputs import batch_of, batched, call_with, with_batch
+from graphprune.ir.inputs import batch_of, batched, call_with, with_batch
 
 logger = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from graphprune.labels import none_like
-from graphprune.reinsert import ZeroReinsert
-from graphprune.rules.base import OpCall, Rule, register_rule
+from graphprune.ir.labels import none_like
+from graphprune.ir.modules import ZeroReinsert
+from graphprune.rules.base import OpCall, Rule
 
 
 class ZeroReinsertRule(Rule):
@@ -14,4 +14,4 @@ class ZeroReinsertRule(Rule):
         return none_like(call.out.shape)
 
 
-register_rule(ZeroReinsert, ZeroReinsertRule())
+RULES = [((ZeroReinsert,), ZeroReinsertRule())]

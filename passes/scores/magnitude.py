@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.errors import ArgumentError, PassError
-from graphprune.masking import resolve
+from graphprune.ir.masking import resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
 __all__ = ["ScorePass", "MagnitudeScore", "L1Score", "L2Score", "RandomScore", "SCORES"]

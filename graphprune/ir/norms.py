@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from graphprune.masking import KEEP_PREFIX, ChannelMaskParametrization, channel_mask, resolve
-from graphprune.trace import ROOT_HOLDER, root_holder
-from graphprune.weight_ops import node_arg, swap_node
+from graphprune.ir.masking import KEEP_PREFIX, ChannelMaskParametrization, channel_mask, resolve
+from graphprune.ir.trace import ROOT_HOLDER, root_holder
+from graphprune.ir.weight_ops import node_arg, swap_node
 
-__all__ = ["masked_layer_norm", "masked_reduce", "MaskedLayerNorm", "sync_masked_ops", "revert_masked_ops"]
+__all__ = ["masked_layer_norm", "masked_reduce", "sync_masked_ops", "revert_masked_ops"]
 
 aten = torch.ops.aten
 LAYER_NORMS = {F.layer_norm: "functional", aten.layer_norm.default: "aten"}
@@ -46,45 +46,6 @@ def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor,
     centered = (x - (x * k).sum(-1, keepdim=True) / k.sum()) * k
     y = centered * torch.rsqrt(centered.pow(2).sum(-1, keepdim=True) / k.sum() + eps) * weight
     return y if bias is None else y + bias
-
-
-class MaskedLayerNorm(nn.Module):
-    """Mixed into the user's LayerNorm class once its weight has masked channels: statistics over the
-    kept channels only, as the masked graph computes them (`masked_layer_norm`), so the module tree
-    can hold the masked model.  Shrink takes it out again (the LayerNorm is then over the channels
-    that are left)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = channel_mask(self, "weight")
-        if mask is None or not hasattr(mask, "keep_0"):
-            return super().forward(x)
-        return masked_layer_norm(x, mask.keep_0, self.weight, self.bias, self.eps)
-
-
-_MASKED_CLASSES: dict[type, type] = {}
-
-
-def set_layer_norm_class(module: nn.Module, masked: bool) -> None:
-    """Mix MaskedLayerNorm into an nn.LayerNorm's class, or take it out (a parametrized class keeps
-    its tensor properties, over the other base)."""
-    if not isinstance(module, nn.LayerNorm):
-        return
-    cls = type(module)
-    parametrized = parametrize.is_parametrized(module)
-    base = cls.__bases__[0] if parametrized else cls
-    if masked == issubclass(base, MaskedLayerNorm):
-        return
-    if masked:
-        if base not in _MASKED_CLASSES:
-            _MASKED_CLASSES[base] = type(base.__name__, (MaskedLayerNorm, base), {"__module__": __name__})
-        new_base = _MASKED_CLASSES[base]
-    else:
-        new_base = base.__bases__[1]
-    if parametrized:
-        namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-        module.__class__ = type(cls.__name__, (new_base,), namespace)
-    else:
-        module.__class__ = new_base
 
 
 def masked_reduce(x: torch.Tensor, keep: torch.Tensor, dim: int, keepdim: bool, op: str = "mean", original: str = "torch_mean") -> torch.Tensor:
@@ -118,7 +79,7 @@ def sync_masked_ops(gm: fx.GraphModule, deps) -> None:
 
 
 def _masked_roots(gm: fx.GraphModule, deps) -> torch.Tensor:
-    from graphprune.masking import unit_mask_state
+    from graphprune.ir.masking import unit_mask_state
 
     roots = [g.roots[u] for g in deps.groups for u in torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist()]
     return torch.tensor(roots, dtype=torch.int64)

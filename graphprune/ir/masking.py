@@ -227,7 +227,7 @@ def refuse_lowered(model: nn.Module, who: str) -> None:
                                 "masked or sliced; put the mask passes and Shrink() before SparseLower()")
 
 
-KEEP_PREFIX = "graphprune_keep_"  # buffers of the channels a masked mean or sum reduces over (graphprune.norms)
+KEEP_PREFIX = "graphprune_keep_"  # buffers of the channels a masked mean or sum reduces over (graphprune.ir.norms)
 
 
 class masks_disabled:

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphprune.inputs import call_with, eval_mode
+from graphprune.ir.inputs import call_with, eval_mode
 
 __all__ = ["WeightOp", "weight_ops", "node_arg", "swap_node", "tapped", "input_channel_stats", "op_inputs"]
 

@@ -9,7 +9,7 @@ Activations of a unit are read where its channels enter the linear/conv ops
 that consume them (after the activation function), averaged over consumers:
 `nn.Linear`/`nn.ConvNd` modules in symbolically traced graphs, `aten.linear` /
 `aten.conv*d` on the model's parameters in exported ones (see
-`graphprune.weight_ops`).
+`graphprune.ir.weight_ops`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from torch import nn
 
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.errors import ArgumentError, PreconditionError
-from graphprune.inputs import calibration_batches, call_with, eval_mode
-from graphprune.masking import raw_tensor, resolve
+from graphprune.ir.inputs import calibration_batches, call_with, eval_mode
+from graphprune.ir.masking import raw_tensor, resolve
 from graphprune.pipeline import PassContext
-from graphprune.passes.score import ScorePass
-from graphprune.weight_ops import WeightOp, input_channel_stats, weight_ops
+from graphprune.passes.scores.magnitude import ScorePass
+from graphprune.ir.weight_ops import WeightOp, input_channel_stats, weight_ops
 
 __all__ = ["TaylorScore", "HeadSensitivityScore", "ActivationScore", "APoZScore", "WandaScore"]
 

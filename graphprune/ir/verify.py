@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from graphprune.errors import VerificationError
-from graphprune.inputs import call_with, clone_inputs, eval_mode, positional_inputs
+from graphprune.ir.inputs import call_with, clone_inputs, eval_mode, positional_inputs
 
 __all__ = ["module_of", "Reference", "reference", "run_outputs", "mismatch", "check_keeps_outputs", "check_runs"]
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.errors import PreconditionError
-from graphprune.masking import resolve
-from graphprune.passes.score import MagnitudeScore, ScorePass
+from graphprune.ir.masking import resolve
+from graphprune.passes.scores.magnitude import MagnitudeScore, ScorePass
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""nn.MultiheadAttention: whole heads prune (self-attention with packed q/k/v projections).
+"""Attention: whole heads prune, in scaled_dot_product_attention and nn.MultiheadAttention.
+
+scaled_dot_product_attention(q, k, v) makes every head one unit (see AttentionRule).  For
+nn.MultiheadAttention (self-attention with packed q/k/v projections):
 
 A head is one unit: its rows of the q, k and v parts of `in_proj_weight` /
 `in_proj_bias` and its columns of `out_proj.weight`.  Masked, a head's q and k
@@ -19,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from graphprune.labels import none_like
-from graphprune.rules.base import OpCall, Rule, register_rule
-from graphprune.rules.conv import place
+from graphprune.ir.labels import none_like, varies_along
+from graphprune.ir.modules import PrunedMultiheadAttention
+from graphprune.rules.base import OpCall, Rule, aten, overloads, place
 from graphprune.rules.shape import dim_arg
 
-__all__ = ["MultiheadAttentionRule", "PrunedMultiheadAttention"]
+__all__ = ["MultiheadAttentionRule", "AttentionRule", "RULES"]
 
 
 def _weights_used(node: fx.Node) -> bool:
@@ -76,46 +79,50 @@ class MultiheadAttentionRule(Rule):
         module.__class__ = PrunedMultiheadAttention
 
 
-class PrunedMultiheadAttention(nn.MultiheadAttention):
-    """nn.MultiheadAttention with `num_heads` heads of `head_dim` each, which need not make up
-    `embed_dim` (the width of the inputs and outputs).  Same tensors, same call."""
+class AttentionRule(Rule):
+    """scaled_dot_product_attention(q, k, v) on (..., heads, tokens, head_dim): a head is one unit.
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
-        if self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
-            key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
-        (tgt, batch, _), src = query.shape, key.shape[0]
-        w = self.in_proj_weight.chunk(3)
-        b = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+    Everything of head h in q, k and v is unified, so pruning removes whole heads: q/k/v rows and
+    the output projection's columns of that head.  A masked head is exact: its q and k are zero
+    (uniform attention) and its v is zero, so it contributes nothing, as when it is removed.  The
+    head dim itself is not pruned (the softmax scale depends on it).
+    """
 
-        def heads(x, i, length):
-            return F.linear(x, w[i], b[i]).reshape(length, batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+    def propagate(self, call: OpCall):
+        q, k, v = (call.input(i) for i in range(3))
+        if q.ndim < 3 or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+            call.freeze_inputs("no_rule", "attention with heads that differ between q, k and v (grouped-query attention is not handled yet)")
+            return call.out_none()
+        hdim = q.ndim - 3
+        extra = [(i, a) for i, a in enumerate(call.args) if i >= 3 and isinstance(a, torch.Tensor)]
+        extra += [(k, a) for k, a in call.kwargs.items() if isinstance(a, torch.Tensor)]
+        biases = []  # a mask broadcast over the heads is fine; one per head (T5's position bias) goes with them
+        for key, mask in extra:
+            if mask.ndim >= q.ndim - hdim and mask.shape[hdim - q.ndim] != 1:
+                labels = call.labels[key] if isinstance(key, int) else call.label_kwargs.get(key)
+                labels = labels if isinstance(labels, torch.Tensor) else none_like(mask.shape)
+                mdim = mask.ndim + hdim - q.ndim
+                if any(varies_along(labels, d) for d in range(mask.ndim) if d != mdim):
+                    call.freeze_inputs("no_rule", "attention with a per-head tensor argument that varies along other dims")
+                    return call.out_none()
+                biases.append(labels.movedim(mdim, 0).reshape(mask.shape[mdim], -1)[:, 0])
+        per_head = []
+        for t in (q, k, v):
+            rows = t.movedim(hdim, 0).reshape(t.shape[hdim], -1)
+            call.space.unify(rows[:, :1], rows, call.site("attention", "attention head"))  # NONE beside a head freezes it
+            per_head.append(rows[:, 0])
+        call.space.tag(per_head[0], "head")
+        call.space.unify(per_head[0], per_head[1], call.site("attention", "q and k heads"))
+        call.space.unify(per_head[0], per_head[2], call.site("attention", "q and v heads"))
+        for bias in biases:  # a bias that is not sliceable per head (a constant) freezes the heads
+            call.space.unify(per_head[0], bias, call.site("attention", "a per-head attention bias that cannot be sliced"))
+        if any(varies_along(v, d) for d in range(v.ndim - 1) if d != hdim):
+            call.freeze_inputs("attention", "attention whose batch or token dims carry channels")
+            return call.out_none()
+        return v.expand(call.out.shape) if v.shape == call.out.shape else v.narrow(-2, 0, 1).expand(call.out.shape)
 
-        q, k, v = heads(query, 0, tgt), heads(key, 1, src), heads(value, 2, src)
-        bias = torch.zeros(batch, 1, tgt, src, dtype=q.dtype, device=q.device)
-        if attn_mask is not None:  # MultiheadAttention's masks: True (or -inf) = not attended
-            bias = bias + (torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn_mask)
-        if key_padding_mask is not None:
-            pad = key_padding_mask.reshape(batch, 1, 1, src)
-            bias = bias + (torch.zeros_like(pad, dtype=q.dtype).masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else pad)
-        if is_causal and attn_mask is None:
-            bias = bias + torch.full((tgt, src), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
-        weights = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim**0.5 + bias, dim=-1)
-        weights = F.dropout(weights, self.dropout, self.training)
-        out = (weights @ v).permute(2, 0, 1, 3).reshape(tgt, batch, self.num_heads * self.head_dim)
-        out = self.out_proj(out)
-        if unbatched:
-            out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
-        if not need_weights:
-            return out, None
-        weights = weights.mean(1) if average_attn_weights else weights
-        return out, weights.squeeze(0) if unbatched else weights
 
-
-register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
-register_rule(PrunedMultiheadAttention, MultiheadAttentionRule())
+RULES = [
+    ((nn.MultiheadAttention, PrunedMultiheadAttention), MultiheadAttentionRule()),
+    ((F.scaled_dot_product_attention, *overloads(aten.scaled_dot_product_attention)), AttentionRule()),
+]
