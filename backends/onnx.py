@@ -8,6 +8,7 @@ export never leaves a file that looks valid.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import numbers
@@ -82,7 +83,6 @@ def _run_torch(model: nn.Module, inputs: tuple | dict) -> list[np.ndarray]:
 def _names(model: nn.Module, inputs: tuple | dict) -> list[str]:
     if isinstance(inputs, dict):
         return [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
-    import inspect
 
     params = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return [params[i] if i < len(params) else f"input_{i}" for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
@@ -230,7 +230,6 @@ def export(
         raise ExportError(f"cannot write {path}: the folder {folder} is not writable")
     opset = 18 if opset is None else int(opset)
     if isinstance(example_inputs, dict):  # signature order, so that names and values pair up
-        import inspect
 
         order = list(inspect.signature(model.forward).parameters)
         example_inputs = dict(sorted(example_inputs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))

@@ -40,7 +40,7 @@ def pruning_rows(model, tokenizer, calib, held) -> list[dict]:
     for kind, ratios in RATIOS.items():
         for name, passes in criteria.items():
             for ratio in ratios:
-                mask = ChannelMask(0.0, ratios={kind: ratio})
+                mask = ChannelMask({kind: ratio})
                 # the hidden size reaches the output: it keeps its width there, with zeros
                 first = [ReinsertZeros()] if kind == "hidden" else []
                 pruned = gp.compile(model, [*first, *passes(mask), Shrink()], example_inputs=calib)

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+import graphprune as gp
+from graphprune.backends import onnx as gox
+from graphprune.passes import ChannelMask, L1Score, L2Score, Shrink
+
 __all__ = ["main"]
 
 
@@ -20,9 +24,6 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError:
         print("graphprune demo needs torchvision: pip install 'graphprune[vision]'", file=sys.stderr)
         return 2
-    import graphprune as gp
-    from graphprune.passes import ChannelMask, L1Score, L2Score, Shrink
-
     builder = getattr(torchvision.models, args.model, None)
     if builder is None or not callable(builder):
         print(f"unknown torchvision model {args.model!r}; try resnet18, mobilenet_v2, densenet121, ...", file=sys.stderr)
@@ -54,11 +55,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _export_and_measure(model, pruned, x, args, report) -> int:
-    try:
-        from graphprune.backends import onnx as gox
-    except ImportError as exc:
-        print(f"skipping ONNX export: {exc}", file=sys.stderr)
-        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {}

@@ -75,7 +75,7 @@ def compile(
     gm = _trace(ahead, leaf_modules, example_inputs)
     ctx = PassContext(example_inputs, verify=verify)
     if any(masks_of(m) for m in gm.modules()):  # masks from an earlier compile: LayerNorms and means over
-        sync_masked_ops(gm, ctx.dependencies(gm))  # masked channels reduce over the kept ones, as they did
+        sync_masked_ops(gm, ctx.get(Dependencies, gm))  # masked channels reduce over the kept ones, as they did
     gm = pipeline.call(gm, ctx).gm
     gm.graph.lint()
     gm.recompile()

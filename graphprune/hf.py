@@ -19,8 +19,10 @@ import json
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from graphprune.errors import GraphPruneError
+from graphprune.ir.inputs import call_with, check_example_inputs, eval_mode
 
 __all__ = ["as_hf_model", "express_config"]
 
@@ -126,10 +128,6 @@ def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | 
     and checked to compute what `pruned` computes on `example_inputs`.  compile() returns the model's
     own class already where its forward computes the result; this is for graph modules (and checks
     that the config of an own-class result describes it)."""
-    from torch.nn.utils import parametrize
-
-    from graphprune.ir.inputs import call_with, check_example_inputs, eval_mode
-
     if not hasattr(original, "config"):
         raise GraphPruneError(f"as_hf_model needs the original Hugging Face model (with a config), got {type(original).__name__}")
     if any(parametrize.is_parametrized(m) for m in pruned.modules()):

@@ -1,9 +1,18 @@
 """The pass contract, the pipeline that runs passes, and the context they share.
 
 A pass is configured in `__init__` and keeps no state between runs:
-`call(gm, ctx) -> PassResult(gm, modified)`.  Analyses (the channel
-dependencies, the scores) live in the context, are computed on demand and
-dropped when a pass modifies the graph unless it declares them preserved.
+`call(gm, ctx) -> PassResult(gm, modified, preserved)`.  Analyses live in the
+context keyed by their type (`ctx.get(Dependencies, gm)`, `ctx.cached(Scores)`):
+a type with a `compute(gm, ctx)` classmethod is computed on demand, others
+(scores) are put there by the pass that makes them.  When a pass modifies the
+graph, the manager drops every analysis the pass did not return as preserved
+(its `preserves` class attribute unless the result says otherwise).
+
+A pass that changes the model's structure records a plan step
+(`ctx.record(plan={"op": ..., ...})`, JSON) and owns its replay: a class with
+`plan_op = "..."` and a `from_plan(step)` classmethod is registered here when it
+is defined, and `replay(step)` rebuilds the pass that re-applies a step
+(`graphprune.saving.load`).
 """
 
 from __future__ import annotations
@@ -12,23 +21,29 @@ import abc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
-import torch
 import torch.fx as fx
 
-from graphprune.errors import ArgumentError, GraphPruneError, PassError, VerificationError
+from graphprune.analysis.dependency import Dependencies
+from graphprune.errors import ArgumentError, GraphPruneError, PassError
 from graphprune.ir.verify import Reference, check_keeps_outputs, check_runs, reference
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PassBase", "PassResult", "Pipeline", "PassContext", "PassRecord", "as_pass"]
+__all__ = ["PassBase", "PassResult", "Pipeline", "PassContext", "PassRecord", "as_pass", "replay", "replayable_ops"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class PassResult:
+    """What a pass returns.  `preserved`: the analysis types still valid after a modifying pass
+    (None: the pass's declared `preserves`)."""
+
     gm: fx.GraphModule
     modified: bool
+    preserved: frozenset[type] | None = None
 
 
 @dataclass
@@ -48,7 +63,7 @@ class PassContext:
         self.example_inputs = example_inputs
         self.verify = verify
         self.records: list[PassRecord] = []
-        self._analyses: dict[str, Any] = {}
+        self._analyses: dict[type, Any] = {}
         self._current: PassRecord | None = None
         self.version = 0  # bumped whenever a pass modifies the graph
         self._reference: tuple[int, Reference] | None = None
@@ -61,25 +76,27 @@ class PassContext:
         return self._reference[1]
 
     # -- analyses ----------------------------------------------------------------------
-    def analysis(self, name: str, compute: Callable[[], Any]) -> Any:
-        if name not in self._analyses:
+    def get(self, kind: type[T], gm: fx.GraphModule) -> T:
+        """The analysis of this type on `gm`: cached, or computed with `kind.compute(gm, ctx)`."""
+        if kind not in self._analyses:
+            compute = getattr(kind, "compute", None)
+            if compute is None:
+                raise PassError(f"no {kind.__name__} in this pipeline: run the pass that produces it first")
             start = time.perf_counter()
-            self._analyses[name] = compute()
-            logger.debug("analysis %s took %.3fs", name, time.perf_counter() - start)
-        return self._analyses[name]
+            self._analyses[kind] = compute(gm, self)
+            logger.debug("analysis %s took %.3fs", kind.__name__, time.perf_counter() - start)
+        return self._analyses[kind]
 
-    def dependencies(self, gm: fx.GraphModule):
-        from graphprune.analysis.dependency import analyze_dependencies
+    def cached(self, kind: type[T]) -> T | None:
+        """The analysis of this type if one is held (never computed here)."""
+        return self._analyses.get(kind)
 
-        return self.analysis("dependencies", lambda: analyze_dependencies(gm, self.example_inputs))
+    def put(self, value: Any) -> None:
+        """Hold an analysis result (keyed by its type), e.g. the scores a score pass made."""
+        self._analyses[type(value)] = value
 
-    def set_analysis(self, name: str, value: Any) -> None:
-        self._analyses[name] = value
-
-    def get_analysis(self, name: str) -> Any:
-        return self._analyses.get(name)
-
-    def invalidate(self, preserved: Iterable[str] = ()) -> None:
+    def invalidate(self, preserved: Iterable[type] = ()) -> None:
+        """Drop every analysis except the preserved types (the pipeline does this after a modifying pass)."""
         keep = set(preserved)
         self._analyses = {k: v for k, v in self._analyses.items() if k in keep}
 
@@ -94,14 +111,32 @@ class PassContext:
         return [r.name for r in self.records]
 
 
-class PassBase(abc.ABC):
-    """Subclass and implement `call`.  `preserves` names analyses a modifying pass keeps valid;
-    `keeps_outputs` says the pass must not change what the model computes: the pipeline then
-    checks it on the example inputs (unless compile(verify=False) or the pass's `verify` is False)."""
+_REPLAY: dict[str, type] = {}
 
-    preserves: ClassVar[frozenset[str]] = frozenset()
+
+class PassBase(abc.ABC):
+    """Subclass and implement `call`.  `preserves`: the analysis types a modifying pass keeps valid;
+    `keeps_outputs` says the pass must not change what the model computes: the pipeline then
+    checks it on the example inputs (unless compile(verify=False) or the pass's `verify` is False).
+    `plan_op`: the plan step this class replays with `from_plan(step)` (see the module docstring)."""
+
+    preserves: ClassVar[frozenset[type]] = frozenset()
     keeps_outputs: ClassVar[bool] = False
+    plan_op: ClassVar[str | None] = None
     verify: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        op = cls.__dict__.get("plan_op")
+        if op is not None:
+            if op in _REPLAY and _REPLAY[op].__qualname__ != cls.__qualname__:
+                raise ArgumentError(f"plan step {op!r} is replayed by {_REPLAY[op].__qualname__} already; give {cls.__qualname__} its own plan_op")
+            _REPLAY[op] = cls
+
+    @classmethod
+    def from_plan(cls, step: dict) -> PassBase:
+        """The pass that re-applies a recorded plan step (classes with a `plan_op` implement it)."""
+        raise NotImplementedError(f"{cls.__name__} replays no plan step")
 
     @property
     def name(self) -> str:
@@ -143,6 +178,18 @@ def _state_key(gm: fx.GraphModule) -> tuple:
     """Changes when the graph, a tensor's identity, shape or contents (version counter) change."""
     tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     return gm.graph.python_code("self").src, tuple((n, id(t), tuple(t.shape), t._version) for n, t in tensors)
+
+
+def replayable_ops() -> frozenset[str]:
+    """The plan steps the passes defined so far can replay."""
+    return frozenset(_REPLAY)
+
+
+def replay(step: dict) -> PassBase:
+    """The pass that re-applies one recorded plan step (its `op` names the pass class that owns it)."""
+    if step.get("op") not in _REPLAY:
+        raise ArgumentError(f"no pass replays plan steps {step.get('op')!r}: import the module that defines it")
+    return _REPLAY[step["op"]].from_plan(step)
 
 
 def as_pass(p: Any) -> PassBase:
@@ -201,7 +248,7 @@ class Pipeline(PassBase):
         record.modified = result.modified
         ctx.records.append(record)
         if result.modified:
-            ctx.invalidate(p.preserves)
+            ctx.invalidate(p.preserves if result.preserved is None else result.preserved)
             ctx.version += 1
             result.gm.recompile()
             if ref is not None:
@@ -217,7 +264,7 @@ class Pipeline(PassBase):
 
 def _cached_groups(ctx: PassContext) -> tuple:
     """The channel groups, if an analysis is cached (to name them in a verification error)."""
-    deps = ctx.get_analysis("dependencies")
+    deps = ctx.cached(Dependencies)
     return deps.groups if deps is not None else ()
 
 

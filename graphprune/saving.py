@@ -3,11 +3,11 @@
 A pruned model is a rewritten graph, which safetensors cannot hold.  So each
 pass that changes the model's structure records a *plan step* (JSON: which
 units a mask removed, which tensors carry weight masks, that Shrink ran, which
-layers were lowered to which sparse format, ...).  `save` writes the state
-dict (`model.safetensors`) and the steps (`plan.json`); `load` traces a fresh
-copy of the original model on the same example inputs, replays the steps, and
-loads the weights into it, strictly.  Nothing is unpickled and no code is
-read from the files.
+layers were lowered to which sparse format, ...), and owns its replay (see
+`graphprune.pipeline`).  `save` writes the state dict (`model.safetensors`) and
+the steps (`plan.json`); `load` traces a fresh copy of the original model on the
+same example inputs, replays the steps, and loads the weights into it, strictly.
+Nothing is unpickled and no code is read from the files.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
-import torch.fx as fx
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from graphprune.compile import REPORT_ATTR
+import graphprune.passes  # noqa: F401  (the built-in passes register the plan steps they replay)
+from graphprune.compile import REPORT_ATTR, compile
 from graphprune.errors import ArgumentError, CheckpointError, GraphPruneError
-from graphprune.pipeline import PassBase, PassContext, PassResult
+from graphprune.pipeline import replay, replayable_ops
 
 __all__ = ["save", "load", "plan_of", "PLAN_FILE", "WEIGHTS_FILE"]
 
@@ -52,8 +54,6 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write `model.safetensors` (the state dict; a tensor tied under two names is stored once)
     and `plan.json` into `directory`.  Both are written into a new folder beside it, which then
     takes its place: a failure at any point leaves an existing checkpoint there as it was."""
-    from safetensors.torch import save_file
-
     if not isinstance(model, nn.Module) or not hasattr(model, REPORT_ATTR):
         raise ArgumentError("save() takes a model returned by graphprune.compile (it replays that model's passes)")
     directory = Path(directory)
@@ -119,7 +119,7 @@ def _read_plan(directory: Path) -> dict:
     if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("op"), str) for s in steps) \
             or not isinstance(tied, dict):
         raise CheckpointError(f"{path} is damaged: 'steps' must be a list of steps, each with an 'op'")
-    unknown = sorted({s["op"] for s in steps} - set(REPLAY))
+    unknown = sorted({s["op"] for s in steps} - replayable_ops())
     if unknown:
         raise CheckpointError(f"{path} has steps this graphprune cannot replay: {unknown}")
     return plan
@@ -128,11 +128,6 @@ def _read_plan(directory: Path) -> dict:
 def load(model: nn.Module, directory: str | os.PathLike, example_inputs: tuple | dict, *, leaf_modules: Iterable[type] = ()) -> nn.Module:
     """Rebuild what `save` wrote: replay its plan on a copy of the original `model` (not changed),
     traced on the same kind of example inputs, then load the weights; every tensor must fit."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from graphprune.compile import compile
-
     directory = Path(directory)
     plan = _read_plan(directory)
     try:
@@ -145,7 +140,7 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: tuple |
         tensors[name] = tensors[source]
     advice = "pass the original model and example inputs of the same shapes as when it was pruned"
     try:
-        rebuilt = compile(model, [REPLAY[s["op"]](s) for s in plan["steps"]], example_inputs=example_inputs, leaf_modules=leaf_modules)
+        rebuilt = compile(model, [replay(s) for s in plan["steps"]], example_inputs=example_inputs, leaf_modules=leaf_modules)
     except (KeyError, IndexError, TypeError, ValueError, GraphPruneError) as exc:
         raise CheckpointError(f"{directory} does not fit this model ({type(exc).__name__}: {exc}): {advice}") from exc
     try:
@@ -155,87 +150,3 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: tuple |
     if missing or unexpected:
         raise CheckpointError(f"{directory} does not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]}): {advice}")
     return rebuilt
-
-
-# -- replay ------------------------------------------------------------------------------------
-
-
-class _Replay(PassBase):
-    """Re-applies one recorded step (and records it again, so a loaded model can be saved again)."""
-
-    def __init__(self, step: dict, apply: Callable[[fx.GraphModule, PassContext, dict], None]) -> None:
-        self.step, self.apply = step, apply
-
-    @property
-    def name(self) -> str:
-        return f"replay:{self.step['op']}"
-
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        self.apply(gm, ctx, self.step)
-        ctx.record(plan=self.step)
-        return PassResult(gm, True)
-
-
-def _channel_mask(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:
-    from graphprune.ir.masking import mask_units
-    from graphprune.ir.norms import sync_masked_ops
-
-    deps = ctx.dependencies(gm)
-    groups = {g.key: g for g in deps.groups}
-    missing = sorted(set(step["units"]) - set(groups))
-    if missing:
-        raise CheckpointError(f"the plan masks groups this model does not have: {missing[:5]}")
-    for key, ids in step["units"].items():
-        if not all(isinstance(i, int) and 0 <= i < groups[key].size for i in ids):
-            raise CheckpointError(f"the plan masks units of group {key} that it does not have (it has {groups[key].size})")
-        mask_units(gm, groups[key], ids, deps.aliases)
-    sync_masked_ops(gm, deps)
-
-
-def _weight_mask(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:
-    import torch
-    from torch.nn.utils import parametrize
-
-    from graphprune.ir.masking import WeightMaskParametrization, raw_tensor, resolve, weight_mask
-
-    for name in step["tensors"]:  # the mask values come with the weights
-        owner, attr = resolve(gm, name)
-        if weight_mask(owner, attr) is None:
-            parametrize.register_parametrization(owner, attr, WeightMaskParametrization(torch.ones_like(raw_tensor(owner, attr), dtype=torch.bool)))
-
-
-def _add_bias(gm: fx.GraphModule, ctx: PassContext, step: dict) -> None:
-    import torch
-
-    for path in step["modules"]:
-        module = gm.get_submodule(path)
-        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype))
-
-
-# Shrink and ReinsertZeros recompute what they do from the mask state: replaying them is running them.
-def _shrink(step: dict) -> PassBase:
-    from graphprune.passes import Shrink
-
-    return Shrink()
-
-
-def _reinsert_zeros(step: dict) -> PassBase:
-    from graphprune.passes import ReinsertZeros
-
-    return ReinsertZeros(outputs=step["outputs"], unsupported_ops=step["unsupported_ops"])
-
-
-def _sparse_lower(step: dict) -> PassBase:
-    from graphprune.passes.sparse_lower import SparseLower
-
-    return SparseLower.from_plan(step)
-
-
-REPLAY: dict[str, Callable[[dict], Any]] = {
-    "channel_mask": lambda step: _Replay(step, _channel_mask),
-    "weight_mask": lambda step: _Replay(step, _weight_mask),
-    "add_bias": lambda step: _Replay(step, _add_bias),
-    "shrink": _shrink,
-    "reinsert_zeros": _reinsert_zeros,
-    "sparse_lower": _sparse_lower,
-}

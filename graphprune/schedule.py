@@ -25,6 +25,8 @@ from torch import nn
 from graphprune.arguments import choice, fraction, positive_int
 from graphprune.compile import compile
 from graphprune.errors import ArgumentError
+from graphprune.passes.shrink import Shrink
+from graphprune.passes.sparse_mask import UnstructuredMask
 from graphprune.pipeline import PassBase
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,6 @@ class Pruner:
         if not (isinstance(end_step, int) and isinstance(start_step, int) and end_step > start_step >= 0):
             raise ArgumentError(f"Pruner needs ints 0 <= start_step < end_step, got start_step={start_step!r}, end_step={end_step!r}")
         if mask is None:
-            from graphprune.passes.sparse_mask import UnstructuredMask
 
             mask = UnstructuredMask
         self.example_inputs = example_inputs
@@ -136,7 +137,6 @@ class Pruner:
 
     def finalize(self) -> nn.Module:
         """Reach the target, then Shrink: structured pruning gets smaller; fine-grained masks stay."""
-        from graphprune.passes.shrink import Shrink
 
         self.on_train_end()
         return compile(self.model, [Shrink()], example_inputs=self.example_inputs)

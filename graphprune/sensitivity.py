@@ -3,7 +3,7 @@
     sens = graphprune.sensitivity(model, evaluate, example_inputs=(x,))   # evaluate(model) -> float, higher is better
     print(sens.table()); sens.plot("sensitivity.png")
     ratios = sens.ratios_for(max_drop=0.01)
-    pruned = graphprune.compile(model, [L1Score(), ChannelMask(0.0, group_ratios=ratios), Shrink()], example_inputs=(x,))
+    pruned = graphprune.compile(model, [L1Score(), ChannelMask(ratios), Shrink()], example_inputs=(x,))
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from graphprune.analysis import Dependencies, Scores
 from graphprune.arguments import fraction
 from graphprune.compile import compile
 from graphprune.errors import ArgumentError, InputError
+from graphprune.passes.mask import ChannelMask
+from graphprune.passes.scores.magnitude import L1Score
 from graphprune.pipeline import PassBase, PassResult
 
 logger = logging.getLogger(__name__)
@@ -88,7 +91,7 @@ class _GivenScores(PassBase):
         self.scores = scores
 
     def call(self, gm, ctx):
-        ctx.set_analysis("scores", self.scores)
+        ctx.put(Scores(self.scores))
         return PassResult(gm, False)
 
 
@@ -117,8 +120,6 @@ def sensitivity(
 ) -> Sensitivity:
     """Mask each group alone at each ratio (scores by `score`, L1 magnitude by default) and call
     `evaluate` on the masked model, which computes what the shrunk one would."""
-    from graphprune.passes.mask import ChannelMask
-    from graphprune.passes.scores.magnitude import L1Score
 
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
         raise ArgumentError(f"sensitivity ratios must be a list of numbers in (0, 1), got {ratios!r}")
@@ -130,8 +131,8 @@ def sensitivity(
     seen: dict = {}
 
     def grab(gm, ctx):
-        seen["scores"] = ctx.get_analysis("scores")
-        seen["groups"] = [g.key for g in ctx.dependencies(gm).groups]
+        seen["scores"] = ctx.cached(Scores)
+        seen["groups"] = [g.key for g in ctx.get(Dependencies, gm).groups]
         return PassResult(gm, False)
 
     base = compile(model, [score or L1Score(), grab], example_inputs=example_inputs, leaf_modules=leaf_modules)
@@ -143,7 +144,7 @@ def sensitivity(
     rows = []
     for key in keys:
         for r in ratios:
-            masked = compile(base, [_GivenScores(seen["scores"]), ChannelMask(0.0, group_ratios={key: r})], example_inputs=example_inputs)
+            masked = compile(base, [_GivenScores(seen["scores"]), ChannelMask({key: r})], example_inputs=example_inputs)
             rows.append((key, r, _metric(evaluate, masked, f"group {key} at ratio {r:g}")))
             logger.info("sensitivity %s @ %.2f: %.4g", key, r, rows[-1][2])
     return Sensitivity(baseline, tuple(rows))

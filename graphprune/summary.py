@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 

@@ -3,7 +3,7 @@
 from graphprune.passes.compensate import CompensateBias
 from graphprune.passes.scores.criteria import BNScaleScore, FPGMScore
 from graphprune.passes.scores.data import ActivationScore, APoZScore, HeadSensitivityScore, TaylorScore, WandaScore
-from graphprune.passes.mask import ChannelMask
+from graphprune.passes.mask import ChannelMask, MaskUnits
 from graphprune.passes.reinsert_zeros import ReinsertZeros
 from graphprune.passes.scores.magnitude import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
 from graphprune.passes.shrink import Shrink
@@ -24,6 +24,7 @@ __all__ = [
     "APoZScore",
     "WandaScore",
     "ChannelMask",
+    "MaskUnits",
     "UnstructuredMask",
     "NMMask",
     "BlockMask",

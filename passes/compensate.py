@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphprune.analysis import Dependencies, Scores, WeightScores
 from graphprune.ir.inputs import calibration_batches
 from graphprune.ir.masking import refuse_lowered, channel_mask, ensure_channel_mask, masks_disabled, raw_tensor, replace_tensor, resolve, unit_mask_state
 from graphprune.pipeline import PassBase, PassContext, PassResult
@@ -23,8 +24,30 @@ from graphprune.ir.weight_ops import WeightOp, input_channel_stats, weight_ops
 
 __all__ = ["CompensateBias"]
 
+class AddBias(PassBase):
+    """Replays CompensateBias's `add_bias` plan step: these linear/conv modules get a (zero) bias,
+    whose values come with the saved weights."""
+
+    plan_op = "add_bias"
+    preserves = frozenset({Scores, WeightScores})
+
+    def __init__(self, modules: Iterable[str]) -> None:
+        self.modules = list(modules)
+
+    @classmethod
+    def from_plan(cls, step: dict) -> AddBias:
+        return cls(step["modules"])
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for path in self.modules:
+            module = gm.get_submodule(path)
+            module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device))
+        ctx.record(plan={"op": "add_bias", "modules": self.modules})
+        return PassResult(gm, bool(self.modules))
+
+
 class CompensateBias(PassBase):
-    preserves = frozenset({"dependencies", "scores", "weight_scores"})
+    preserves = frozenset({Dependencies, Scores, WeightScores})
 
     def __init__(self, calibration: Iterable | None = None) -> None:
         self.calibration = calibration
@@ -32,7 +55,7 @@ class CompensateBias(PassBase):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         refuse_lowered(gm, "CompensateBias")
         batches = calibration_batches(self.calibration, "CompensateBias")
-        deps = ctx.dependencies(gm)
+        deps = ctx.get(Dependencies, gm)
         ops = weight_ops(gm)
         targets: dict[str, tuple[WeightOp, set[int]]] = {}
         skipped = []
@@ -69,7 +92,6 @@ class CompensateBias(PassBase):
             else:
                 owner, attr = resolve(gm, op.bias)
                 replace_tensor(owner, attr, raw_tensor(owner, attr).detach() + delta.to(raw_tensor(owner, attr).dtype))
-        if new_biases:  # new tensors: the channel groups must be found again
-            ctx.invalidate(self.preserves - {"dependencies"})
         ctx.record(compensated=sorted(targets), skipped=skipped, plan={"op": "add_bias", "modules": new_biases})
-        return PassResult(gm, True)
+        # new bias tensors: the channel groups must be found again (the scores stay the units' scores)
+        return PassResult(gm, True, self.preserves - {Dependencies} if new_biases else None)

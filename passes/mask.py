@@ -2,9 +2,18 @@
 
 `ratio` is the share of each group's units to remove (local), or of all
 prunable units of a kind ranked together after normalising each group's scores
-by their mean (global; heads and channels are ranked apart).  `ratios` sets the
-ratio per kind of group in either scope.  Every group keeps at least `min_channels` units, rounded up to
-a multiple of `round_to` so that the widths stay hardware friendly.
+by their mean (global; heads and channels are ranked apart).  It is one number
+for every group, or a mapping whose keys are kinds of group ("channel", "head",
+"ffn", "hidden"), group keys (local scope) and "*" (every other group); the most
+specific key wins and a group no key names keeps its units:
+
+    ChannelMask(0.5)                          # half of every group
+    ChannelMask({"*": 0.5, "head": 0.0})      # half of every group, no attention head
+    ChannelMask({"fc1": 0.3})                 # only group fc1 (e.g. from gp.sensitivity)
+
+Every group keeps at least `min_channels` units, rounded up to a multiple of
+`round_to` so that the widths stay hardware friendly; in global scope
+`max_ratio` caps the share any one group loses.
 """
 
 from __future__ import annotations
@@ -12,78 +21,66 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.fx as fx
 
-from graphprune.analysis.dependency import ChannelGroup
+from graphprune.analysis.dependency import ChannelGroup, Dependencies
+from graphprune.analysis.scores import Scores
 from graphprune.arguments import choice, fraction, mapping, module_names, positive_int
 from graphprune.errors import ArgumentError, GraphPruneWarning, PreconditionError
 from graphprune.ir.masking import refuse_lowered, mask_units, unit_mask_state
 from graphprune.ir.norms import sync_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
-from graphprune.passes.scores.magnitude import SCORES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChannelMask"]
+__all__ = ["ChannelMask", "MaskUnits", "apply_units"]
 
 SCOPES = ("local", "global")
 KINDS = ("channel", "head", "ffn", "hidden")
 
 
 class ChannelMask(PassBase):
-    preserves = frozenset({"dependencies", SCORES})
+    preserves = frozenset({Dependencies, Scores})
 
     def __init__(
         self,
-        ratio: float,
+        ratio: float | Mapping[str, float],
         *,
         scope: str = "local",
         round_to: int = 1,
         min_channels: int = 1,
         exclude: Iterable[str] = (),
-        group_ratios: dict[str, float] | None = None,
         max_ratio: float | None = None,
-        ratios: dict[str, float] | None = None,
     ) -> None:
-        self.ratio = fraction(ratio, "ChannelMask ratio (the share of channels to remove)")
+        what = "ChannelMask ratio (the share of channels to remove)"
+        if isinstance(ratio, Mapping):
+            self.ratio = {key: fraction(r, f"ChannelMask ratio[{key!r}]") for key, r in mapping(ratio, what, f"kinds {KINDS}, group keys or '*' to ratios").items()}
+        elif isinstance(ratio, (list, tuple, set)):
+            raise ArgumentError(f"{what} must be a number or a mapping of kinds / group keys to numbers, got {type(ratio).__name__}")
+        else:
+            self.ratio = fraction(ratio, what)
         self.scope = choice(scope, "ChannelMask scope", SCOPES)
         self.round_to = positive_int(round_to, "ChannelMask round_to")
         self.min_channels = positive_int(min_channels, "ChannelMask min_channels")
         self.exclude = module_names(exclude, "ChannelMask exclude")
-        self.group_ratios = mapping(group_ratios, "ChannelMask group_ratios", "group keys to ratios")
-        for key, r in self.group_ratios.items():
-            self.group_ratios[key] = fraction(r, f"ChannelMask group_ratios[{key!r}]")
-        if self.group_ratios and scope != "local":
-            raise ArgumentError("ChannelMask group_ratios sets each group's own ratio: use it with scope='local'")
         if max_ratio is not None:
             max_ratio = fraction(max_ratio, "ChannelMask max_ratio (caps each group in global scope)", closed=True, open_low=True)
             if scope != "global":
                 raise ArgumentError("ChannelMask max_ratio caps each group in global scope: use it with scope='global'")
         self.max_ratio = max_ratio
-        self.ratios = mapping(ratios, "ChannelMask ratios", f"kinds of group {KINDS} to ratios")
-        for kind, r in self.ratios.items():
-            choice(kind, "a key of ChannelMask ratios (a kind of group)", KINDS)
-            self.ratios[kind] = fraction(r, f"ChannelMask ratios[{kind!r}]")
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         refuse_lowered(gm, "ChannelMask")
-        deps = ctx.dependencies(gm)
-        scores = ctx.get_analysis(SCORES)
+        deps = ctx.get(Dependencies, gm)
+        scores = ctx.cached(Scores)
         if scores is None:
             raise PreconditionError("ChannelMask needs scores: put a score pass before it, e.g. [L2Score(), ChannelMask(0.5)]")
         self._check_exclude(gm)
-        unknown = sorted(set(self.group_ratios) - {g.key for g in deps.groups})
-        if unknown:
-            raise ArgumentError(f"ChannelMask group_ratios names groups the model does not have: {unknown[:5]}; groups are {[g.key for g in deps.groups][:10]}...")
+        self._check_keys(deps)
         groups = [g for g in deps.groups if not self._excluded(g)]
-        absent = sorted(k for k, r in self.ratios.items() if r > 0 and not any(g.kind == k for g in deps.groups))
-        if absent:
-            found = sorted({g.kind for g in deps.groups})
-            note = "; a model with no attention has no 'head' groups" if "head" in absent else ""
-            raise PreconditionError(f"ChannelMask ratios name kinds of groups this model does not have: {absent} (it has {found}){note}")
         missing = [g.key for g in groups if g.key not in scores]
         if missing:
             raise PreconditionError(f"no scores for groups {missing[:5]}: run the score pass after any pass that changes the graph")
@@ -98,24 +95,16 @@ class ChannelMask(PassBase):
             plan = {}
             for kind in sorted({g.kind for g in groups}):
                 same = [g for g in groups if g.kind == kind]
-                plan.update(self._global(same, scores, done, floor, self.ratios.get(kind, self.ratio)))
-        modified, report = False, {}
-        for g in groups:
-            chosen = plan[g.key]
-            new = [u for u in chosen if not bool(done[g.key][u])]
-            mask_units(gm, g, new, deps.aliases)
-            modified |= bool(new)
-            report[g.key] = (g.size, g.size - len(chosen))
-        sync_masked_ops(gm, deps)  # LayerNorms and means over masked channels reduce over the kept ones
-        masked = {g.key: torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist() for g in groups}
-        plan = {"op": "channel_mask", "units": {k: ids for k, ids in masked.items() if ids}}
-        ctx.record(groups=report, scope=self.scope, ratio=self.ratio, plan=plan)
+                plan.update(self._global(same, scores, done, floor, self._ratio_of(same[0])))
+        modified = apply_units(gm, ctx, deps, {g.key: plan[g.key] for g in groups})
+        report = {g.key: (g.size, g.size - len(plan[g.key])) for g in groups}
+        ctx.record(groups=report, scope=self.scope, ratio=self.ratio)
         self._warn_if_short(deps, groups, report)
         return PassResult(gm, modified)
 
     def _warn_if_short(self, deps, groups: list[ChannelGroup], report: dict[str, tuple[int, int]]) -> None:
         """Never a silent no-op: say why nothing (or less than asked) was pruned."""
-        asked = self.ratio > 0 or any(r > 0 for r in (*self.ratios.values(), *self.group_ratios.values()))
+        asked = any(r > 0 for r in (self.ratio.values() if isinstance(self.ratio, dict) else [self.ratio]))
         if not asked:
             return
         if not groups:
@@ -133,8 +122,30 @@ class ChannelMask(PassBase):
 
     # -- choosing ----------------------------------------------------------------------
     def _ratio_of(self, g: ChannelGroup) -> float:
-        """A group's own ratio, else its kind's ("head", "ffn", "channel"), else `ratio`."""
-        return self.group_ratios.get(g.key, self.ratios.get(g.kind, self.ratio))
+        """The group's own ratio, else its kind's ("head", "ffn", ...), else "*"'s, else 0."""
+        if not isinstance(self.ratio, dict):
+            return self.ratio
+        return self.ratio.get(g.key, self.ratio.get(g.kind, self.ratio.get("*", 0.0)))
+
+    def _check_keys(self, deps) -> None:
+        if not isinstance(self.ratio, dict):
+            return
+        keys, kinds = {g.key for g in deps.groups}, {g.kind for g in deps.groups}
+        ambiguous = sorted(set(self.ratio) & keys & set(KINDS))
+        if ambiguous:
+            raise ArgumentError(f"ChannelMask ratio keys {ambiguous} are both a kind of group and a group of this model; "
+                                "rename the module or set the ratio per group with a key that is not a kind")
+        unknown = sorted(set(self.ratio) - keys - set(KINDS) - {"*"})
+        if unknown:
+            raise ArgumentError(f"ChannelMask ratio names groups the model does not have: {unknown[:5]}; keys are kinds "
+                                f"{KINDS}, '*' or group keys, e.g. {[g.key for g in deps.groups][:10]}")
+        per_group = sorted(set(self.ratio) & keys)
+        if per_group and self.scope != "local":
+            raise ArgumentError(f"ChannelMask ratio sets groups' own ratios ({per_group[:3]}): use it with scope='local'")
+        absent = sorted(k for k, r in self.ratio.items() if k in KINDS and r > 0 and k not in kinds)
+        if absent:
+            note = "; a model with no attention has no 'head' groups" if "head" in absent else ""
+            raise PreconditionError(f"ChannelMask ratio names kinds of groups this model does not have: {absent} (it has {sorted(kinds)}){note}")
 
     def _floor(self, g: ChannelGroup) -> int:
         keep = min(self.min_channels, g.size)
@@ -196,3 +207,47 @@ class ChannelMask(PassBase):
         missing = [e for e in self.exclude if e not in names]
         if missing:
             raise ArgumentError(f"ChannelMask exclude names modules the model does not have: {missing}; use names from model.named_modules()")
+
+
+def apply_units(gm: fx.GraphModule, ctx: PassContext, deps: Dependencies, units: dict[str, list[int]]) -> bool:
+    """Mask these units of these groups (units already masked stay masked), let LayerNorms and means
+    over masked channels reduce over the kept ones, and record the plan step: every unit masked now.
+    Whether anything new was masked."""
+    groups = {g.key: g for g in deps.groups}
+    modified = False
+    for key, ids in units.items():
+        done = unit_mask_state(gm, groups[key])[0]
+        new = [u for u in ids if not bool(done[u])]
+        mask_units(gm, groups[key], new, deps.aliases)
+        modified |= bool(new)
+    sync_masked_ops(gm, deps)
+    masked = {g.key: torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist() for g in deps.groups}
+    ctx.record(plan={"op": "channel_mask", "units": {k: ids for k, ids in masked.items() if ids}})
+    return modified
+
+
+class MaskUnits(PassBase):
+    """Mask exactly these units: `{group key: [unit indices]}`, e.g. a plan step recorded on another
+    instance of the same architecture (how a saved masked model is rebuilt)."""
+
+    preserves = frozenset({Dependencies, Scores})
+    plan_op = "channel_mask"
+
+    def __init__(self, units: dict[str, list[int]]) -> None:
+        self.units = {key: list(ids) for key, ids in mapping(units, "MaskUnits units", "group keys to unit indices").items()}
+
+    @classmethod
+    def from_plan(cls, step: dict) -> MaskUnits:
+        return cls(step["units"])
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        refuse_lowered(gm, "MaskUnits")
+        deps = ctx.get(Dependencies, gm)
+        groups = {g.key: g for g in deps.groups}
+        missing = sorted(set(self.units) - set(groups))
+        if missing:
+            raise ArgumentError(f"MaskUnits names groups this model does not have: {missing[:5]}")
+        for key, ids in self.units.items():
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < groups[key].size for i in ids):
+                raise ArgumentError(f"MaskUnits masks units of group {key} that it does not have (it has {groups[key].size})")
+        return PassResult(gm, apply_units(gm, ctx, deps, self.units))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from graphprune.analysis import Dependencies
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.ir.modules import ZeroReinsert
 
@@ -19,12 +20,17 @@ KINDS = ("output", "no_rule")
 
 class ReinsertZeros(PassBase):
     keeps_outputs = True
+    plan_op = "reinsert_zeros"
 
     def __init__(self, outputs: bool = True, unsupported_ops: bool = True) -> None:
         self.outputs, self.unsupported_ops = outputs, unsupported_ops
 
+    @classmethod
+    def from_plan(cls, step: dict) -> ReinsertZeros:
+        return cls(outputs=step["outputs"], unsupported_ops=step["unsupported_ops"])
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        deps = ctx.dependencies(gm)
+        deps = ctx.get(Dependencies, gm)
         kinds = {k for k, on in zip(KINDS, (self.outputs, self.unsupported_ops)) if on}
         nodes = {n.name: n for n in gm.graph.nodes}
         inserted = []

@@ -28,10 +28,15 @@ __all__ = ["Shrink"]
 
 class Shrink(PassBase):
     keeps_outputs = True
+    plan_op = "shrink"
+
+    @classmethod
+    def from_plan(cls, step: dict) -> Shrink:
+        return cls()  # it recomputes what to remove from the mask state: replaying it is running it
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         refuse_lowered(gm, "Shrink")
-        deps = ctx.dependencies(gm)
+        deps = ctx.get(Dependencies, gm)
         removed: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
         pruned_roots: set[int] = set()
         report = {}

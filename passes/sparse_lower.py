@@ -76,6 +76,8 @@ class SparseLower(PassBase):
         included); "first" takes the first format that applies, without timing.
     """
 
+    plan_op = "sparse_lower"
+
     def __init__(self, min_sparsity: float = 0.5, formats: Iterable[str] = FORMATS, choose: str = "measure", runs: int = 20) -> None:
         min_sparsity = fraction(min_sparsity, "SparseLower min_sparsity")
         formats = (formats,) if isinstance(formats, str) else tuple(formats)

@@ -19,17 +19,16 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from graphprune.analysis import Dependencies, Scores, WeightScores
 from graphprune.arguments import choice, fraction, module_names
 from graphprune.errors import ArgumentError
-from graphprune.ir.masking import refuse_lowered, WeightMaskParametrization, resolve, weight_mask
+from graphprune.ir.masking import WeightMaskParametrization, raw_tensor, refuse_lowered, resolve, weight_mask
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.ir.weight_ops import weight_ops
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnstructuredMask", "NMMask", "BlockMask", "WEIGHT_SCORES"]
-
-WEIGHT_SCORES = "weight_scores"
+__all__ = ["UnstructuredMask", "NMMask", "BlockMask"]
 
 
 def _apply(owner: nn.Module, attr: str, keep: torch.Tensor) -> int:
@@ -45,8 +44,31 @@ def _apply(owner: nn.Module, attr: str, keep: torch.Tensor) -> int:
     return int((before & ~keep).sum())
 
 
+class WeightMaskSlots(PassBase):
+    """Replays a `weight_mask` plan step: the listed tensors get a weight mask, all kept for now (a
+    saved model's mask values come with its weights)."""
+
+    preserves = frozenset({Dependencies, Scores, WeightScores})
+    plan_op = "weight_mask"
+
+    def __init__(self, tensors: Iterable[str]) -> None:
+        self.tensors = list(tensors)
+
+    @classmethod
+    def from_plan(cls, step: dict) -> WeightMaskSlots:
+        return cls(step["tensors"])
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for name in self.tensors:
+            owner, attr = resolve(gm, name)
+            if weight_mask(owner, attr) is None:
+                _apply(owner, attr, torch.ones_like(raw_tensor(owner, attr), dtype=torch.bool))
+        ctx.record(plan={"op": "weight_mask", "tensors": sorted(self.tensors)})
+        return PassResult(gm, True)
+
+
 class _WeightMaskPass(PassBase):
-    preserves = frozenset({"dependencies", "scores", WEIGHT_SCORES})
+    preserves = frozenset({Dependencies, Scores, WeightScores})
 
     def __init__(self, *, exclude: Iterable[str] = (), include_bias: bool = False) -> None:
         self.exclude = module_names(exclude, f"{type(self).__name__} exclude")
@@ -69,7 +91,7 @@ class _WeightMaskPass(PassBase):
 
     @staticmethod
     def _score(ctx: PassContext, qualified: str, owner: nn.Module, attr: str) -> torch.Tensor:
-        given = (ctx.get_analysis(WEIGHT_SCORES) or {}).get(qualified)
+        given = (ctx.cached(WeightScores) or {}).get(qualified)
         if given is not None:
             return given.double() * (getattr(owner, attr).detach() != 0)
         return getattr(owner, attr).detach().abs().double()

@@ -51,10 +51,12 @@ CASES = {
     "exclude None": (lambda m: ChannelMask(0.5, exclude=None), gp.ArgumentError, "exclude"),
     "exclude the whole model": (lambda m: ChannelMask(0.5, exclude=[""]), gp.ArgumentError, "exclude"),
     "exclude an unknown module": (_compile([L2Score(), ChannelMask(0.5, exclude=["fc9"])]), gp.ArgumentError, "exclude"),
-    "group_ratios a list": (lambda m: ChannelMask(0.5, group_ratios=[0.5]), gp.ArgumentError, "group_ratios"),
+    "ratio a list": (lambda m: ChannelMask([0.5]), gp.ArgumentError, "ratio"),
+    "ratio mapping to a string": (lambda m: ChannelMask({"*": "half"}), gp.ArgumentError, "ratio"),
     "round_to 0": (lambda m: ChannelMask(0.5, round_to=0), gp.ArgumentError, "round_to"),
     "min_channels a float": (lambda m: ChannelMask(0.5, min_channels=1.5), gp.ArgumentError, "min_channels"),
-    "unknown kind in ratios": (lambda m: ChannelMask(0.5, ratios={"neuron": 0.5}), gp.ArgumentError, "ratios"),
+    "unknown kind or group in ratio": (_compile([L2Score(), ChannelMask({"neuron": 0.5})]), gp.ArgumentError, "does not have"),
+    "head ratio without attention": (_compile([L2Score(), ChannelMask({"head": 0.5})]), gp.PreconditionError, "no 'head' groups"),
     "unknown scope": (lambda m: ChannelMask(0.5, scope="layer"), gp.ArgumentError, "scope"),
     "mask without scores": (_compile([ChannelMask(0.5)]), gp.PreconditionError, "needs scores"),
     # fine-grained masks, scores, lowering
@@ -151,12 +153,10 @@ def test_loading_damaged_checkpoints_says_what_is_wrong(case, tmp_path):
 def test_saving_over_a_checkpoint_is_all_or_nothing(tmp_path, monkeypatch):
     old = _checkpoint(tmp_path)
     pruned = gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.25), Shrink()], example_inputs=X)
-    import safetensors.torch
-
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr("graphprune.saving.save_file", full_disk)  # the disk fills up while the weights are written
     with pytest.raises(OSError, match="No space"):
         gp.save(pruned, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import graphprune as gp
 from graphprune.passes import ChannelMask, CompensateBias, L2Score, Shrink
@@ -36,3 +37,15 @@ def test_compensation_needs_calibration_and_skips_unmasked_models():
         gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.5), CompensateBias()], example_inputs=x)
     out = gp.compile(models.Mlp(), [CompensateBias([(x, None)])], example_inputs=x)
     assert out.graphprune_report[-1].modified is False
+
+
+def test_compensating_a_layer_without_bias_whose_outputs_are_pruned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16, bias=False), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = (torch.randn(64, 8),)
+    calib = [(x, None)]
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5), CompensateBias(calib)], example_inputs=x)
+    assert masked.get_submodule("2").bias.shape == (16,)
+    assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
+    one_call = gp.compile(model, [L2Score(), ChannelMask(0.5), CompensateBias(calib), Shrink()], example_inputs=x)
+    torch.testing.assert_close(one_call(*x), masked(*x))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
+from graphprune.analysis import Scores
 from graphprune.passes import (
     ActivationScore, APoZScore, BNScaleScore, ChannelMask, FPGMScore, MagnitudeScore, Shrink, TaylorScore,
     WandaScore,
@@ -21,7 +22,7 @@ def scores_of(model, score, x):
     seen = {}
 
     def grab(gm, ctx):
-        seen.update(ctx.get_analysis("scores"))
+        seen.update(ctx.cached(Scores))
         return gp.PassResult(gm, False)
 
     gp.compile(model, [score, grab], example_inputs=x)

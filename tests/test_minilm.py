@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 def test_half_the_ffn_neurons_removed_exactly():
     model, tokenizer = minilm.load()
     calib = minilm.encode(tokenizer, minilm.SENTENCES[:4])
-    masked = gp.compile(model, [L2Score(), ChannelMask(0.5, ratios={"head": 0.0})], example_inputs=calib)
+    masked = gp.compile(model, [L2Score(), ChannelMask({"*": 0.5, "head": 0.0})], example_inputs=calib)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=calib)
     for layer in range(6):
         assert shrunk.get_submodule(f"encoder.layer.{layer}.intermediate.dense").weight.shape == (768, 384)
@@ -42,7 +42,7 @@ def test_wanda_and_bias_compensation_read_the_exported_graph():
         pruned = gp.compile(model, [*passes, Shrink()], example_inputs=calib)
         return float((minilm.embed(pruned, held) * dense).sum(-1).mean())
 
-    mask = ChannelMask(0.5, ratios={"head": 0.0})
+    mask = ChannelMask({"*": 0.5, "head": 0.0})
     magnitude = cosine([L2Score(), mask])
     wanda = cosine([WandaScore(batches), mask])
     compensated = cosine([WandaScore(batches), mask, CompensateBias(batches)])
@@ -120,7 +120,7 @@ def test_a_quarter_of_the_hidden_size_is_removed_exactly():
 
     model, tokenizer = minilm.load()
     calib = minilm.encode(tokenizer, minilm.SENTENCES[:4])
-    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask(0.0, ratios={"hidden": 0.25})], example_inputs=calib)
+    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask({"hidden": 0.25})], example_inputs=calib)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=calib)
     assert shrunk.get_submodule("embeddings.word_embeddings").weight.shape == (30522, 288)
     assert shrunk.get_submodule("encoder.layer.3.intermediate.dense").weight.shape == (1536, 288)

@@ -140,13 +140,13 @@ def test_a_pruned_causal_lm_generates_with_its_cache_what_the_graph_computes_ste
 def test_save_pretrained_round_trips_where_the_config_can_say_it_and_is_refused_where_not(tmp_path):
     model = _causal_lm("llama")
     x = {"input_ids": torch.randint(3, 100, (2, 8))}
-    uniform = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"ffn": 0.5, "head": 0.5}), Shrink()], example_inputs=x)
+    uniform = gp.compile(model, [L2Score(), ChannelMask({"ffn": 0.5, "head": 0.5}), Shrink()], example_inputs=x)
     assert (uniform.config.intermediate_size, uniform.config.num_key_value_heads) == (64, 1)
     uniform.save_pretrained(tmp_path / "hf")
     again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(run(again, x).logits, run(uniform, x).logits)
     ffn = [g.key for g in gp.analyze(model, x).groups if g.kind == "ffn"]
-    ragged = gp.compile(model, [L2Score(), ChannelMask(0.0, group_ratios={ffn[0]: 0.5}), Shrink()], example_inputs=x)
+    ragged = gp.compile(model, [L2Score(), ChannelMask({ffn[0]: 0.5}), Shrink()], example_inputs=x)
     widths = {m.weight.shape[0] for n, m in ragged.named_modules() if n.endswith("up_proj")}
     assert len(widths) > 1  # per-layer widths: a LlamaConfig cannot say them
     with pytest.raises(gp.GraphPruneError, match="graphprune.save"):

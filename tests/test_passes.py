@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import graphprune as gp
-from graphprune.passes import ChannelMask, L1Score, L2Score, MagnitudeScore, RandomScore, ReinsertZeros, Shrink
+from graphprune.analysis import Dependencies, Scores
+from graphprune.passes import ChannelMask, L1Score, L2Score, MagnitudeScore, MaskUnits, RandomScore, ReinsertZeros, Shrink
 from tests import models
 from tests.helpers import assert_exact, prune, run
 
@@ -160,14 +161,14 @@ def test_reinsert_zeros_in_front_of_an_op_without_rule():
 def test_custom_score_pass_and_function_pass():
     class FirstHalf(gp.PassBase):
         def call(self, gm, ctx):
-            deps = ctx.dependencies(gm)
-            ctx.set_analysis("scores", {g.key: torch.arange(g.size, dtype=torch.float64) for g in deps.groups})
+            deps = ctx.get(Dependencies, gm)
+            ctx.put(Scores({g.key: torch.arange(g.size, dtype=torch.float64) for g in deps.groups}))
             return gp.PassResult(gm, False)
 
     seen = []
 
     def spy(gm, ctx):
-        seen.append(len(ctx.dependencies(gm).groups))
+        seen.append(len(ctx.get(Dependencies, gm).groups))
         return gp.PassResult(gm, False)
 
     x = (torch.randn(2, 10),)
@@ -201,3 +202,52 @@ def test_mask_without_scores_says_what_to_do():
 def test_exclude_must_name_real_modules():
     with pytest.raises(ValueError, match="named_modules"):
         gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.5, exclude=["nope"])], example_inputs=(torch.randn(2, 10),))
+
+
+def test_units_masked_on_one_instance_apply_to_another_of_the_same_architecture():
+    x = (torch.randn(4, 10),)
+    torch.manual_seed(0)
+    small = gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    step = gp.saving.plan_of(small)["steps"][-1]
+    torch.manual_seed(1)
+    other = models.Mlp().eval()
+    moved = gp.compile(other, [MaskUnits(step["units"])], example_inputs=x)
+    assert gp.saving.plan_of(moved)["steps"][-1] == step
+    expected = gp.compile(other, [L2Score(), ChannelMask(0.5)], example_inputs=x)  # scored on its own weights
+    assert run(moved, x).ne(run(expected, x)).any()  # the units came from the first instance, not these weights
+    for key, ids in step["units"].items():
+        fc = moved.get_submodule(key)
+        assert fc.weight[ids].abs().sum() == 0 and fc.weight.abs().sum(1).ne(0).sum() == fc.out_features - len(ids)
+    with pytest.raises(gp.ArgumentError, match="does not have"):
+        gp.compile(other, [MaskUnits({"fc9": [0]})], example_inputs=x)
+    with pytest.raises(gp.ArgumentError, match="units of group fc1"):
+        gp.compile(other, [MaskUnits({"fc1": [32]})], example_inputs=x)
+
+
+class Halve(gp.PassBase):
+    """A user's structural pass: owns its plan step, so a model it made saves and loads."""
+
+    plan_op = "test_halve"
+
+    def __init__(self, name: str) -> None:
+        self.module = name
+
+    @classmethod
+    def from_plan(cls, step):
+        return cls(step["module"])
+
+    def call(self, gm, ctx):
+        with torch.no_grad():
+            gm.get_submodule(self.module).weight.mul_(0.5)
+        ctx.record(plan={"op": self.plan_op, "module": self.module})
+        return gp.PassResult(gm, True)
+
+
+def test_a_users_pass_replays_its_own_plan_step(tmp_path):
+    x = (torch.randn(4, 10),)
+    model = models.Mlp().eval()
+    halved = gp.compile(model, [Halve("fc1"), L2Score(), ChannelMask(0.5)], example_inputs=x)
+    gp.save(halved, tmp_path)
+    torch.testing.assert_close(gp.load(model, tmp_path, x)(*x), halved(*x), rtol=0, atol=0)
+    with pytest.raises(gp.ArgumentError, match="replayed by"):
+        type("Other", (gp.PassBase,), {"plan_op": "test_halve", "call": lambda self, gm, ctx: None})

@@ -32,7 +32,7 @@ def test_sweep_table_plot_and_derived_ratios(tmp_path):
     ratios = sens.ratios_for(max_drop=1e9)
     assert ratios == {"fc1": 0.75, "fc2": 0.75}
     assert sens.ratios_for(max_drop=-1.0) == {"fc1": 0.0, "fc2": 0.0}
-    pruned = gp.compile(model, [L1Score(), ChannelMask(0.0, group_ratios={"fc1": 0.5}), Shrink()], example_inputs=(x,))
+    pruned = gp.compile(model, [L1Score(), ChannelMask({"fc1": 0.5}), Shrink()], example_inputs=(x,))
     assert pruned.get_submodule("fc1").out_features == 16 and pruned.get_submodule("fc2").out_features == 16
 
 
@@ -42,10 +42,10 @@ def test_sensitivity_checks_arguments():
         gp.sensitivity(models.Mlp(), lambda m: 0.0, example_inputs=x, ratios=(0.0,))
     with pytest.raises(ValueError, match="no such groups"):
         gp.sensitivity(models.Mlp(), lambda m: 0.0, example_inputs=x, groups=["nope"])
-    with pytest.raises(ValueError, match="group_ratios"):
-        gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.0, group_ratios={"nope": 0.5})], example_inputs=x)
+    with pytest.raises(ValueError, match="groups the model does not have"):
+        gp.compile(models.Mlp(), [L2Score(), ChannelMask({"nope": 0.5})], example_inputs=x)
     with pytest.raises(ValueError, match="scope='local'"):
-        ChannelMask(0.5, scope="global", group_ratios={"fc1": 0.5})
+        gp.compile(models.Mlp(), [L2Score(), ChannelMask({"fc1": 0.5}, scope="global")], example_inputs=x)
 
 
 def test_global_scope_respects_max_ratio():

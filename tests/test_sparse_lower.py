@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
@@ -185,3 +186,38 @@ def test_onnx_export_of_a_lowered_model_says_what_to_export_instead(tmp_path):
     with pytest.raises(gp.GraphPruneError, match="before SparseLower"):
         onnx.export(lowered, tmp_path / "m.onnx", example_inputs=x)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_weight_read_with_and_without_its_bias_stays_dense():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x, y):
+            return self.fc(x) + F.linear(y, self.fc.weight)
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 64), torch.randn(4, 64))
+    masked = gp.compile(M().eval(), [UnstructuredMask(0.9)], example_inputs=x)
+    lowered = gp.compile(masked, [SparseLower(choose="first")], example_inputs=x)
+    torch.testing.assert_close(lowered(*x), masked(*x))
+
+
+def test_sparse_layers_keep_their_dtype_when_loading_and_odd_inputs_stay_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = (torch.randn(4, 64),)
+    lowered = gp.compile(model, [UnstructuredMask(0.9), SparseLower(choose="first")], example_inputs=x)
+    saved = {k: v.clone() for k, v in lowered.state_dict().items()}
+    lowered.double().load_state_dict(saved)
+    assert lowered.get_submodule("0").values.dtype == torch.float64
+    assert lowered(x[0].double()).dtype == torch.float64
+    half = gp.compile(model.to(torch.bfloat16), [UnstructuredMask(0.9), SparseLower(choose="first")],
+                      example_inputs=(x[0].to(torch.bfloat16),))
+    assert all("bfloat16" in why for _, fmt, why in gp.summary(model, half, (x[0].to(torch.bfloat16),)).lowered)
+    convs = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    unbatched = (torch.randn(8, 5, 5),)
+    masked = gp.compile(convs, [UnstructuredMask(0.9)], example_inputs=unbatched)
+    out = gp.compile(masked, [SparseLower(choose="first")], example_inputs=unbatched)
+    torch.testing.assert_close(out(*unbatched), masked(*unbatched))

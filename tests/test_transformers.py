@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
+from graphprune.analysis import Scores
 from graphprune.ir import norms
 from graphprune.ir.modules import MaskedLayerNorm
 from graphprune.passes import ChannelMask, L2Score, ReinsertZeros, Shrink
@@ -37,7 +38,7 @@ def test_bert_heads_and_ffn_neurons_prune_exactly_with_no_hints():
         "encoder.layer.0.attention.self.query": ("head", 4), "encoder.layer.1.attention.self.query": ("head", 4),
         "encoder.layer.0.intermediate.dense": ("ffn", 64), "encoder.layer.1.intermediate.dense": ("ffn", 64),
     }
-    masked = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"head": 0.25, "ffn": 0.5})], example_inputs=inputs)
+    masked = gp.compile(model, [L2Score(), ChannelMask({"head": 0.25, "ffn": 0.5})], example_inputs=inputs)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
     assert_exact(masked, shrunk, inputs)
     out = run(shrunk, inputs)
@@ -144,7 +145,7 @@ def test_head_sensitivity_is_the_gradient_of_a_head_gate():
     seen = {}
 
     def grab(gm, ctx):
-        seen.update(ctx.get_analysis("scores"))
+        seen.update(ctx.cached(Scores))
         return gp.PassResult(gm, False)
 
     gp.compile(model, [HeadSensitivityScore([((x,), target)], loss), grab], example_inputs=(x,))
@@ -168,7 +169,7 @@ def test_global_scope_ranks_each_kind_apart():
         for p in (model[4].q, model[4].k, model[4].v):
             p.weight[weak] *= 0.01
         model[4].o.weight[:, weak] *= 0.01
-    masked = gp.compile(model, [L2Score(), ChannelMask(0.25, scope="global", ratios={"head": 0.5})], example_inputs=x)
+    masked = gp.compile(model, [L2Score(), ChannelMask({"*": 0.25, "head": 0.5}, scope="global")], example_inputs=x)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert_exact(masked, shrunk, x)
     assert shrunk.get_submodule("4.q").out_features == 8  # 4 of 8 heads removed: the 3 weak ones and 1 of block 0
@@ -180,7 +181,7 @@ def test_a_pruned_bert_saves_and_loads_back_with_identical_outputs(tmp_path):
     """Weights in safetensors, structure as a plan replayed on a fresh model: no pickle anywhere."""
     model = small_bert()
     inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
-    pruned = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask(0.5, ratios={"head": 0.25, "hidden": 0.25}), Shrink()],
+    pruned = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask({"*": 0.5, "head": 0.25, "hidden": 0.25}), Shrink()],
                         example_inputs=inputs)
     gp.save(pruned, tmp_path)
     loaded = gp.load(small_bert(), tmp_path, example_inputs=inputs)
@@ -227,9 +228,9 @@ def test_head_ratios_on_a_model_without_attention_are_refused_and_rounding_keeps
     x = (torch.randn(2, 5, 32),)
     mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
     with pytest.raises(gp.PreconditionError, match="'head'"):
-        gp.compile(mlp, [L2Score(), ChannelMask(0.0, ratios={"head": 0.5})], example_inputs=x)
+        gp.compile(mlp, [L2Score(), ChannelMask({"head": 0.5})], example_inputs=x)
     model = SelfAttention(heads=2).eval()
-    masked = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"head": 0.99})], example_inputs=x)
+    masked = gp.compile(model, [L2Score(), ChannelMask({"head": 0.99})], example_inputs=x)
     assert gp.summary(model, masked, x).groups == (("q", 2, 1),)  # never zero heads: at least min_channels stay
 
 
@@ -240,7 +241,7 @@ def test_hidden_size_prunes_exactly_through_embeddings_layer_norms_and_residuals
     inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
     deps = gp.analyze_dependencies(gp.trace(model, example_inputs=inputs), inputs)
     assert not any(g.kind == "hidden" for g in deps.groups)  # it reaches the output: frozen ...
-    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask(0.0, ratios={"hidden": 0.25})], example_inputs=inputs)
+    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask({"hidden": 0.25})], example_inputs=inputs)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)  # ... unless zeros are reinserted there
     assert ("embeddings.word_embeddings", 32, 24) in gp.summary(model, masked, inputs).groups
     a, b = run(masked, inputs), run(shrunk, inputs)
@@ -319,7 +320,7 @@ def test_means_and_sums_over_pruned_channels_reduce_over_the_kept_ones():
 @pytest.mark.parametrize("name", ["llama", "distilbert"])
 def test_hidden_size_prunes_through_rms_norm_and_layer_norm(name):
     model, inputs = _hf(name)
-    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask(0.25, ratios={"hidden": 0.25})], example_inputs=inputs)
+    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask({"*": 0.25, "hidden": 0.25})], example_inputs=inputs)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
     torch.testing.assert_close(run(shrunk, inputs), run(masked, inputs), rtol=1e-4, atol=1e-5)
     embedding = [m for m in shrunk.modules() if hasattr(m, "weight") and getattr(m, "weight").shape[0] == 100][0]
@@ -330,11 +331,11 @@ def test_hidden_size_prunes_through_rms_norm_and_layer_norm(name):
 def test_a_pruned_model_goes_back_to_its_own_class_when_the_config_can_say_it(tmp_path):
     model = small_bert()
     inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
-    pruned = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"ffn": 0.5}), Shrink()], example_inputs=inputs)
+    pruned = gp.compile(model, [L2Score(), ChannelMask({"ffn": 0.5}), Shrink()], example_inputs=inputs)
     own = gp.as_hf_model(pruned, model, inputs)
     assert type(own) is transformers.BertModel and own.config.intermediate_size == 32
     other = {"input_ids": torch.randint(0, 100, (3, 11))}  # any length: the class is not tied to the traced shapes
-    shrunk_like = gp.compile(model, [L2Score(), ChannelMask(0.0, ratios={"ffn": 0.5}), Shrink()], example_inputs=other)
+    shrunk_like = gp.compile(model, [L2Score(), ChannelMask({"ffn": 0.5}), Shrink()], example_inputs=other)
     torch.testing.assert_close(run(own, other).last_hidden_state, run(shrunk_like, other).last_hidden_state)
     own.train()  # trainable again
     own(**other).last_hidden_state.sum().backward()
@@ -353,7 +354,7 @@ def test_fewer_kv_groups_become_fewer_heads_in_the_config_and_bert_heads_cannot(
     torch.testing.assert_close(run(own, inputs).last_hidden_state, run(pruned, inputs).last_hidden_state)
     bert = small_bert()
     x = {"input_ids": torch.randint(0, 100, (2, 8))}
-    heads = gp.compile(bert, [L2Score(), ChannelMask(0.0, ratios={"head": 0.5}), Shrink()], example_inputs=x)
+    heads = gp.compile(bert, [L2Score(), ChannelMask({"head": 0.5}), Shrink()], example_inputs=x)
     with pytest.raises(gp.GraphPruneError, match="cannot express"):
         gp.as_hf_model(heads, bert, x)
 

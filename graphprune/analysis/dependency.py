@@ -109,6 +109,11 @@ class Dependencies:
     # arguments that count channels (a depthwise conv's groups) -> [(position, name, label roots)]; Shrink sets the kept count
     counts: dict[str, list[tuple[int, str, torch.Tensor]]] = field(default_factory=dict)
 
+    @classmethod
+    def compute(cls, gm: fx.GraphModule, ctx) -> Dependencies:
+        """As an analysis of a pipeline: `ctx.get(Dependencies, gm)`."""
+        return analyze_dependencies(gm, ctx.example_inputs)
+
     def group(self, key: str) -> ChannelGroup:
         for g in self.groups:
             if g.key == key:

@@ -22,9 +22,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.utils import parametrize
 
-from graphprune.ir.masking import KEEP_PREFIX, ChannelMaskParametrization, channel_mask, resolve
+from graphprune.ir.masking import KEEP_PREFIX, ChannelMaskParametrization, channel_mask, resolve, unit_mask_state
 from graphprune.ir.trace import ROOT_HOLDER, root_holder
 from graphprune.ir.weight_ops import node_arg, swap_node
 
@@ -79,8 +78,6 @@ def sync_masked_ops(gm: fx.GraphModule, deps) -> None:
 
 
 def _masked_roots(gm: fx.GraphModule, deps) -> torch.Tensor:
-    from graphprune.ir.masking import unit_mask_state
-
     roots = [g.roots[u] for g in deps.groups for u in torch.nonzero(unit_mask_state(gm, g)[0]).reshape(-1).tolist()]
     return torch.tensor(roots, dtype=torch.int64)
 

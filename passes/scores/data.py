@@ -14,12 +14,13 @@ that consume them (after the activation function), averaged over consumers:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from graphprune.analysis.scores import WeightScores
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.errors import ArgumentError, PreconditionError
 from graphprune.ir.inputs import calibration_batches, call_with, eval_mode
@@ -192,7 +193,6 @@ class WandaScore(_ActivationStats):
     statistic = "rms"
 
     def _stats_for(self, gm, groups, ctx):
-        from graphprune.passes.sparse_mask import WEIGHT_SCORES
 
         ops = weight_ops(gm)
         stats = self._collect(gm, ops)
@@ -207,7 +207,7 @@ class WandaScore(_ActivationStats):
                 cog, cig = w.shape[0] // op.groups, w.shape[1]
                 channel = (torch.arange(w.shape[0]) // cog).unsqueeze(1) * cig + torch.arange(cig).unsqueeze(0)
                 weight_scores[name] = w * stats[name][channel].reshape(*channel.shape, *([1] * (w.ndim - 2)))
-        ctx.set_analysis(WEIGHT_SCORES, weight_scores)
+        ctx.put(WeightScores(weight_scores))
         return stats
 
     def combine(self, gm, g, rows):

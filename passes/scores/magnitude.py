@@ -12,19 +12,18 @@ import numbers
 import torch
 import torch.fx as fx
 
-from graphprune.analysis.dependency import ChannelGroup
+from graphprune.analysis.dependency import ChannelGroup, Dependencies
+from graphprune.analysis.scores import Scores
 from graphprune.errors import ArgumentError, PassError
 from graphprune.ir.masking import resolve
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
-__all__ = ["ScorePass", "MagnitudeScore", "L1Score", "L2Score", "RandomScore", "SCORES"]
-
-SCORES = "scores"
+__all__ = ["ScorePass", "MagnitudeScore", "L1Score", "L2Score", "RandomScore"]
 
 
 class ScorePass(PassBase):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        deps = ctx.dependencies(gm)
+        deps = ctx.get(Dependencies, gm)
         scores = {key: s.to(torch.float64) for key, s in self.scores(gm, deps.groups, ctx).items()}
         for key, s in scores.items():
             if s.shape != (deps.group(key).size,):
@@ -33,7 +32,7 @@ class ScorePass(PassBase):
         if bad:
             raise PassError(f"{self.name} gave NaN or infinite scores to groups {bad[:5]}: check the calibration data and "
                             "the model's outputs on it (a mask from such scores would be arbitrary)")
-        ctx.set_analysis(SCORES, scores)
+        ctx.put(Scores(scores))
         ctx.record(groups=len(scores))
         return PassResult(gm, False)
 
