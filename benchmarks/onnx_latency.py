@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -37,8 +37,9 @@ def torch_pruning(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torc
 
     model = copy.deepcopy(model)
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
-    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=ratio, ignored_layers=last)
+    pruner = tp.pruner.MagnitudePruner(
+        model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio, ignored_layers=last
+    )
     pruner.step()
     return model
 
@@ -103,24 +104,35 @@ def main() -> None:
             print(f"done {name}", flush=True, file=__import__("sys").stderr)
     import onnxruntime
 
-    print(f"graphprune {gp.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
-          f"{platform.machine()} with {os.cpu_count()} cores; ONNX Runtime CPU with {args.threads} thread(s), batch 1, "
-          f"median of {args.repeats} interleaved runs; ratio {args.ratio}, L2, local scope, graphprune round_to={args.round_to}; "
-          f"random-init weights\n")
-    print("| model | params dense | graphprune params | MACs ratio (ideal) | dense ms | graphprune ms | speedup | speedup x ideal | ORT match (max rel err) | Torch-Pruning MACs ratio | Torch-Pruning ms | TP speedup |")
+    print(
+        f"graphprune {gp.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"{platform.machine()} with {os.cpu_count()} cores; ONNX Runtime CPU with {args.threads} thread(s), batch 1, "
+        f"median of {args.repeats} interleaved runs; ratio {args.ratio}, L2, local scope, graphprune round_to={args.round_to}; "
+        f"random-init weights\n"
+    )
+    print(
+        "| model | params dense | graphprune params | MACs ratio (ideal) | dense ms | graphprune ms | speedup | speedup x ideal | ORT match (max rel err) | Torch-Pruning MACs ratio | Torch-Pruning ms | TP speedup |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        tp = (f"{r['tp_macs_ratio']:.3f} | {r['tp_ms']:.2f} | {r['tp_speedup']:.2f}x" if "tp_ms" in r
-              else f"failed: {r.get('tp_error', '')[:60]} | - | -")
-        print(f"| {r['model']} | {r['params']:,} | {r['gp_params']:,} | {r['gp_macs_ratio']:.3f} | {r['dense_ms']:.2f} | "
-              f"{r['graphprune_ms']:.2f} | {r['gp_speedup']:.2f}x | {r['gp_speedup_over_ideal']:.2f} | yes ({r['graphprune_max_rel_err']:.1e}) | {tp} |")
+        tp = (
+            f"{r['tp_macs_ratio']:.3f} | {r['tp_ms']:.2f} | {r['tp_speedup']:.2f}x"
+            if "tp_ms" in r
+            else f"failed: {r.get('tp_error', '')[:60]} | - | -"
+        )
+        print(
+            f"| {r['model']} | {r['params']:,} | {r['gp_params']:,} | {r['gp_macs_ratio']:.3f} | {r['dense_ms']:.2f} | "
+            f"{r['graphprune_ms']:.2f} | {r['gp_speedup']:.2f}x | {r['gp_speedup_over_ideal']:.2f} | yes ({r['graphprune_max_rel_err']:.1e}) | {tp} |"
+        )
     cnn = [r for r in rows if r["model"] not in TRANSFORMERS]
     where = "on the CNNs" if cnn else "overall"
     cnn = cnn or rows
-    print(f"\n{len(rows)} models pruned, {len(rows)} exported and matched in ONNX Runtime; {where}, "
-          f"median speedup {statistics.median(r['gp_speedup'] for r in cnn):.2f}x, "
-          f"median speedup / ideal speedup {statistics.median(r['gp_speedup_over_ideal'] for r in cnn):.2f}; "
-          f"Torch-Pruning pruned {sum('tp_ms' in r for r in rows)} of {len(rows)}")
+    print(
+        f"\n{len(rows)} models pruned, {len(rows)} exported and matched in ONNX Runtime; {where}, "
+        f"median speedup {statistics.median(r['gp_speedup'] for r in cnn):.2f}x, "
+        f"median speedup / ideal speedup {statistics.median(r['gp_speedup_over_ideal'] for r in cnn):.2f}; "
+        f"Torch-Pruning pruned {sum('tp_ms' in r for r in rows)} of {len(rows)}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

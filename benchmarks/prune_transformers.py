@@ -48,19 +48,31 @@ def main() -> None:
         kinds = {g.key: g.kind for g in deps.groups}
         count = {k: sum(1 for v in kinds.values() if v == k) for k in ("head", "ffn")}
         heads = [(n, m) for key, n, m in groups if kinds.get(key) == "head"]
-        rows.append({
-            "model": name, "head_groups": count["head"], "ffn_groups": count["ffn"],
-            "heads": f"{sum(m for _, m in heads)}/{sum(n for n, _ in heads)}" if heads else "-",
-            "params": [gp.count_params(model), gp.count_params(shrunk)], "macs": [gp.count_macs(model, inputs), gp.count_macs(shrunk, inputs)],
-            "seconds": seconds, "max_abs_diff": diff,
-        })
+        rows.append(
+            {
+                "model": name,
+                "head_groups": count["head"],
+                "ffn_groups": count["ffn"],
+                "heads": f"{sum(m for _, m in heads)}/{sum(n for n, _ in heads)}" if heads else "-",
+                "params": [gp.count_params(model), gp.count_params(shrunk)],
+                "macs": [gp.count_macs(model, inputs), gp.count_macs(shrunk, inputs)],
+                "seconds": seconds,
+                "max_abs_diff": diff,
+            }
+        )
         print(f"  {name}: {seconds:.1f}s", file=sys.stderr)
-    print("Heads (kv groups under GQA) and FFN neurons at ratio 0.5, L2, no hints; random-init, 4 layers, width 256, batch 1\n")
-    print("| model | head groups | FFN groups | heads kept | params | params ratio | MACs ratio | prune time (s) | max abs diff shrunk vs masked |")
+    print(
+        "Heads (kv groups under GQA) and FFN neurons at ratio 0.5, L2, no hints; random-init, 4 layers, width 256, batch 1\n"
+    )
+    print(
+        "| model | head groups | FFN groups | heads kept | params | params ratio | MACs ratio | prune time (s) | max abs diff shrunk vs masked |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['head_groups']} | {r['ffn_groups']} | {r['heads']} | {r['params'][0] / 1e6:.2f} M -> {r['params'][1] / 1e6:.2f} M "
-              f"| {r['params'][1] / r['params'][0]:.3f} | {r['macs'][1] / r['macs'][0]:.3f} | {r['seconds']:.1f} | {r['max_abs_diff']:.1e} |")
+        print(
+            f"| {r['model']} | {r['head_groups']} | {r['ffn_groups']} | {r['heads']} | {r['params'][0] / 1e6:.2f} M -> {r['params'][1] / 1e6:.2f} M "
+            f"| {r['params'][1] / r['params'][0]:.3f} | {r['macs'][1] / r['macs'][0]:.3f} | {r['seconds']:.1f} | {r['max_abs_diff']:.1e} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

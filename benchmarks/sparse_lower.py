@@ -62,9 +62,20 @@ def layer_rows(sparsities, tokens, runs) -> list[dict]:
             for t in tokens:
                 x = torch.randn(t, in_f)
                 ms = interleaved({"dense": lambda: F.linear(x, w), "csr": lambda: csr(x), "bsr": lambda: bsr(x)}, runs)
-                rows.append({"shape": f"{in_f}->{out_f}", "sparsity": s, "tokens": t, **{f"{k}_ms": v for k, v in ms.items()},
-                             "csr_speedup": ms["dense"] / ms["csr"], "bsr_speedup": ms["dense"] / ms["bsr"]})
-                print(f"  {rows[-1]['shape']} s={s} t={t}: csr x{rows[-1]['csr_speedup']:.2f} bsr x{rows[-1]['bsr_speedup']:.2f}", file=sys.stderr)
+                rows.append(
+                    {
+                        "shape": f"{in_f}->{out_f}",
+                        "sparsity": s,
+                        "tokens": t,
+                        **{f"{k}_ms": v for k, v in ms.items()},
+                        "csr_speedup": ms["dense"] / ms["csr"],
+                        "bsr_speedup": ms["dense"] / ms["bsr"],
+                    }
+                )
+                print(
+                    f"  {rows[-1]['shape']} s={s} t={t}: csr x{rows[-1]['csr_speedup']:.2f} bsr x{rows[-1]['bsr_speedup']:.2f}",
+                    file=sys.stderr,
+                )
     return rows
 
 
@@ -81,8 +92,13 @@ def minilm_rows(runs: int) -> dict:
         exact = (minilm.embed(lowered, inputs) - minilm.embed(masked, inputs)).abs().max().item()
         lat = sparse.benchmark(traced, lowered, inputs, runs=runs)
         eager = sparse.benchmark(model, traced, inputs, runs=runs)
-        out[f"batch{batch}"] = {"eager_ms": eager.dense_ms, "dense_ms": lat.dense_ms, "sparse_ms": lat.sparse_ms, "speedup": lat.speedup,
-                                "max_abs_diff_vs_masked": exact}
+        out[f"batch{batch}"] = {
+            "eager_ms": eager.dense_ms,
+            "dense_ms": lat.dense_ms,
+            "sparse_ms": lat.sparse_ms,
+            "speedup": lat.speedup,
+            "max_abs_diff_vs_masked": exact,
+        }
     with tempfile.TemporaryDirectory() as tmp:
         gp.save(gp.compile(model, [], example_inputs=calib), os.path.join(tmp, "dense"))
         gp.save(lowered, os.path.join(tmp, "sparse"))
@@ -107,24 +123,36 @@ def main() -> None:
     sparsities, tokens = ((0.9,), (1, 32)) if args.quick else ((0.5, 0.7, 0.8, 0.9, 0.95), (1, 8, 32, 128))
     layers = layer_rows(sparsities, tokens, args.runs)
     e2e = minilm_rows(args.runs)
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}; "
-          f"medians of {args.runs} interleaved runs\n")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}; "
+        f"medians of {args.runs} interleaved runs\n"
+    )
     print("Per layer (CSR: unstructured zeros; BSR: 16x16 blocks of zeros); speedup = dense ms / sparse ms\n")
     print("| layer | sparsity | tokens | dense ms | CSR ms | CSR speedup | BSR ms | BSR speedup |")
     print("|---|---|---|---|---|---|---|---|")
     for r in layers:
-        print(f"| {r['shape']} | {r['sparsity']:g} | {r['tokens']} | {r['dense_ms']:.3f} | {r['csr_ms']:.3f} | {r['csr_speedup']:.2f}x "
-              f"| {r['bsr_ms']:.3f} | {r['bsr_speedup']:.2f}x |")
-    print(f"\nMiniLM-L6, 90 % unstructured sparsity in the attention and FFN projections, SparseLower(choose='measure'): "
-          f"{e2e['lowered_layers']} of {e2e['layers']} layers lowered\n")
-    print("| sentences x 32 tokens | eager HF model ms | dense graph ms | lowered ms | speedup vs dense graph | max abs diff vs masked |")
+        print(
+            f"| {r['shape']} | {r['sparsity']:g} | {r['tokens']} | {r['dense_ms']:.3f} | {r['csr_ms']:.3f} | {r['csr_speedup']:.2f}x "
+            f"| {r['bsr_ms']:.3f} | {r['bsr_speedup']:.2f}x |"
+        )
+    print(
+        f"\nMiniLM-L6, 90 % unstructured sparsity in the attention and FFN projections, SparseLower(choose='measure'): "
+        f"{e2e['lowered_layers']} of {e2e['layers']} layers lowered\n"
+    )
+    print(
+        "| sentences x 32 tokens | eager HF model ms | dense graph ms | lowered ms | speedup vs dense graph | max abs diff vs masked |"
+    )
     print("|---|---|---|---|---|---|")
     for batch in (1, 8):
         r = e2e[f"batch{batch}"]
-        print(f"| {batch} | {r['eager_ms']:.2f} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['max_abs_diff_vs_masked']:.1e} |")
-    print(f"\nfile (safetensors): dense {e2e['file_mb']['dense']:.1f} MB, lowered {e2e['file_mb']['sparse']:.1f} MB, "
-          f"ratio {e2e['file_ratio']:.3f} (the embeddings, 11.7 M of 22.7 M parameters, stay dense); "
-          f"the lowered layers alone: {e2e['lowered_layers_bytes_ratio']:.3f} of their dense bytes")
+        print(
+            f"| {batch} | {r['eager_ms']:.2f} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['max_abs_diff_vs_masked']:.1e} |"
+        )
+    print(
+        f"\nfile (safetensors): dense {e2e['file_mb']['dense']:.1f} MB, lowered {e2e['file_mb']['sparse']:.1f} MB, "
+        f"ratio {e2e['file_ratio']:.3f} (the embeddings, 11.7 M of 22.7 M parameters, stay dense); "
+        f"the lowered layers alone: {e2e['lowered_layers_bytes_ratio']:.3f} of their dense bytes"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "layers": layers, "minilm": e2e}, f, indent=2)

@@ -7,9 +7,21 @@ import torch
 import torchvision
 
 MODELS = [
-    "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "efficientnet_b0",
-    "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_0", "googlenet", "inception_v3", "vgg11_bn",
-    "convnext_tiny", "alexnet", "mnasnet0_5",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "densenet121",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_0",
+    "googlenet",
+    "inception_v3",
+    "vgg11_bn",
+    "convnext_tiny",
+    "alexnet",
+    "mnasnet0_5",
 ]
 
 
@@ -20,8 +32,14 @@ def build(name: str) -> torch.nn.Module:
     if name == "bert_small":
         import transformers
 
-        cfg = transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                      intermediate_size=1024, max_position_embeddings=128)
+        cfg = transformers.BertConfig(
+            vocab_size=1000,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            max_position_embeddings=128,
+        )
         return transformers.BertModel(cfg).eval()
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     return getattr(torchvision.models, name)(**kwargs).eval()
@@ -34,17 +52,46 @@ def hf_model(name: str) -> tuple[torch.nn.Module, dict]:
 
     common = dict(vocab_size=1000, num_hidden_layers=4)
     builders = {
-        "bert": lambda: T.BertModel(T.BertConfig(hidden_size=256, num_attention_heads=4, intermediate_size=1024, **common)),
-        "roberta": lambda: T.RobertaModel(T.RobertaConfig(hidden_size=256, num_attention_heads=4, intermediate_size=1024,
-                                                          max_position_embeddings=160, **common)),
-        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=1000, dim=256, n_layers=4, n_heads=4, hidden_dim=1024)),
-        "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)),
-        "gpt2": lambda: T.GPT2Model(T.GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_positions=128, use_cache=False)),
-        "llama": lambda: T.LlamaModel(T.LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                    intermediate_size=704, use_cache=False, **common)),
-        "qwen2": lambda: T.Qwen2Model(T.Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                    intermediate_size=704, use_cache=False, **common)),
-        "t5": lambda: T.T5Model(T.T5Config(vocab_size=1000, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4, use_cache=False)),
+        "bert": lambda: T.BertModel(
+            T.BertConfig(hidden_size=256, num_attention_heads=4, intermediate_size=1024, **common)
+        ),
+        "roberta": lambda: T.RobertaModel(
+            T.RobertaConfig(
+                hidden_size=256, num_attention_heads=4, intermediate_size=1024, max_position_embeddings=160, **common
+            )
+        ),
+        "distilbert": lambda: T.DistilBertModel(
+            T.DistilBertConfig(vocab_size=1000, dim=256, n_layers=4, n_heads=4, hidden_dim=1024)
+        ),
+        "vit": lambda: T.ViTModel(
+            T.ViTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+        ),
+        "gpt2": lambda: T.GPT2Model(
+            T.GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_positions=128, use_cache=False)
+        ),
+        "llama": lambda: T.LlamaModel(
+            T.LlamaConfig(
+                hidden_size=256,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                intermediate_size=704,
+                use_cache=False,
+                **common,
+            )
+        ),
+        "qwen2": lambda: T.Qwen2Model(
+            T.Qwen2Config(
+                hidden_size=256,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                intermediate_size=704,
+                use_cache=False,
+                **common,
+            )
+        ),
+        "t5": lambda: T.T5Model(
+            T.T5Config(vocab_size=1000, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4, use_cache=False)
+        ),
     }
     torch.manual_seed(0)
     model = builders[name]().eval()

@@ -1,15 +1,22 @@
 """graphprune: prune PyTorch models like a compiler optimises programs.
 
-    import graphprune as gp
-    from graphprune.passes import L2Score, ChannelMask, Shrink
-    pruned = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=(x,))
-    print(gp.summary(model, pruned, (x,)))
+import graphprune as gp
+from graphprune.passes import L2Score, ChannelMask, Shrink
+pruned = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=(x,))
+print(gp.summary(model, pruned, (x,)))
 """
 
 from graphprune import rules as _rules  # noqa: F401  (registers the built-in per-op rules)
-from graphprune.analysis import ChannelGroup, Dependencies, FrozenChannels, Slot, analyze_dependencies, count_macs, count_params
+from graphprune.analysis import (
+    ChannelGroup,
+    Dependencies,
+    FrozenChannels,
+    Slot,
+    analyze_dependencies,
+    count_macs,
+    count_params,
+)
 from graphprune.compile import analyze, compile
-from graphprune.hf import as_hf_model
 from graphprune.errors import (
     ArgumentError,
     CheckpointError,
@@ -22,13 +29,14 @@ from graphprune.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from graphprune.hf import as_hf_model
+from graphprune.ir.trace import trace
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
 from graphprune.saving import load, save
 from graphprune.schedule import Pruner, sparsity_at
 from graphprune.sensitivity import Sensitivity, sensitivity
 from graphprune.summary import Summary, summary
-from graphprune.ir.trace import trace
 from graphprune.vocab import prune_vocabulary
 
 __version__ = "0.1.0"

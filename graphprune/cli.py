@@ -26,15 +26,21 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     builder = getattr(torchvision.models, args.model, None)
     if builder is None or not callable(builder):
-        print(f"unknown torchvision model {args.model!r}; try resnet18, mobilenet_v2, densenet121, ...", file=sys.stderr)
+        print(
+            f"unknown torchvision model {args.model!r}; try resnet18, mobilenet_v2, densenet121, ...", file=sys.stderr
+        )
         return 2
     torch.manual_seed(args.seed)
     model = builder().eval()
     x = torch.randn(args.batch, 3, args.size, args.size)
     score = {"l1": L1Score, "l2": L2Score}[args.criterion]()
-    print(f"pruning {args.model} (random init) at ratio {args.ratio}, input {tuple(x.shape)}, criterion {args.criterion}")
+    print(
+        f"pruning {args.model} (random init) at ratio {args.ratio}, input {tuple(x.shape)}, criterion {args.criterion}"
+    )
     start = time.perf_counter()
-    masked = gp.compile(model, [score, ChannelMask(args.ratio, scope=args.scope, round_to=args.round_to)], example_inputs=(x,))
+    masked = gp.compile(
+        model, [score, ChannelMask(args.ratio, scope=args.scope, round_to=args.round_to)], example_inputs=(x,)
+    )
     pruned = gp.compile(masked, [Shrink()], example_inputs=(x,))
     elapsed = time.perf_counter() - start
     with torch.no_grad():
@@ -61,16 +67,24 @@ def _export_and_measure(model, pruned, x, args, report) -> int:
     for name, m in (("dense", model), ("pruned", pruned)):
         r = gox.export(m, out / f"{args.model}_{name}.onnx", example_inputs=(x,))
         files[name] = r.path
-        print(f"exported {name}: {r.path} ({r.file_bytes / 1e6:.1f} MB, {r.exporter} exporter, opset {r.opset}); "
-              f"ONNX Runtime matches torch: max abs error {r.max_abs_error:.1e}")
+        print(
+            f"exported {name}: {r.path} ({r.file_bytes / 1e6:.1f} MB, {r.exporter} exporter, opset {r.opset}); "
+            f"ONNX Runtime matches torch: max abs error {r.max_abs_error:.1e}"
+        )
     threads = args.threads or torch.get_num_threads()
     rows = {r.name: r for r in gox.benchmark(files, (x,), threads=threads, warmup=3, repeats=args.repeats)}
     d, p = rows["dense"], rows["pruned"]
     ideal = report.macs[1] / report.macs[0]
-    print(f"\nONNX Runtime CPU latency, batch {x.shape[0]}, {threads} thread(s), median of {args.repeats} interleaved runs:")
-    print(f"  dense  {d.median_ms:8.2f} ms   pruned {p.median_ms:8.2f} ms   pruned/dense {p.median_ms / d.median_ms:.3f}"
-          f"   (MACs ratio {ideal:.3f})")
-    print(f"  speedup {d.median_ms / p.median_ms:.2f}x   file {d.file_bytes / 1e6:.1f} MB -> {p.file_bytes / 1e6:.1f} MB")
+    print(
+        f"\nONNX Runtime CPU latency, batch {x.shape[0]}, {threads} thread(s), median of {args.repeats} interleaved runs:"
+    )
+    print(
+        f"  dense  {d.median_ms:8.2f} ms   pruned {p.median_ms:8.2f} ms   pruned/dense {p.median_ms / d.median_ms:.3f}"
+        f"   (MACs ratio {ideal:.3f})"
+    )
+    print(
+        f"  speedup {d.median_ms / p.median_ms:.2f}x   file {d.file_bytes / 1e6:.1f} MB -> {p.file_bytes / 1e6:.1f} MB"
+    )
     return 0
 
 

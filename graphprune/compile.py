@@ -22,10 +22,10 @@ from graphprune.hf import express_config
 from graphprune.ir.inputs import check_example_inputs, check_fits
 from graphprune.ir.masking import attach_masks, channel_masked, detach_masks, masks_of
 from graphprune.ir.norms import sync_masked_ops
-from graphprune.pipeline import PassContext, PassRecord, Pipeline
 from graphprune.ir.shadow import deepcopy_model, shadow
 from graphprune.ir.trace import ROOT_HOLDER, trace
 from graphprune.ir.verify import check_runs, run_outputs
+from graphprune.pipeline import PassContext, PassRecord, Pipeline
 from graphprune.writeback import land
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,9 @@ def compile(
         landing = land(work, gm, origin, example_inputs)
     if landing.model is None:
         if output == "module":
-            raise GraphPruneError(f"the result cannot be written back into {type(source or model).__name__}: {landing.reason}")
+            raise GraphPruneError(
+                f"the result cannot be written back into {type(source or model).__name__}: {landing.reason}"
+            )
         records.append(PassRecord("write-back", details={"note": f"returned as a graph module: {landing.reason}"}))
         logger.info("returning the graph module: %s", landing.reason)
         return gm
@@ -135,8 +137,9 @@ def _trace(ahead: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple
     try:
         run_outputs(gm, example_inputs)
     except Exception as exc:
-        raise InputError(f"{type(ahead).__name__} does not run on example_inputs: {type(exc).__name__}: "
-                         f"{str(exc).strip()[:400]}") from exc
+        raise InputError(
+            f"{type(ahead).__name__} does not run on example_inputs: {type(exc).__name__}: {str(exc).strip()[:400]}"
+        ) from exc
     return gm
 
 
@@ -146,8 +149,9 @@ def _check_runs_eagerly(model: nn.Module, example_inputs: tuple | dict, masks) -
     try:
         run_outputs(model, example_inputs)
     except Exception as exc:
-        raise InputError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: "
-                         f"{str(exc).strip()[:400]}") from exc
+        raise InputError(
+            f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: {str(exc).strip()[:400]}"
+        ) from exc
 
 
 def _warn_masks_after_shrink(records: list[PassRecord], gm: nn.Module) -> None:
@@ -156,7 +160,11 @@ def _warn_masks_after_shrink(records: list[PassRecord], gm: nn.Module) -> None:
     if "Shrink" not in names or not any(channel_masked(m) for m in gm.modules()):
         return
     last_shrink = len(names) - 1 - names[::-1].index("Shrink")
-    later = [r.name for r in records[last_shrink + 1:] if r.modified]
+    later = [r.name for r in records[last_shrink + 1 :] if r.modified]
     if later:
-        warnings.warn(f"Shrink ran before {later}: the result is masked, not shrunk (masked channels are still stored "
-                      "and computed); put Shrink() after the mask passes", GraphPruneWarning, stacklevel=3)
+        warnings.warn(
+            f"Shrink ran before {later}: the result is masked, not shrunk (masked channels are still stored "
+            "and computed); put Shrink() after the mask passes",
+            GraphPruneWarning,
+            stacklevel=3,
+        )

@@ -54,14 +54,21 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
     config with every shape right is offered to `accept` (which may verify more).  Returns the
     config (None if none fits) and the tensors that fit least badly."""
     before = _shapes(_build(cls, config) or nn.Module())
-    changes = {(before[k][d], target[k][d]) for k in before if k in target and len(before[k]) == len(target[k])
-               for d in range(len(before[k])) if before[k][d] != target[k][d]}
+    changes = {
+        (before[k][d], target[k][d])
+        for k in before
+        if k in target and len(before[k]) == len(target[k])
+        for d in range(len(before[k]))
+        if before[k][d] != target[k][d]
+    }
 
     def moves(cfg) -> list[tuple[str, int]]:
         out = []
         for attr, value in cfg.to_dict().items():
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                candidates = {new for old, new in changes if old == value} | {value * new // old for old, new in changes if value * new % old == 0}
+                candidates = {new for old, new in changes if old == value} | {
+                    value * new // old for old, new in changes if value * new % old == 0
+                }
                 out += [(attr, c) for c in sorted(candidates - {value, 0})]
         return out
 
@@ -91,9 +98,11 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
 
 def _refuse_save_pretrained(reason: str):
     def save_pretrained(*args, **kwargs):
-        raise GraphPruneError(f"save_pretrained would write a config that does not describe this pruned model ({reason}); "
-                              "save it with graphprune.save(model, folder) and load it with graphprune.load(original, folder, "
-                              "example_inputs)")
+        raise GraphPruneError(
+            f"save_pretrained would write a config that does not describe this pruned model ({reason}); "
+            "save it with graphprune.save(model, folder) and load it with graphprune.load(original, folder, "
+            "example_inputs)"
+        )
 
     return save_pretrained
 
@@ -113,8 +122,10 @@ def express_config(model: nn.Module) -> str | None:
         return None
     found, misfits = _search(cls, model.config, target, accept=lambda cfg: True)
     if found is None:
-        reason = (f"{cls.__name__}'s config cannot express these sizes (tensors that do not fit: "
-                  f"{misfits[:4]}{'...' if len(misfits) > 4 else ''})")
+        reason = (
+            f"{cls.__name__}'s config cannot express these sizes (tensors that do not fit: "
+            f"{misfits[:4]}{'...' if len(misfits) > 4 else ''})"
+        )
         model.__dict__["save_pretrained"] = _refuse_save_pretrained(reason)
         return reason
     for attr, value in found.to_dict().items():
@@ -129,7 +140,9 @@ def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | 
     own class already where its forward computes the result; this is for graph modules (and checks
     that the config of an own-class result describes it)."""
     if not hasattr(original, "config"):
-        raise GraphPruneError(f"as_hf_model needs the original Hugging Face model (with a config), got {type(original).__name__}")
+        raise GraphPruneError(
+            f"as_hf_model needs the original Hugging Face model (with a config), got {type(original).__name__}"
+        )
     if any(parametrize.is_parametrized(m) for m in pruned.modules()):
         raise GraphPruneError("the model still holds masks: run Shrink() first, then as_hf_model")
     example_inputs = check_example_inputs(example_inputs)
@@ -137,7 +150,9 @@ def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | 
     if type(pruned) is cls:
         reason = express_config(pruned)
         if reason is not None:
-            raise GraphPruneError(f"{reason}. Keep using the pruned model (it is a {cls.__name__}) and save it with graphprune.save")
+            raise GraphPruneError(
+                f"{reason}. Keep using the pruned model (it is a {cls.__name__}) and save it with graphprune.save"
+            )
         return pruned
     weights = pruned.state_dict()
     with eval_mode(pruned), torch.no_grad():
@@ -145,7 +160,9 @@ def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | 
 
     def verified(config) -> bool:
         model = cls(config)
-        if model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False).missing_keys:
+        if model.load_state_dict(
+            {k: v for k, v in weights.items() if k in model.state_dict()}, strict=False
+        ).missing_keys:
             return False
         with eval_mode(model), torch.no_grad():
             got = _first(call_with(model, example_inputs))
@@ -158,9 +175,11 @@ def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | 
     target = {k: tuple(v.shape) for k, v in list(pruned.named_parameters()) + list(pruned.named_buffers())}
     config, misfits = _search(cls, original.config, target, verified)
     if config is None:
-        raise GraphPruneError(f"{cls.__name__}'s config cannot express this pruning (every layer alike, and sizes the class derives "
-                              f"from its config); tensors that do not fit: {misfits[:6]}{'...' if len(misfits) > 6 else ''}. "
-                              "Keep using the pruned GraphModule, or prune what the config describes (e.g. FFN neurons alike in every layer)")
+        raise GraphPruneError(
+            f"{cls.__name__}'s config cannot express this pruning (every layer alike, and sizes the class derives "
+            f"from its config); tensors that do not fit: {misfits[:6]}{'...' if len(misfits) > 6 else ''}. "
+            "Keep using the pruned GraphModule, or prune what the config describes (e.g. FFN neurons alike in every layer)"
+        )
     return found[-1].train(original.training)
 
 

@@ -130,7 +130,9 @@ class PassBase(abc.ABC):
         op = cls.__dict__.get("plan_op")
         if op is not None:
             if op in _REPLAY and _REPLAY[op].__qualname__ != cls.__qualname__:
-                raise ArgumentError(f"plan step {op!r} is replayed by {_REPLAY[op].__qualname__} already; give {cls.__qualname__} its own plan_op")
+                raise ArgumentError(
+                    f"plan step {op!r} is replayed by {_REPLAY[op].__qualname__} already; give {cls.__qualname__} its own plan_op"
+                )
             _REPLAY[op] = cls
 
     @classmethod
@@ -146,8 +148,7 @@ class PassBase(abc.ABC):
         return self.call(gm, ctx)
 
     @abc.abstractmethod
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ...
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult: ...
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -171,7 +172,9 @@ class _FunctionPass(PassBase):
             return PassResult(result, result is not gm or _state_key(gm) != before)
         if result is None:  # modified only if it changed the graph or a tensor
             return PassResult(gm, _state_key(gm) != before)
-        raise ArgumentError(f"pass {self.name} returned {type(result).__name__}; return a PassResult, a GraphModule or None")
+        raise ArgumentError(
+            f"pass {self.name} returned {type(result).__name__}; return a PassResult, a GraphModule or None"
+        )
 
 
 def _state_key(gm: fx.GraphModule) -> tuple:

@@ -45,8 +45,10 @@ def plan_of(model: nn.Module) -> dict:
         elif record.modified:
             unknown.append(record.name)
     if unknown:
-        raise GraphPruneError(f"passes {unknown} changed the model but record no plan step, so a saved model could not be "
-                              "rebuilt; record one with ctx.record(plan={'op': ...}) and register its replay in graphprune.saving.REPLAY")
+        raise GraphPruneError(
+            f"passes {unknown} changed the model but record no plan step, so a saved model could not be "
+            "rebuilt; record one with ctx.record(plan={'op': ...}) and register its replay in graphprune.saving.REPLAY"
+        )
     return {"format": FORMAT, "version": VERSION, "steps": steps}
 
 
@@ -60,7 +62,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> None:
     if directory.exists() and not directory.is_dir():
         raise ArgumentError(f"save: {directory} is a file; give a folder to write the checkpoint into")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / PLAN_FILE).exists():
-        raise ArgumentError(f"save: {directory} holds files and is not a graphprune checkpoint; give a new or empty folder")
+        raise ArgumentError(
+            f"save: {directory} holds files and is not a graphprune checkpoint; give a new or empty folder"
+        )
     plan = plan_of(model)
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -116,8 +120,11 @@ def _read_plan(directory: Path) -> dict:
     if not isinstance(plan, dict) or plan.get("format") != FORMAT or plan.get("version") != VERSION:
         raise CheckpointError(f"{path} is not a graphprune plan of version {VERSION}")
     steps, tied = plan.get("steps"), plan.get("tied", {})
-    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("op"), str) for s in steps) \
-            or not isinstance(tied, dict):
+    if (
+        not isinstance(steps, list)
+        or not all(isinstance(s, dict) and isinstance(s.get("op"), str) for s in steps)
+        or not isinstance(tied, dict)
+    ):
         raise CheckpointError(f"{path} is damaged: 'steps' must be a list of steps, each with an 'op'")
     unknown = sorted({s["op"] for s in steps} - replayable_ops())
     if unknown:
@@ -125,7 +132,9 @@ def _read_plan(directory: Path) -> dict:
     return plan
 
 
-def load(model: nn.Module, directory: str | os.PathLike, example_inputs: tuple | dict, *, leaf_modules: Iterable[type] = ()) -> nn.Module:
+def load(
+    model: nn.Module, directory: str | os.PathLike, example_inputs: tuple | dict, *, leaf_modules: Iterable[type] = ()
+) -> nn.Module:
     """Rebuild what `save` wrote: replay its plan on a copy of the original `model` (not changed),
     traced on the same kind of example inputs, then load the weights; every tensor must fit."""
     directory = Path(directory)
@@ -140,7 +149,9 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: tuple |
         tensors[name] = tensors[source]
     advice = "pass the original model and example inputs of the same shapes as when it was pruned"
     try:
-        rebuilt = compile(model, [replay(s) for s in plan["steps"]], example_inputs=example_inputs, leaf_modules=leaf_modules)
+        rebuilt = compile(
+            model, [replay(s) for s in plan["steps"]], example_inputs=example_inputs, leaf_modules=leaf_modules
+        )
     except (KeyError, IndexError, TypeError, ValueError, GraphPruneError) as exc:
         raise CheckpointError(f"{directory} does not fit this model ({type(exc).__name__}: {exc}): {advice}") from exc
     try:
@@ -148,5 +159,7 @@ def load(model: nn.Module, directory: str | os.PathLike, example_inputs: tuple |
     except RuntimeError as exc:
         raise CheckpointError(f"{directory} does not fit the rebuilt model: {advice}\n{exc}") from exc
     if missing or unexpected:
-        raise CheckpointError(f"{directory} does not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]}): {advice}")
+        raise CheckpointError(
+            f"{directory} does not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]}): {advice}"
+        )
     return rebuilt

@@ -36,7 +36,9 @@ __all__ = ["Pruner", "sparsity_at"]
 SCHEDULES = ("cubic", "linear")
 
 
-def sparsity_at(step: int, *, start_step: int, end_step: int, initial: float, target: float, schedule: str = "cubic") -> float:
+def sparsity_at(
+    step: int, *, start_step: int, end_step: int, initial: float, target: float, schedule: str = "cubic"
+) -> float:
     """The scheduled sparsity at `step` (Zhu & Gupta's cubic ramp, or a linear one)."""
     if step <= start_step:
         return initial
@@ -81,9 +83,10 @@ class Pruner:
         choice(per, "Pruner per", ("step", "epoch"))
         frequency = positive_int(frequency, "Pruner frequency")
         if not (isinstance(end_step, int) and isinstance(start_step, int) and end_step > start_step >= 0):
-            raise ArgumentError(f"Pruner needs ints 0 <= start_step < end_step, got start_step={start_step!r}, end_step={end_step!r}")
+            raise ArgumentError(
+                f"Pruner needs ints 0 <= start_step < end_step, got start_step={start_step!r}, end_step={end_step!r}"
+            )
         if mask is None:
-
             mask = UnstructuredMask
         self.example_inputs = example_inputs
         self.target, self.initial = float(target_sparsity), float(initial_sparsity)
@@ -116,8 +119,17 @@ class Pruner:
         if s < self.start_step or s > self.end_step:
             return
         if (s - self.start_step) % self.frequency == 0 or s == self.end_step:
-            self._prune_to(sparsity_at(s, start_step=self.start_step, end_step=self.end_step,
-                                       initial=self.initial, target=self.target, schedule=self.schedule), s)
+            self._prune_to(
+                sparsity_at(
+                    s,
+                    start_step=self.start_step,
+                    end_step=self.end_step,
+                    initial=self.initial,
+                    target=self.target,
+                    schedule=self.schedule,
+                ),
+                s,
+            )
 
     # -- the hooks people already use ----------------------------------------------------
     def on_train_begin(self) -> None:

@@ -1,9 +1,9 @@
 """Sensitivity analysis: prune one group at a time, measure a user metric, derive per-group ratios.
 
-    sens = graphprune.sensitivity(model, evaluate, example_inputs=(x,))   # evaluate(model) -> float, higher is better
-    print(sens.table()); sens.plot("sensitivity.png")
-    ratios = sens.ratios_for(max_drop=0.01)
-    pruned = graphprune.compile(model, [L1Score(), ChannelMask(ratios), Shrink()], example_inputs=(x,))
+sens = graphprune.sensitivity(model, evaluate, example_inputs=(x,))   # evaluate(model) -> float, higher is better
+print(sens.table()); sens.plot("sensitivity.png")
+ratios = sens.ratios_for(max_drop=0.01)
+pruned = graphprune.compile(model, [L1Score(), ChannelMask(ratios), Shrink()], example_inputs=(x,))
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class Sensitivity:
         values = {(g, r): m for g, r, m in self.rows}
         lines = ["| group | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
         for g in self.groups:
-            lines.append(f"| {g} | " + " | ".join(f"{values[(g, r)]:.4g}" if (g, r) in values else "-" for r in ratios) + " |")
+            lines.append(
+                f"| {g} | " + " | ".join(f"{values[(g, r)]:.4g}" if (g, r) in values else "-" for r in ratios) + " |"
+            )
         return f"baseline {self.baseline:.4g}\n\n" + "\n".join(lines)
 
     def ratios_for(self, max_drop: float) -> dict[str, float]:
@@ -101,8 +103,9 @@ def _metric(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str)
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ArgumentError(f"sensitivity: evaluate returned {type(value).__name__} for {what}; return a number "
-                            "(higher is better)") from None
+        raise ArgumentError(
+            f"sensitivity: evaluate returned {type(value).__name__} for {what}; return a number (higher is better)"
+        ) from None
     if not math.isfinite(value):
         raise InputError(f"sensitivity: evaluate returned {value} for {what}; it must return a finite number")
     return value

@@ -28,7 +28,9 @@ class Summary:
     frozen: tuple[FrozenChannels, ...] = ()
     frozen_units: int = 0
     sparsity_counts: tuple[tuple[str, int, int], ...] = ()  # masked tensors: (name, zeros, size)
-    lowered: tuple[tuple[str, str, str], ...] = ()  # SparseLower's decisions: (weight, "csr"/"bsr"/"dense", why and timings)
+    lowered: tuple[
+        tuple[str, str, str], ...
+    ] = ()  # SparseLower's decisions: (weight, "csr"/"bsr"/"dense", why and timings)
 
     @property
     def masked_params(self) -> int:
@@ -39,6 +41,7 @@ class Summary:
     def sparsity(self) -> tuple[tuple[str, float], ...]:
         """Masked tensors and their share of zeros."""
         return tuple((n, z / max(size, 1)) for n, z, size in self.sparsity_counts)
+
     passes: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = field(default=())
 
@@ -56,9 +59,13 @@ class Summary:
         if any(kept < n for _, n, kept in self.groups):
             return ""
         if not self.groups:
-            return ": no pass masked or removed anything" + ("" if not self.frozen else " (and some channels are frozen, below)")
+            return ": no pass masked or removed anything" + (
+                "" if not self.frozen else " (and some channels are frozen, below)"
+            )
         top = sorted(self.frozen, key=lambda f: -f.channels)[:2]
-        return ": " + "; ".join(f"{f.channels} channel(s) at {f.site.location or f.site.node} {f.site.reason}" for f in top)
+        return ": " + "; ".join(
+            f"{f.channels} channel(s) at {f.site.location or f.site.node} {f.site.reason}" for f in top
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -71,7 +78,10 @@ class Summary:
             "groups": [list(g) for g in self.groups],
             "frozen_units": self.frozen_units,
             "sparsity": [list(r) for r in self.sparsity],
-            "frozen": [{"node": f.site.location or f.site.node, "reason": f.site.reason, "channels": f.channels} for f in self.frozen],
+            "frozen": [
+                {"node": f.site.location or f.site.node, "reason": f.site.reason, "channels": f.channels}
+                for f in self.frozen
+            ],
             "passes": [list(p) for p in self.passes],
             "lowered": [list(r) for r in self.lowered],
             "notes": list(self.notes),
@@ -91,14 +101,18 @@ class Summary:
         rows = [("", "before", "after", "after/before")]
         rows.append(("params", f"{self.params[0]:,}", f"{self.params[1]:,}", ratio(*self.params)))
         rows.append(("MACs", f"{self.macs[0]:,}", f"{self.macs[1]:,}", ratio(*self.macs)))
-        rows.append(("size (MB)", f"{self.size_bytes[0] / 1e6:.2f}", f"{self.size_bytes[1] / 1e6:.2f}", ratio(*self.size_bytes)))
+        rows.append(
+            ("size (MB)", f"{self.size_bytes[0] / 1e6:.2f}", f"{self.size_bytes[1] / 1e6:.2f}", ratio(*self.size_bytes))
+        )
         lines += _table(rows)
         if self.groups:
             total = sum(g[1] for g in self.groups)
             kept = sum(g[2] for g in self.groups)
             pruned = sum(1 for g in self.groups if g[2] < g[1])
             lines += ["", f"channel groups: {len(self.groups)} ({pruned} pruned), units kept {kept:,} of {total:,}"]
-            lines += _table([("group", "units", "kept")] + [(k, str(n), str(m)) for k, n, m in self.groups], indent="  ")
+            lines += _table(
+                [("group", "units", "kept")] + [(k, str(n), str(m)) for k, n, m in self.groups], indent="  "
+            )
         if self.sparsity:
             lines += ["", "masked tensors (share of zeros):"]
             lines += _table([("tensor", "sparsity")] + [(n, f"{z:.3f}") for n, z in self.sparsity], indent="  ")
@@ -107,7 +121,10 @@ class Summary:
             lines += ["", f"sparse lowering: {chosen} of {len(self.lowered)} layers run sparse kernels"]
             lines += _table([("layer", "runs as", "why")] + list(self.lowered), indent="  ")
         if self.frozen:
-            lines += ["", f"frozen channels (kept on purpose; {self.frozen_units} inside the model, the rest at outputs):"]
+            lines += [
+                "",
+                f"frozen channels (kept on purpose; {self.frozen_units} inside the model, the rest at outputs):",
+            ]
             for f in self.frozen:
                 lines.append(f"  {f.site.location or f.site.node}: {f.channels} channel(s) {f.site.reason}")
         if self.passes:
@@ -170,7 +187,15 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
     shrunk = any(r.name == "Shrink" and r.modified for r in records)
     lowered = _lowered(records)
     sparsity = _mask_sparsity(after)
-    state = "masked" if any(z for _, z, _ in sparsity) else "shrunk" if shrunk else "lowered" if any(f != "dense" for _, f, _ in lowered) else "dense"
+    state = (
+        "masked"
+        if any(z for _, z, _ in sparsity)
+        else "shrunk"
+        if shrunk
+        else "lowered"
+        if any(f != "dense" for _, f, _ in lowered)
+        else "dense"
+    )
     try:
         gm = graph_of(after, example_inputs)
         deps = analyze_dependencies(gm, example_inputs)

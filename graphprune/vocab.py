@@ -31,13 +31,17 @@ from graphprune.errors import ArgumentError, GraphPruneError
 __all__ = ["prune_vocabulary"]
 
 
-def prune_vocabulary(model: nn.Module, tokenizer: Any, corpus: Iterable[str], *, keep: Iterable[int | str] = ()) -> tuple[nn.Module, Any]:
+def prune_vocabulary(
+    model: nn.Module, tokenizer: Any, corpus: Iterable[str], *, keep: Iterable[int | str] = ()
+) -> tuple[nn.Module, Any]:
     """(pruned model, its tokenizer), both new: `model` and `tokenizer` are not changed.
 
     Kept: every token id the tokenizer produces on `corpus` (special tokens included), all
     special tokens, and `keep` (ids or token strings)."""
     if not (hasattr(model, "get_input_embeddings") and hasattr(model, "config")):
-        raise GraphPruneError(f"prune_vocabulary takes a Hugging Face model (with get_input_embeddings), got {type(model).__name__}")
+        raise GraphPruneError(
+            f"prune_vocabulary takes a Hugging Face model (with get_input_embeddings), got {type(model).__name__}"
+        )
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = json.loads(backend.to_str()) if backend is not None else None
     if state is None or state["model"]["type"] != "WordPiece":
@@ -50,7 +54,11 @@ def prune_vocabulary(model: nn.Module, tokenizer: Any, corpus: Iterable[str], *,
     used |= set(tokenizer.all_special_ids)
     for k in keep:
         token_id = tokenizer.convert_tokens_to_ids(k) if isinstance(k, str) else int(k)
-        if token_id is None or not 0 <= token_id < len(state["model"]["vocab"]) or (isinstance(k, str) and token_id == tokenizer.unk_token_id and k != tokenizer.unk_token):
+        if (
+            token_id is None
+            or not 0 <= token_id < len(state["model"]["vocab"])
+            or (isinstance(k, str) and token_id == tokenizer.unk_token_id and k != tokenizer.unk_token)
+        ):
             raise ArgumentError(f"prune_vocabulary keep={k!r} is not a token of this tokenizer")
         used.add(token_id)
     kept = sorted(used)
@@ -63,10 +71,14 @@ def _prune_model(model: nn.Module, kept: list[int], new_id: dict[int, int]) -> n
     rows = torch.tensor(kept)
     old = model.get_input_embeddings()
     if old.weight.shape[0] <= max(kept):
-        raise GraphPruneError(f"the tokenizer has token ids up to {max(kept)} but the model's embedding has {old.weight.shape[0]} rows")
+        raise GraphPruneError(
+            f"the tokenizer has token ids up to {max(kept)} but the model's embedding has {old.weight.shape[0]} rows"
+        )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight is old.weight
-    new = nn.Embedding(len(kept), old.embedding_dim, padding_idx=new_id.get(old.padding_idx) if old.padding_idx is not None else None)
+    new = nn.Embedding(
+        len(kept), old.embedding_dim, padding_idx=new_id.get(old.padding_idx) if old.padding_idx is not None else None
+    )
     new.weight = nn.Parameter(old.weight.detach()[rows].clone(), requires_grad=old.weight.requires_grad)
     model.set_input_embeddings(new)
     if head is not None:
@@ -77,7 +89,14 @@ def _prune_model(model: nn.Module, kept: list[int], new_id: dict[int, int]) -> n
             head.out_features = len(kept)
     config = model.config
     config.vocab_size = len(kept)
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "decoder_start_token_id"):
+    for name in (
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "sep_token_id",
+        "cls_token_id",
+        "decoder_start_token_id",
+    ):
         value = getattr(config, name, None)
         if isinstance(value, int):
             setattr(config, name, new_id.get(value, value))

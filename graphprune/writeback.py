@@ -28,10 +28,10 @@ from graphprune.ir.inputs import batch_of, with_batch
 from graphprune.ir.masking import channel_masked, masks_of
 from graphprune.ir.modules import MaskedLayerNorm, set_layer_norm_class
 from graphprune.ir.norms import masked_layer_norm, masked_reduce
-from graphprune.rules.base import rule_for_module
 from graphprune.ir.shadow import Snapshot, own_class
 from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY, no_cache
 from graphprune.ir.verify import mismatch, module_of, run_outputs
+from graphprune.rules.base import rule_for_module
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,21 @@ def _graph_only(gm: fx.GraphModule, work: nn.Module) -> str | None:
     """Constructs that exist only in the graph, which a module tree cannot hold."""
     for name, _ in gm.named_children():
         if name.startswith("graphprune_reinsert"):
-            return ("zeros are reinserted (ReinsertZeros) by modules that only the graph holds; the pruned model is "
-                    "returned as a graph")
+            return (
+                "zeros are reinserted (ReinsertZeros) by modules that only the graph holds; the pruned model is "
+                "returned as a graph"
+            )
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is masked_reduce:
-            return (f"a mean or sum over masked channels ({_line(node)}) reduces over the kept channels in the graph only; "
-                    "run Shrink() to get your own class back")
+            return (
+                f"a mean or sum over masked channels ({_line(node)}) reduces over the kept channels in the graph only; "
+                "run Shrink() to get your own class back"
+            )
         if node.op == "call_function" and node.target is masked_layer_norm and not _masked_module(node, work):
-            return (f"a functional layer_norm over masked channels ({_line(node)}) normalises over the kept channels in "
-                    "the graph only; run Shrink() to get your own class back")
+            return (
+                f"a functional layer_norm over masked channels ({_line(node)}) normalises over the kept channels in "
+                "the graph only; run Shrink() to get your own class back"
+            )
     return None
 
 
@@ -200,7 +206,11 @@ def _second_inputs(example_inputs: tuple | dict) -> tuple | dict | None:
 
 
 def _why(exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and "/graphprune/" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/torch/" not in f.filename and "/graphprune/" not in f.filename
+    ]
     where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
     return f"{type(exc).__name__}{where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
@@ -255,7 +265,9 @@ def land(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module], exam
     snapshot.restore()
     lines = _rewritten_lines(gm)
     hint = f"; the graph rewrote constants at {lines[:3]}, which your source cannot change" if lines else ""
-    return Landing(None, f"{type(work).__name__}'s own forward does not compute the pruned graph's result: {problem}{hint}")
+    return Landing(
+        None, f"{type(work).__name__}'s own forward does not compute the pruned graph's result: {problem}{hint}"
+    )
 
 
 def _compare(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple | dict) -> str | None:

@@ -18,11 +18,21 @@ from torch import nn
 
 from graphprune.analysis import Dependencies, Scores, WeightScores
 from graphprune.ir.inputs import calibration_batches
-from graphprune.ir.masking import refuse_lowered, channel_mask, ensure_channel_mask, masks_disabled, raw_tensor, replace_tensor, resolve, unit_mask_state
-from graphprune.pipeline import PassBase, PassContext, PassResult
+from graphprune.ir.masking import (
+    channel_mask,
+    ensure_channel_mask,
+    masks_disabled,
+    raw_tensor,
+    refuse_lowered,
+    replace_tensor,
+    resolve,
+    unit_mask_state,
+)
 from graphprune.ir.weight_ops import WeightOp, input_channel_stats, weight_ops
+from graphprune.pipeline import PassBase, PassContext, PassResult
 
 __all__ = ["CompensateBias"]
+
 
 class AddBias(PassBase):
     """Replays CompensateBias's `add_bias` plan step: these linear/conv modules get a (zero) bias,
@@ -41,7 +51,9 @@ class AddBias(PassBase):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for path in self.modules:
             module = gm.get_submodule(path)
-            module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device))
+            module.bias = nn.Parameter(
+                torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device)
+            )
         ctx.record(plan={"op": "add_bias", "modules": self.modules})
         return PassResult(gm, bool(self.modules))
 
@@ -67,7 +79,12 @@ class CompensateBias(PassBase):
                 if slot not in g.consumers:
                     continue
                 op = ops.get(slot.tensor)
-                if op is not None and slot.dim == 1 and op.groups == 1 and (op.bias is not None or op.module is not None):
+                if (
+                    op is not None
+                    and slot.dim == 1
+                    and op.groups == 1
+                    and (op.bias is not None or op.module is not None)
+                ):
                     targets.setdefault(op.weight, (op, set()))[1].update(idx)
                 else:
                     skipped.append(slot.tensor)
@@ -80,7 +97,9 @@ class CompensateBias(PassBase):
         for name, (op, indices) in targets.items():
             idx = torch.tensor(sorted(indices), dtype=torch.long)
             w = raw_tensor(*resolve(gm, name)).detach().double()
-            cols = w.index_select(1, idx).reshape(w.shape[0], len(idx), -1).sum(2)  # a constant input meets every kernel tap
+            cols = (
+                w.index_select(1, idx).reshape(w.shape[0], len(idx), -1).sum(2)
+            )  # a constant input meets every kernel tap
             delta = cols @ means[name][idx]
             if op.bias is None:  # an nn.Linear / nn.ConvNd without bias gets one, masked like its outputs
                 module = gm.get_submodule(op.module)

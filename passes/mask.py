@@ -30,7 +30,7 @@ from graphprune.analysis.dependency import ChannelGroup, Dependencies
 from graphprune.analysis.scores import Scores
 from graphprune.arguments import choice, fraction, mapping, module_names, positive_int
 from graphprune.errors import ArgumentError, GraphPruneWarning, PreconditionError
-from graphprune.ir.masking import refuse_lowered, mask_units, unit_mask_state
+from graphprune.ir.masking import mask_units, refuse_lowered, unit_mask_state
 from graphprune.ir.norms import sync_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
@@ -57,9 +57,14 @@ class ChannelMask(PassBase):
     ) -> None:
         what = "ChannelMask ratio (the share of channels to remove)"
         if isinstance(ratio, Mapping):
-            self.ratio = {key: fraction(r, f"ChannelMask ratio[{key!r}]") for key, r in mapping(ratio, what, f"kinds {KINDS}, group keys or '*' to ratios").items()}
+            self.ratio = {
+                key: fraction(r, f"ChannelMask ratio[{key!r}]")
+                for key, r in mapping(ratio, what, f"kinds {KINDS}, group keys or '*' to ratios").items()
+            }
         elif isinstance(ratio, (list, tuple, set)):
-            raise ArgumentError(f"{what} must be a number or a mapping of kinds / group keys to numbers, got {type(ratio).__name__}")
+            raise ArgumentError(
+                f"{what} must be a number or a mapping of kinds / group keys to numbers, got {type(ratio).__name__}"
+            )
         else:
             self.ratio = fraction(ratio, what)
         self.scope = choice(scope, "ChannelMask scope", SCOPES)
@@ -67,7 +72,9 @@ class ChannelMask(PassBase):
         self.min_channels = positive_int(min_channels, "ChannelMask min_channels")
         self.exclude = module_names(exclude, "ChannelMask exclude")
         if max_ratio is not None:
-            max_ratio = fraction(max_ratio, "ChannelMask max_ratio (caps each group in global scope)", closed=True, open_low=True)
+            max_ratio = fraction(
+                max_ratio, "ChannelMask max_ratio (caps each group in global scope)", closed=True, open_low=True
+            )
             if scope != "global":
                 raise ArgumentError("ChannelMask max_ratio caps each group in global scope: use it with scope='global'")
         self.max_ratio = max_ratio
@@ -77,18 +84,24 @@ class ChannelMask(PassBase):
         deps = ctx.get(Dependencies, gm)
         scores = ctx.cached(Scores)
         if scores is None:
-            raise PreconditionError("ChannelMask needs scores: put a score pass before it, e.g. [L2Score(), ChannelMask(0.5)]")
+            raise PreconditionError(
+                "ChannelMask needs scores: put a score pass before it, e.g. [L2Score(), ChannelMask(0.5)]"
+            )
         self._check_exclude(gm)
         self._check_keys(deps)
         groups = [g for g in deps.groups if not self._excluded(g)]
         missing = [g.key for g in groups if g.key not in scores]
         if missing:
-            raise PreconditionError(f"no scores for groups {missing[:5]}: run the score pass after any pass that changes the graph")
+            raise PreconditionError(
+                f"no scores for groups {missing[:5]}: run the score pass after any pass that changes the graph"
+            )
         done = {g.key: unit_mask_state(gm, g)[0] for g in groups}
         floor = {g.key: self._floor(g) for g in groups}
         if self.scope == "local":
             plan = {
-                g.key: self._lowest(scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key], self._ratio_of(g)))
+                g.key: self._lowest(
+                    scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key], self._ratio_of(g))
+                )
                 for g in groups
             }
         else:  # each kind of group ranked on its own: heads do not compete with channels
@@ -109,16 +122,26 @@ class ChannelMask(PassBase):
             return
         if not groups:
             reasons = sorted(deps.frozen, key=lambda f: -f.channels)[:3]
-            why = "; ".join(f"{f.site.location or f.site.node}: {f.channels} channel(s) {f.site.reason}" for f in reasons)
+            why = "; ".join(
+                f"{f.site.location or f.site.node}: {f.channels} channel(s) {f.site.reason}" for f in reasons
+            )
             excluded = " (the rest is excluded)" if deps.groups else ""
-            warnings.warn(f"ChannelMask: no channel group can be pruned{excluded}; frozen: {why or 'nothing prunable found'}",
-                          GraphPruneWarning, stacklevel=2)
+            warnings.warn(
+                f"ChannelMask: no channel group can be pruned{excluded}; frozen: {why or 'nothing prunable found'}",
+                GraphPruneWarning,
+                stacklevel=2,
+            )
             return
-        whole = [g.key for g in groups if report[g.key][1] == g.size and math.floor(self._ratio_of(g) * g.size + 1e-9) > 0]
+        whole = [
+            g.key for g in groups if report[g.key][1] == g.size and math.floor(self._ratio_of(g) * g.size + 1e-9) > 0
+        ]
         if whole and self.scope == "local":
-            warnings.warn(f"ChannelMask: {len(whole)} group(s) keep every unit because round_to={self.round_to} / "
-                          f"min_channels={self.min_channels} / max_ratio leave nothing to remove: {whole[:5]}",
-                          GraphPruneWarning, stacklevel=2)
+            warnings.warn(
+                f"ChannelMask: {len(whole)} group(s) keep every unit because round_to={self.round_to} / "
+                f"min_channels={self.min_channels} / max_ratio leave nothing to remove: {whole[:5]}",
+                GraphPruneWarning,
+                stacklevel=2,
+            )
 
     # -- choosing ----------------------------------------------------------------------
     def _ratio_of(self, g: ChannelGroup) -> float:
@@ -133,19 +156,27 @@ class ChannelMask(PassBase):
         keys, kinds = {g.key for g in deps.groups}, {g.kind for g in deps.groups}
         ambiguous = sorted(set(self.ratio) & keys & set(KINDS))
         if ambiguous:
-            raise ArgumentError(f"ChannelMask ratio keys {ambiguous} are both a kind of group and a group of this model; "
-                                "rename the module or set the ratio per group with a key that is not a kind")
+            raise ArgumentError(
+                f"ChannelMask ratio keys {ambiguous} are both a kind of group and a group of this model; "
+                "rename the module or set the ratio per group with a key that is not a kind"
+            )
         unknown = sorted(set(self.ratio) - keys - set(KINDS) - {"*"})
         if unknown:
-            raise ArgumentError(f"ChannelMask ratio names groups the model does not have: {unknown[:5]}; keys are kinds "
-                                f"{KINDS}, '*' or group keys, e.g. {[g.key for g in deps.groups][:10]}")
+            raise ArgumentError(
+                f"ChannelMask ratio names groups the model does not have: {unknown[:5]}; keys are kinds "
+                f"{KINDS}, '*' or group keys, e.g. {[g.key for g in deps.groups][:10]}"
+            )
         per_group = sorted(set(self.ratio) & keys)
         if per_group and self.scope != "local":
-            raise ArgumentError(f"ChannelMask ratio sets groups' own ratios ({per_group[:3]}): use it with scope='local'")
+            raise ArgumentError(
+                f"ChannelMask ratio sets groups' own ratios ({per_group[:3]}): use it with scope='local'"
+            )
         absent = sorted(k for k, r in self.ratio.items() if k in KINDS and r > 0 and k not in kinds)
         if absent:
             note = "; a model with no attention has no 'head' groups" if "head" in absent else ""
-            raise PreconditionError(f"ChannelMask ratio names kinds of groups this model does not have: {absent} (it has {sorted(kinds)}){note}")
+            raise PreconditionError(
+                f"ChannelMask ratio names kinds of groups this model does not have: {absent} (it has {sorted(kinds)}){note}"
+            )
 
     def _floor(self, g: ChannelGroup) -> int:
         keep = min(self.min_channels, g.size)
@@ -194,7 +225,7 @@ class ChannelMask(PassBase):
             target = min(sizes[key], math.ceil(keep / self.round_to) * self.round_to)
             units.sort(key=lambda u: float(scores[key][u]) if not bool(done[key][u]) else -math.inf)
             fresh = sum(1 for u in units if not bool(done[key][u]))  # masked units cannot come back
-            del units[len(units) - min(target - keep, fresh):]
+            del units[len(units) - min(target - keep, fresh) :]
             units.sort()
         return chosen
 
@@ -206,7 +237,9 @@ class ChannelMask(PassBase):
         names = {n for n, _ in gm.named_modules()}
         missing = [e for e in self.exclude if e not in names]
         if missing:
-            raise ArgumentError(f"ChannelMask exclude names modules the model does not have: {missing}; use names from model.named_modules()")
+            raise ArgumentError(
+                f"ChannelMask exclude names modules the model does not have: {missing}; use names from model.named_modules()"
+            )
 
 
 def apply_units(gm: fx.GraphModule, ctx: PassContext, deps: Dependencies, units: dict[str, list[int]]) -> bool:
@@ -234,7 +267,9 @@ class MaskUnits(PassBase):
     plan_op = "channel_mask"
 
     def __init__(self, units: dict[str, list[int]]) -> None:
-        self.units = {key: list(ids) for key, ids in mapping(units, "MaskUnits units", "group keys to unit indices").items()}
+        self.units = {
+            key: list(ids) for key, ids in mapping(units, "MaskUnits units", "group keys to unit indices").items()
+        }
 
     @classmethod
     def from_plan(cls, step: dict) -> MaskUnits:
@@ -249,5 +284,7 @@ class MaskUnits(PassBase):
             raise ArgumentError(f"MaskUnits names groups this model does not have: {missing[:5]}")
         for key, ids in self.units.items():
             if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < groups[key].size for i in ids):
-                raise ArgumentError(f"MaskUnits masks units of group {key} that it does not have (it has {groups[key].size})")
+                raise ArgumentError(
+                    f"MaskUnits masks units of group {key} that it does not have (it has {groups[key].size})"
+                )
         return PassResult(gm, apply_units(gm, ctx, deps, self.units))

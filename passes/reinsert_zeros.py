@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from graphprune.analysis import Dependencies
-from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.ir.modules import ZeroReinsert
+from graphprune.pipeline import PassBase, PassContext, PassResult
 
 __all__ = ["ReinsertZeros"]
 
@@ -52,5 +52,8 @@ class ReinsertZeros(PassBase):
                 new = gm.graph.call_module(name, (src,))
             consumer.replace_input_with(src, new)
             inserted.append(f"{site.source} -> {site.node}")
-        ctx.record(inserted=inserted, plan={"op": "reinsert_zeros", "outputs": self.outputs, "unsupported_ops": self.unsupported_ops})
+        ctx.record(
+            inserted=inserted,
+            plan={"op": "reinsert_zeros", "outputs": self.outputs, "unsupported_ops": self.unsupported_ops},
+        )
         return PassResult(gm, bool(inserted))

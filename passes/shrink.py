@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from graphprune.analysis.dependency import Dependencies
 from graphprune.errors import PassError
-from graphprune.ir.masking import refuse_lowered, channel_mask, raw_tensor, resolve, take_masks, unit_mask_state
+from graphprune.ir.masking import channel_mask, raw_tensor, refuse_lowered, resolve, take_masks, unit_mask_state
 from graphprune.ir.modules import set_layer_norm_class
 from graphprune.ir.norms import revert_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
@@ -77,7 +77,7 @@ class Shrink(PassBase):
                 for pos, name, roots in deps.counts.get(node.name, ()):  # a depthwise conv's groups: its channels
                     kept = int((~torch.isin(roots, pruned)).sum())
                     if len(node.args) > pos:
-                        node.args = (*node.args[:pos], kept, *node.args[pos + 1:])
+                        node.args = (*node.args[:pos], kept, *node.args[pos + 1 :])
                     else:
                         node.kwargs = {**node.kwargs, name: kept}
         ctx.record(groups=report, plan={"op": "shrink"})
@@ -119,7 +119,9 @@ class Shrink(PassBase):
                     continue
                 for d in mask.masked_dims():
                     if not bool(getattr(mask, f"keep_{d}").all()):
-                        raise PassError(f"{mod_name}.{attr} masks channels along dim {d} that belong to no prunable group; these masks cannot be removed exactly")
+                        raise PassError(
+                            f"{mod_name}.{attr} masks channels along dim {d} that belong to no prunable group; these masks cannot be removed exactly"
+                        )
                 for wm in take_masks(module, attr, f"{mod_name}.{attr}"):
                     parametrize.register_parametrization(module, attr, wm)
 
@@ -152,7 +154,9 @@ def _is_split(node: fx.Node) -> bool:
 
 def _rewrite_split(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) -> None:
     """split(x, size or sizes, dim): each part's size becomes the number of channels it keeps."""
-    sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+    sizes = (
+        node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+    )
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim %= len(shape)
     if isinstance(sizes, int):
@@ -194,13 +198,18 @@ def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[
         if len(sizes) != len(shape):
             continue
         # a size computed from a channel count (perhaps another tensor's) becomes the width kept here
-        fixed = [new if (isinstance(s, int) and s != -1 and s == old != new) or (d in counted and isinstance(s, fx.Node)) else s
-                 for d, (s, old, new) in enumerate(zip(sizes, shape, new_shape))]
+        fixed = [
+            new
+            if (isinstance(s, int) and s != -1 and s == old != new) or (d in counted and isinstance(s, fx.Node))
+            else s
+            for d, (s, old, new) in enumerate(zip(sizes, shape, new_shape))
+        ]
         if fixed == sizes:
             continue
         # constants the user's source may hold (in a module attribute): write-back tries them, or names the line
-        node.meta["graphprune_rewritten"] = [(old, new) for s, old, new in zip(sizes, shape, new_shape)
-                                             if isinstance(s, int) and s == old != new]
+        node.meta["graphprune_rewritten"] = [
+            (old, new) for s, old, new in zip(sizes, shape, new_shape) if isinstance(s, int) and s == old != new
+        ]
         if where == "shape":
             node.kwargs = {**node.kwargs, "shape": tuple(fixed)}
         elif where == 1:

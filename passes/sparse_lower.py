@@ -32,9 +32,9 @@ from torch import nn
 from graphprune.arguments import choice, fraction, positive_int
 from graphprune.errors import ArgumentError, PassError
 from graphprune.ir.masking import raw_tensor, resolve
-from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.ir.modules import FORMATS, _SparseWeight, compress
 from graphprune.ir.weight_ops import WeightOp, node_arg, op_inputs, swap_node, weight_ops
+from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.timing import interleaved
 
 __all__ = ["SparseLower"]
@@ -78,7 +78,9 @@ class SparseLower(PassBase):
 
     plan_op = "sparse_lower"
 
-    def __init__(self, min_sparsity: float = 0.5, formats: Iterable[str] = FORMATS, choose: str = "measure", runs: int = 20) -> None:
+    def __init__(
+        self, min_sparsity: float = 0.5, formats: Iterable[str] = FORMATS, choose: str = "measure", runs: int = 20
+    ) -> None:
         min_sparsity = fraction(min_sparsity, "SparseLower min_sparsity")
         formats = (formats,) if isinstance(formats, str) else tuple(formats)
         unknown = [f for f in formats if f not in FORMATS]
@@ -107,14 +109,20 @@ class SparseLower(PassBase):
             why = self._unsupported(gm, op)
             if why is None:
                 zeros = float((self._weight(gm, op) == 0).double().mean())
-                why = None if zeros >= self.min_sparsity else f"sparsity {zeros:.3f} below min_sparsity {self.min_sparsity}"
+                why = (
+                    None
+                    if zeros >= self.min_sparsity
+                    else f"sparsity {zeros:.3f} below min_sparsity {self.min_sparsity}"
+                )
                 report[name] = {"sparsity": zeros}
             if why is not None:
                 report.setdefault(name, {})["kept_dense"] = why
             else:
                 candidates[name] = op
         if self.fixed is not None and set(self.fixed) - set(candidates):
-            raise PassError(f"the plan lowers layers this model does not have: {sorted(set(self.fixed) - set(candidates))[:5]}")
+            raise PassError(
+                f"the plan lowers layers this model does not have: {sorted(set(self.fixed) - set(candidates))[:5]}"
+            )
         inputs = op_inputs(gm, candidates, ctx.example_inputs) if candidates else {}
         for name, op in list(candidates.items()):
             weight_ndim = getattr(*resolve(gm, op.weight)).ndim
@@ -144,8 +152,11 @@ class SparseLower(PassBase):
         owner_path = op.weight.rpartition(".")[0]
         owner = gm.get_submodule(owner_path)
         own = {n for n, _ in owner.named_parameters(recurse=False)} | {n for n, _ in owner.named_buffers(recurse=False)}
-        if own - {"weight", "bias"} or (op.bias is not None and op.bias != f"{owner_path}.bias") \
-                or any(n != "parametrizations" for n, _ in owner.named_children()):
+        if (
+            own - {"weight", "bias"}
+            or (op.bias is not None and op.bias != f"{owner_path}.bias")
+            or any(n != "parametrizations" for n, _ in owner.named_children())
+        ):
             return "the module holding the weight holds other tensors or modules"
         weight = raw_tensor(owner, "weight")
         if weight.dtype not in (torch.float32, torch.float64):
@@ -161,7 +172,13 @@ class SparseLower(PassBase):
     @staticmethod
     def _not_pointwise(gm: fx.GraphModule, op: WeightOp, weight: torch.Tensor) -> str | None:
         def every(value, want) -> bool:
-            return value == want if isinstance(value, int) else value == "valid" if isinstance(value, str) else all(v == want for v in value)
+            return (
+                value == want
+                if isinstance(value, int)
+                else value == "valid"
+                if isinstance(value, str)
+                else all(v == want for v in value)
+            )
 
         if any(k != 1 for k in weight.shape[2:]):
             return f"a {tuple(weight.shape[2:])} convolution (only 1x1 convolutions are matmuls)"
@@ -210,13 +227,19 @@ class SparseLower(PassBase):
         out = {}
         for name, op in ops.items():
             fmt, block = self.fixed[name]["format"], self.fixed[name]["blocksize"]
-            out[name] = compress(self._weight(gm, op), self._bias(gm, op), op.kind, fmt, tuple(block) if block else None)
+            out[name] = compress(
+                self._weight(gm, op), self._bias(gm, op), op.kind, fmt, tuple(block) if block else None
+            )
         return out
 
-    def _choose(self, gm: fx.GraphModule, ops: dict[str, WeightOp], inputs: dict, report: dict) -> dict[str, _SparseWeight]:
+    def _choose(
+        self, gm: fx.GraphModule, ops: dict[str, WeightOp], inputs: dict, report: dict
+    ) -> dict[str, _SparseWeight]:
         options = {}
         for name, op in ops.items():
-            options[name] = [m for m in self._candidates(op, self._weight(gm, op), self._bias(gm, op)) if _runs(m, inputs[name])]
+            options[name] = [
+                m for m in self._candidates(op, self._weight(gm, op), self._bias(gm, op)) if _runs(m, inputs[name])
+            ]
             if not options[name]:
                 report[name]["kept_dense"] = "no format fits (BSR needs the zeros in blocks) or runs here"
         options = {name: modules for name, modules in options.items() if modules}
@@ -244,7 +267,9 @@ class SparseLower(PassBase):
             for name, modules in options.items():
                 x = inputs[name]
                 if variant == "dense":
-                    calls[(name, variant)] = partial(self._dense(ops[name], self._weight(gm, ops[name]), self._bias(gm, ops[name])), x)
+                    calls[(name, variant)] = partial(
+                        self._dense(ops[name], self._weight(gm, ops[name]), self._bias(gm, ops[name])), x
+                    )
                 for m in modules:
                     if m.format == variant:
                         calls[(name, variant)] = partial(m, x)
@@ -261,7 +286,9 @@ class SparseLower(PassBase):
         try:
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         except AssertionError as exc:
-            raise PassError(f"SparseLower: the {module.format} form of {name} does not compute what the dense layer does: {exc}") from exc
+            raise PassError(
+                f"SparseLower: the {module.format} form of {name} does not compute what the dense layer does: {exc}"
+            ) from exc
 
     # -- rewriting -------------------------------------------------------------------------
     @staticmethod

@@ -23,8 +23,8 @@ from graphprune.analysis import Dependencies, Scores, WeightScores
 from graphprune.arguments import choice, fraction, module_names
 from graphprune.errors import ArgumentError
 from graphprune.ir.masking import WeightMaskParametrization, raw_tensor, refuse_lowered, resolve, weight_mask
-from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.ir.weight_ops import weight_ops
+from graphprune.pipeline import PassBase, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ class UnstructuredMask(_WeightMaskPass):
     """Mask the `sparsity` share of lowest-scored weights, per tensor (scope="layer") or across all
     targeted tensors at once (scope="global", like torch's global_unstructured)."""
 
-    def __init__(self, sparsity: float, *, scope: str = "layer", exclude: Iterable[str] = (), include_bias: bool = False) -> None:
+    def __init__(
+        self, sparsity: float, *, scope: str = "layer", exclude: Iterable[str] = (), include_bias: bool = False
+    ) -> None:
         sparsity = fraction(sparsity, "UnstructuredMask sparsity")
         choice(scope, "UnstructuredMask scope", ("layer", "global"))
         super().__init__(exclude=exclude, include_bias=include_bias)
@@ -186,7 +188,9 @@ class NMMask(_WeightMaskPass):
             keep.scatter_(1, torch.topk(blocks, self.n, dim=1).indices, True)
             keeps.append(keep.reshape(getattr(o, a).shape))
         if skipped:
-            logger.info("NMMask left %d tensor(s) dense (row length not a multiple of %d): %s", len(skipped), self.m, skipped)
+            logger.info(
+                "NMMask left %d tensor(s) dense (row length not a multiple of %d): %s", len(skipped), self.m, skipped
+            )
             ctx.record(skipped=skipped)
         return keeps
 
@@ -217,6 +221,8 @@ class BlockMask(_WeightMaskPass):
             keep = keep_blocks.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
             keeps.append(keep.reshape(getattr(o, a).shape))
         if skipped:
-            logger.info("BlockMask left %d tensor(s) dense (shape not a multiple of %s): %s", len(skipped), self.block, skipped)
+            logger.info(
+                "BlockMask left %d tensor(s) dense (shape not a multiple of %s): %s", len(skipped), self.block, skipped
+            )
             ctx.record(skipped=skipped)
         return keeps

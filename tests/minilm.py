@@ -7,15 +7,28 @@ import os
 import torch
 
 SENTENCES = [
-    "The cat sits on the mat.", "A dog is running in the park.", "Pruning makes neural networks smaller.",
-    "The weather is sunny today.", "She is reading a book about history.", "Compilers optimise programs.",
-    "He plays the guitar every evening.", "The stock market fell sharply.", "Fresh bread smells wonderful.",
-    "The train leaves at seven.", "Children are playing football outside.", "Graphs describe dependencies.",
+    "The cat sits on the mat.",
+    "A dog is running in the park.",
+    "Pruning makes neural networks smaller.",
+    "The weather is sunny today.",
+    "She is reading a book about history.",
+    "Compilers optimise programs.",
+    "He plays the guitar every evening.",
+    "The stock market fell sharply.",
+    "Fresh bread smells wonderful.",
+    "The train leaves at seven.",
+    "Children are playing football outside.",
+    "Graphs describe dependencies.",
 ]
 HELD_OUT = [
-    "A kitten sleeps on the sofa.", "Smaller models run faster on phones.", "It will rain tomorrow afternoon.",
-    "The orchestra played a symphony.", "Prices rose after the announcement.", "We baked a cake for her birthday.",
-    "The bus was late again.", "Researchers trained a new language model.",
+    "A kitten sleeps on the sofa.",
+    "Smaller models run faster on phones.",
+    "It will rain tomorrow afternoon.",
+    "The orchestra played a symphony.",
+    "Prices rose after the announcement.",
+    "We baked a cake for her birthday.",
+    "The bus was late again.",
+    "Researchers trained a new language model.",
 ]
 
 

@@ -25,8 +25,13 @@ def test_conv_bn_conv_is_one_group_with_every_member():
     g = deps.groups[0]
     assert g.size == 8
     assert slots(g) == {
-        ("conv1.weight", 0), ("conv1.bias", 0), ("bn.weight", 0), ("bn.bias", 0),
-        ("bn.running_mean", 0), ("bn.running_var", 0), ("conv2.weight", 1),
+        ("conv1.weight", 0),
+        ("conv1.bias", 0),
+        ("bn.weight", 0),
+        ("bn.bias", 0),
+        ("bn.running_mean", 0),
+        ("bn.running_var", 0),
+        ("conv2.weight", 1),
     }
     assert all(len(idx) == 1 for unit in g.units for idx in unit)
     # conv2's outputs are the model's output: frozen, and said so.
@@ -46,7 +51,9 @@ def test_concat_offsets_index_maps():
     deps = deps_of(models.Concat())
     a = deps.group("a")
     b = deps.group("b")
-    c_in = lambda g: sorted(i for unit in g.units for s, idx in zip(g.slots, unit) if s.tensor == "c.weight" for i in idx)
+    c_in = lambda g: sorted(
+        i for unit in g.units for s, idx in zip(g.slots, unit) if s.tensor == "c.weight" for i in idx
+    )
     assert c_in(a) == [0, 1, 2, 3]
     assert c_in(b) == [4, 5, 6, 7, 8, 9]
 

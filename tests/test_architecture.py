@@ -47,7 +47,9 @@ def _imported(node: ast.stmt, modules: set[str]) -> set[str]:
 
 
 def _layer(module: str) -> int:
-    best = max((prefix for layer in LAYERS for prefix in layer if module == prefix or module.startswith(prefix + ".")), key=len)
+    best = max(
+        (prefix for layer in LAYERS for prefix in layer if module == prefix or module.startswith(prefix + ".")), key=len
+    )
     return next(i for i, layer in enumerate(LAYERS) if best in layer)
 
 

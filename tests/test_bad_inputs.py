@@ -36,9 +36,21 @@ def _compile(passes, example_inputs=X, **kwargs):
 
 CASES = {
     # compile()
-    "two inputs for a one-argument model": (_compile([L2Score()], example_inputs=(X[0], X[0])), gp.InputError, "example_inputs do not fit"),
-    "unknown keyword input": (_compile([L2Score()], example_inputs={"y": X[0]}), gp.InputError, "example_inputs do not fit"),
-    "input of the wrong shape": (_compile([L2Score()], example_inputs=(torch.randn(2, 7),)), gp.InputError, "does not run on example_inputs"),
+    "two inputs for a one-argument model": (
+        _compile([L2Score()], example_inputs=(X[0], X[0])),
+        gp.InputError,
+        "example_inputs do not fit",
+    ),
+    "unknown keyword input": (
+        _compile([L2Score()], example_inputs={"y": X[0]}),
+        gp.InputError,
+        "example_inputs do not fit",
+    ),
+    "input of the wrong shape": (
+        _compile([L2Score()], example_inputs=(torch.randn(2, 7),)),
+        gp.InputError,
+        "does not run on example_inputs",
+    ),
     "example_inputs a bare tensor": (_compile([L2Score()], example_inputs=X[0]), gp.ArgumentError, "example_inputs"),
     "passes not a list": (lambda m: gp.compile(m, L2Score, example_inputs=X), gp.ArgumentError, "passes"),
     "not a pass": (_compile([42]), gp.ArgumentError, "not a pass"),
@@ -50,13 +62,25 @@ CASES = {
     "ratio NaN": (lambda m: ChannelMask(float("nan")), gp.ArgumentError, "ratio"),
     "exclude None": (lambda m: ChannelMask(0.5, exclude=None), gp.ArgumentError, "exclude"),
     "exclude the whole model": (lambda m: ChannelMask(0.5, exclude=[""]), gp.ArgumentError, "exclude"),
-    "exclude an unknown module": (_compile([L2Score(), ChannelMask(0.5, exclude=["fc9"])]), gp.ArgumentError, "exclude"),
+    "exclude an unknown module": (
+        _compile([L2Score(), ChannelMask(0.5, exclude=["fc9"])]),
+        gp.ArgumentError,
+        "exclude",
+    ),
     "ratio a list": (lambda m: ChannelMask([0.5]), gp.ArgumentError, "ratio"),
     "ratio mapping to a string": (lambda m: ChannelMask({"*": "half"}), gp.ArgumentError, "ratio"),
     "round_to 0": (lambda m: ChannelMask(0.5, round_to=0), gp.ArgumentError, "round_to"),
     "min_channels a float": (lambda m: ChannelMask(0.5, min_channels=1.5), gp.ArgumentError, "min_channels"),
-    "unknown kind or group in ratio": (_compile([L2Score(), ChannelMask({"neuron": 0.5})]), gp.ArgumentError, "does not have"),
-    "head ratio without attention": (_compile([L2Score(), ChannelMask({"head": 0.5})]), gp.PreconditionError, "no 'head' groups"),
+    "unknown kind or group in ratio": (
+        _compile([L2Score(), ChannelMask({"neuron": 0.5})]),
+        gp.ArgumentError,
+        "does not have",
+    ),
+    "head ratio without attention": (
+        _compile([L2Score(), ChannelMask({"head": 0.5})]),
+        gp.PreconditionError,
+        "no 'head' groups",
+    ),
     "unknown scope": (lambda m: ChannelMask(0.5, scope="layer"), gp.ArgumentError, "scope"),
     "mask without scores": (_compile([ChannelMask(0.5)]), gp.PreconditionError, "needs scores"),
     # fine-grained masks, scores, lowering
@@ -69,17 +93,35 @@ CASES = {
     "calibration of numbers": (_compile([ActivationScore([1, 2])]), gp.ArgumentError, "calibration item 0"),
     "calibration with NaN": (_compile([ActivationScore([torch.full((2, 10), float("nan"))])]), gp.InputError, "NaN"),
     "loss_fn missing": (_compile([TaylorScore([X])]), gp.ArgumentError, "loss_fn"),
-    "mask after SparseLower": (_compile([UnstructuredMask(0.9), SparseLower(choose="first"), L2Score(), ChannelMask(0.5)]),
-                               gp.PreconditionError, "after SparseLower"),
+    "mask after SparseLower": (
+        _compile([UnstructuredMask(0.9), SparseLower(choose="first"), L2Score(), ChannelMask(0.5)]),
+        gp.PreconditionError,
+        "after SparseLower",
+    ),
     # sensitivity, Pruner
-    "evaluate returns NaN": (lambda m: gp.sensitivity(m, lambda model: float("nan"), example_inputs=X), gp.InputError, "finite"),
-    "sensitivity ratio 0": (lambda m: gp.sensitivity(m, lambda model: 1.0, example_inputs=X, ratios=[0.0]), gp.ArgumentError, "ratio"),
-    "Pruner frequency 0": (lambda m: gp.Pruner(m, example_inputs=X, target_sparsity=0.5, end_step=10, frequency=0),
-                           gp.ArgumentError, "frequency"),
+    "evaluate returns NaN": (
+        lambda m: gp.sensitivity(m, lambda model: float("nan"), example_inputs=X),
+        gp.InputError,
+        "finite",
+    ),
+    "sensitivity ratio 0": (
+        lambda m: gp.sensitivity(m, lambda model: 1.0, example_inputs=X, ratios=[0.0]),
+        gp.ArgumentError,
+        "ratio",
+    ),
+    "Pruner frequency 0": (
+        lambda m: gp.Pruner(m, example_inputs=X, target_sparsity=0.5, end_step=10, frequency=0),
+        gp.ArgumentError,
+        "frequency",
+    ),
     # ONNX export
     "opset a string": (lambda m: gox.export(m, "m.onnx", example_inputs=X, opset="18"), gp.ArgumentError, "opset"),
     "opset 0": (lambda m: gox.export(m, "m.onnx", example_inputs=X, opset=0), gp.ArgumentError, "opset"),
-    "unknown exporter": (lambda m: gox.export(m, "m.onnx", example_inputs=X, exporter="tvm"), gp.ArgumentError, "exporter"),
+    "unknown exporter": (
+        lambda m: gox.export(m, "m.onnx", example_inputs=X, exporter="tvm"),
+        gp.ArgumentError,
+        "exporter",
+    ),
     # saving
     "save an uncompiled model": (lambda m: gp.save(m, "never-written"), gp.ArgumentError, "save"),
 }
@@ -110,7 +152,11 @@ def test_an_asked_opset_is_written_or_the_export_fails(tmp_path):
     result = gox.export(models.Mlp(), tmp_path / "m.onnx", example_inputs=X, opset=17)
     import onnx
 
-    assert result.opset == 17 == next(o.version for o in onnx.load(result.path).opset_import if o.domain in ("", "ai.onnx"))
+    assert (
+        result.opset
+        == 17
+        == next(o.version for o in onnx.load(result.path).opset_import if o.domain in ("", "ai.onnx"))
+    )
 
 
 def _checkpoint(tmp_path):
@@ -132,7 +178,9 @@ def _out_of_range_units(tmp_path):
 LOAD_CASES = {
     "plan is not JSON": lambda d: _damage_plan(d, "{not json"),
     "plan without steps": lambda d: _damage_plan(d, json.dumps({"format": "graphprune-plan", "version": 1})),
-    "steps of the wrong type": lambda d: _damage_plan(d, json.dumps({"format": "graphprune-plan", "version": 1, "steps": [3]})),
+    "steps of the wrong type": lambda d: _damage_plan(
+        d, json.dumps({"format": "graphprune-plan", "version": 1, "steps": [3]})
+    ),
     "units out of range": _out_of_range_units,
     "damaged weights": lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 16),
     "missing plan": lambda d: (d / "plan.json").unlink(),
@@ -153,6 +201,7 @@ def test_loading_damaged_checkpoints_says_what_is_wrong(case, tmp_path):
 def test_saving_over_a_checkpoint_is_all_or_nothing(tmp_path, monkeypatch):
     old = _checkpoint(tmp_path)
     pruned = gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.25), Shrink()], example_inputs=X)
+
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
@@ -165,7 +214,9 @@ def test_saving_over_a_checkpoint_is_all_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(gp.CheckpointError, match="JSON"):
         gp.save(pruned, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
-    assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")] == []  # no staging left
+    assert [
+        p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")
+    ] == []  # no staging left
 
 
 def test_saving_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):

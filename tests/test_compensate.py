@@ -41,7 +41,9 @@ def test_compensation_needs_calibration_and_skips_unmasked_models():
 
 def test_compensating_a_layer_without_bias_whose_outputs_are_pruned():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16, bias=False), nn.ReLU(), nn.Linear(16, 4)).eval()
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16, bias=False), nn.ReLU(), nn.Linear(16, 4)
+    ).eval()
     x = (torch.randn(64, 8),)
     calib = [(x, None)]
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5), CompensateBias(calib)], example_inputs=x)

@@ -106,7 +106,9 @@ def test_untraceable_submodule_can_be_made_a_leaf():
     x = (torch.randn(1, 3, 4, 4),)
     with pytest.raises(gp.TraceError, match=r"inner.*Untraceable"):
         gp.compile(Outer(), [L2Score()], example_inputs=x)
-    out = gp.compile(Outer(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x, leaf_modules=[models.Untraceable])
+    out = gp.compile(
+        Outer(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x, leaf_modules=[models.Untraceable]
+    )
     assert run(out, x).shape == (1, 2, 4, 4)
 
 
@@ -121,7 +123,9 @@ def test_verify_each_catches_a_pass_that_breaks_its_promise():
 
     with pytest.raises(gp.VerificationError, match="Breaks"):
         gp.compile(models.Mlp(), [Breaks()], example_inputs=(torch.randn(2, 10),), verify_each=True)
-    gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=(torch.randn(2, 10),), verify_each=True)
+    gp.compile(
+        models.Mlp(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=(torch.randn(2, 10),), verify_each=True
+    )
 
 
 def test_errors_name_the_pass_and_the_passes_before():
@@ -169,7 +173,9 @@ def test_inplace_is_all_or_nothing():
         raise RuntimeError("kaput")
 
     with pytest.raises(gp.PassError, match="kaput"):
-        gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink(), boom], example_inputs=(torch.randn(2, 10),), inplace=True)
+        gp.compile(
+            model, [L2Score(), ChannelMask(0.5), Shrink(), boom], example_inputs=(torch.randn(2, 10),), inplace=True
+        )
     assert_same_state(before, model)
     assert model.fc1.out_features == 32 and not any(hasattr(m, "parametrizations") for m in model.modules())
     out = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=(torch.randn(2, 10),), inplace=True)
@@ -178,8 +184,14 @@ def test_inplace_is_all_or_nothing():
 
 def test_an_exported_graph_switches_between_train_and_eval():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, hidden_dropout_prob=0.5)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.5,
+    )
     model = transformers.BertModel(config).eval()
     ids = {"input_ids": torch.randint(0, 100, (2, 8))}
     gm = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=ids, output="graph")

@@ -10,7 +10,14 @@ from torch import nn
 import graphprune as gp
 from graphprune.analysis import Scores
 from graphprune.passes import (
-    ActivationScore, APoZScore, BNScaleScore, ChannelMask, FPGMScore, MagnitudeScore, Shrink, TaylorScore,
+    ActivationScore,
+    APoZScore,
+    BNScaleScore,
+    ChannelMask,
+    FPGMScore,
+    MagnitudeScore,
+    Shrink,
+    TaylorScore,
     WandaScore,
 )
 from tests import models
@@ -31,7 +38,10 @@ def scores_of(model, score, x):
 
 def calib(shape, n=3, classes=None):
     g = torch.Generator().manual_seed(0)
-    return [((torch.randn(*shape, generator=g),), torch.randint(0, classes or 2, (shape[0],), generator=g)) for _ in range(n)]
+    return [
+        ((torch.randn(*shape, generator=g),), torch.randint(0, classes or 2, (shape[0],), generator=g))
+        for _ in range(n)
+    ]
 
 
 def test_bn_scale_ranks_by_gamma():
@@ -101,9 +111,12 @@ def test_every_criterion_prunes_exactly(score):
     x = (torch.randn(2, 3, 8, 8),)
     data = [((torch.randn(2, 3, 8, 8),), torch.randn(2, 2, 8, 8)) for _ in range(2)]
     make = {
-        "bn": lambda: BNScaleScore(), "fpgm": lambda: FPGMScore(),
+        "bn": lambda: BNScaleScore(),
+        "fpgm": lambda: FPGMScore(),
         "taylor": lambda: TaylorScore(data, lambda out, t: F.mse_loss(out, t)),
-        "activation": lambda: ActivationScore(data), "apoz": lambda: APoZScore(data), "wanda": lambda: WandaScore(data),
+        "activation": lambda: ActivationScore(data),
+        "apoz": lambda: APoZScore(data),
+        "wanda": lambda: WandaScore(data),
     }
     if score == "bn":
         model = models.randomize_bn(models.ConvBnConv()).eval()
@@ -131,9 +144,11 @@ def test_magnitude_and_fpgm_by_hand():
     # unit u: mean over (W0 row u, b0[u], W2 column u) of each slice's L1 norm
     torch.testing.assert_close(l1, torch.tensor([5 / 3, 3.0, 5.0], dtype=torch.float64))
     l2 = scores_of(tiny(), MagnitudeScore(2), x)["0"]
-    torch.testing.assert_close(l2, torch.tensor([(5 ** 0.5 + 2) / 3, (25 ** 0.5 + 2) / 3, (61 ** 0.5 + 4) / 3], dtype=torch.float64))
+    torch.testing.assert_close(
+        l2, torch.tensor([(5**0.5 + 2) / 3, (25**0.5 + 2) / 3, (61**0.5 + 4) / 3], dtype=torch.float64)
+    )
     fpgm = scores_of(tiny(), FPGMScore(), x)["0"]
-    r2 = 2 ** 0.5
+    r2 = 2**0.5
     torch.testing.assert_close(fpgm, torch.tensor([6 * r2, 4 * r2, 6 * r2], dtype=torch.float64))
 
 
@@ -152,8 +167,11 @@ def test_data_scores_by_hand():
     taylor = scores_of(m, TaylorScore(data, loss), (xs,))["0"]
     ref = tiny()
     loss(ref(xs), torch.zeros(3, 1)).backward()
-    parts = [(ref[0].weight * ref[0].weight.grad).abs().sum(1), (ref[0].bias * ref[0].bias.grad).abs(),
-             (ref[2].weight * ref[2].weight.grad).abs().sum(0)]
+    parts = [
+        (ref[0].weight * ref[0].weight.grad).abs().sum(1),
+        (ref[0].bias * ref[0].bias.grad).abs(),
+        (ref[2].weight * ref[2].weight.grad).abs().sum(0),
+    ]
     torch.testing.assert_close(taylor, torch.stack(parts).mean(0).double())
 
 

@@ -25,7 +25,9 @@ def trained():
 def test_pruned_and_fine_tuned_within_three_points(trained, criterion):
     model, (tx, ty, vx, vy), dense_acc = trained
     assert dense_acc > 0.9
-    score = {"l2": L2Score(), "fpgm": FPGMScore(), "taylor": TaylorScore(digits.calibration(tx, ty), F.cross_entropy)}[criterion]
+    score = {"l2": L2Score(), "fpgm": FPGMScore(), "taylor": TaylorScore(digits.calibration(tx, ty), F.cross_entropy)}[
+        criterion
+    ]
     x = (vx[:8],)
     masked = gp.compile(model, [score, ChannelMask(0.5)], example_inputs=x)
     digits.train(masked, tx, ty, epochs=3, lr=1e-3)  # fine-tune with the masks on

@@ -149,8 +149,22 @@ class FunctionalBatchNorm(nn.Module):
         return self.d(F.relu(y))
 
 
-CASES = [FunctionalBatchNorm, DivideByParam, Rsqrt, SplitInt, SplitSections, UnflattenLiteral, UnflattenFree, GroupNormNoAffine, FunctionalGroupNorm,
-         ClampTensor, ExpandLiteral, ParamReadWhole, Tied, SqueezeAll]
+CASES = [
+    FunctionalBatchNorm,
+    DivideByParam,
+    Rsqrt,
+    SplitInt,
+    SplitSections,
+    UnflattenLiteral,
+    UnflattenFree,
+    GroupNormNoAffine,
+    FunctionalGroupNorm,
+    ClampTensor,
+    ExpandLiteral,
+    ParamReadWhole,
+    Tied,
+    SqueezeAll,
+]
 
 
 @pytest.mark.parametrize("factory", CASES, ids=[c.__name__ for c in CASES])

@@ -84,7 +84,12 @@ def test_vocabulary_pruning_keeps_the_corpus_embeddings_and_shrinks_the_file(tmp
     model.save_pretrained(tmp_path / "dense")
     again = transformers.AutoModel.from_pretrained(tmp_path / "small").eval()
     again_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "small")
-    torch.testing.assert_close(minilm.embed(again, minilm.encode(again_tokenizer, minilm.SENTENCES)), minilm.embed(model, before), rtol=0, atol=0)
+    torch.testing.assert_close(
+        minilm.embed(again, minilm.encode(again_tokenizer, minilm.SENTENCES)),
+        minilm.embed(model, before),
+        rtol=0,
+        atol=0,
+    )
     size = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("small", "dense")]
     assert size[0] < 0.6 * size[1]  # the word embeddings were half of the model
 
@@ -94,7 +99,13 @@ def test_vocabulary_pruning_keeps_a_tied_lm_head_tied_and_refuses_other_tokenize
 
     _, tokenizer = minilm.load()
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cfg = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     model = transformers.BertForMaskedLM(cfg).eval()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     small, small_tokenizer = gp.prune_vocabulary(model, tokenizer, minilm.SENTENCES[:3], keep=["[MASK]", "dog"])
@@ -105,7 +116,9 @@ def test_vocabulary_pruning_keeps_a_tied_lm_head_tied_and_refuses_other_tokenize
     with torch.no_grad():
         full = model(**tokenizer(text, return_tensors="pt")).logits
         part = small(**small_tokenizer(text, return_tensors="pt")).logits
-    old_ids = tokenizer.convert_tokens_to_ids(small_tokenizer.convert_ids_to_tokens(list(range(small.config.vocab_size))))
+    old_ids = tokenizer.convert_tokens_to_ids(
+        small_tokenizer.convert_ids_to_tokens(list(range(small.config.vocab_size)))
+    )
     torch.testing.assert_close(part, full[..., old_ids])  # the same logits for every kept token
     with pytest.raises(ValueError, match="not a token"):
         gp.prune_vocabulary(model, tokenizer, ["hello"], keep=["notawordanywhere"])
@@ -133,7 +146,13 @@ def test_vocabulary_pruning_keeps_bert_mlm_bias_tied_and_handles_added_tokens(tm
 
     _, tokenizer = minilm.load()
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    cfg = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     model = transformers.BertForMaskedLM(cfg).eval()
     small, small_tokenizer = gp.prune_vocabulary(model, tokenizer, minilm.SENTENCES[:3], keep=["[MASK]"])
     assert small.cls.predictions.decoder.bias is small.cls.predictions.bias
@@ -146,4 +165,6 @@ def test_vocabulary_pruning_keeps_bert_mlm_bias_tied_and_handles_added_tokens(tm
     model.resize_token_embeddings(len(tokenizer))
     for corpus, kept in ((["The cat sits."], False), (["The graphprunex sits."], True)):
         _, pruned_tokenizer = gp.prune_vocabulary(model, tokenizer, corpus)
-        assert ("graphprunex" in pruned_tokenizer.convert_ids_to_tokens(pruned_tokenizer("graphprunex")["input_ids"])) is kept
+        assert (
+            "graphprunex" in pruned_tokenizer.convert_ids_to_tokens(pruned_tokenizer("graphprunex")["input_ids"])
+        ) is kept

@@ -117,7 +117,9 @@ def test_failed_verification_never_leaves_a_file(tmp_path):
     model = torchvision.models.resnet18().eval()
     target = tmp_path / "r.onnx"
     with pytest.raises(gp.VerificationError, match="disagrees"):
-        gox.export(model, target, example_inputs=(torch.randn(1, 3, 32, 32),), rtol=0.0, atol=0.0, exporter="torchscript")
+        gox.export(
+            model, target, example_inputs=(torch.randn(1, 3, 32, 32),), rtol=0.0, atol=0.0, exporter="torchscript"
+        )
     assert os.listdir(tmp_path) == []
 
 
@@ -152,8 +154,14 @@ def test_benchmark_reports_interleaved_medians(tmp_path):
 
 def test_pruned_bert_exports_and_matches_in_ort(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
     inputs = {"input_ids": torch.randint(0, 100, (2, 8))}

@@ -27,8 +27,9 @@ VISION = {
     "resnet18": lambda: torchvision.models.resnet18(),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(),
     "convnext_tiny": lambda: torchvision.models.convnext_tiny(),
-    "vit": lambda: torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4,
-                                                        hidden_dim=64, mlp_dim=128, dropout=0.1),
+    "vit": lambda: torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, dropout=0.1
+    ),
     "timm_resnet18d": lambda: timm.create_model("resnet18d"),
     "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0", drop_rate=0.2),
 }
@@ -112,10 +113,20 @@ def _causal_lm(name):
     torch.manual_seed(0)
     T = transformers
     if name == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                                                num_key_value_heads=2, intermediate_size=128, attention_dropout=0.1)).eval()
-    return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                          bos_token_id=1, eos_token_id=2)).eval()
+        return T.LlamaForCausalLM(
+            T.LlamaConfig(
+                vocab_size=100,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                intermediate_size=128,
+                attention_dropout=0.1,
+            )
+        ).eval()
+    return T.GPT2LMHeadModel(
+        T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+    ).eval()
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -158,8 +169,14 @@ def test_save_pretrained_round_trips_where_the_config_can_say_it_and_is_refused_
 
 
 def test_hugging_face_models_switch_dropout_with_train_and_eval():
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, hidden_dropout_prob=0.5)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.5,
+    )
     model = transformers.BertModel(config).eval()
     x = {"input_ids": torch.randint(0, 100, (2, 8))}
     pruned = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)

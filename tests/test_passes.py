@@ -7,7 +7,16 @@ import torch
 
 import graphprune as gp
 from graphprune.analysis import Dependencies, Scores
-from graphprune.passes import ChannelMask, L1Score, L2Score, MagnitudeScore, MaskUnits, RandomScore, ReinsertZeros, Shrink
+from graphprune.passes import (
+    ChannelMask,
+    L1Score,
+    L2Score,
+    MagnitudeScore,
+    MaskUnits,
+    RandomScore,
+    ReinsertZeros,
+    Shrink,
+)
 from tests import models
 from tests.helpers import assert_exact, prune, run
 
@@ -43,7 +52,7 @@ def test_mask_zeroes_group_members_and_keeps_the_model_trainable():
     x = (torch.randn(2, 3, 8, 8),)
     masked = gp.compile(model, [L1Score(), ChannelMask(0.5)], example_inputs=x)
     conv1 = masked.get_submodule("conv1")
-    dead = (conv1.weight.flatten(1).abs().sum(1) == 0)
+    dead = conv1.weight.flatten(1).abs().sum(1) == 0
     assert int(dead.sum()) == 4
     assert torch.all(masked.get_submodule("bn").weight[dead] == 0)
     assert torch.all(masked.get_submodule("conv2").weight[:, dead] == 0)
@@ -81,7 +90,9 @@ def test_global_scope_ranks_across_groups_and_keeps_minimum():
         model.fc2.weight.fill_(1.0)  # all equal: no unit below the mean
         model.fc3.weight.fill_(1.0)
     x = (torch.randn(2, 10),)
-    pruned = gp.compile(model, [L1Score(), ChannelMask(0.5, scope="global", min_channels=2), Shrink()], example_inputs=x)
+    pruned = gp.compile(
+        model, [L1Score(), ChannelMask(0.5, scope="global", min_channels=2), Shrink()], example_inputs=x
+    )
     fc1, fc2 = pruned.get_submodule("fc1").out_features, pruned.get_submodule("fc2").out_features
     assert fc1 + fc2 == 48 - 24
     assert fc1 < 16 < fc2 or fc2 >= 2
@@ -113,7 +124,9 @@ def test_shrink_updates_module_attributes():
     assert (g.in_channels, g.out_channels, g.groups) == (4, 8, 4)
     assert (dw.in_channels, dw.out_channels, dw.groups) == (8, 16, 8)
     assert dw.weight.shape == (16, 1, 3, 3)
-    gn = gp.compile(models.GroupNormNet(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x).get_submodule("gn")
+    gn = gp.compile(models.GroupNormNet(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x).get_submodule(
+        "gn"
+    )
     assert (gn.num_groups, gn.num_channels) == (2, 4)
 
 
@@ -182,13 +195,16 @@ def test_magnitude_score_rejects_bad_p():
         MagnitudeScore(p=0)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"ratio": 1.0}, r"\[0, 1\)"),
-    ({"ratio": -0.1}, r"\[0, 1\)"),
-    ({"ratio": 0.5, "scope": "layer"}, "local"),
-    ({"ratio": 0.5, "round_to": 0}, "round_to"),
-    ({"ratio": 0.5, "min_channels": 0}, "min_channels"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ratio": 1.0}, r"\[0, 1\)"),
+        ({"ratio": -0.1}, r"\[0, 1\)"),
+        ({"ratio": 0.5, "scope": "layer"}, "local"),
+        ({"ratio": 0.5, "round_to": 0}, "round_to"),
+        ({"ratio": 0.5, "min_channels": 0}, "min_channels"),
+    ],
+)
 def test_channel_mask_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ChannelMask(**kwargs)

@@ -16,7 +16,7 @@ def test_cubic_and_linear_schedules():
     kw = dict(start_step=0, end_step=100, initial=0.0, target=0.8)
     assert gp.sparsity_at(0, **kw) == 0.0 and gp.sparsity_at(100, **kw) == pytest.approx(0.8)
     assert gp.sparsity_at(50, schedule="linear", **kw) == pytest.approx(0.4)
-    assert gp.sparsity_at(50, **kw) == pytest.approx(0.8 * (1 - 0.5 ** 3))  # cubic: fast early, slow late
+    assert gp.sparsity_at(50, **kw) == pytest.approx(0.8 * (1 - 0.5**3))  # cubic: fast early, slow late
     assert gp.sparsity_at(150, **kw) == pytest.approx(0.8)
 
 
@@ -47,8 +47,17 @@ def test_channel_pruning_per_epoch_then_shrink():
     torch.manual_seed(0)
     model = models.randomize_bn(models.ConvBnConv())
     x = (torch.randn(4, 3, 8, 8),)
-    pruner = gp.Pruner(model, example_inputs=x, target_sparsity=0.5, end_step=2, frequency=1, per="epoch",
-                       schedule="linear", score=L1Score(), mask=lambda s: ChannelMask(s))
+    pruner = gp.Pruner(
+        model,
+        example_inputs=x,
+        target_sparsity=0.5,
+        end_step=2,
+        frequency=1,
+        per="epoch",
+        schedule="linear",
+        score=L1Score(),
+        mask=lambda s: ChannelMask(s),
+    )
     opt = torch.optim.SGD(pruner.model.parameters(), lr=0.01)
     for epoch in range(3):
         opt.zero_grad()

@@ -136,10 +136,19 @@ def test_a_lowered_and_shrunk_model_saves_and_loads_without_pickle(tmp_path):
     torch.manual_seed(0)
     model = PointwiseNet().eval()
     x = (torch.randn(2, 16, 8, 8),)
-    pruned = gp.compile(model, [L2Score(), ChannelMask(0.25), Shrink(), UnstructuredMask(0.9), SparseLower(choose="first")], example_inputs=x)
+    pruned = gp.compile(
+        model,
+        [L2Score(), ChannelMask(0.25), Shrink(), UnstructuredMask(0.9), SparseLower(choose="first")],
+        example_inputs=x,
+    )
     gp.save(pruned, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "plan.json"]
-    assert [s["op"] for s in json.loads((tmp_path / "plan.json").read_text())["steps"]] == ["channel_mask", "shrink", "weight_mask", "sparse_lower"]
+    assert [s["op"] for s in json.loads((tmp_path / "plan.json").read_text())["steps"]] == [
+        "channel_mask",
+        "shrink",
+        "weight_mask",
+        "sparse_lower",
+    ]
     loaded = gp.load(model, tmp_path, example_inputs=x)
     assert _lowered(loaded) == _lowered(pruned)
     inp = torch.randn(3, 16, 8, 8)
@@ -152,8 +161,12 @@ def test_a_lowered_file_is_under_a_third_of_the_dense_one_at_90_percent(tmp_path
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
     x = (torch.randn(4, 256),)
     gp.save(gp.compile(model, [], example_inputs=x), tmp_path / "dense")
-    gp.save(gp.compile(model, [UnstructuredMask(0.9), SparseLower(choose="first")], example_inputs=x), tmp_path / "sparse")
-    ratio = os.path.getsize(tmp_path / "sparse" / "model.safetensors") / os.path.getsize(tmp_path / "dense" / "model.safetensors")
+    gp.save(
+        gp.compile(model, [UnstructuredMask(0.9), SparseLower(choose="first")], example_inputs=x), tmp_path / "sparse"
+    )
+    ratio = os.path.getsize(tmp_path / "sparse" / "model.safetensors") / os.path.getsize(
+        tmp_path / "dense" / "model.safetensors"
+    )
     assert ratio < 0.3  # 4-byte values and 4-byte column indices for a tenth of the weights
 
 
@@ -174,7 +187,6 @@ def test_latency_helper_interleaves_and_states_threads():
     result = sparse.benchmark(model, lowered, x, runs=3, threads=1)
     assert result.threads == 1 and result.runs == 3 and result.dense_ms > 0 and result.sparse_ms > 0
     assert "speedup" in str(result) and "1 threads" in str(result)
-
 
 
 def test_onnx_export_of_a_lowered_model_says_what_to_export_instead(tmp_path):
@@ -213,8 +225,11 @@ def test_sparse_layers_keep_their_dtype_when_loading_and_odd_inputs_stay_dense()
     lowered.double().load_state_dict(saved)
     assert lowered.get_submodule("0").values.dtype == torch.float64
     assert lowered(x[0].double()).dtype == torch.float64
-    half = gp.compile(model.to(torch.bfloat16), [UnstructuredMask(0.9), SparseLower(choose="first")],
-                      example_inputs=(x[0].to(torch.bfloat16),))
+    half = gp.compile(
+        model.to(torch.bfloat16),
+        [UnstructuredMask(0.9), SparseLower(choose="first")],
+        example_inputs=(x[0].to(torch.bfloat16),),
+    )
     assert all("bfloat16" in why for _, fmt, why in gp.summary(model, half, (x[0].to(torch.bfloat16),)).lowered)
     convs = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
     unbatched = (torch.randn(8, 5, 5),)

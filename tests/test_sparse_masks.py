@@ -109,13 +109,16 @@ def test_wanda_weight_scores_protect_weights_on_loud_inputs():
     assert bool((w[:, 0] != 0).all())  # input 0 is loud: its weights survive despite equal magnitude
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: UnstructuredMask(1.0), r"\[0, 1\)"),
-    (lambda: UnstructuredMask(0.5, scope="local"), "scope"),
-    (lambda: NMMask(4, 4), "0 < n < m"),
-    (lambda: BlockMask(0.5, (0, 1)), "block"),
-    (lambda: BlockMask(1.5), r"\[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: UnstructuredMask(1.0), r"\[0, 1\)"),
+        (lambda: UnstructuredMask(0.5, scope="local"), "scope"),
+        (lambda: NMMask(4, 4), "0 < n < m"),
+        (lambda: BlockMask(0.5, (0, 1)), "block"),
+        (lambda: BlockMask(1.5), r"\[0, 1\)"),
+    ],
+)
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -133,8 +136,11 @@ def test_unstructured_matches_torch_prune():
         assert torch.equal(masked.get_submodule(name).weight == 0, getattr(ref, name).weight_mask == 0)
     ref = copy.deepcopy(model)
     masked = gp.compile(model, [UnstructuredMask(0.6, scope="global")], example_inputs=X)
-    tprune.global_unstructured([(ref.fc1, "weight"), (ref.fc2, "weight"), (ref.fc3, "weight")],
-                               pruning_method=tprune.L1Unstructured, amount=0.6)
+    tprune.global_unstructured(
+        [(ref.fc1, "weight"), (ref.fc2, "weight"), (ref.fc3, "weight")],
+        pruning_method=tprune.L1Unstructured,
+        amount=0.6,
+    )
     for name in ("fc1", "fc2", "fc3"):
         assert torch.equal(masked.get_submodule(name).weight == 0, getattr(ref, name).weight_mask == 0)
 

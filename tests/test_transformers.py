@@ -23,8 +23,14 @@ transformers = pytest.importorskip("transformers")
 
 
 def small_bert():
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     return transformers.BertModel(cfg).eval()
 
@@ -35,8 +41,10 @@ def test_bert_heads_and_ffn_neurons_prune_exactly_with_no_hints():
     deps = gp.analyze_dependencies(gp.trace(model, example_inputs=inputs), inputs)
     kinds = {g.key: (g.kind, g.size) for g in deps.groups}
     assert kinds == {
-        "encoder.layer.0.attention.self.query": ("head", 4), "encoder.layer.1.attention.self.query": ("head", 4),
-        "encoder.layer.0.intermediate.dense": ("ffn", 64), "encoder.layer.1.intermediate.dense": ("ffn", 64),
+        "encoder.layer.0.attention.self.query": ("head", 4),
+        "encoder.layer.1.attention.self.query": ("head", 4),
+        "encoder.layer.0.intermediate.dense": ("ffn", 64),
+        "encoder.layer.1.intermediate.dense": ("ffn", 64),
     }
     masked = gp.compile(model, [L2Score(), ChannelMask({"head": 0.25, "ffn": 0.5})], example_inputs=inputs)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
@@ -87,17 +95,50 @@ def _hf(name):
     ids = torch.randint(3, 100, (2, 8))
     small = dict(vocab_size=100, num_hidden_layers=2)
     builders = {
-        "roberta": lambda: T.RobertaModel(T.RobertaConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                                                          max_position_embeddings=40, **small)),
-        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)),
-        "vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                              image_size=32, patch_size=8)),
-        "gpt2": lambda: T.GPT2Model(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, use_cache=False)),
-        "llama": lambda: T.LlamaModel(T.LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-                                                    intermediate_size=128, use_cache=False, **small)),
-        "qwen2": lambda: T.Qwen2Model(T.Qwen2Config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-                                                    intermediate_size=128, use_cache=False, **small)),
-        "t5": lambda: T.T5Model(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)),
+        "roberta": lambda: T.RobertaModel(
+            T.RobertaConfig(
+                hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=40, **small
+            )
+        ),
+        "distilbert": lambda: T.DistilBertModel(
+            T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+        ),
+        "vit": lambda: T.ViTModel(
+            T.ViTConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                image_size=32,
+                patch_size=8,
+            )
+        ),
+        "gpt2": lambda: T.GPT2Model(
+            T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, use_cache=False)
+        ),
+        "llama": lambda: T.LlamaModel(
+            T.LlamaConfig(
+                hidden_size=64,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                intermediate_size=128,
+                use_cache=False,
+                **small,
+            )
+        ),
+        "qwen2": lambda: T.Qwen2Model(
+            T.Qwen2Config(
+                hidden_size=64,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                intermediate_size=128,
+                use_cache=False,
+                **small,
+            )
+        ),
+        "t5": lambda: T.T5Model(
+            T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)
+        ),
     }
     inputs = {"pixel_values": torch.randn(2, 3, 32, 32)} if name == "vit" else {"input_ids": ids}
     if name == "t5":
@@ -109,8 +150,15 @@ def _hf(name):
 # GPT-2's fused qkv is split with constant sizes, which Shrink rewrites; T5's per-head position bias
 # (an embedding with a column per head, shared by every layer of a stack) ties its self-attention heads
 # across layers; its cross-attention heads get a constant zero bias and stay (frozen and named).
-HF = {"roberta": {"ffn", "head"}, "distilbert": {"ffn", "head"}, "vit": {"ffn", "head"},
-      "gpt2": {"ffn", "head"}, "llama": {"ffn", "head"}, "qwen2": {"ffn", "head"}, "t5": {"ffn", "head"}}
+HF = {
+    "roberta": {"ffn", "head"},
+    "distilbert": {"ffn", "head"},
+    "vit": {"ffn", "head"},
+    "gpt2": {"ffn", "head"},
+    "llama": {"ffn", "head"},
+    "qwen2": {"ffn", "head"},
+    "t5": {"ffn", "head"},
+}
 
 
 @pytest.mark.parametrize("name", list(HF))
@@ -123,7 +171,10 @@ def test_hugging_face_models_prune_with_no_hints(name):
     if name == "t5":  # encoder and decoder self-attention: one group each, over both layers
         heads = [g for g in deps.groups if g.kind == "head"]
         assert len(heads) == 2 and all(g.size == 4 for g in heads)
-        assert {"encoder.block.1.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"} <= set(heads[0].modules)
+        assert {
+            "encoder.block.1.layer.0.SelfAttention.q",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+        } <= set(heads[0].modules)
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=inputs)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
     # float32 (some exported graphs pin dtypes); the structure is the same as the original's
@@ -181,8 +232,11 @@ def test_a_pruned_bert_saves_and_loads_back_with_identical_outputs(tmp_path):
     """Weights in safetensors, structure as a plan replayed on a fresh model: no pickle anywhere."""
     model = small_bert()
     inputs = {"input_ids": torch.randint(0, 100, (2, 8))}
-    pruned = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask({"*": 0.5, "head": 0.25, "hidden": 0.25}), Shrink()],
-                        example_inputs=inputs)
+    pruned = gp.compile(
+        model,
+        [ReinsertZeros(), L2Score(), ChannelMask({"*": 0.5, "head": 0.25, "hidden": 0.25}), Shrink()],
+        example_inputs=inputs,
+    )
     gp.save(pruned, tmp_path)
     loaded = gp.load(small_bert(), tmp_path, example_inputs=inputs)
     other = {"input_ids": torch.randint(0, 100, (3, 8))}
@@ -190,7 +244,10 @@ def test_a_pruned_bert_saves_and_loads_back_with_identical_outputs(tmp_path):
     assert type(got) is type(expected)
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=0, atol=0)
-    assert loaded.get_submodule("encoder.layer.0.attention.self.query").weight.shape == (24, 24)  # 3 heads of 8, 24 hidden
+    assert loaded.get_submodule("encoder.layer.0.attention.self.query").weight.shape == (
+        24,
+        24,
+    )  # 3 heads of 8, 24 hidden
 
 
 class FusedQKV(nn.Module):
@@ -246,7 +303,9 @@ def test_hidden_size_prunes_exactly_through_embeddings_layer_norms_and_residuals
     assert ("embeddings.word_embeddings", 32, 24) in gp.summary(model, masked, inputs).groups
     a, b = run(masked, inputs), run(shrunk, inputs)
     torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, rtol=1e-4, atol=1e-5)
-    assert b.last_hidden_state.shape == (2, 8, 32) and bool((b.last_hidden_state[..., a.last_hidden_state.abs().sum((0, 1)) == 0] == 0).all())
+    assert b.last_hidden_state.shape == (2, 8, 32) and bool(
+        (b.last_hidden_state[..., a.last_hidden_state.abs().sum((0, 1)) == 0] == 0).all()
+    )
     assert shrunk.get_submodule("embeddings.word_embeddings").weight.shape == (100, 24)
     assert shrunk.get_submodule("encoder.layer.1.output.LayerNorm").weight.shape == (24,)
     assert gp.count_macs(shrunk, inputs) < 0.85 * gp.count_macs(model, inputs)
@@ -277,7 +336,7 @@ def test_hidden_size_of_a_symbolically_traced_model_updates_module_attributes():
     graph = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x, output="graph")
     assert any(n.target is norms.masked_layer_norm for n in graph.graph.nodes)
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)  # the LayerNorm modules normalise
-    assert isinstance(masked.norm1, MaskedLayerNorm)                      # over the kept channels too
+    assert isinstance(masked.norm1, MaskedLayerNorm)  # over the kept channels too
     assert_exact(graph, masked, x)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert_exact(masked, shrunk, x)
@@ -320,7 +379,9 @@ def test_means_and_sums_over_pruned_channels_reduce_over_the_kept_ones():
 @pytest.mark.parametrize("name", ["llama", "distilbert"])
 def test_hidden_size_prunes_through_rms_norm_and_layer_norm(name):
     model, inputs = _hf(name)
-    masked = gp.compile(model, [ReinsertZeros(), L2Score(), ChannelMask({"*": 0.25, "hidden": 0.25})], example_inputs=inputs)
+    masked = gp.compile(
+        model, [ReinsertZeros(), L2Score(), ChannelMask({"*": 0.25, "hidden": 0.25})], example_inputs=inputs
+    )
     shrunk = gp.compile(masked, [Shrink()], example_inputs=inputs)
     torch.testing.assert_close(run(shrunk, inputs), run(masked, inputs), rtol=1e-4, atol=1e-5)
     embedding = [m for m in shrunk.modules() if hasattr(m, "weight") and getattr(m, "weight").shape[0] == 100][0]
@@ -394,7 +455,9 @@ def test_torchvision_vision_transformer_heads_prune():
     from torchvision.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5).eval()
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5
+    ).eval()
     nn.init.normal_(model.heads.head.weight)  # torchvision starts it at zero
     x = (torch.randn(2, 3, 32, 32),)
     masked, shrunk = prune(model, x, 0.5)

@@ -50,8 +50,9 @@ def test_a_shrink_that_is_not_exact_raises_and_names_the_first_diverging_node(br
 
 def test_verify_false_skips_the_check(broken_rule):
     x = (torch.randn(2, 3, 4, 4),)
-    out = gp.compile(Reversing(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x,
-                     leaf_modules=broken_rule, verify=False)
+    out = gp.compile(
+        Reversing(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x, leaf_modules=broken_rule, verify=False
+    )
     assert run(out, x).shape == (2, 2, 4, 4)
 
 

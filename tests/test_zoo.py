@@ -6,17 +6,29 @@ import pytest
 import torch
 
 import graphprune as gp
-from tests import models
 from graphprune.passes import ChannelMask, L2Score, Shrink
+from tests import models
 from tests.helpers import assert_exact, prune, run
 
 torchvision = pytest.importorskip("torchvision")
 
 # name -> input side (small where the architecture allows it)
 TORCHVISION = {
-    "resnet18": 64, "resnet50": 64, "mobilenet_v2": 64, "mobilenet_v3_small": 64, "densenet121": 64,
-    "efficientnet_b0": 64, "regnet_x_400mf": 64, "shufflenet_v2_x0_5": 64, "squeezenet1_0": 64,
-    "googlenet": 64, "inception_v3": 80, "vgg11_bn": 32, "convnext_tiny": 64, "alexnet": 64, "mnasnet0_5": 64,
+    "resnet18": 64,
+    "resnet50": 64,
+    "mobilenet_v2": 64,
+    "mobilenet_v3_small": 64,
+    "densenet121": 64,
+    "efficientnet_b0": 64,
+    "regnet_x_400mf": 64,
+    "shufflenet_v2_x0_5": 64,
+    "squeezenet1_0": 64,
+    "googlenet": 64,
+    "inception_v3": 80,
+    "vgg11_bn": 32,
+    "convnext_tiny": 64,
+    "alexnet": 64,
+    "mnasnet0_5": 64,
 }
 
 
@@ -77,4 +89,7 @@ def test_timm_mask_shrink_exact(name):
     assert_exact(masked, shrunk, x)
     assert gp.count_params(shrunk) < gp.count_params(model)
     if leaf:
-        assert any(f.site.kind == "no_rule" and "MobileVitV2Block" in f.site.reason for f in gp.summary(model, shrunk, x).frozen)
+        assert any(
+            f.site.kind == "no_rule" and "MobileVitV2Block" in f.site.reason
+            for f in gp.summary(model, shrunk, x).frozen
+        )

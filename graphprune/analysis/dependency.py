@@ -20,13 +20,13 @@ import torch
 import torch.fx as fx
 
 from graphprune.analysis.sizes import SIZE_ARITH, DimSize, read_size, reads_size, shapes_only, size_arithmetic
-from graphprune.ir.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like
 from graphprune.ir.inputs import clone_inputs, eval_mode, positional_inputs
+from graphprune.ir.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like
 from graphprune.ir.masking import is_maskable, resolve
+from graphprune.ir.weight_ops import weight_ops
 from graphprune.rules import base as rules
 from graphprune.rules.base import OpCall, ParamRef, ParamView, iter_label_tensors, map_tensors, param_view
 from graphprune.rules.shape import follow_param
-from graphprune.ir.weight_ops import weight_ops
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,9 @@ class Dependencies:
     frozen_units: int = 0  # units kept for a reason other than reaching an output
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tied tensor -> its other names
     squeezes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # squeeze() node -> dims that were 1
-    reductions: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)  # mean/sum over channels -> (dim, label roots)
+    reductions: dict[str, tuple[int, torch.Tensor]] = field(
+        default_factory=dict
+    )  # mean/sum over channels -> (dim, label roots)
     # arguments that count channels (a depthwise conv's groups) -> [(position, name, label roots)]; Shrink sets the kept count
     counts: dict[str, list[tuple[int, str, torch.Tensor]]] = field(default_factory=dict)
 
@@ -177,7 +179,17 @@ class _Propagator(fx.Interpreter):
             for arg, lab in zip(_flat_nodes(n.args[0]), _flat_nodes(lab_args[0])):
                 for t in iter_label_tensors(lab):
                     dims = labeled_dims(t)
-                    self.space.freeze(t, FreezeSite("output", n.name, "reaches a model output", arg.name if isinstance(arg, fx.Node) else None, dims[0] if len(dims) == 1 else None, where))
+                    self.space.freeze(
+                        t,
+                        FreezeSite(
+                            "output",
+                            n.name,
+                            "reaches a model output",
+                            arg.name if isinstance(arg, fx.Node) else None,
+                            dims[0] if len(dims) == 1 else None,
+                            where,
+                        ),
+                    )
             return None
         has_labels = any(True for _ in iter_label_tensors([lab_args, lab_kwargs]))
         if _reads(n, _METADATA):
@@ -198,8 +210,15 @@ class _Propagator(fx.Interpreter):
                 else:  # a channel count used in a computation would change its result when channels go
                     for s in sizes:
                         if s.labels is not None:
-                            self.space.freeze(s.labels, FreezeSite("size", n.name, "uses the channel count in a computation "
-                                                                   "that pruning would change", location=where))
+                            self.space.freeze(
+                                s.labels,
+                                FreezeSite(
+                                    "size",
+                                    n.name,
+                                    "uses the channel count in a computation that pruning would change",
+                                    location=where,
+                                ),
+                            )
                 lab_args, lab_kwargs = _without_sizes(lab_args), _without_sizes(lab_kwargs)
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         rule = rules.find_rule(n, module)
@@ -240,6 +259,7 @@ class _Propagator(fx.Interpreter):
             self.counts[n.name] = call.extra["count_args"]
         return result
 
+
 def _without_sizes(labels: Any) -> Any:
     """Size labels read as plain numbers (None) by rules that do not look at sizes."""
     if isinstance(labels, DimSize):
@@ -273,7 +293,12 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     with eval_mode(gm), torch.no_grad():
         prop.run(*positional_inputs(gm, clone_inputs(example_inputs)))
     for name, where in prop.whole_params.items():
-        space.freeze_slots(name, FreezeSite("conflict", where.split(" ")[0], f"reads {name} whole while another op slices it", location=where))
+        space.freeze_slots(
+            name,
+            FreezeSite(
+                "conflict", where.split(" ")[0], f"reads {name} whole while another op slices it", location=where
+            ),
+        )
     aliases = _aliases(gm)
     space.rename_slots({a: c for c, names in aliases.items() for a in names})
     roots, frozen, slots = space.finalize()
@@ -287,8 +312,16 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     groups = _name_ffn_groups(gm, deps.groups)
     reductions = {k: (d, roots[compact(v)]) for k, (d, v) in prop.reductions.items()}
     counts = {k: [(pos, name, roots[compact(v)]) for pos, name, v in args] for k, args in prop.counts.items()}
-    return Dependencies(groups, deps.frozen, deps.reshapes, deps.frozen_units, {c: tuple(n) for c, n in aliases.items()},
-                        prop.squeezes, reductions, counts)
+    return Dependencies(
+        groups,
+        deps.frozen,
+        deps.reshapes,
+        deps.frozen_units,
+        {c: tuple(n) for c, n in aliases.items()},
+        prop.squeezes,
+        reductions,
+        counts,
+    )
 
 
 _KIND_ORDER = ("channel", "ffn", "hidden", "head")
@@ -301,7 +334,10 @@ def _name_ffn_groups(gm: fx.GraphModule, groups: tuple[ChannelGroup, ...]) -> tu
     for n in gm.graph.nodes:  # addmm(bias, x, weight): Hugging Face's Conv1D
         if n.op == "call_function" and n.target is torch.ops.aten.addmm.default:
             linear.update(a.target for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr")
-    return tuple(replace(g, kind="ffn") if g.kind == "channel" and all(s.tensor in linear for s in g.slots) else g for g in groups)
+    return tuple(
+        replace(g, kind="ffn") if g.kind == "channel" and all(s.tensor in linear for s in g.slots) else g
+        for g in groups
+    )
 
 
 def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:

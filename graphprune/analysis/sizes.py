@@ -38,17 +38,35 @@ class DimSize:
 
 _SIZE_METHODS = {"size", "numel", "nelement", "shape"}
 _SYM_SIZES = {aten.sym_size.int: "size", aten.sym_numel.default: "numel", aten.sym_size.default: "size"}
-SIZE_ARITH = {operator.mul, operator.floordiv, operator.add, operator.sub, operator.neg, operator.truediv,
-              operator.mod, operator.pow, torch.sym_max, torch.sym_min, torch.sym_int, torch.sym_float}
+SIZE_ARITH = {
+    operator.mul,
+    operator.floordiv,
+    operator.add,
+    operator.sub,
+    operator.neg,
+    operator.truediv,
+    operator.mod,
+    operator.pow,
+    torch.sym_max,
+    torch.sym_min,
+    torch.sym_int,
+    torch.sym_float,
+}
 # ops whose size arguments only reshape a tensor: Shrink rewrites a channel count there to the width
 # the reshaped dim keeps (graphprune.rules.shape.Reshape); anywhere else it freezes its channels
 _SHAPING_METHODS = {"view", "reshape", "expand", "unflatten"}
-_SHAPING_FUNCTIONS = {torch.reshape, torch.unflatten, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                      aten.expand.default}
+_SHAPING_FUNCTIONS = {
+    torch.reshape,
+    torch.unflatten,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.expand.default,
+}
 
 
 def reads_size(n: fx.Node) -> str | None:
-    """"size", "numel" or "shape" when the node reads a size off a tensor, else None."""
+    """ "size", "numel" or "shape" when the node reads a size off a tensor, else None."""
     if n.op == "call_method" and n.target in _SIZE_METHODS:
         return "numel" if n.target in ("numel", "nelement") else n.target
     if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":

@@ -13,8 +13,18 @@ from torch.utils import _pytree as pytree
 
 from graphprune.errors import ArgumentError, InputError
 
-__all__ = ["check_example_inputs", "check_fits", "calibration_batches", "clone_inputs", "positional_inputs", "call_with",
-           "eval_mode", "batch_of", "batched", "with_batch"]
+__all__ = [
+    "check_example_inputs",
+    "check_fits",
+    "calibration_batches",
+    "clone_inputs",
+    "positional_inputs",
+    "call_with",
+    "eval_mode",
+    "batch_of",
+    "batched",
+    "with_batch",
+]
 
 
 def check_example_inputs(example_inputs: Any) -> tuple | dict:
@@ -28,7 +38,9 @@ def check_example_inputs(example_inputs: Any) -> tuple | dict:
     if isinstance(example_inputs, list):
         return tuple(example_inputs)
     if not isinstance(example_inputs, (tuple, dict)):
-        raise ArgumentError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, got {type(example_inputs).__name__}")
+        raise ArgumentError(
+            f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, got {type(example_inputs).__name__}"
+        )
     return example_inputs
 
 
@@ -42,8 +54,9 @@ def check_fits(model: torch.nn.Module, inputs: tuple | dict, what: str = "exampl
         signature.bind(**inputs) if isinstance(inputs, dict) else signature.bind(*inputs)
     except TypeError as exc:
         names = [p for p in signature.parameters]
-        raise InputError(f"{what} do not fit {type(model).__name__}.forward{signature}: {exc} "
-                         f"(its arguments are {names})") from None
+        raise InputError(
+            f"{what} do not fit {type(model).__name__}.forward{signature}: {exc} (its arguments are {names})"
+        ) from None
 
 
 def _as_batch(item: Any, who: str, i: int) -> tuple[tuple | dict, Any]:
@@ -60,18 +73,24 @@ def _as_batch(item: Any, who: str, i: int) -> tuple[tuple | dict, Any]:
             return tuple(x), y
         if isinstance(x, dict):
             return x, y
-    raise ArgumentError(f"{who}: calibration item {i} is a {type(item).__name__}; give what a DataLoader yields: "
-                        "x, (x, y) or [x, y], with x a tensor, a tuple of tensors or a dict of keyword inputs")
+    raise ArgumentError(
+        f"{who}: calibration item {i} is a {type(item).__name__}; give what a DataLoader yields: "
+        "x, (x, y) or [x, y], with x a tensor, a tuple of tensors or a dict of keyword inputs"
+    )
 
 
 def calibration_batches(calibration: Iterable | None, who: str) -> list[tuple[tuple | dict, Any]]:
     """Calibration data as a list of (inputs, targets), checked: items may be what a DataLoader yields."""
     if calibration is None:
-        raise ArgumentError(f"{who} is data-driven: pass calibration=... (a DataLoader, or a list of x or (x, y) "
-                            "batches, with x shaped like example_inputs)")
+        raise ArgumentError(
+            f"{who} is data-driven: pass calibration=... (a DataLoader, or a list of x or (x, y) "
+            "batches, with x shaped like example_inputs)"
+        )
     if isinstance(calibration, (torch.Tensor, dict)) or not isinstance(calibration, Iterable):
-        raise ArgumentError(f"{who}: calibration must be an iterable of batches (e.g. a DataLoader or a list), "
-                            f"got {type(calibration).__name__}")
+        raise ArgumentError(
+            f"{who}: calibration must be an iterable of batches (e.g. a DataLoader or a list), "
+            f"got {type(calibration).__name__}"
+        )
     batches = [_as_batch(item, who, i) for i, item in enumerate(calibration)]
     if not batches:
         raise ArgumentError(f"{who}: calibration holds no batches")
@@ -102,8 +121,6 @@ def positional_inputs(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple
         else:
             raise InputError(f"example_inputs has no value for the model's argument {node.target!r}")
     return tuple(out)
-
-
 
 
 def call_with(model: torch.nn.Module, inputs: tuple | dict) -> Any:

@@ -153,7 +153,9 @@ class LabelSpace:
         self.consumer_slots = {(rename.get(n, n), d) for n, d in self.consumer_slots}
 
     # -- reading the result ------------------------------------------------------------
-    def finalize(self) -> tuple[torch.Tensor, dict[int, list[FreezeSite]], dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]:
+    def finalize(
+        self,
+    ) -> tuple[torch.Tensor, dict[int, list[FreezeSite]], dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]:
         """Return (root of every label, frozen roots with their sites, slots by root).
 
         A slice of a parameter claimed by two labels (a parameter used twice)
@@ -173,9 +175,16 @@ class LabelSpace:
             if key in self._pinned:  # read with channels by one use and without by another
                 clash = torch.isin(index, torch.cat(self._pinned[key]))
                 if clash.any():
-                    self.freeze(labels[clash], FreezeSite("conflict", key[0], f"{key[0]} is shared (tied, or its module is "
-                                                          "called twice) and another use reads these slices unprunable",
-                                                          location=key[0]))
+                    self.freeze(
+                        labels[clash],
+                        FreezeSite(
+                            "conflict",
+                            key[0],
+                            f"{key[0]} is shared (tied, or its module is "
+                            "called twice) and another use reads these slices unprunable",
+                            location=key[0],
+                        ),
+                    )
             merged[key] = (index, labels)
         roots = torch.tensor([self.find(i) for i in range(len(self._parent))], dtype=torch.int64)
         frozen: dict[int, list[FreezeSite]] = {}

@@ -100,12 +100,16 @@ def replace_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
     """Store a new tensor under `attr` (the original under any parametrization), of the same kind
     (parameter or buffer).  A new object, not an edit: the old one may be shared with the model a
     compile() started from."""
-    holder, name = (owner.parametrizations[attr], "original") if parametrize.is_parametrized(owner, attr) else (owner, attr)
+    holder, name = (
+        (owner.parametrizations[attr], "original") if parametrize.is_parametrized(owner, attr) else (owner, attr)
+    )
     old = getattr(holder, name)
     if isinstance(old, nn.Parameter):
         setattr(holder, name, nn.Parameter(value.detach().to(old.dtype), requires_grad=old.requires_grad))
     else:
-        holder.register_buffer(name, value.detach().to(old.dtype), persistent=name not in holder._non_persistent_buffers_set)
+        holder.register_buffer(
+            name, value.detach().to(old.dtype), persistent=name not in holder._non_persistent_buffers_set
+        )
 
 
 def is_maskable(owner: nn.Module, attr: str) -> bool:
@@ -184,8 +188,11 @@ def masks_of(module: nn.Module) -> dict[str, nn.Module]:
     """attribute -> ParametrizationList, for the tensors of `module` that only graphprune masks."""
     if not parametrize.is_parametrized(module):
         return {}
-    return {attr: plist for attr, plist in module.parametrizations.items()
-            if all(isinstance(p, (ChannelMaskParametrization, WeightMaskParametrization)) for p in plist)}
+    return {
+        attr: plist
+        for attr, plist in module.parametrizations.items()
+        if all(isinstance(p, (ChannelMaskParametrization, WeightMaskParametrization)) for p in plist)
+    }
 
 
 def channel_masked(module: nn.Module) -> bool:
@@ -209,7 +216,9 @@ def detach_masks(root: nn.Module) -> list[tuple[str, str, list[nn.Module]]]:
     return out
 
 
-def attach_masks(root: nn.Module, masks: list[tuple[str, str, list[nn.Module]]], rename: dict[str, str] | None = None) -> None:
+def attach_masks(
+    root: nn.Module, masks: list[tuple[str, str, list[nn.Module]]], rename: dict[str, str] | None = None
+) -> None:
     """Put masks taken by `detach_masks` back on the tensors of the same names (`rename`: module
     paths that moved, e.g. root tensors that a graph keeps in a holder module)."""
     for path, attr, plist in masks:
@@ -223,8 +232,10 @@ def refuse_lowered(model: nn.Module, who: str) -> None:
     layers (which hold compressed weights and count their own cost), so they are refused."""
     lowered = [n for n, m in model.named_modules() if hasattr(m, "graphprune_macs")]
     if lowered:
-        raise PreconditionError(f"{who} after SparseLower: {lowered[:3]} already hold compressed weights, which cannot be "
-                                "masked or sliced; put the mask passes and Shrink() before SparseLower()")
+        raise PreconditionError(
+            f"{who} after SparseLower: {lowered[:3]} already hold compressed weights, which cannot be "
+            "masked or sliced; put the mask passes and Shrink() before SparseLower()"
+        )
 
 
 KEEP_PREFIX = "graphprune_keep_"  # buffers of the channels a masked mean or sum reduces over (graphprune.ir.norms)

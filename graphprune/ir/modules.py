@@ -20,8 +20,16 @@ from torch.nn.utils import parametrize
 from graphprune.ir.masking import channel_mask
 from graphprune.ir.norms import masked_layer_norm
 
-__all__ = ["ZeroReinsert", "PrunedMultiheadAttention", "FORMATS", "SparseLinear", "SparseConv1x1", "compress",
-           "MaskedLayerNorm", "set_layer_norm_class"]
+__all__ = [
+    "ZeroReinsert",
+    "PrunedMultiheadAttention",
+    "FORMATS",
+    "SparseLinear",
+    "SparseConv1x1",
+    "compress",
+    "MaskedLayerNorm",
+    "set_layer_norm_class",
+]
 
 
 class ZeroReinsert(nn.Module):
@@ -63,7 +71,17 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     """nn.MultiheadAttention with `num_heads` heads of `head_dim` each, which need not make up
     `embed_dim` (the width of the inputs and outputs).  Same tensors, same call."""
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         unbatched = query.dim() == 2
@@ -80,10 +98,16 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         q, k, v = heads(query, 0, tgt), heads(key, 1, src), heads(value, 2, src)
         bias = torch.zeros(batch, 1, tgt, src, dtype=q.dtype, device=q.device)
         if attn_mask is not None:  # MultiheadAttention's masks: True (or -inf) = not attended
-            bias = bias + (torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn_mask)
+            bias = bias + (
+                torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool
+                else attn_mask
+            )
         if key_padding_mask is not None:
             pad = key_padding_mask.reshape(batch, 1, 1, src)
-            bias = bias + (torch.zeros_like(pad, dtype=q.dtype).masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else pad)
+            bias = bias + (
+                torch.zeros_like(pad, dtype=q.dtype).masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else pad
+            )
         if is_causal and attn_mask is None:
             bias = bias + torch.full((tgt, src), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         weights = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim**0.5 + bias, dim=-1)
@@ -114,7 +138,9 @@ def _check_blocksize(shape: tuple[int, int], blocksize: tuple[int, int] | None) 
 class _SparseWeight(nn.Module):
     """A 2-D weight (out, in) in CSR or BSR form, kept as buffers: crow_indices, col_indices, values."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, format: str, blocksize: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, format: str, blocksize: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"unknown sparse format {format!r}: use one of {FORMATS}")
@@ -126,7 +152,9 @@ class _SparseWeight(nn.Module):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
             compressed = weight.to_sparse_csr() if format == "csr" else weight.to_sparse_bsr(self.blocksize)
-        index = torch.int32 if compressed.values().numel() < 2**31 else torch.int64  # half the index bytes; faster kernels
+        index = (
+            torch.int32 if compressed.values().numel() < 2**31 else torch.int64
+        )  # half the index bytes; faster kernels
         self.register_buffer("crow_indices", compressed.crow_indices().to(index))
         self.register_buffer("col_indices", compressed.col_indices().to(index))
         self.register_buffer("values", compressed.values().clone())
@@ -141,7 +169,10 @@ class _SparseWeight(nn.Module):
             build = torch.sparse_csr_tensor if self.format == "csr" else torch.sparse_bsr_tensor
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
-                self._cache = (key, build(self.crow_indices, self.col_indices, self.values, self.shape, check_invariants=False))
+                self._cache = (
+                    key,
+                    build(self.crow_indices, self.col_indices, self.values, self.shape, check_invariants=False),
+                )
         return self._cache[1]
 
     def __getstate__(self) -> dict:
@@ -185,7 +216,11 @@ class _SparseWeight(nn.Module):
         if x.shape[1] == 1:  # matrix-vector kernels are about twice as fast for a single row
             y = torch.mv(self.weight, x[:, 0]) if self.bias is None else torch.addmv(self.bias, self.weight, x[:, 0])
             return y.unsqueeze(1)
-        return torch.sparse.mm(self.weight, x) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), self.weight, x)
+        return (
+            torch.sparse.mm(self.weight, x)
+            if self.bias is None
+            else torch.addmm(self.bias.unsqueeze(1), self.weight, x)
+        )
 
     def extra_repr(self) -> str:
         block = f", blocksize={self.blocksize}" if self.blocksize else ""
@@ -210,7 +245,9 @@ class SparseConv1x1(_SparseWeight):
         return y.reshape(self.shape[0], n, *spatial).transpose(0, 1)
 
 
-def compress(weight: torch.Tensor, bias: torch.Tensor | None, kind: str, format: str, blocksize: tuple[int, int] | None = None) -> _SparseWeight:
+def compress(
+    weight: torch.Tensor, bias: torch.Tensor | None, kind: str, format: str, blocksize: tuple[int, int] | None = None
+) -> _SparseWeight:
     """A sparse module computing the same as linear (`kind="linear"`) or a 1x1 conv (`kind="conv"`)."""
     if kind == "linear":
         return SparseLinear(weight, bias, format, blocksize)

@@ -33,13 +33,23 @@ aten = torch.ops.aten
 LAYER_NORMS = {F.layer_norm: "functional", aten.layer_norm.default: "aten"}
 # a reduction's original form: (op, target, whether its dim is a list)
 REDUCTIONS = {
-    "aten_mean": ("call_function", aten.mean.dim, True), "aten_sum": ("call_function", aten.sum.dim_IntList, True),
-    "torch_mean": ("call_function", torch.mean, False), "torch_sum": ("call_function", torch.sum, False),
-    "method_mean": ("call_method", "mean", False), "method_sum": ("call_method", "sum", False),
+    "aten_mean": ("call_function", aten.mean.dim, True),
+    "aten_sum": ("call_function", aten.sum.dim_IntList, True),
+    "torch_mean": ("call_function", torch.mean, False),
+    "torch_sum": ("call_function", torch.sum, False),
+    "method_mean": ("call_method", "mean", False),
+    "method_sum": ("call_method", "sum", False),
 }
 
 
-def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, original: str = "functional") -> torch.Tensor:
+def masked_layer_norm(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    original: str = "functional",
+) -> torch.Tensor:
     """LayerNorm over the last dim, with mean and variance taken over the channels `keep` marks."""
     k = keep.to(x.dtype)
     centered = (x - (x * k).sum(-1, keepdim=True) / k.sum()) * k
@@ -47,7 +57,9 @@ def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor,
     return y if bias is None else y + bias
 
 
-def masked_reduce(x: torch.Tensor, keep: torch.Tensor, dim: int, keepdim: bool, op: str = "mean", original: str = "torch_mean") -> torch.Tensor:
+def masked_reduce(
+    x: torch.Tensor, keep: torch.Tensor, dim: int, keepdim: bool, op: str = "mean", original: str = "torch_mean"
+) -> torch.Tensor:
     """Mean or sum over `dim` of the entries `keep` marks."""
     shape = [1] * x.ndim
     shape[dim] = -1
@@ -59,15 +71,38 @@ def _layer_norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """(input, weight name, bias name, eps, original) of a LayerNorm over one dim with a weight."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if not isinstance(m, nn.LayerNorm) or type(m).forward is not nn.LayerNorm.forward or len(m.normalized_shape) != 1 or m.weight is None:
+        if (
+            not isinstance(m, nn.LayerNorm)
+            or type(m).forward is not nn.LayerNorm.forward
+            or len(m.normalized_shape) != 1
+            or m.weight is None
+        ):
             return None
-        return node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None, m.eps, f"module:{node.target}"
+        return (
+            node.args[0],
+            f"{node.target}.weight",
+            f"{node.target}.bias" if m.bias is not None else None,
+            m.eps,
+            f"module:{node.target}",
+        )
     if node.op != "call_function" or node.target not in LAYER_NORMS:
         return None
     shape, weight, bias = node_arg(node, 1, "normalized_shape"), node_arg(node, 2, "weight"), node_arg(node, 3, "bias")
-    if not isinstance(shape, (tuple, list)) or len(shape) != 1 or isinstance(shape[0], fx.Node) or not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (bias is not None and bias.op != "get_attr"):
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 1
+        or isinstance(shape[0], fx.Node)
+        or not (isinstance(weight, fx.Node) and weight.op == "get_attr")
+        or (bias is not None and bias.op != "get_attr")
+    ):
         return None
-    return node_arg(node, 0, "input"), weight.target, bias.target if bias is not None else None, node_arg(node, 4, "eps", 1e-5), LAYER_NORMS[node.target]
+    return (
+        node_arg(node, 0, "input"),
+        weight.target,
+        bias.target if bias is not None else None,
+        node_arg(node, 4, "eps", 1e-5),
+        LAYER_NORMS[node.target],
+    )
 
 
 def sync_masked_ops(gm: fx.GraphModule, deps) -> None:
@@ -112,8 +147,11 @@ def _sync_reductions(gm: fx.GraphModule, deps) -> None:
         buffer = f"{ROOT_HOLDER}.{buffer}"
         keepdim = node_arg(node, 2, "keepdim", False)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(masked_reduce, (node.args[0], gm.graph.get_attr(buffer), dim, bool(keepdim)),
-                                         {"op": key.rpartition("_")[2], "original": key})
+            new = gm.graph.call_function(
+                masked_reduce,
+                (node.args[0], gm.graph.get_attr(buffer), dim, bool(keepdim)),
+                {"op": key.rpartition("_")[2], "original": key},
+            )
         swap_node(gm, node, new)
 
 
@@ -131,9 +169,13 @@ def _sync_norms(gm: fx.GraphModule) -> None:
         index = next(i for i, p in enumerate(owner.parametrizations[attr]) if isinstance(p, ChannelMaskParametrization))
         owner_path = weight.rpartition(".")[0]
         with gm.graph.inserting_before(node), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node with no underlying reference")
+            warnings.filterwarnings(
+                "ignore", message="Attempted to insert a get_attr Node with no underlying reference"
+            )
             # (fx does not see parametrized tensors, which are class properties, as attributes)
-            keep = gm.graph.get_attr(".".join(p for p in (owner_path, "parametrizations", attr, str(index), "keep_0") if p))
+            keep = gm.graph.get_attr(
+                ".".join(p for p in (owner_path, "parametrizations", attr, str(index), "keep_0") if p)
+            )
             w = gm.graph.get_attr(weight)
             b = gm.graph.get_attr(bias) if bias is not None else None
             new = gm.graph.call_function(masked_layer_norm, (x, keep, w, b, eps), {"original": original})

@@ -19,10 +19,23 @@ from torch.nn.utils import parametrize
 
 __all__ = ["shadow", "own_class", "deepcopy_model", "Snapshot"]
 
-_TABLES = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks", "_forward_pre_hooks",
-           "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-           "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_forward_hooks_with_kwargs",
-           "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+_TABLES = (
+    "_parameters",
+    "_buffers",
+    "_modules",
+    "_non_persistent_buffers_set",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 def own_class(module: nn.Module) -> None:
@@ -83,7 +96,9 @@ class Snapshot:
     def __init__(self, root: nn.Module) -> None:
         self.saved = []
         for m in {id(m): m for m in root.modules()}.values():
-            tables = {name: copy.copy(m.__dict__[name]) for name in _TABLES if isinstance(m.__dict__.get(name), (dict, set))}
+            tables = {
+                name: copy.copy(m.__dict__[name]) for name in _TABLES if isinstance(m.__dict__.get(name), (dict, set))
+            }
             self.saved.append((m, type(m), dict(m.__dict__), tables))
 
     def restore(self) -> None:

@@ -105,7 +105,11 @@ def _runs(gm: fx.GraphModule, example_inputs: tuple | dict) -> bool:
 def no_cache(model: nn.Module):
     """Hugging Face models return their key/value cache when `config.use_cache` is on (the default of
     most decoders), which torch.export cannot put in a graph's outputs: off while exporting."""
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None and getattr(c, "use_cache", False)}
+    configs = {
+        id(c): c
+        for m in model.modules()
+        if (c := getattr(m, "config", None)) is not None and getattr(c, "use_cache", False)
+    }
     for c in configs.values():
         c.use_cache = False
     try:
@@ -136,11 +140,15 @@ def _export(model: nn.Module, example_inputs: tuple | dict) -> tuple[fx.GraphMod
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
     with no_cache(model):
         try:
-            traced = with_batch(example_inputs, 2) if batch_of(example_inputs) == 1 else example_inputs  # batch 1 would specialise
+            traced = (
+                with_batch(example_inputs, 2) if batch_of(example_inputs) == 1 else example_inputs
+            )  # batch 1 would specialise
             t_args, t_kwargs = (traced, {}) if isinstance(traced, tuple) else ((), dict(traced))
             batch = batch_of(traced)
-            dynamic = pytree.tree_map(lambda t: _dynamic_dims(t, batch) if isinstance(t, torch.Tensor) else None,
-                                      t_args if t_args else t_kwargs)
+            dynamic = pytree.tree_map(
+                lambda t: _dynamic_dims(t, batch) if isinstance(t, torch.Tensor) else None,
+                t_args if t_args else t_kwargs,
+            )
             gm = torch.export.export(model, t_args, t_kwargs, dynamic_shapes=dynamic, strict=False).module()
             if _runs(gm, example_inputs):
                 gm.meta[TRACED_BY] = "export"
@@ -150,8 +158,11 @@ def _export(model: nn.Module, example_inputs: tuple | dict) -> tuple[fx.GraphMod
         try:  # the shapes of the example inputs, and only those
             gm = torch.export.export(model, args, kwargs, strict=False).module()
             gm.meta[TRACED_BY] = "export-static"
-            logger.warning("%s was exported with static shapes: the pruned graph runs on inputs shaped like the "
-                           "example inputs only", type(model).__name__)
+            logger.warning(
+                "%s was exported with static shapes: the pruned graph runs on inputs shaped like the "
+                "example inputs only",
+                type(model).__name__,
+            )
             return gm, ""
         except Exception as exc:
             logger.info("torch.export failed: %s", exc)
@@ -160,8 +171,10 @@ def _export(model: nn.Module, example_inputs: tuple | dict) -> tuple[fx.GraphMod
 
 # Ops whose behaviour depends on the mode: torch.export records the mode it ran in as a constant.
 _MODE_ARGS = {
-    torch.ops.aten.dropout.default: 2, torch.ops.aten.feature_dropout.default: 2,
-    torch.ops.aten.alpha_dropout.default: 2, torch.ops.aten.feature_alpha_dropout.default: 2,
+    torch.ops.aten.dropout.default: 2,
+    torch.ops.aten.feature_dropout.default: 2,
+    torch.ops.aten.alpha_dropout.default: 2,
+    torch.ops.aten.feature_alpha_dropout.default: 2,
     torch.ops.aten.batch_norm.default: 5,
 }
 
@@ -175,10 +188,13 @@ def _switchable_modes(gm: fx.GraphModule) -> None:
         if pos is None or len(node.args) <= pos or not isinstance(node.args[pos], bool):
             continue
         if mode is None:
-            with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")), warnings.catch_warnings():
+            with (
+                gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")),
+                warnings.catch_warnings(),
+            ):
                 warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
                 mode = gm.graph.get_attr("training")
-        node.args = (*node.args[:pos], mode, *node.args[pos + 1:])
+        node.args = (*node.args[:pos], mode, *node.args[pos + 1 :])
     for name in ("train", "eval"):  # torch.export's module refuses both; nn.Module's own ones work now
         gm.__dict__.pop(name, None)
     gm.recompile()
@@ -192,7 +208,9 @@ def _with_full_tree(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: tuple | dict | None = None) -> fx.GraphModule:
+def trace(
+    model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: tuple | dict | None = None
+) -> fx.GraphModule:
     """symbolic_trace with extra leaf module types; a GraphModule is used as it is.
 
     Optional arguments that `example_inputs` does not give are traced at their defaults.  When
@@ -210,7 +228,9 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: t
         try:
             graph = tracer.trace(model, concrete_args=_concrete_args(model, example_inputs))
         except Exception as exc:
-            exported, why = _export(model, example_inputs) if example_inputs is not None else (None, "no example inputs")
+            exported, why = (
+                _export(model, example_inputs) if example_inputs is not None else (None, "no example inputs")
+            )
             if exported is not None:
                 logger.info("symbolic tracing failed (%s); using torch.export's graph", exc)
                 _hoist_root_tensors(exported)
@@ -226,17 +246,23 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: t
 
 def _trace_error(model: nn.Module, exc: Exception, export_error: str) -> TraceError:
     path, cls = getattr(exc, "_graphprune_module", ("", type(model).__name__))
-    head = (f"could not trace {type(model).__name__} to a graph: torch.fx failed with {type(exc).__name__}: {exc}\n"
-            f"  it broke at {_user_frame(exc)}")
+    head = (
+        f"could not trace {type(model).__name__} to a graph: torch.fx failed with {type(exc).__name__}: {exc}\n"
+        f"  it broke at {_user_frame(exc)}"
+    )
     if path:
-        advice = (f" inside module '{path}' ({cls}).\n  Python control flow that depends on tensor values cannot be "
-                  f"traced. Mark the module that contains it as a leaf: graphprune.compile(..., leaf_modules=[{cls}]). "
-                  "Its channels are then kept (register a rule with graphprune.register_rule to prune through it).")
+        advice = (
+            f" inside module '{path}' ({cls}).\n  Python control flow that depends on tensor values cannot be "
+            f"traced. Mark the module that contains it as a leaf: graphprune.compile(..., leaf_modules=[{cls}]). "
+            "Its channels are then kept (register a rule with graphprune.register_rule to prune through it)."
+        )
     else:
-        advice = (f" in {cls}.forward itself, which leaf_modules cannot isolate (it is the model).\n  Move the "
-                  "data-dependent part into a submodule and mark that submodule's class as a leaf "
-                  "(graphprune.compile(..., leaf_modules=[ThatClass])), or prune the traceable part on its own "
-                  "(e.g. model.backbone).")
+        advice = (
+            f" in {cls}.forward itself, which leaf_modules cannot isolate (it is the model).\n  Move the "
+            "data-dependent part into a submodule and mark that submodule's class as a leaf "
+            "(graphprune.compile(..., leaf_modules=[ThatClass])), or prune the traceable part on its own "
+            "(e.g. model.backbone)."
+        )
     return TraceError(head + advice + f"\n  torch.export failed too: {export_error}")
 
 

@@ -96,7 +96,9 @@ def mismatch(expected: Any, got: Any) -> str | None:
             continue
         ed, gd = e.detach().double().cpu(), g.detach().double().cpu()
         finite = torch.isfinite(ed)
-        if not torch.equal(finite, torch.isfinite(gd)) or not torch.equal(ed[~finite].nan_to_num(), gd[~finite].nan_to_num()):
+        if not torch.equal(finite, torch.isfinite(gd)) or not torch.equal(
+            ed[~finite].nan_to_num(), gd[~finite].nan_to_num()
+        ):
             return f"output {i} has NaN or inf in other places"
         if not finite.any():
             continue
@@ -139,7 +141,10 @@ def _divergence(gm: fx.GraphModule, ref: Reference, example_inputs: tuple | dict
         with eval_mode(gm), torch.no_grad():
             interp.run(*positional_inputs(gm, clone_inputs(example_inputs)))
     except Exception as exc:  # the node that raised is the divergence
-        return interp.current, f"raises {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return (
+            interp.current,
+            f"raises {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+        )
     for node in gm.graph.nodes:
         before, after = ref.fingerprints.get(node.name), interp.prints.get(node.name)
         if before is None or after is None or before[0] != after[0]:
@@ -162,8 +167,14 @@ def _groups_at(node: fx.Node | None, groups: Iterable[Any]) -> list[str]:
     return hits
 
 
-def check_keeps_outputs(name: str, gm: fx.GraphModule, ref: Reference, example_inputs: tuple | dict,
-                        groups: Iterable[Any] = (), history: str = "") -> None:
+def check_keeps_outputs(
+    name: str,
+    gm: fx.GraphModule,
+    ref: Reference,
+    example_inputs: tuple | dict,
+    groups: Iterable[Any] = (),
+    history: str = "",
+) -> None:
     """Raise a VerificationError naming the first diverging node when `gm` no longer computes `ref`."""
     try:
         got = run_outputs(gm, example_inputs)

@@ -129,7 +129,9 @@ _STATISTICS = {
 }
 
 
-def input_channel_stats(gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list, statistic: str) -> dict[str, torch.Tensor]:
+def input_channel_stats(
+    gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list, statistic: str
+) -> dict[str, torch.Tensor]:
     """Per input channel of each op (by weight name): a statistic over every position of every
     calibration batch, in eval mode."""
     sums: dict[str, torch.Tensor] = {}

@@ -20,7 +20,15 @@ from graphprune.rules import attention, channelwise, conv, pointwise, reduce, re
 from graphprune.rules.base import OpCall, ParamRef, Rule, find_rule, register_rule, register_table
 from graphprune.rules.channelwise import ChannelwiseRule
 
-for _table in (conv.RULES, channelwise.RULES, pointwise.RULES, shape.RULES, reduce.RULES, attention.RULES, reinsert.RULES):
+for _table in (
+    conv.RULES,
+    channelwise.RULES,
+    pointwise.RULES,
+    shape.RULES,
+    reduce.RULES,
+    attention.RULES,
+    reinsert.RULES,
+):
     register_table(_table)
 
 __all__ = ["Rule", "OpCall", "ParamRef", "register_rule", "find_rule", "ChannelwiseRule"]

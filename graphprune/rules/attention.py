@@ -54,7 +54,10 @@ class MultiheadAttentionRule(Rule):
         if reason is not None:
             call.freeze_inputs("no_rule", f"nn.MultiheadAttention with {reason}")
             return call.out_none()
-        labels = [call.input(i) if i < len(call.args) else call.label_kwargs.get(n) for i, n in enumerate(("query", "key", "value"))]
+        labels = [
+            call.input(i) if i < len(call.args) else call.label_kwargs.get(n)
+            for i, n in enumerate(("query", "key", "value"))
+        ]
         per_in = [call.along(lab, -1) for lab in labels]
         for lab in per_in[1:]:  # q, k and v are read with the same weight columns
             call.space.unify(per_in[0], lab, call.site("attention", "q, k and v inputs of one projection"))
@@ -71,7 +74,9 @@ class MultiheadAttentionRule(Rule):
         if m.out_proj.bias is not None:
             call.space.add_slot(call.param("out_proj.bias"), 0, out)
         first, weights = call.out
-        return place(out, first.ndim - 1, first.shape), none_like(weights.shape) if isinstance(weights, torch.Tensor) else None
+        return place(out, first.ndim - 1, first.shape), none_like(weights.shape) if isinstance(
+            weights, torch.Tensor
+        ) else None
 
     def update_module(self, module: nn.Module) -> None:
         module.num_heads = module.in_proj_weight.shape[0] // (3 * module.head_dim)
@@ -91,7 +96,10 @@ class AttentionRule(Rule):
     def propagate(self, call: OpCall):
         q, k, v = (call.input(i) for i in range(3))
         if q.ndim < 3 or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
-            call.freeze_inputs("no_rule", "attention with heads that differ between q, k and v (grouped-query attention is not handled yet)")
+            call.freeze_inputs(
+                "no_rule",
+                "attention with heads that differ between q, k and v (grouped-query attention is not handled yet)",
+            )
             return call.out_none()
         hdim = q.ndim - 3
         extra = [(i, a) for i, a in enumerate(call.args) if i >= 3 and isinstance(a, torch.Tensor)]
@@ -103,19 +111,25 @@ class AttentionRule(Rule):
                 labels = labels if isinstance(labels, torch.Tensor) else none_like(mask.shape)
                 mdim = mask.ndim + hdim - q.ndim
                 if any(varies_along(labels, d) for d in range(mask.ndim) if d != mdim):
-                    call.freeze_inputs("no_rule", "attention with a per-head tensor argument that varies along other dims")
+                    call.freeze_inputs(
+                        "no_rule", "attention with a per-head tensor argument that varies along other dims"
+                    )
                     return call.out_none()
                 biases.append(labels.movedim(mdim, 0).reshape(mask.shape[mdim], -1)[:, 0])
         per_head = []
         for t in (q, k, v):
             rows = t.movedim(hdim, 0).reshape(t.shape[hdim], -1)
-            call.space.unify(rows[:, :1], rows, call.site("attention", "attention head"))  # NONE beside a head freezes it
+            call.space.unify(
+                rows[:, :1], rows, call.site("attention", "attention head")
+            )  # NONE beside a head freezes it
             per_head.append(rows[:, 0])
         call.space.tag(per_head[0], "head")
         call.space.unify(per_head[0], per_head[1], call.site("attention", "q and k heads"))
         call.space.unify(per_head[0], per_head[2], call.site("attention", "q and v heads"))
         for bias in biases:  # a bias that is not sliceable per head (a constant) freezes the heads
-            call.space.unify(per_head[0], bias, call.site("attention", "a per-head attention bias that cannot be sliced"))
+            call.space.unify(
+                per_head[0], bias, call.site("attention", "a per-head attention bias that cannot be sliced")
+            )
         if any(varies_along(v, d) for d in range(v.ndim - 1) if d != hdim):
             call.freeze_inputs("attention", "attention whose batch or token dims carry channels")
             return call.out_none()

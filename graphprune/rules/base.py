@@ -22,7 +22,19 @@ from graphprune.ir.labels import NONE, FreezeSite, LabelSpace, along, labeled_di
 
 aten = torch.ops.aten
 
-__all__ = ["Rule", "OpCall", "ParamRef", "ParamView", "param_view", "register_rule", "register_table", "overloads", "find_rule", "aten", "place"]
+__all__ = [
+    "Rule",
+    "OpCall",
+    "ParamRef",
+    "ParamView",
+    "param_view",
+    "register_rule",
+    "register_table",
+    "overloads",
+    "find_rule",
+    "aten",
+    "place",
+]
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,9 @@ class LayerNormRule(Rule):
             bias = call.param("bias") if bias is not None and is_maskable(call.module, "bias") else bias
         else:
             w_at, b_at = (2, 3)
-            shape = None if masked else call.kwargs.get("normalized_shape", call.args[1] if len(call.args) > 1 else None)
+            shape = (
+                None if masked else call.kwargs.get("normalized_shape", call.args[1] if len(call.args) > 1 else None)
+            )
             weight = call.label_kwargs.get("weight", call.labels[w_at] if len(call.labels) > w_at else None)
             bias = call.label_kwargs.get("bias", call.labels[b_at] if len(call.labels) > b_at else None)
             weight = weight.name if isinstance(weight, ParamRef) and weight.maskable else weight
@@ -112,8 +114,13 @@ class LayerNormRule(Rule):
         node_shape = call.node.kwargs.get("normalized_shape", call.node.args[1] if len(call.node.args) > 1 else None)
         computed = call.module is None and not masked and _computed(node_shape)
         if count != 1 or computed or not isinstance(weight, str) or (bias is not None and not isinstance(bias, str)):
-            why = ("normalises over several dims" if count != 1 else "takes a shape computed at run time" if computed
-                   else "has no weight (or bias) parameter to carry a mask")
+            why = (
+                "normalises over several dims"
+                if count != 1
+                else "takes a shape computed at run time"
+                if computed
+                else "has no weight (or bias) parameter to carry a mask"
+            )
             call.space.freeze(x, call.site("norm", f"normalises over these channels and {why}", **site))
             return Unary().propagate(call)
         per = call.along(x, -1)
@@ -139,7 +146,9 @@ class EmbeddingRule(Rule):
         if call.module is not None:
             name, max_norm, width = call.param("weight"), call.module.max_norm, call.module.embedding_dim
         else:
-            ref = call.label_kwargs.get("weight", call.labels[self.weight_pos] if len(call.labels) > self.weight_pos else None)
+            ref = call.label_kwargs.get(
+                "weight", call.labels[self.weight_pos] if len(call.labels) > self.weight_pos else None
+            )
             name, max_norm, width = getattr(ref, "name", None), call.kwargs.get("max_norm"), call.out.shape[-1]
         if name is None or max_norm is not None:  # max_norm renormalises rows over all their columns
             call.freeze_inputs("no_rule", "embedding whose weight is not a parameter, or with max_norm")
@@ -164,7 +173,11 @@ class FunctionalNormRule(Rule):
         x = call.input(0)
         per = call.along(x, 1)
         if self.groups_arg is not None:  # whole groups go; Shrink writes the number of groups kept
-            groups = call.node.args[self.groups_arg] if len(call.node.args) > self.groups_arg else call.node.kwargs.get("num_groups")
+            groups = (
+                call.node.args[self.groups_arg]
+                if len(call.node.args) > self.groups_arg
+                else call.node.kwargs.get("num_groups")
+            )
             if not isinstance(groups, int):
                 call.space.freeze(per, call.site("norm", "group_norm with a group count computed at run time"))
             else:
@@ -187,20 +200,65 @@ _BN = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
 _F_NORM = {1: "running_mean", 2: "running_var", 3: "weight", 4: "bias"}  # F.batch_norm / F.instance_norm
 _ATEN_NORM = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}  # their ATen forms
 _POOLS = {
-    1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d, nn.ReflectionPad1d,
-        nn.ReplicationPad1d, nn.ZeroPad1d, nn.ConstantPad1d, nn.CircularPad1d, F.max_pool1d, F.avg_pool1d,
-        F.adaptive_avg_pool1d, F.adaptive_max_pool1d,
-        *overloads(aten.max_pool1d, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d)),
-    2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.ReflectionPad2d,
-        nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.CircularPad2d, nn.UpsamplingNearest2d,
-        nn.UpsamplingBilinear2d, nn.FractionalMaxPool2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    1: (
+        nn.MaxPool1d,
+        nn.AvgPool1d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveMaxPool1d,
+        nn.LPPool1d,
+        nn.ReflectionPad1d,
+        nn.ReplicationPad1d,
+        nn.ZeroPad1d,
+        nn.ConstantPad1d,
+        nn.CircularPad1d,
+        F.max_pool1d,
+        F.avg_pool1d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_max_pool1d,
+        *overloads(aten.max_pool1d, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d),
+    ),
+    2: (
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+        nn.LPPool2d,
+        nn.ReflectionPad2d,
+        nn.ReplicationPad2d,
+        nn.ZeroPad2d,
+        nn.ConstantPad2d,
+        nn.CircularPad2d,
+        nn.UpsamplingNearest2d,
+        nn.UpsamplingBilinear2d,
+        nn.FractionalMaxPool2d,
+        F.max_pool2d,
+        F.avg_pool2d,
+        F.adaptive_avg_pool2d,
         F.adaptive_max_pool2d,
-        *overloads(aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.adaptive_max_pool2d,
-                   aten.max_pool2d_with_indices)),
-    3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.ReflectionPad3d,
-        nn.ReplicationPad3d, nn.ConstantPad3d, nn.CircularPad3d, nn.FractionalMaxPool3d, F.max_pool3d, F.avg_pool3d,
-        F.adaptive_avg_pool3d, F.adaptive_max_pool3d,
-        *overloads(aten.max_pool3d, aten.avg_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d)),
+        *overloads(
+            aten.max_pool2d,
+            aten.avg_pool2d,
+            aten.adaptive_avg_pool2d,
+            aten.adaptive_max_pool2d,
+            aten.max_pool2d_with_indices,
+        ),
+    ),
+    3: (
+        nn.MaxPool3d,
+        nn.AvgPool3d,
+        nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool3d,
+        nn.ReflectionPad3d,
+        nn.ReplicationPad3d,
+        nn.ConstantPad3d,
+        nn.CircularPad3d,
+        nn.FractionalMaxPool3d,
+        F.max_pool3d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool3d,
+        F.adaptive_max_pool3d,
+        *overloads(aten.max_pool3d, aten.avg_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d),
+    ),
 }
 
 RULES = [
@@ -220,7 +278,20 @@ RULES = [
     (_POOLS[2], ChannelwiseRule(-3)),
     (_POOLS[3], ChannelwiseRule(-4)),
     # resampling: channels stay at dim 1 whatever the spatial rank
-    ((nn.Upsample, F.interpolate, *overloads(aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
-                                              aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
-                                              aten.upsample_trilinear3d)), ChannelwiseRule(1)),
+    (
+        (
+            nn.Upsample,
+            F.interpolate,
+            *overloads(
+                aten.upsample_nearest1d,
+                aten.upsample_nearest2d,
+                aten.upsample_nearest3d,
+                aten.upsample_linear1d,
+                aten.upsample_bilinear2d,
+                aten.upsample_bicubic2d,
+                aten.upsample_trilinear3d,
+            ),
+        ),
+        ChannelwiseRule(1),
+    ),
 ]

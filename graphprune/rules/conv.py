@@ -18,7 +18,15 @@ from torch import nn
 from graphprune.ir.weight_ops import node_arg
 from graphprune.rules.base import OpCall, ParamRef, Rule, aten, place
 
-__all__ = ["ConvRule", "ConvTransposeRule", "LinearRule", "FunctionalConvRule", "FunctionalLinearRule", "AddmmRule", "RULES"]
+__all__ = [
+    "ConvRule",
+    "ConvTransposeRule",
+    "LinearRule",
+    "FunctionalConvRule",
+    "FunctionalLinearRule",
+    "AddmmRule",
+    "RULES",
+]
 
 
 def _coupled_across_groups(call: OpCall, per_in: torch.Tensor, groups: int) -> torch.Tensor:
@@ -126,9 +134,15 @@ class FunctionalConvRule(Rule):
         bias_value = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
         groups = node_arg(call.node, self.groups_pos, "groups", 1)
         transposed = self.transposed_pos is not None and node_arg(call.node, self.transposed_pos, "transposed", False)
-        if not isinstance(weight, ParamRef) or (bias_value is not None and not isinstance(bias, ParamRef)) \
-                or not isinstance(groups, int) or transposed:
-            call.freeze_inputs("no_rule", "convolution whose weight is not a parameter, with a computed group count, or transposed")
+        if (
+            not isinstance(weight, ParamRef)
+            or (bias_value is not None and not isinstance(bias, ParamRef))
+            or not isinstance(groups, int)
+            or transposed
+        ):
+            call.freeze_inputs(
+                "no_rule", "convolution whose weight is not a parameter, with a computed group count, or transposed"
+            )
             return call.out_none()
         x = call.input(0)
         spatial = self.spatial if self.spatial is not None else call.args[1].ndim - 2
@@ -154,7 +168,9 @@ class FunctionalLinearRule(Rule):
         x = call.input(0)
         weight = call.labels[1] if len(call.labels) > 1 else None
         bias = call.labels[2] if len(call.labels) > 2 else call.label_kwargs.get("bias")
-        if not isinstance(weight, ParamRef) or (call.args[2:3] and call.args[2] is not None and not isinstance(bias, ParamRef)):
+        if not isinstance(weight, ParamRef) or (
+            call.args[2:3] and call.args[2] is not None and not isinstance(bias, ParamRef)
+        ):
             call.freeze_inputs("no_rule", "linear whose weight is not a parameter of the model")
             return call.out_none()
         call.slot_param(weight, 1, call.along(x, -1), consumer=True)
@@ -170,7 +186,11 @@ class AddmmRule(Rule):
 
     def propagate(self, call: OpCall):
         bias, x, weight = call.labels[0], call.input(1), call.labels[2]
-        if not (isinstance(weight, ParamRef) and isinstance(bias, ParamRef)) or call.kwargs.get("beta", 1) != 1 or call.kwargs.get("alpha", 1) != 1:
+        if (
+            not (isinstance(weight, ParamRef) and isinstance(bias, ParamRef))
+            or call.kwargs.get("beta", 1) != 1
+            or call.kwargs.get("alpha", 1) != 1
+        ):
             call.freeze_inputs("no_rule", "addmm whose weight and bias are not parameters of the model")
             return call.out_none()
         call.slot_param(weight, 0, call.along(x, -1), consumer=True)
@@ -181,8 +201,11 @@ class AddmmRule(Rule):
 
 
 RULES = [
-    ((nn.Conv1d,), ConvRule(1)), ((nn.Conv2d,), ConvRule(2)), ((nn.Conv3d,), ConvRule(3)),
-    ((nn.ConvTranspose1d,), ConvTransposeRule(1)), ((nn.ConvTranspose2d,), ConvTransposeRule(2)),
+    ((nn.Conv1d,), ConvRule(1)),
+    ((nn.Conv2d,), ConvRule(2)),
+    ((nn.Conv3d,), ConvRule(3)),
+    ((nn.ConvTranspose1d,), ConvTransposeRule(1)),
+    ((nn.ConvTranspose2d,), ConvTransposeRule(2)),
     ((nn.ConvTranspose3d,), ConvTransposeRule(3)),
     ((F.conv1d, aten.conv1d.default), FunctionalConvRule(1)),
     ((F.conv2d, aten.conv2d.default), FunctionalConvRule(2)),

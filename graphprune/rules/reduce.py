@@ -48,7 +48,14 @@ class Reduce(Rule):
             if (self.maskable or masked) and len(dims) == 1 and labeled == dims and "dtype" not in call.kwargs:
                 call.extra["reduce_labels"] = (dims[0], call.along(x, dims[0]))
                 return call.out_none()
-            call.space.freeze(x, call.site("reduction", f"{getattr(call.node.target, '__name__', call.node.target)} over pruned channels", source=call.node.args[0].name))
+            call.space.freeze(
+                x,
+                call.site(
+                    "reduction",
+                    f"{getattr(call.node.target, '__name__', call.node.target)} over pruned channels",
+                    source=call.node.args[0].name,
+                ),
+            )
             return call.out_none()
         res = x
         for d in reversed(dims):
@@ -71,9 +78,40 @@ class Softmax(Rule):
 
 RULES = [
     ((torch.mean, "mean", torch.sum, "sum", masked_reduce, aten.mean.dim, aten.sum.dim_IntList), Reduce(maskable=True)),
-    ((torch.amax, "amax", torch.amin, "amin", torch.std, "std", torch.var, "var", torch.logsumexp, "logsumexp",
-      torch.max, "max", torch.min, "min", *overloads(aten.amax, aten.amin),
-      *[o for o in overloads(aten.mean, aten.sum) if o not in (aten.mean.dim, aten.sum.dim_IntList)]), Reduce()),
-    ((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax,
-      nn.Softmin, *overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)), Softmax()),
+    (
+        (
+            torch.amax,
+            "amax",
+            torch.amin,
+            "amin",
+            torch.std,
+            "std",
+            torch.var,
+            "var",
+            torch.logsumexp,
+            "logsumexp",
+            torch.max,
+            "max",
+            torch.min,
+            "min",
+            *overloads(aten.amax, aten.amin),
+            *[o for o in overloads(aten.mean, aten.sum) if o not in (aten.mean.dim, aten.sum.dim_IntList)],
+        ),
+        Reduce(),
+    ),
+    (
+        (
+            F.softmax,
+            F.log_softmax,
+            torch.softmax,
+            torch.log_softmax,
+            "softmax",
+            "log_softmax",
+            nn.Softmax,
+            nn.LogSoftmax,
+            nn.Softmin,
+            *overloads(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax),
+        ),
+        Softmax(),
+    ),
 ]

@@ -28,7 +28,18 @@ from torch import nn
 from graphprune.ir.labels import labeled_dims, none_like, varies_along
 from graphprune.rules.base import OpCall, ParamView, Rule, aten, overloads, param_view
 
-__all__ = ["Execute", "Reshape", "Concat", "SplitChunk", "GetItem", "FreezeAlongDim", "Squeeze", "dim_arg", "follow_param", "RULES"]
+__all__ = [
+    "Execute",
+    "Reshape",
+    "Concat",
+    "SplitChunk",
+    "GetItem",
+    "FreezeAlongDim",
+    "Squeeze",
+    "dim_arg",
+    "follow_param",
+    "RULES",
+]
 
 
 def _label_args(labels: Any, values: Any) -> Any:
@@ -90,7 +101,11 @@ def follow_param(call: OpCall, view: ParamView, rule: Rule) -> ParamView | None:
         shape[j] = -1
         index = torch.arange(1, x.shape[j] + 1)
         probe = index.reshape(shape).expand(x.shape)
-        got = probe[call.args[1]] if call.node.target is operator.getitem else execute(replace(call, labels=(probe, *call.labels[1:])))
+        got = (
+            probe[call.args[1]]
+            if call.node.target is operator.getitem
+            else execute(replace(call, labels=(probe, *call.labels[1:])))
+        )
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(out.shape):
             return None
         varying = labeled_dims(got)
@@ -192,7 +207,9 @@ def _split_apart(node: fx.Node, ndim: int) -> set[int]:
     dims, n = list(range(ndim)), node
     for _ in range(8):
         users = list(n.users)
-        if users and all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in users):
+        if users and all(
+            u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in users
+        ):
             return {dims[0]}
         if len(users) != 1:
             return set()
@@ -219,7 +236,9 @@ class Reshape(Rule):
     def propagate(self, call: OpCall):
         out = execute(call)
         x = call.input(0)
-        counted = tuple(j for j, size in enumerate(_size_args(call, out.ndim)) if getattr(size, "labels", None) is not None)
+        counted = tuple(
+            j for j, size in enumerate(_size_args(call, out.ndim)) if getattr(size, "labels", None) is not None
+        )
         if counted:  # sizes computed from channel counts: Shrink writes what each of those dims keeps
             call.extra["reshape_labels"] = out
             call.extra["counted_dims"] = counted
@@ -239,7 +258,9 @@ class Reshape(Rule):
             others = [d for d in labeled_dims(out) if d not in gout]
             free = [d for d in varied if kinds[d] == "free"]
             if len(gin) > 1 or others or len(free) > 1:
-                call.space.freeze(out, call.site("reshape", "reshape mixes pruned channels in a way that cannot shrink"))
+                call.space.freeze(
+                    out, call.site("reshape", "reshape mixes pruned channels in a way that cannot shrink")
+                )
                 return out
             split = _split_apart(call.node, out.ndim)  # q, k and v of a fused projection: not where channels go
             keep = ([d for d in free if d not in split] or free or [d for d in varied if d not in split] or varied)[0]
@@ -275,7 +296,10 @@ class Concat(Rule):
         site = call.site("conflict", "concatenated with channels that cannot be pruned")
         for d in vary:
             # a parameter concatenated with channels (a class token) is sliced with them
-            sliceable = [v is not None and v.dims[d] is not None and v.ref.shape[v.dims[d]] == t.shape[d] for v, t in zip(views, labs)]
+            sliceable = [
+                v is not None and v.dims[d] is not None and v.ref.shape[v.dims[d]] == t.shape[d]
+                for v, t in zip(views, labs)
+            ]
             channels = [call.along(t, d) for t, s in zip(labs, sliceable) if not s]
             for c in channels[1:]:
                 call.space.unify(channels[0], c, site)
@@ -306,10 +330,24 @@ class SplitChunk(Rule):
             size_arg = call.kwargs.get("split_size")
         sizes = {p.shape[dim] for p in parts}
         if not is_chunk:  # split(4) / split([a, b]) hold sizes: Shrink recounts each part's kept channels
-            literal = isinstance(size_arg, int) or (isinstance(size_arg, (list, tuple)) and all(isinstance(v, int) for v in size_arg))
+            literal = isinstance(size_arg, int) or (
+                isinstance(size_arg, (list, tuple)) and all(isinstance(v, int) for v in size_arg)
+            )
             computed = _node_arg(call.node, 1, "split_size_or_sections", "split_size")
-            if not literal or isinstance(computed, fx.Node) or (isinstance(computed, (list, tuple)) and any(isinstance(v, fx.Node) for v in computed)):
-                call.space.freeze(x, call.site("indexing", "split over pruned channels with sizes computed at run time", source=call.node.args[0].name, dim=dim))
+            if (
+                not literal
+                or isinstance(computed, fx.Node)
+                or (isinstance(computed, (list, tuple)) and any(isinstance(v, fx.Node) for v in computed))
+            ):
+                call.space.freeze(
+                    x,
+                    call.site(
+                        "indexing",
+                        "split over pruned channels with sizes computed at run time",
+                        source=call.node.args[0].name,
+                        dim=dim,
+                    ),
+                )
                 return parts
             call.extra["reshape_labels"] = x
             return parts
@@ -318,7 +356,9 @@ class SplitChunk(Rule):
             return parts
         first = call.along(parts[0], dim)
         for p in parts[1:]:
-            call.space.unify(first, call.along(p, dim), call.site("conflict", "split parts must lose the same channels"))
+            call.space.unify(
+                first, call.along(p, dim), call.site("conflict", "split parts must lose the same channels")
+            )
         return parts
 
 
@@ -343,7 +383,12 @@ def _index_dims(index: Any, ndim: int) -> list[tuple[int, Any]]:
 
 
 def _is_full(item: Any, size: int) -> bool:
-    return isinstance(item, slice) and item.step in (None, 1) and item.start in (None, 0) and (item.stop is None or item.stop >= size)
+    return (
+        isinstance(item, slice)
+        and item.step in (None, 1)
+        and item.start in (None, 0)
+        and (item.stop is None or item.stop >= size)
+    )
 
 
 class GetItem(Rule):
@@ -360,7 +405,12 @@ class GetItem(Rule):
         x = call.input(0)
         for d, item in _index_dims(index, x.ndim):
             if d < x.ndim and varies_along(x, d) and not _is_full(item, x.shape[d]):
-                call.space.freeze(x, call.site("indexing", "indexes pruned channels with constants", source=call.node.args[0].name, dim=d))
+                call.space.freeze(
+                    x,
+                    call.site(
+                        "indexing", "indexes pruned channels with constants", source=call.node.args[0].name, dim=d
+                    ),
+                )
         return x[index]
 
 
@@ -417,19 +467,79 @@ class AssertMetadata(Rule):
 
 
 RULES = [
-    ((torch.flatten, "flatten", nn.Flatten, torch.permute, "permute", torch.transpose, "transpose", torch.t, "t",
-      torch.unsqueeze, "unsqueeze", "expand_as", "repeat", torch.movedim, "movedim", torch.flip, "flip", "view_as",
-      "reshape_as", torch.swapaxes, "swapaxes", F.pad,
-      *overloads(aten.permute, aten.transpose, aten.unsqueeze, aten.t, aten.flatten, aten.flip, aten.expand_as,
-                 aten.constant_pad_nd, aten.pad)), Execute()),
-    (("view", "reshape", torch.reshape, "unflatten", torch.unflatten, nn.Unflatten, "expand",
-      *overloads(aten.view, aten.reshape, aten._unsafe_view, aten.expand)), Reshape()),
+    (
+        (
+            torch.flatten,
+            "flatten",
+            nn.Flatten,
+            torch.permute,
+            "permute",
+            torch.transpose,
+            "transpose",
+            torch.t,
+            "t",
+            torch.unsqueeze,
+            "unsqueeze",
+            "expand_as",
+            "repeat",
+            torch.movedim,
+            "movedim",
+            torch.flip,
+            "flip",
+            "view_as",
+            "reshape_as",
+            torch.swapaxes,
+            "swapaxes",
+            F.pad,
+            *overloads(
+                aten.permute,
+                aten.transpose,
+                aten.unsqueeze,
+                aten.t,
+                aten.flatten,
+                aten.flip,
+                aten.expand_as,
+                aten.constant_pad_nd,
+                aten.pad,
+            ),
+        ),
+        Execute(),
+    ),
+    (
+        (
+            "view",
+            "reshape",
+            torch.reshape,
+            "unflatten",
+            torch.unflatten,
+            nn.Unflatten,
+            "expand",
+            *overloads(aten.view, aten.reshape, aten._unsafe_view, aten.expand),
+        ),
+        Reshape(),
+    ),
     ((torch.squeeze, "squeeze", *overloads(aten.squeeze)), Squeeze()),
-    ((torch.cat, torch.concat, torch.concatenate, torch.stack, *overloads(aten.cat, aten.concat, aten.stack)), Concat()),
-    ((torch.split, "split", torch.chunk, "chunk", *overloads(aten.split, aten.split_with_sizes, aten.chunk)), SplitChunk()),
+    (
+        (torch.cat, torch.concat, torch.concatenate, torch.stack, *overloads(aten.cat, aten.concat, aten.stack)),
+        Concat(),
+    ),
+    (
+        (torch.split, "split", torch.chunk, "chunk", *overloads(aten.split, aten.split_with_sizes, aten.chunk)),
+        SplitChunk(),
+    ),
     ((operator.getitem,), GetItem()),
-    (("narrow", torch.narrow, "select", torch.select, "index_select", torch.index_select,
-      *overloads(aten.slice, aten.select, aten.narrow, aten.index_select)), FreezeAlongDim(0, "dim")),
+    (
+        (
+            "narrow",
+            torch.narrow,
+            "select",
+            torch.select,
+            "index_select",
+            torch.index_select,
+            *overloads(aten.slice, aten.select, aten.narrow, aten.index_select),
+        ),
+        FreezeAlongDim(0, "dim"),
+    ),
     (("unbind", torch.unbind, *overloads(aten.unbind)), FreezeAlongDim(0, "dim", default=0)),
     (("roll", torch.roll, *overloads(aten.roll)), FreezeAlongDim(1, "dims")),
     ((nn.ChannelShuffle,), ChannelShuffleRule()),

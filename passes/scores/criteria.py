@@ -61,9 +61,13 @@ class BNScaleScore(ScorePass):
                 fallback.append(g.key)
                 out[g.key] = magnitude.score_group(gm, g, ctx)
         if groups and len(fallback) == len(groups):
-            raise PreconditionError("BNScaleScore: no channel group contains a BatchNorm; use another criterion (e.g. L1Score())")
+            raise PreconditionError(
+                "BNScaleScore: no channel group contains a BatchNorm; use another criterion (e.g. L1Score())"
+            )
         if fallback:
-            logger.info("BNScaleScore: %d group(s) without BatchNorm scored by L1 magnitude: %s", len(fallback), fallback)
+            logger.info(
+                "BNScaleScore: %d group(s) without BatchNorm scored by L1 magnitude: %s", len(fallback), fallback
+            )
         ctx.record(magnitude_fallback=fallback)
         return out
 

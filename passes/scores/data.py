@@ -20,14 +20,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphprune.analysis.scores import WeightScores
 from graphprune.analysis.dependency import ChannelGroup
+from graphprune.analysis.scores import WeightScores
 from graphprune.errors import ArgumentError, PreconditionError
 from graphprune.ir.inputs import calibration_batches, call_with, eval_mode
 from graphprune.ir.masking import raw_tensor, resolve
-from graphprune.pipeline import PassContext
-from graphprune.passes.scores.magnitude import ScorePass
 from graphprune.ir.weight_ops import WeightOp, input_channel_stats, weight_ops
+from graphprune.passes.scores.magnitude import ScorePass
+from graphprune.pipeline import PassContext
 
 __all__ = ["TaylorScore", "HeadSensitivityScore", "ActivationScore", "APoZScore", "WandaScore"]
 
@@ -117,7 +117,11 @@ class _ActivationStats(ScorePass):
 
     def _consumers(self, ops: dict[str, WeightOp], g: ChannelGroup) -> list[tuple[int, WeightOp]]:
         """(slot position, op) for each linear/conv op that reads the group's channels as input."""
-        return [(s, ops[slot.tensor]) for s, slot in enumerate(g.slots) if slot in g.consumers and slot.dim == 1 and slot.tensor in ops]
+        return [
+            (s, ops[slot.tensor])
+            for s, slot in enumerate(g.slots)
+            if slot in g.consumers and slot.dim == 1 and slot.tensor in ops
+        ]
 
     def _collect(self, gm: fx.GraphModule, ops: dict[str, WeightOp]) -> dict[str, torch.Tensor]:
         batches = calibration_batches(self.calibration, type(self).__name__)
@@ -128,7 +132,9 @@ class _ActivationStats(ScorePass):
         """Weight index j of a grouped conv reads channel j of every group: average them."""
         return per_channel.reshape(op.groups, -1).mean(0) if op.groups > 1 else per_channel
 
-    def unit_stats(self, gm: fx.GraphModule, groups, stats: dict[str, torch.Tensor] | None = None) -> dict[str, list[tuple[WeightOp, int, torch.Tensor]]]:
+    def unit_stats(
+        self, gm: fx.GraphModule, groups, stats: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, list[tuple[WeightOp, int, torch.Tensor]]]:
         """Per group: (consumer op, slot position, per-unit statistic)."""
         ops = weight_ops(gm)
         if stats is None:
@@ -142,7 +148,13 @@ class _ActivationStats(ScorePass):
                 index, unit = g.flat[s]
                 per_index = self._per_weight_index(op, stats[op.weight])[index]
                 count = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, torch.ones_like(per_index))
-                rows.append((op, s, torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, per_index) / count.clamp(min=1)))
+                rows.append(
+                    (
+                        op,
+                        s,
+                        torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, per_index) / count.clamp(min=1),
+                    )
+                )
             out[g.key] = rows
         return out
 

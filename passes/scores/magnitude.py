@@ -27,11 +27,15 @@ class ScorePass(PassBase):
         scores = {key: s.to(torch.float64) for key, s in self.scores(gm, deps.groups, ctx).items()}
         for key, s in scores.items():
             if s.shape != (deps.group(key).size,):
-                raise PassError(f"{self.name}.score_group returned shape {tuple(s.shape)} for group {key}; expected ({deps.group(key).size},)")
+                raise PassError(
+                    f"{self.name}.score_group returned shape {tuple(s.shape)} for group {key}; expected ({deps.group(key).size},)"
+                )
         bad = [key for key, s in scores.items() if not bool(torch.isfinite(s).all())]
         if bad:
-            raise PassError(f"{self.name} gave NaN or infinite scores to groups {bad[:5]}: check the calibration data and "
-                            "the model's outputs on it (a mask from such scores would be arbitrary)")
+            raise PassError(
+                f"{self.name} gave NaN or infinite scores to groups {bad[:5]}: check the calibration data and "
+                "the model's outputs on it (a mask from such scores would be arbitrary)"
+            )
         ctx.put(Scores(scores))
         ctx.record(groups=len(scores))
         return PassResult(gm, False)
@@ -58,7 +62,11 @@ class MagnitudeScore(ScorePass):
         for s, slot in enumerate(group.slots):
             owner, attr = resolve(gm, slot.tensor)
             t = getattr(owner, attr)
-            if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or attr.startswith("running_") or attr in getattr(owner, "graphprune_maskable", ()):
+            if (
+                not (isinstance(t, torch.Tensor) and t.is_floating_point())
+                or attr.startswith("running_")
+                or attr in getattr(owner, "graphprune_maskable", ())
+            ):
                 continue
             flat = t.detach().movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1)
             rows = torch.linalg.vector_norm(flat, ord=self.p, dim=1).double().pow(self.p)
