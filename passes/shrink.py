@@ -55,9 +55,13 @@ class Shrink(PassBase):
             report[g.key] = (g.size, g.size - len(ids))
         touched: dict[int, nn.Module] = {}
         sliced: dict[int, tuple[dict, torch.Tensor]] = {}
+        touched_attrs: set[tuple[int, str]] = set()
         for tensor, dims in removed.items():
             for name in (tensor, *deps.aliases.get(tensor, ())):  # a tied tensor is sliced once, everywhere
                 owner, attr = resolve(gm, name)
+                if (id(owner), attr) in touched_attrs:  # one module reached under two names (a shared module)
+                    continue
+                touched_attrs.add((id(owner), attr))
                 self._slice(owner, attr, {d: sorted(s) for d, s in dims.items() if s}, sliced, name)
                 touched[id(owner)] = owner
         revert_masked_ops(gm)  # masked LayerNorms and means become plain ones over the channels left

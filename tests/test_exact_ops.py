@@ -127,6 +127,21 @@ class Tied(nn.Module):
         return self.h(self.b(self.a(self.s(x)).relu()))
 
 
+class SharedModule(nn.Module):
+    """timm's CoaT: one positional conv reached under two names (``cpe`` and ``blocks.0.cpe``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s, self.cpe, self.h = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 2, 1)
+        self.blocks = nn.ModuleList([nn.Module()])
+        self.blocks[0].cpe = self.cpe
+
+    def forward(self, x):
+        y = self.s(x)
+        y = y + self.cpe(y)
+        return self.h(y + self.blocks[0].cpe(y))
+
+
 class SqueezeAll(nn.Module):
     def __init__(self):
         super().__init__()
@@ -163,6 +178,7 @@ CASES = [
     ExpandLiteral,
     ParamReadWhole,
     Tied,
+    SharedModule,
     SqueezeAll,
 ]
 
@@ -196,6 +212,12 @@ def test_unflatten_with_free_size_still_prunes():
 def test_tied_weights_stay_tied():
     _, shrunk = prune(Tied(), (torch.randn(2, 3, 5, 5),), 0.5)
     assert shrunk.get_submodule("a").weight is shrunk.get_submodule("b").weight
+
+
+def test_a_shared_module_is_sliced_once():
+    _, shrunk = prune(SharedModule(), (torch.randn(2, 3, 5, 5),), 0.5)
+    assert shrunk.get_submodule("blocks.0.cpe") is shrunk.get_submodule("cpe")
+    assert shrunk.get_submodule("cpe").weight.shape[0] == shrunk.get_submodule("s").out_channels < 8
 
 
 def test_example_inputs_are_not_modified():
