@@ -19,7 +19,7 @@ from torch import nn
 from graphprune.analysis.dependency import Dependencies, analyze_dependencies
 from graphprune.errors import ArgumentError, GraphPruneError, GraphPruneWarning, InputError
 from graphprune.hf import express_config
-from graphprune.ir.inputs import check_example_inputs, check_fits
+from graphprune.ir.inputs import check_example_inputs, check_fits, on_meta, to_meta
 from graphprune.ir.masking import attach_masks, channel_masked, detach_masks, masks_of
 from graphprune.ir.norms import sync_masked_ops
 from graphprune.ir.shadow import deepcopy_model, shadow
@@ -108,26 +108,36 @@ def compile(
     return landing.model
 
 
-def graph_of(model: nn.Module, example_inputs: tuple | dict, leaf_modules: Iterable[type] = ()) -> fx.GraphModule:
+def graph_of(
+    model: nn.Module, example_inputs: tuple | dict, leaf_modules: Iterable[type] = (), dynamic: bool = True
+) -> fx.GraphModule:
     """The graph compile() would work on (the leaf modules the model was compiled with included),
-    traced from a shadow: `model` is not changed."""
+    traced from a shadow: `model` is not changed.  `dynamic=False` exports at the example shapes only."""
     leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
-    return _trace(shadow(model)[0], leaf_modules, check_example_inputs(example_inputs))
+    return _trace(shadow(model)[0], leaf_modules, check_example_inputs(example_inputs), dynamic)
 
 
 def analyze(model: nn.Module, example_inputs: tuple | dict, leaf_modules: Iterable[type] = ()) -> Dependencies:
     """The channel groups of `model` (which channels must go together, and what is frozen and why),
-    without changing it."""
+    without changing it.
+
+    Needs no weights: a model built on the meta device (`with torch.device("meta"): model = ...`) is
+    analysed on meta tensors, with no memory for weights and no compute, and has the groups of the
+    real model; their masks apply to a real instance loaded separately (`MaskUnits`)."""
     example_inputs = check_example_inputs(example_inputs)
     check_fits(model, example_inputs)
-    return analyze_dependencies(graph_of(model, example_inputs, leaf_modules), example_inputs)
+    if on_meta(model):
+        example_inputs = to_meta(example_inputs)
+    return analyze_dependencies(graph_of(model, example_inputs, leaf_modules, dynamic=False), example_inputs)
 
 
-def _trace(ahead: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict) -> fx.GraphModule:
+def _trace(
+    ahead: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict, dynamic: bool = True
+) -> fx.GraphModule:
     """The graph of the shadow, traced from its plain tensors with its masks put back on after."""
     masks = detach_masks(ahead)
     try:
-        gm = trace(ahead, leaf_modules, example_inputs)
+        gm = trace(ahead, leaf_modules, example_inputs, dynamic)
     except GraphPruneError:
         _check_runs_eagerly(ahead, example_inputs, masks)
         raise

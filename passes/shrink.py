@@ -165,7 +165,7 @@ def _rewrite_split(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) 
     dim %= len(shape)
     if isinstance(sizes, int):
         sizes = [min(sizes, shape[dim] - start) for start in range(0, shape[dim], sizes)]
-    kept = (~pruned.movedim(dim, 0).reshape(shape[dim], -1).all(1)).long()
+    kept = (~pruned.expand(shape).movedim(dim, 0).reshape(shape[dim], -1).all(1)).long()
     new = [int(part.sum()) for part in kept.split(list(sizes))]
     if new == list(sizes):
         return

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from graphprune.analysis.sizes import SIZE_ARITH, DimSize, read_size, reads_size, shapes_only, size_arithmetic
 from graphprune.ir.inputs import clone_inputs, eval_mode, positional_inputs
-from graphprune.ir.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like
+from graphprune.ir.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like, squeeze_constant
 from graphprune.ir.masking import is_maskable, resolve
 from graphprune.ir.weight_ops import weight_ops
 from graphprune.rules import base as rules
@@ -41,9 +41,10 @@ class Slot:
     dim: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ChannelGroup:
-    """Channels that are pruned alike: `units[u][s]` are the indices of unit u along `slots[s]`.
+    """Channels that are pruned alike: `index[s][u]` are the indices of unit u along `slots[s]`
+    (every unit of a group has as many indices along each slot; `units[u][s]` is the same as tuples).
 
     A unit is what one pruning decision removes: one channel, or a whole
     GroupNorm group, or a channel together with its copies across a concat
@@ -53,13 +54,22 @@ class ChannelGroup:
     key: str
     kind: str
     slots: tuple[Slot, ...]
-    units: tuple[tuple[tuple[int, ...], ...], ...]
-    roots: tuple[int, ...]  # the label class of each unit (for rewriting reshape constants)
+    index: tuple[torch.Tensor, ...]  # per slot: (units, indices of one unit) int64
+    root_ids: torch.Tensor  # the label class of each unit (for rewriting reshape constants)
     consumers: frozenset[Slot] = frozenset()  # slots on the input side of their module
 
     @property
     def size(self) -> int:
-        return len(self.units)
+        return int(self.root_ids.numel())
+
+    @cached_property
+    def units(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        per_slot = [ix.tolist() for ix in self.index]
+        return tuple(tuple(tuple(p[u]) for p in per_slot) for u in range(self.size))
+
+    @cached_property
+    def roots(self) -> tuple[int, ...]:
+        return tuple(self.root_ids.tolist())
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -73,19 +83,24 @@ class ChannelGroup:
     @cached_property
     def flat(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """Per slot: (indices of all units, the unit each index belongs to), for vectorised reductions."""
-        out = []
-        for s in range(len(self.slots)):
-            index = torch.tensor([i for u in self.units for i in u[s]], dtype=torch.long)
-            unit = torch.tensor([k for k, u in enumerate(self.units) for _ in u[s]], dtype=torch.long)
-            out.append((index, unit))
-        return tuple(out)
+        units = torch.arange(self.size)
+        return tuple((ix.reshape(-1), units.repeat_interleave(ix.shape[1])) for ix in self.index)
 
     def indices(self, unit_ids: list[int] | torch.Tensor) -> dict[Slot, list[int]]:
-        out: dict[Slot, list[int]] = {s: [] for s in self.slots}
-        for u in list(unit_ids):
-            for s, idx in zip(self.slots, self.units[int(u)]):
-                out[s].extend(idx)
-        return out
+        ids = torch.as_tensor(unit_ids, dtype=torch.long).reshape(-1)
+        return {s: ix[ids].reshape(-1).tolist() for s, ix in zip(self.slots, self.index)}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChannelGroup):
+            return NotImplemented
+        return (
+            (self.key, self.kind, self.slots, self.consumers) == (other.key, other.kind, other.slots, other.consumers)
+            and all(torch.equal(a, b) for a, b in zip(self.index, other.index))
+            and torch.equal(self.root_ids, other.root_ids)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.kind, self.slots))
 
 
 @dataclass(frozen=True)
@@ -150,7 +165,7 @@ class _Propagator(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.space = space
         self.labels: dict[fx.Node, Any] = {}
-        self.reshapes: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+        self.reshapes: dict[str, tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]]] = {}  # shape, labels, counted
         self.reductions: dict[str, tuple[int, torch.Tensor]] = {}  # mean/sum over one channel dim -> (dim, labels)
         self.whole_params: dict[str, str] = {}  # parameter -> an op that reads it whole
         self.squeezes: dict[str, tuple[int, ...]] = {}  # squeeze() nodes -> the dims that were 1
@@ -250,7 +265,8 @@ class _Propagator(fx.Interpreter):
             if isinstance(ref, ParamRef) and ref.name not in sliced:
                 self.whole_params[ref.name] = where
         if "reshape_labels" in call.extra:
-            self.reshapes[n.name] = (call.extra["reshape_labels"], call.extra.get("counted_dims", ()))
+            labels = call.extra["reshape_labels"]
+            self.reshapes[n.name] = (tuple(labels.shape), squeeze_constant(labels), call.extra.get("counted_dims", ()))
         if "reduce_labels" in call.extra:
             self.reductions[n.name] = call.extra["reduce_labels"]
         if "squeeze_dims" in call.extra:
@@ -302,7 +318,7 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
     aliases = _aliases(gm)
     space.rename_slots({a: c for c, names in aliases.items() for a in names})
     roots, frozen, slots = space.finalize()
-    reshapes = {k: (tuple(v.shape), roots[compact(v)], counted) for k, (v, counted) in prop.reshapes.items()}
+    reshapes = {k: (shape, roots[v], counted) for k, (shape, v, counted) in prop.reshapes.items()}
     kinds: dict[int, str] = {}
     for label, kind in space.kinds.items():  # a unit tagged twice takes the more specific kind
         root = int(roots[label])
@@ -356,36 +372,78 @@ def _aliases(gm: fx.GraphModule) -> dict[str, list[str]]:
 
 
 def _build(roots, frozen, slots, reshapes, consumer_slots, kinds) -> Dependencies:
-    per_root: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(dict)
-    order = {key: i for i, key in enumerate(slots)}
-    for key, (index, rvec) in slots.items():
-        for i, r in zip(index.tolist(), rvec.tolist()):
-            per_root[r].setdefault(key, []).append(i)
-    by_signature: dict[tuple, list[int]] = defaultdict(list)
-    for r, members in per_root.items():
-        if r in frozen:
-            continue
-        sig = tuple(sorted(((k, len(v)) for k, v in members.items()), key=lambda kv: order[kv[0]]))
-        by_signature[(kinds.get(r, "channel"), sig)].append(r)
+    """Group the units (label roots) that own slices of the same tensors, as many along each: one ChannelGroup
+    per (kind, signature).  Vectorised: a Llama-8B has ~1.5 M slot entries."""
+    keys = list(slots)
+    nk = max(len(keys), 1)
+    index = torch.cat([slots[k][0] for k in keys]) if keys else torch.zeros(0, dtype=torch.long)
+    root = torch.cat([slots[k][1] for k in keys]) if keys else torch.zeros(0, dtype=torch.long)
+    slot = (
+        torch.cat([torch.full((slots[k][0].numel(),), j, dtype=torch.long) for j, k in enumerate(keys)])
+        if keys
+        else root
+    )
+    frozen_ids = torch.tensor(sorted(frozen), dtype=torch.long)
+    owning = set(frozen_ids[torch.isin(frozen_ids, root)].tolist())  # frozen units that own a slice
+    present = [r for r in frozen if r in owning]
+    counts: dict[FreezeSite, int] = defaultdict(int)
+    for r in present:
+        for site in frozen[r]:
+            counts[site] += 1
+    frozen_report = tuple(FrozenChannels(site, c) for site, c in counts.items())
+    inner = sum(1 for r in present if any(site.kind != "output" for site in frozen[r]))
+
+    live = ~torch.isin(root, frozen_ids)
+    pos = torch.nonzero(live).reshape(-1)  # first appearance orders the groups (as slots were registered)
+    root, slot, index = root[live], slot[live], index[live]
+    order = torch.argsort(root * nk + slot, stable=True)  # by unit, then slot; indices stay ascending
+    root, slot, index, pos = root[order], slot[order], index[order], pos[order]
+    pair, pair_count = torch.unique_consecutive(root * nk + slot, return_counts=True)
+    units, n_pairs = torch.unique_consecutive(pair // nk, return_counts=True)
+    _, n_elems = torch.unique_consecutive(root, return_counts=True)
+    elem_start = torch.cumsum(n_elems, 0) - n_elems
+    pair_start = torch.cumsum(n_pairs, 0) - n_pairs
+    unit_of_elem = torch.repeat_interleave(torch.arange(units.numel()), n_elems)
+    first = torch.zeros(units.numel(), dtype=torch.long).scatter_reduce(
+        0, unit_of_elem, pos, "amin", include_self=False
+    )
+    kind_code = torch.zeros(units.numel(), dtype=torch.long)
+    if kinds and units.numel():
+        kr = torch.tensor(list(kinds), dtype=torch.long)
+        kc = torch.tensor([_KIND_ORDER.index(k) for k in kinds.values()], dtype=torch.long)
+        at = torch.searchsorted(units, kr).clamp(max=units.numel() - 1)
+        hit = units[at] == kr
+        kind_code[at[hit]] = kc[hit]
+    code = (pair % nk) * (int(pair_count.max()) + 1 if pair_count.numel() else 1) + pair_count
+
+    found = []  # (first appearance, kind, slot ids, counts, member units)
+    for n in torch.unique(n_pairs).tolist():
+        sel = torch.nonzero(n_pairs == n).reshape(-1)
+        cols = pair_start[sel].unsqueeze(1) + torch.arange(n)
+        rows = torch.cat([kind_code[sel].unsqueeze(1), code[cols]], dim=1)
+        sigs, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        for i in range(sigs.shape[0]):
+            members = sel[inverse == i]
+            c0 = cols[inverse == i][0]
+            found.append(
+                (int(first[members].min()), int(sigs[i, 0]), (pair[c0] % nk).tolist(), pair_count[c0].tolist(), members)
+            )
     groups, used = [], set()
-    for (kind, sig), rs in by_signature.items():
-        keys = [k for k, _ in sig]
-        rs.sort(key=lambda r: min(per_root[r][keys[0]]))
-        producer = next((k for k in keys if k not in consumer_slots), keys[0])
+    for _, kind, slot_ids, sizes, members in sorted(found, key=lambda f: f[0]):
+        members = members[torch.argsort(index[elem_start[members]])]  # by their first index along the first slot
+        names = [keys[j] for j in slot_ids]
+        producer = next((k for k in names if k not in consumer_slots), names[0])
         name = producer[0].rsplit(".", 1)[0]
-        key = name
-        n = 2
+        key, n = name, 2
         while key in used:
             key, n = f"{name}#{n}", n + 1
         used.add(key)
-        units = tuple(tuple(tuple(per_root[r][k]) for k in keys) for r in rs)
-        consumers = frozenset(Slot(*k) for k in keys if k in consumer_slots)
-        groups.append(ChannelGroup(key, kind, tuple(Slot(*k) for k in keys), units, tuple(rs), consumers))
-    counts: dict[FreezeSite, int] = defaultdict(int)
-    for r, sites in frozen.items():
-        if r in per_root:
-            for s in sites:
-                counts[s] += 1
-    frozen_report = tuple(FrozenChannels(s, c) for s, c in counts.items())
-    inner = sum(1 for r, sites in frozen.items() if r in per_root and any(s.kind != "output" for s in sites))
+        offsets = torch.cumsum(torch.tensor([0, *sizes[:-1]]), 0).tolist()
+        per_slot = tuple(
+            index[elem_start[members].unsqueeze(1) + off + torch.arange(c)] for off, c in zip(offsets, sizes)
+        )
+        consumers = frozenset(Slot(*k) for k in names if k in consumer_slots)
+        groups.append(
+            ChannelGroup(key, _KIND_ORDER[kind], tuple(Slot(*k) for k in names), per_slot, units[members], consumers)
+        )
     return Dependencies(tuple(groups), frozen_report, reshapes, inner)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -18,6 +19,8 @@ __all__ = [
     "check_fits",
     "calibration_batches",
     "clone_inputs",
+    "on_meta",
+    "to_meta",
     "positional_inputs",
     "call_with",
     "eval_mode",
@@ -104,6 +107,19 @@ def calibration_batches(calibration: Iterable | None, who: str) -> list[tuple[tu
 def clone_inputs(inputs: Any) -> Any:
     """A copy of the example inputs, so that in-place ops in the model never change the caller's."""
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def on_meta(model: torch.nn.Module) -> bool:
+    """The model was built without weights (`with torch.device("meta"): ...`)."""
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def to_meta(inputs: Any) -> Any:
+    """Floating-point inputs as meta tensors (a meta model computes nothing); integer inputs (token ids,
+    masks) stay real, as code may read their values."""
+    return pytree.tree_map(
+        lambda t: t.to("meta") if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs
+    )
 
 
 def positional_inputs(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple:

@@ -35,11 +35,17 @@ class FreezeSite:
 
 
 class LabelSpace:
-    """Union-find over channel labels, with frozen marks and parameter slots."""
+    """Union-find over channel labels, with frozen marks and parameter slots.
+
+    Unions and freezes are recorded as tensors and resolved together (a Llama-8B makes about a million):
+    the class of a label is the smallest label connected to it.
+    """
 
     def __init__(self) -> None:
-        self._parent: list[int] = [NONE]
-        self._frozen: dict[int, list[int]] = {}  # label -> indices into self.sites
+        self._n = 1  # label 0 is NONE
+        self._parent = torch.zeros(1, dtype=torch.int64)  # resolved classes of the first len(_parent) labels
+        self._edges: list[tuple[torch.Tensor, torch.Tensor]] = []  # unions not yet resolved
+        self._frozen: list[tuple[torch.Tensor, int]] = []  # (labels, index into self.sites)
         self.sites: list[FreezeSite] = []
         # (tensor qualified name, dim) -> list of (index tensor, label tensor)
         self._slots: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -49,27 +55,39 @@ class LabelSpace:
 
     # -- creating and relating labels -------------------------------------------------
     def fresh(self, n: int) -> torch.Tensor:
-        start = len(self._parent)
-        self._parent.extend(range(start, start + n))
+        start, self._n = self._n, self._n + n
         return torch.arange(start, start + n, dtype=torch.int64)
 
     def __len__(self) -> int:
-        return len(self._parent)
+        return self._n
 
-    def find(self, x: int) -> int:
-        parent = self._parent
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
+    def _resolve(self) -> torch.Tensor:
+        """The class (smallest connected label) of every label so far."""
+        parent = torch.cat([self._parent, torch.arange(len(self._parent), self._n, dtype=torch.int64)])
+        if self._edges:
+            a = torch.cat([e[0] for e in self._edges])
+            b = torch.cat([e[1] for e in self._edges])
+            self._edges = []
+            while True:  # hook each class onto the smallest class it touches, then jump to the roots
+                ra, rb = parent[a], parent[b]
+                differ = ra != rb
+                if not differ.any():
+                    break
+                ra, rb = ra[differ], rb[differ]
+                low = torch.minimum(ra, rb)
+                parent.scatter_reduce_(0, torch.maximum(ra, rb), low, "amin")
+                while True:
+                    jumped = parent[parent]
+                    if torch.equal(jumped, parent):
+                        break
+                    parent = jumped
+                a, b = a[differ], b[differ]
+        self._parent = parent
+        return parent
 
     def roots_of(self, labels: torch.Tensor) -> torch.Tensor:
-        """Map labels to their class representatives (vectorised over unique values)."""
-        uniq, inverse = torch.unique(labels, return_inverse=True)
-        mapped = torch.tensor([self.find(int(u)) for u in uniq.tolist()], dtype=torch.int64)
-        return mapped[inverse].reshape(labels.shape)
+        """Map labels to their class representatives."""
+        return self._resolve()[labels]
 
     def unify(self, a: torch.Tensor, b: torch.Tensor, site: FreezeSite) -> None:
         """Unify labels pairwise; where exactly one side has no channel, freeze the other."""
@@ -79,35 +97,24 @@ class LabelSpace:
         if lone.any():
             self.freeze(torch.cat([a[lone], b[lone]]), site)
         both = (a != NONE) & (b != NONE) & (a != b)
-        if not both.any():
-            return
-        a, b = a[both], b[both]
-        n = len(self._parent)
-        pairs = torch.unique(a * n + b)  # one int per pair: unique on 1-D is fast
-        for key in pairs.tolist():
-            self._union(key // n, key % n)
-
-    def _union(self, x: int, y: int) -> None:
-        rx, ry = self.find(x), self.find(y)
-        if rx != ry:
-            self._parent[max(rx, ry)] = min(rx, ry)
+        if both.any():
+            pairs = torch.unique(a[both] * self._n + b[both])  # one int per pair: unique on 1-D is fast
+            self._edges.append((pairs // self._n, pairs % self._n))
 
     def unify_all(self, labels: torch.Tensor) -> None:
         """Put all (non-empty) labels into one class."""
         flat = torch.unique(labels.reshape(-1))
         flat = flat[flat != NONE]
-        for other in flat[1:].tolist():
-            self._union(int(flat[0]), other)
+        if flat.numel() > 1:
+            self._edges.append((flat[:1].expand(flat.numel() - 1), flat[1:]))
 
     def freeze(self, labels: torch.Tensor, site: FreezeSite) -> None:
-        uniq = torch.unique(labels.reshape(-1))
+        uniq = torch.unique(compact(labels).reshape(-1))
         uniq = uniq[uniq != NONE]
         if uniq.numel() == 0:
             return
         self.sites.append(site)
-        idx = len(self.sites) - 1
-        for label in uniq.tolist():
-            self._frozen.setdefault(label, []).append(idx)
+        self._frozen.append((uniq, len(self.sites) - 1))
 
     def add_slot(self, tensor: str, dim: int, labels: torch.Tensor, consumer: bool = False) -> None:
         """Index i of `tensor` along `dim` belongs to channel labels[i] (NONE: to none).
@@ -167,11 +174,9 @@ class LabelSpace:
             labels = torch.cat([p[1] for p in parts])
             order = torch.argsort(index, stable=True)
             index, labels = index[order], labels[order]
-            same = index[1:] == index[:-1]
-            if same.any():
-                pos = torch.nonzero(same).reshape(-1)
-                for i in pos.tolist():
-                    self.unify_all(labels[i : i + 2])
+            same = torch.nonzero(index[1:] == index[:-1]).reshape(-1)
+            if same.numel():
+                self._edges.append((labels[same], labels[same + 1]))
             if key in self._pinned:  # read with channels by one use and without by another
                 clash = torch.isin(index, torch.cat(self._pinned[key]))
                 if clash.any():
@@ -186,20 +191,35 @@ class LabelSpace:
                         ),
                     )
             merged[key] = (index, labels)
-        roots = torch.tensor([self.find(i) for i in range(len(self._parent))], dtype=torch.int64)
+        roots = self._resolve()
+        return roots, self._frozen_roots(roots), self._slots_by_root(merged, roots)
+
+    def _frozen_roots(self, roots: torch.Tensor) -> dict[int, list[FreezeSite]]:
+        """Frozen classes in the order their labels were first frozen, each with its sites in order."""
         frozen: dict[int, list[FreezeSite]] = {}
-        for label, site_ids in self._frozen.items():
-            r = int(roots[label])
-            bucket = frozen.setdefault(r, [])
-            for s in site_ids:
-                if self.sites[s] not in bucket:
-                    bucket.append(self.sites[s])
+        if not self._frozen:
+            return frozen
+        r = roots[torch.cat([labels for labels, _ in self._frozen])]
+        call = torch.cat([torch.full((labels.numel(),), s) for labels, s in self._frozen])
+        uniq, inverse = torch.unique(r, return_inverse=True)
+        first = torch.zeros(uniq.numel(), dtype=torch.int64).scatter_reduce(
+            0, inverse, torch.arange(r.numel()), "amin", include_self=False
+        )
+        key = torch.unique(first[inverse] * len(self.sites) + call)  # (root by first freeze, site), sorted
+        for root, s in zip(r[key // len(self.sites)].tolist(), (key % len(self.sites)).tolist()):
+            bucket = frozen.setdefault(root, [])
+            if self.sites[s] not in bucket:
+                bucket.append(self.sites[s])
+        return frozen
+
+    @staticmethod
+    def _slots_by_root(merged, roots: torch.Tensor) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
         slots = {}
         for key, (index, labels) in merged.items():
             first = torch.ones_like(index, dtype=torch.bool)
             first[1:] = index[1:] != index[:-1]
             slots[key] = (index[first], roots[labels[first]])
-        return roots, frozen, slots
+        return slots
 
 
 def varies_along(labels: torch.Tensor, dim: int) -> bool:
@@ -232,6 +252,16 @@ def channel_dims(labels: torch.Tensor) -> list[int]:
 def compact(labels: torch.Tensor) -> torch.Tensor:
     """Drop broadcast (stride-0) extents so that work scales with channels, not activations."""
     return compact_together(labels)[0]
+
+
+def squeeze_constant(labels: torch.Tensor) -> torch.Tensor:
+    """`compact`, and every dim the labels do not vary along kept at size 1 (a sequence dim that a
+    transpose and reshape materialised): what an analysis keeps for later is as small as its channels."""
+    labels = compact(labels)
+    for d in range(labels.ndim):
+        if labels.shape[d] > 1 and not varies_along(labels, d):
+            labels = labels.narrow(d, 0, 1)
+    return labels.clone()
 
 
 def compact_together(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -131,15 +131,17 @@ def _dynamic_dims(t: torch.Tensor, batch: int | None) -> dict | None:
     return dims
 
 
-def _export(model: nn.Module, example_inputs: tuple | dict) -> tuple[fx.GraphModule | None, str]:
+def _export(model: nn.Module, example_inputs: tuple | dict, dynamic: bool = True) -> tuple[fx.GraphModule | None, str]:
     """torch.export's (ATen-level) graph, for models symbolic tracing cannot follow (Hugging Face
     transformers): the batch and sequence length stay dynamic where torch.export can keep them so.
     When the dynamic graph does not run on the example inputs themselves (a size torch.export
-    specialised), the shapes are made static.  Returns the graph (None when export fails) and
-    what went wrong."""
+    specialised), or `dynamic` is false (an analysis only, at twice the speed), the shapes are
+    static.  Returns the graph (None when export fails) and what went wrong."""
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
     with no_cache(model):
         try:
+            if not dynamic:
+                raise _StaticWanted
             traced = (
                 with_batch(example_inputs, 2) if batch_of(example_inputs) == 1 else example_inputs
             )  # batch 1 would specialise
@@ -153,20 +155,27 @@ def _export(model: nn.Module, example_inputs: tuple | dict) -> tuple[fx.GraphMod
             if _runs(gm, example_inputs):
                 gm.meta[TRACED_BY] = "export"
                 return gm, ""
+        except _StaticWanted:
+            pass
         except Exception as exc:
             logger.info("torch.export with dynamic shapes failed: %s", exc)
         try:  # the shapes of the example inputs, and only those
             gm = torch.export.export(model, args, kwargs, strict=False).module()
             gm.meta[TRACED_BY] = "export-static"
-            logger.warning(
-                "%s was exported with static shapes: the pruned graph runs on inputs shaped like the "
-                "example inputs only",
-                type(model).__name__,
-            )
+            if dynamic:
+                logger.warning(
+                    "%s was exported with static shapes: the pruned graph runs on inputs shaped like the "
+                    "example inputs only",
+                    type(model).__name__,
+                )
             return gm, ""
         except Exception as exc:
             logger.info("torch.export failed: %s", exc)
             return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+class _StaticWanted(Exception):
+    """Skip the dynamic export."""
 
 
 # Ops whose behaviour depends on the mode: torch.export records the mode it ran in as a constant.
@@ -209,12 +218,16 @@ def _with_full_tree(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
 
 
 def trace(
-    model: nn.Module, leaf_modules: Iterable[type] = (), example_inputs: tuple | dict | None = None
+    model: nn.Module,
+    leaf_modules: Iterable[type] = (),
+    example_inputs: tuple | dict | None = None,
+    dynamic: bool = True,
 ) -> fx.GraphModule:
     """symbolic_trace with extra leaf module types; a GraphModule is used as it is.
 
     Optional arguments that `example_inputs` does not give are traced at their defaults.  When
-    symbolic tracing fails and example inputs are given, torch.export (non-strict) is tried.
+    symbolic tracing fails and example inputs are given, torch.export (non-strict) is tried, with
+    the batch and sequence length dynamic unless `dynamic` is false.
     """
     if isinstance(model, fx.GraphModule):
         _hoist_root_tensors(model)
@@ -229,7 +242,7 @@ def trace(
             graph = tracer.trace(model, concrete_args=_concrete_args(model, example_inputs))
         except Exception as exc:
             exported, why = (
-                _export(model, example_inputs) if example_inputs is not None else (None, "no example inputs")
+                _export(model, example_inputs, dynamic) if example_inputs is not None else (None, "no example inputs")
             )
             if exported is not None:
                 logger.info("symbolic tracing failed (%s); using torch.export's graph", exc)

@@ -34,7 +34,7 @@ def unit_vectors(gm: nn.Module, group: ChannelGroup, min_ndim: int = 2) -> torch
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim < min_ndim:
             continue
         rows = t.detach().movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1).double()
-        parts.append(torch.stack([rows[list(u[s])].reshape(-1) for u in group.units]))
+        parts.append(rows[group.index[s]].reshape(group.size, -1))
     return torch.cat(parts, dim=1) if parts else None
 
 
@@ -54,7 +54,7 @@ class BNScaleScore(ScorePass):
                 owner, attr = resolve(gm, slot.tensor)
                 if isinstance(owner, _BN) and attr == "weight":
                     w = owner.weight.detach().abs().double()
-                    gammas.append(torch.stack([w[list(u[s])].sum() for u in g.units]))
+                    gammas.append(w[g.index[s]].sum(1))
             if gammas:
                 out[g.key] = torch.stack(gammas).mean(0)
             else:
