@@ -139,26 +139,10 @@ def _export(model: nn.Module, example_inputs: tuple | dict, dynamic: bool = True
     static.  Returns the graph (None when export fails) and what went wrong."""
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
     with no_cache(model):
-        try:
-            if not dynamic:
-                raise _StaticWanted
-            traced = (
-                with_batch(example_inputs, 2) if batch_of(example_inputs) == 1 else example_inputs
-            )  # batch 1 would specialise
-            t_args, t_kwargs = (traced, {}) if isinstance(traced, tuple) else ((), dict(traced))
-            batch = batch_of(traced)
-            dynamic = pytree.tree_map(
-                lambda t: _dynamic_dims(t, batch) if isinstance(t, torch.Tensor) else None,
-                t_args if t_args else t_kwargs,
-            )
-            gm = torch.export.export(model, t_args, t_kwargs, dynamic_shapes=dynamic, strict=False).module()
-            if _runs(gm, example_inputs):
-                gm.meta[TRACED_BY] = "export"
+        if dynamic:
+            gm = _export_dynamic(model, example_inputs)
+            if gm is not None:
                 return gm, ""
-        except _StaticWanted:
-            pass
-        except Exception as exc:
-            logger.info("torch.export with dynamic shapes failed: %s", exc)
         try:  # the shapes of the example inputs, and only those
             gm = torch.export.export(model, args, kwargs, strict=False).module()
             gm.meta[TRACED_BY] = "export-static"
@@ -174,8 +158,26 @@ def _export(model: nn.Module, example_inputs: tuple | dict, dynamic: bool = True
             return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
-class _StaticWanted(Exception):
-    """Skip the dynamic export."""
+def _export_dynamic(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModule | None:
+    """The export with a dynamic batch and sequence length, if it runs on the example inputs themselves."""
+    try:
+        traced = (
+            with_batch(example_inputs, 2) if batch_of(example_inputs) == 1 else example_inputs
+        )  # batch 1 would specialise
+        t_args, t_kwargs = (traced, {}) if isinstance(traced, tuple) else ((), dict(traced))
+        batch = batch_of(traced)
+        shapes = pytree.tree_map(
+            lambda t: _dynamic_dims(t, batch) if isinstance(t, torch.Tensor) else None,
+            t_args if t_args else t_kwargs,
+        )
+        gm = torch.export.export(model, t_args, t_kwargs, dynamic_shapes=shapes, strict=False).module()
+    except Exception as exc:
+        logger.info("torch.export with dynamic shapes failed: %s", exc)
+        return None
+    if not _runs(gm, example_inputs):
+        return None
+    gm.meta[TRACED_BY] = "export"
+    return gm
 
 
 # Ops whose behaviour depends on the mode: torch.export records the mode it ran in as a constant.
