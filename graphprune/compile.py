@@ -65,6 +65,12 @@ def compile(
         raise ArgumentError("passes must be a list of passes, e.g. [L2Score(), ChannelMask(0.5), Shrink()]")
     if output not in OUTPUTS:
         raise ArgumentError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if on_meta(model):
+        raise ArgumentError(
+            f"model: {type(model).__name__} has tensors on the meta device (no weights) and cannot be pruned; "
+            "graphprune.analyze(model, example_inputs) finds its groups, and MaskUnits applies masks chosen "
+            "from them to a real instance"
+        )
     example_inputs = check_example_inputs(example_inputs)
     check_fits(model, example_inputs)
     pipeline = Pipeline(list(passes), verify_each=verify_each)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import graphprune as gp
-from graphprune.passes import MaskUnits, Shrink
+from graphprune.passes import L2Score, MaskUnits, Shrink
 from tests.helpers import run
 
 transformers = pytest.importorskip("transformers")
@@ -71,3 +71,10 @@ def test_masks_chosen_on_a_meta_model_apply_to_the_real_one():
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert gp.count_params(shrunk) < gp.count_params(real)
     torch.testing.assert_close(run(shrunk, x).logits, run(masked, x).logits)
+
+
+def test_compile_refuses_a_meta_model_and_says_what_to_use():
+    _, meta, x = _pair("resnet")
+    with pytest.raises(gp.ArgumentError, match="meta device.*analyze"):
+        gp.compile(meta, [L2Score(), Shrink()], example_inputs=x)
+    assert all(p.is_meta for p in meta.parameters())
