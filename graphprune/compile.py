@@ -25,6 +25,7 @@ from graphprune.ir.norms import sync_masked_ops
 from graphprune.ir.shadow import deepcopy_model, shadow
 from graphprune.ir.trace import ROOT_HOLDER, trace
 from graphprune.ir.verify import check_runs, run_outputs
+from graphprune.memo import forget, recall, remember
 from graphprune.pipeline import PassContext, PassRecord, Pipeline
 from graphprune.writeback import land
 
@@ -73,37 +74,71 @@ def compile(
         )
     example_inputs = check_example_inputs(example_inputs)
     check_fits(model, example_inputs)
-    pipeline = Pipeline(list(passes), verify_each=verify_each)
     leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
+    passes, run = list(passes), dict(inplace=inplace, verify=verify, verify_each=verify_each, output=output)
+    recall_graph = output != "graph" or isinstance(model, fx.GraphModule)  # (a graph returned is not checked)
+    result = _compile(model, passes, example_inputs, leaf_modules, recall_graph=recall_graph, **run)
+    if result is None:  # built on a remembered graph that the model no longer computes: trace afresh
+        forget(model)
+        result = _compile(model, passes, example_inputs, leaf_modules, recall_graph=False, **run)
+    return result
+
+
+def _compile(
+    model: nn.Module,
+    passes: Sequence[Any],
+    example_inputs: tuple | dict,
+    leaf_modules: tuple[type, ...],
+    *,
+    recall_graph: bool,
+    inplace: bool,
+    verify: bool,
+    verify_each: bool,
+    output: str,
+) -> nn.Module | None:
+    """compile() once; None when a remembered graph was used and the result does not land."""
+    pipeline = Pipeline(list(passes), verify_each=verify_each)
     source = getattr(model, ORIGIN_ATTR, None)  # the user's model, if `model` is a graph returned earlier
     work = model if inplace else deepcopy_model(model, share=(source,))
     ahead, origin = shadow(work)
-    gm = _trace(ahead, leaf_modules, example_inputs)
     ctx = PassContext(example_inputs, verify=verify)
+    recalled, deps = (recall(model, ahead, leaf_modules, example_inputs) if recall_graph else None) or (None, None)
+    gm, outputs = _trace(ahead, leaf_modules, example_inputs, recalled=recalled)
+    if deps is not None:
+        ctx.put(deps)
     if any(masks_of(m) for m in gm.modules()):  # masks from an earlier compile: LayerNorms and means over
         sync_masked_ops(gm, ctx.get(Dependencies, gm))  # masked channels reduce over the kept ones, as they did
+    elif outputs is not None:
+        ctx.outputs = (0, outputs)
+    memo = remember(model, gm, leaf_modules, example_inputs) if recalled is None and gm is not ahead else None
     gm = pipeline.call(gm, ctx).gm
+    if memo is not None:  # the analysis of the graph as traced, if a pass made it before changing the graph
+        memo.dependencies = ctx.initial.get(Dependencies)
     gm.graph.lint()
     gm.recompile()
-    if ctx.version != ctx.checked_version:
-        check_runs(ctx.records[-1].name if ctx.records else "tracing", gm, example_inputs)
+    if ctx.version != ctx.checked_version or ctx.outputs is None or ctx.outputs[0] != ctx.version:
+        ctx.outputs = (ctx.version, check_runs(ctx.records[-1].name if ctx.records else "tracing", gm, example_inputs))
     records = list(getattr(model, REPORT_ATTR, [])) + ctx.records
     _warn_masks_after_shrink(ctx.records, gm)
     gm.__dict__[REPORT_ATTR], gm.__dict__[LEAF_ATTR] = records, leaf_modules
     gm.__dict__[ORIGIN_ATTR] = source if source is not None else work  # (plain attribute, not a submodule)
     if output == "graph":
+        remember(gm, gm, leaf_modules, example_inputs, ctx.cached(Dependencies))
         return gm
     if source is not None:  # a graph compiled again: its result lands on a copy of the model it came from
-        landing = land(deepcopy_model(source), gm, {}, example_inputs)
+        landing = land(deepcopy_model(source), gm, {}, example_inputs, ctx.outputs[1])
     else:
-        landing = land(work, gm, origin, example_inputs)
+        landing = land(work, gm, origin, example_inputs, ctx.outputs[1])
     if landing.model is None:
+        if recalled is not None:
+            return None
         if output == "module":
             raise GraphPruneError(
                 f"the result cannot be written back into {type(source or model).__name__}: {landing.reason}"
             )
         records.append(PassRecord("write-back", details={"note": f"returned as a graph module: {landing.reason}"}))
         logger.info("returning the graph module: %s", landing.reason)
+        remember(gm, gm, leaf_modules, example_inputs, ctx.cached(Dependencies))
         return gm
     del gm.__dict__[ORIGIN_ATTR]
     if not any(masks_of(m) for m in landing.model.modules()):
@@ -111,6 +146,7 @@ def compile(
         if reason is not None:
             records.append(PassRecord("write-back", details={"note": f"{reason}: save with graphprune.save"}))
     landing.model.__dict__[REPORT_ATTR], landing.model.__dict__[LEAF_ATTR] = records, leaf_modules
+    remember(landing.model, gm, leaf_modules, example_inputs, ctx.cached(Dependencies))
     return landing.model
 
 
@@ -120,7 +156,7 @@ def graph_of(
     """The graph compile() would work on (the leaf modules the model was compiled with included),
     traced from a shadow: `model` is not changed.  `dynamic=False` exports at the example shapes only."""
     leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
-    return _trace(shadow(model)[0], leaf_modules, check_example_inputs(example_inputs), dynamic)
+    return _trace(shadow(model)[0], leaf_modules, check_example_inputs(example_inputs), dynamic)[0]
 
 
 def analyze(model: nn.Module, example_inputs: tuple | dict, leaf_modules: Iterable[type] = ()) -> Dependencies:
@@ -138,10 +174,20 @@ def analyze(model: nn.Module, example_inputs: tuple | dict, leaf_modules: Iterab
 
 
 def _trace(
-    ahead: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict, dynamic: bool = True
-) -> fx.GraphModule:
-    """The graph of the shadow, traced from its plain tensors with its masks put back on after."""
+    ahead: nn.Module,
+    leaf_modules: Iterable[type],
+    example_inputs: tuple | dict,
+    dynamic: bool = True,
+    recalled: fx.GraphModule | None = None,
+) -> tuple[fx.GraphModule, Any]:
+    """The graph of the shadow, traced from its plain tensors (or `recalled`: remembered from an
+    earlier compile, built over them) with its masks put back on after, and its outputs on the
+    example inputs (None for a recalled graph: it ran on inputs of these shapes when traced)."""
     masks = detach_masks(ahead)
+    if recalled is not None:
+        holder = getattr(recalled, ROOT_HOLDER, None)
+        attach_masks(recalled, masks, {"": ROOT_HOLDER} if holder is not None else {})
+        return recalled, None
     try:
         gm = trace(ahead, leaf_modules, example_inputs, dynamic)
     except GraphPruneError:
@@ -151,12 +197,11 @@ def _trace(
     rename = {"": ROOT_HOLDER} if holder is not None and gm is not ahead else {}
     attach_masks(gm, masks, rename)
     try:
-        run_outputs(gm, example_inputs)
+        return gm, run_outputs(gm, example_inputs)
     except Exception as exc:
         raise InputError(
             f"{type(ahead).__name__} does not run on example_inputs: {type(exc).__name__}: {str(exc).strip()[:400]}"
         ) from exc
-    return gm
 
 
 def _check_runs_eagerly(model: nn.Module, example_inputs: tuple | dict, masks) -> None:

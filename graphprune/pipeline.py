@@ -64,10 +64,12 @@ class PassContext:
         self.verify = verify
         self.records: list[PassRecord] = []
         self._analyses: dict[type, Any] = {}
+        self.initial: dict[type, Any] = {}  # analyses made before any pass changed the graph
         self._current: PassRecord | None = None
         self.version = 0  # bumped whenever a pass modifies the graph
         self._reference: tuple[int, Reference] | None = None
         self.checked_version = 0  # the last version known to run (verified or checked)
+        self.outputs: tuple[int, Any] | None = None  # (version, the graph's outputs on the example inputs)
 
     def reference(self, gm: fx.GraphModule) -> Reference:
         """What the graph computes now on the example inputs (cached until a pass modifies it)."""
@@ -84,6 +86,8 @@ class PassContext:
                 raise PassError(f"no {kind.__name__} in this pipeline: run the pass that produces it first")
             start = time.perf_counter()
             self._analyses[kind] = compute(gm, self)
+            if self.version == 0:
+                self.initial[kind] = self._analyses[kind]
             logger.debug("analysis %s took %.3fs", kind.__name__, time.perf_counter() - start)
         return self._analyses[kind]
 
@@ -255,12 +259,14 @@ class Pipeline(PassBase):
             ctx.version += 1
             result.gm.recompile()
             if ref is not None:
-                check_keeps_outputs(p.name, result.gm, ref, ctx.example_inputs, groups, _after(ctx, skip_last=True))
-                ctx.checked_version = ctx.version
+                got = check_keeps_outputs(
+                    p.name, result.gm, ref, ctx.example_inputs, groups, _after(ctx, skip_last=True)
+                )
+                ctx.checked_version, ctx.outputs = ctx.version, (ctx.version, got)
             elif self.verify_each:
                 result.gm.graph.lint()
-                check_runs(p.name, result.gm, ctx.example_inputs, _after(ctx, skip_last=True))
-                ctx.checked_version = ctx.version
+                got = check_runs(p.name, result.gm, ctx.example_inputs, _after(ctx, skip_last=True))
+                ctx.checked_version, ctx.outputs = ctx.version, (ctx.version, got)
         logger.info("%s: %.3fs, modified=%s", p.name, record.seconds, result.modified)
         return result
 

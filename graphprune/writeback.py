@@ -240,9 +240,16 @@ def _rewritten_lines(gm: fx.GraphModule) -> list[str]:
     return [_line(n) for n in gm.graph.nodes if n.meta.get("graphprune_rewritten")]
 
 
-def land(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module], example_inputs: tuple | dict) -> Landing:
+def land(
+    work: nn.Module,
+    gm: fx.GraphModule,
+    origin: dict[int, nn.Module],
+    example_inputs: tuple | dict,
+    expected: Any = None,
+) -> Landing:
     """Write the graph's result onto `work` (the user's model or its copy) and verify it; on any
-    mismatch `work` is rolled back and the reason says what in the source prevents it."""
+    mismatch `work` is rolled back and the reason says what in the source prevents it.
+    `expected`: the graph's outputs on the example inputs, when the caller has them."""
     reason = _graph_only(gm, work)
     if reason is not None:
         return Landing(None, reason)
@@ -254,9 +261,9 @@ def land(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module], exam
             _by_name(work, gm)
         _mask_layer_norms(work, gm)
         _head_width(work)
-        problem = _compare(work, gm, example_inputs)
+        problem = _compare(work, gm, example_inputs, expected)
         if problem is not None and _set_attributes(work, gm):  # sizes the source reads from module attributes
-            problem = _compare(work, gm, example_inputs)
+            problem = _compare(work, gm, example_inputs, expected)
     except Exception as exc:  # landing itself failed: the model stays as it was
         logger.debug("landing failed", exc_info=True)
         problem = _why(exc)
@@ -270,12 +277,12 @@ def land(work: nn.Module, gm: fx.GraphModule, origin: dict[int, nn.Module], exam
     )
 
 
-def _compare(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple | dict) -> str | None:
-    for inputs in (example_inputs, _second_inputs(example_inputs)):
+def _compare(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple | dict, known: Any = None) -> str | None:
+    for inputs, expected in ((example_inputs, known), (_second_inputs(example_inputs), None)):
         if inputs is None:
             continue
         try:
-            expected = run_outputs(gm, inputs)
+            expected = run_outputs(gm, inputs) if expected is None else expected
         except Exception:  # the graph itself is specialised to these shapes: nothing to compare there
             continue
         try:

@@ -18,7 +18,7 @@ LAYERS = [
     ("graphprune.analysis",),
     ("graphprune.pipeline",),
     ("graphprune.passes",),
-    ("graphprune.backends", "graphprune.writeback", "graphprune.hf", "graphprune.vocab"),
+    ("graphprune.backends", "graphprune.writeback", "graphprune.hf", "graphprune.vocab", "graphprune.memo"),
     ("graphprune.compile",),
     ("graphprune.summary", "graphprune.saving", "graphprune.schedule", "graphprune.sensitivity"),
     ("graphprune", "graphprune.cli"),  # the package's public API and the command line

@@ -1,0 +1,145 @@
+"""One trace per pipeline: the graph of a model, remembered for the next compile() of that model.
+
+Tracing (torch.export for most Hugging Face models: seconds) and the channel analysis are
+the slow part of compile().  A pipeline compiles the same model again and again: mask, then
+Shrink; a Pruner's steps; sensitivity() and target searches.  So compile() remembers, per model
+object (weakly: the memo goes when the model does), the graph it found for it and its
+channel analysis: for the model it was given (the graph as traced) and for the model it returns
+(the graph after the passes, which the landing verified that model computes).
+
+A memo is used only while the model still has the structure it was made for: the same
+module paths and classes, tensor shapes and dtypes, train/eval modes, Hugging Face config,
+leaf modules and example input shapes (`_key`).  Anything else about a forward that changes
+later (a monkeypatched method) is caught by the landing: compile() traces afresh when a result
+built on a remembered graph does not land (see graphprune.compile).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from graphprune.analysis.dependency import Dependencies
+from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY
+
+__all__ = ["remember", "recall", "forget"]
+
+
+@dataclass
+class _Memo:
+    key: tuple
+    graph: fx.Graph | None  # a private copy (every recall hands out a copy); None for a graph module
+    class_name: str
+    traced_by: str | None
+    root_tensors: dict[str, torch.Tensor]  # tensors only the graph holds (hoisted constants)
+    root_modules: dict[str, nn.Module]  # modules only the graph holds (torch.export's input guards)
+    dependencies: Dependencies | None
+
+
+_MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
+
+
+def _signature(value) -> tuple:
+    leaves, spec = pytree.tree_flatten(value)
+    return str(spec), tuple(
+        (tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else repr(v) for v in leaves
+    )
+
+
+def _key(model: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict) -> tuple:
+    structure = tuple(
+        (
+            path,
+            type(m).__module__,
+            type(m).__qualname__,
+            m.training,
+            tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in m._parameters.items()),
+            tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in m._buffers.items()),
+        )
+        for path, m in model.named_modules(remove_duplicate=False)
+    )
+    config = getattr(model, "config", None)
+    config = repr(config.to_dict()) if hasattr(config, "to_dict") else None
+    code = model.code if isinstance(model, fx.GraphModule) else None  # a graph module is its graph
+    return structure, config, code, tuple(leaf_modules), _signature(example_inputs)
+
+
+def remember(
+    model: nn.Module,
+    gm: fx.GraphModule,
+    leaf_modules: Iterable[type],
+    example_inputs: tuple | dict,
+    dependencies: Dependencies | None = None,
+) -> _Memo | None:
+    """Remember `gm`'s graph (copied) as the graph of `model`, whose structure it was traced from,
+    and its analysis (only the analysis for a graph module: compile() uses its graph as it is)."""
+    if isinstance(model, fx.GraphModule):
+        memo = _MEMOS[model] = _Memo(_key(model, leaf_modules, example_inputs), None, "", None, {}, {}, dependencies)
+        return memo
+    holder = getattr(gm, ROOT_HOLDER, None)
+    root_tensors = {} if holder is None else {k: t for k, t in holder.named_buffers() if "." not in k}
+    root_tensors.update({} if holder is None else {k: t for k, t in holder.named_parameters() if "." not in k})
+    memo = _MEMOS[model] = _Memo(
+        _key(model, leaf_modules, example_inputs),
+        copy.deepcopy(gm.graph),
+        type(gm).__name__,
+        gm.meta.get(TRACED_BY),
+        root_tensors,
+        {k: m for k, m in gm.named_children() if k not in model._modules and k != ROOT_HOLDER},
+        dependencies,
+    )
+    return memo
+
+
+def forget(model: nn.Module) -> None:
+    """Drop what compile() remembers about `model` (its next compile() traces it afresh)."""
+    _MEMOS.pop(model, None)
+
+
+def recall(
+    model: nn.Module, shadow: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict
+) -> tuple[fx.GraphModule | None, Dependencies | None] | None:
+    """The remembered graph of `model` built over `shadow` (its shadow or copy: the same module
+    paths; None for a graph module) and its analysis, or None when nothing valid is remembered."""
+    memo = _MEMOS.get(model)
+    if memo is None:
+        return None
+    if memo.key != _key(model, leaf_modules, example_inputs):
+        del _MEMOS[model]
+        return None
+    if memo.graph is None:
+        return None, memo.dependencies
+    source = nn.Module()  # the shadow's children, and the graph's own tensors where the model has none
+    source._modules.update(memo.root_modules)
+    source._modules.update(shadow._modules)
+    holder = nn.Module()
+    for name, t in memo.root_tensors.items():
+        own = getattr(shadow, name, None)
+        if isinstance(own, torch.Tensor):
+            t = own
+        if isinstance(t, nn.Parameter):
+            holder.register_parameter(name, t)
+        else:
+            holder.register_buffer(name, t)
+    source._modules[ROOT_HOLDER] = holder
+    try:
+        gm = fx.GraphModule(source, copy.deepcopy(memo.graph), class_name=memo.class_name)
+    except (AttributeError, RuntimeError):  # a target the model no longer has
+        del _MEMOS[model]
+        return None
+    for name, child in shadow.named_children():  # the whole tree, as a fresh trace holds it
+        setattr(gm, name, child)
+    for name, child in memo.root_modules.items():
+        setattr(gm, name, child)
+    if memo.root_tensors:
+        setattr(gm, ROOT_HOLDER, holder)
+    gm.meta[TRACED_BY] = memo.traced_by
+    gm.training = shadow.training
+    return gm, memo.dependencies

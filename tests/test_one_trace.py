@@ -1,0 +1,139 @@
+"""One trace per pipeline: a model compiled again (mask, then Shrink; a Pruner's steps) re-uses
+the graph and the channel analysis of the compile that made it, and traces afresh whenever
+that graph no longer describes the model."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import graphprune as gp
+import graphprune.analysis.dependency as dependency
+from graphprune.passes import ChannelMask, L2Score, Shrink
+from tests import models
+from tests.helpers import assert_exact, run
+
+compile_module = importlib.import_module("graphprune.compile")  # (graphprune.compile is the function)
+
+torchvision = pytest.importorskip("torchvision")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def counts(monkeypatch):
+    """How often compile() traces a model and the channel analysis runs."""
+    seen = {"traces": 0, "analyses": 0}
+    trace, analyze = compile_module.trace, dependency.analyze_dependencies
+
+    def counting_trace(model, *args, **kwargs):
+        seen["traces"] += not isinstance(model, fx.GraphModule)  # (a graph module is used as it is)
+        return trace(model, *args, **kwargs)
+
+    def counting_analysis(*args, **kwargs):
+        seen["analyses"] += 1
+        return analyze(*args, **kwargs)
+
+    monkeypatch.setattr(compile_module, "trace", counting_trace)
+    monkeypatch.setattr(dependency, "analyze_dependencies", counting_analysis)
+    return seen
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(config).eval(), (torch.randint(0, 64, (1, 12)),)
+
+
+CASES = {
+    "resnet18": lambda: (torchvision.models.resnet18().eval(), (torch.randn(1, 3, 64, 64),)),
+    "llama (torch.export)": _llama,
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_masked_model_shrinks_in_a_second_compile_without_a_new_trace(name, counts):
+    torch.manual_seed(0)
+    model, x = CASES[name]()
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    assert counts == {"traces": 1, "analyses": 1}
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert counts == {"traces": 1, "analyses": 1}, "the second compile traced or analysed again"
+    assert type(shrunk) is type(model)
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
+    # (float32: the masked Llama is torch.export's graph, which checks that its buffers stay float32)
+    out, expected = run(shrunk, x), run(masked, x)
+    if isinstance(out, dict):  # (a key/value cache in the model's own output, not in the graph's)
+        out, expected = out["logits"], expected["logits"]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compiling_the_same_model_again_reuses_its_graph_and_gives_the_same_result(counts):
+    torch.manual_seed(0)
+    model, x = models.Residual().eval(), (torch.randn(2, 3, 8, 8),)
+    passes = [L2Score(), ChannelMask(0.5), Shrink()]
+    first = gp.compile(model, passes, example_inputs=x)
+    again = gp.compile(model, passes, example_inputs=x)
+    assert counts == {"traces": 1, "analyses": 1}
+    for (k, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_a_changed_model_is_traced_again(counts):
+    torch.manual_seed(0)
+    model, x = models.Residual().eval(), (torch.randn(2, 3, 8, 8),)
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    masked.train()  # another mode: the graph may differ (dropout, batch statistics)
+    gp.compile(masked, [Shrink()], example_inputs=x)
+    assert counts["traces"] == 2
+    gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=(torch.randn(3, 3, 8, 8),))  # other shapes
+    assert counts["traces"] == 3
+    model.head = nn.Conv2d(8, 3, 1)  # a module replaced
+    gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    assert counts["traces"] == 4
+
+
+class _Switchable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.scaled = False
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y * 2 if self.scaled else y
+
+
+def test_a_forward_that_changed_unseen_is_caught_by_the_landing_and_traced_again(counts):
+    torch.manual_seed(0)
+    model, x = _Switchable().eval(), (torch.randn(2, 8),)
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    masked.scaled = True  # a plain attribute the memo's key does not see: the remembered graph is stale
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert counts["traces"] == 2
+    assert type(shrunk) is _Switchable and shrunk.b.in_features < 16
+    assert_exact(masked, shrunk, x)
+
+
+def test_a_pruner_traces_once_over_all_its_steps(counts):
+    torch.manual_seed(0)
+    model, x = models.Residual(), (torch.randn(2, 3, 8, 8),)
+    pruner = gp.Pruner(
+        model, example_inputs=x, target_sparsity=0.5, end_step=3, frequency=1, score=L2Score(), mask=ChannelMask
+    )
+    for _ in range(4):
+        pruner.on_step_end()
+    assert len(pruner.history) == 3
+    pruned = pruner.finalize()
+    assert counts["traces"] == 1
+    assert_exact(pruner.model, pruned, x)
