@@ -14,6 +14,14 @@ specific key wins and a group no key names keeps its units:
 Every group keeps at least `min_channels` units, rounded up to a multiple of
 `round_to` so that the widths stay hardware friendly; in global scope
 `max_ratio` caps the share any one group loses.
+
+Instead of a ratio, a `target` for the pruned model's cost: `{"macs": 0.5}` (MACs x0.5 on the
+example inputs) or `{"params": 5e6}` (a value up to 1 is a share of the dense model's, above 1 a
+count).  The one ratio that meets it (within `tolerance` of the dense cost's share) is searched by
+bisection, each candidate shrunk on a copy and counted; with scope="global" the units go where
+the normalised scores are lowest, so the cut falls unevenly across groups:
+
+    ChannelMask(target={"macs": 0.5}, scope="global")
 """
 
 from __future__ import annotations
@@ -25,13 +33,18 @@ from typing import Iterable, Mapping
 
 import torch
 import torch.fx as fx
+from torch import nn
 
+from graphprune.analysis.cost import count_macs, count_params
 from graphprune.analysis.dependency import ChannelGroup, Dependencies
 from graphprune.analysis.scores import Scores
 from graphprune.arguments import choice, fraction, mapping, module_names, positive_int
 from graphprune.errors import ArgumentError, GraphPruneWarning, PreconditionError
+from graphprune.ir.inputs import to_meta
 from graphprune.ir.masking import mask_units, refuse_lowered, unit_mask_state
 from graphprune.ir.norms import sync_masked_ops
+from graphprune.ir.shadow import deepcopy_model, shadow
+from graphprune.passes.shrink import Shrink
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -40,6 +53,7 @@ __all__ = ["ChannelMask", "MaskUnits", "apply_units"]
 
 SCOPES = ("local", "global")
 KINDS = ("channel", "head", "ffn", "hidden")
+TARGETS = ("macs", "params")
 
 
 class ChannelMask(PassBase):
@@ -47,8 +61,10 @@ class ChannelMask(PassBase):
 
     def __init__(
         self,
-        ratio: float | Mapping[str, float],
+        ratio: float | Mapping[str, float] | None = None,
         *,
+        target: Mapping[str, float] | None = None,
+        tolerance: float = 0.01,
         scope: str = "local",
         round_to: int = 1,
         min_channels: int = 1,
@@ -56,7 +72,11 @@ class ChannelMask(PassBase):
         max_ratio: float | None = None,
     ) -> None:
         what = "ChannelMask ratio (the share of channels to remove)"
-        if isinstance(ratio, Mapping):
+        self.target = self._check_target(ratio, target)
+        self.tolerance = fraction(tolerance, "ChannelMask tolerance")
+        if self.target is not None:
+            self.ratio = 0.0  # set by the search
+        elif isinstance(ratio, Mapping):
             self.ratio = {
                 key: fraction(r, f"ChannelMask ratio[{key!r}]")
                 for key, r in mapping(ratio, what, f"kinds {KINDS}, group keys or '*' to ratios").items()
@@ -96,24 +116,95 @@ class ChannelMask(PassBase):
                 f"no scores for groups {missing[:5]}: run the score pass after any pass that changes the graph"
             )
         done = {g.key: unit_mask_state(gm, g)[0] for g in groups}
+        if self.target is not None:
+            plan, reached = self._search(gm, ctx, deps, groups, scores, done)
+        else:
+            plan, reached = self._plan(groups, scores, done), None
+        modified = apply_units(gm, ctx, deps, plan)
+        report = {g.key: (g.size, g.size - len(plan[g.key])) for g in groups}
+        ctx.record(groups=report, scope=self.scope, ratio=self.ratio, **({"target": reached} if reached else {}))
+        self._warn_if_short(deps, groups, report)
+        return PassResult(gm, modified)
+
+    def _plan(self, groups, scores, done) -> dict[str, list[int]]:
+        """The units to mask in each group at the pass's ratio."""
         floor = {g.key: self._floor(g) for g in groups}
         if self.scope == "local":
-            plan = {
+            return {
                 g.key: self._lowest(
                     scores[g.key], done[g.key], g.size - self._keep_count(g.size, floor[g.key], self._ratio_of(g))
                 )
                 for g in groups
             }
-        else:  # each kind of group ranked on its own: heads do not compete with channels
-            plan = {}
-            for kind in sorted({g.kind for g in groups}):
-                same = [g for g in groups if g.kind == kind]
-                plan.update(self._global(same, scores, done, floor, self._ratio_of(same[0])))
-        modified = apply_units(gm, ctx, deps, {g.key: plan[g.key] for g in groups})
-        report = {g.key: (g.size, g.size - len(plan[g.key])) for g in groups}
-        ctx.record(groups=report, scope=self.scope, ratio=self.ratio)
-        self._warn_if_short(deps, groups, report)
-        return PassResult(gm, modified)
+        plan = {}  # each kind of group ranked on its own: heads do not compete with channels
+        for kind in sorted({g.kind for g in groups}):
+            same = [g for g in groups if g.kind == kind]
+            plan.update(self._global(same, scores, done, floor, self._ratio_of(same[0])))
+        return plan
+
+    # -- a target cost -----------------------------------------------------------------
+    @staticmethod
+    def _check_target(ratio, target) -> dict[str, float] | None:
+        if target is None:
+            if ratio is None:
+                raise ArgumentError(
+                    "ChannelMask needs a ratio (e.g. ChannelMask(0.5)) or a target (e.g. ChannelMask(target={'macs': 0.5}))"
+                )
+            return None
+        if ratio is not None:
+            raise ArgumentError("ChannelMask takes a ratio or a target, not both: the target sets the ratio")
+        target = mapping(target, "ChannelMask target", f"one of {TARGETS} to a share or a count")
+        if len(target) != 1 or next(iter(target)) not in TARGETS:
+            raise ArgumentError(
+                f"ChannelMask target must be one of {TARGETS} with its value, e.g. {{'macs': 0.5}}, got {target!r}"
+            )
+        ((kind, value),) = target.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ArgumentError(
+                f"ChannelMask target {kind!r} must be a positive number (up to 1: a share of the dense model's; "
+                f"above 1: a count), got {value!r}"
+            )
+        return {kind: float(value)}
+
+    def _search(self, gm, ctx, deps, groups, scores, done) -> tuple[dict[str, list[int]], dict]:
+        """Bisect the ratio until the shrunk cost meets the target; the plan at that ratio and a report."""
+        ((kind, value),) = self.target.items()
+        count = _Counter(gm, ctx.example_inputs, kind)
+        dense = count(lambda trial, inputs: trial)
+        goal = value if value <= 1 else value / max(dense, 1)
+
+        def share(ratio: float) -> tuple[float, dict[str, list[int]]]:
+            self.ratio = ratio
+            plan = self._plan(groups, scores, done)
+            return count(lambda trial, inputs: _shrunk(trial, deps, plan, inputs)) / max(dense, 1), plan
+
+        # the cost falls about as (1 - ratio)^2 (both sides of a layer shrink): interpolate on its
+        # square root between a ratio above the goal and one below, bisecting when that stalls
+        (low, got_low), (high, got_high) = (0.0, share(0.0)[0]), (0.99, share(0.99)[0])
+        best = (math.inf, 0.0, 1.0, {})
+        for step in range(14):
+            root = math.sqrt(max(got_low, 0)) - math.sqrt(max(got_high, 0))
+            guess = low + (high - low) * (math.sqrt(got_low) - math.sqrt(goal)) / root if root > 0 else math.nan
+            edge = 0.1 * (high - low)
+            ratio = guess if step % 3 != 2 and low + edge <= guess <= high - edge else (low + high) / 2
+            got, plan = share(ratio)
+            if abs(got - goal) < best[0]:
+                best = (abs(got - goal), ratio, got, plan)
+            if abs(got - goal) <= self.tolerance or got_low <= goal or got_high >= goal:
+                break
+            (low, got_low), (high, got_high) = (
+                ((ratio, got), (high, got_high)) if got > goal else ((low, got_low), (ratio, got))
+            )
+        _, self.ratio, got, plan = best
+        if abs(got - goal) > self.tolerance:
+            warnings.warn(
+                f"ChannelMask target {kind} x{goal:.3f} is out of reach: the closest is x{got:.3f} (at ratio "
+                f"{self.ratio:.3f}); frozen channels, min_channels, round_to or max_ratio limit it",
+                GraphPruneWarning,
+                stacklevel=3,
+            )
+        logger.info("ChannelMask target %s x%.3f: x%.3f at ratio %.3f", kind, goal, got, self.ratio)
+        return plan, {"kind": kind, "requested": goal, "reached": got, "ratio": self.ratio}
 
     def _warn_if_short(self, deps, groups: list[ChannelGroup], report: dict[str, tuple[int, int]]) -> None:
         """Never a silent no-op: say why nothing (or less than asked) was pruned."""
@@ -288,3 +379,48 @@ class MaskUnits(PassBase):
                     f"MaskUnits masks units of group {key} that it does not have (it has {groups[key].size})"
                 )
         return PassResult(gm, apply_units(gm, ctx, deps, self.units))
+
+
+def _on_meta(gm: fx.GraphModule) -> fx.GraphModule:
+    """A shadow of `gm` whose tensors are meta tensors of the same shapes (tied ones stay tied)."""
+    trial, _ = shadow(gm)
+    metas: dict[int, torch.Tensor] = {}
+    for m in {id(m): m for m in trial.modules()}.values():
+        for table in (m._parameters, m._buffers):
+            for k, t in table.items():
+                if t is not None and id(t) not in metas:
+                    meta = t.to("meta")
+                    metas[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+                if t is not None:
+                    table[k] = metas[id(t)]
+    return trial
+
+
+def _shrunk(trial: fx.GraphModule, deps: Dependencies, plan: dict[str, list[int]], inputs) -> fx.GraphModule:
+    """`trial` (a copy) with `plan` masked and shrunk."""
+    trial_ctx = PassContext(inputs, verify=False)
+    trial_ctx.put(deps)
+    apply_units(trial, trial_ctx, deps, plan)
+    return Shrink().call(trial, trial_ctx).gm
+
+
+class _Counter:
+    """Counts the MACs or parameters of variants of `gm` built on copies of it: on the meta device
+    (no tensor copied or computed) where the graph runs there, else on real copies."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, kind: str) -> None:
+        self.gm, self.example_inputs, self.kind = gm, example_inputs, kind
+        self.meta = True
+        try:
+            self(lambda trial, inputs: trial)
+        except RuntimeError:  # e.g. a constant made on the CPU inside the graph
+            logger.debug("counting on real copies: the graph does not run on the meta device", exc_info=True)
+            self.meta = False
+
+    def __call__(self, build) -> int:
+        if self.meta:
+            model, inputs = _on_meta(self.gm), to_meta(self.example_inputs)
+        else:
+            model, inputs = deepcopy_model(self.gm), self.example_inputs
+        model = build(model, inputs)
+        return count_macs(model, inputs) if self.kind == "macs" else count_params(model)
