@@ -32,6 +32,7 @@ from graphprune.errors import (
 from graphprune.hf import as_hf_model
 from graphprune.ir.trace import trace
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
+from graphprune.recipe import recipe
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
 from graphprune.saving import load, save
 from graphprune.schedule import Pruner, sparsity_at
@@ -69,6 +70,7 @@ __all__ = [
     "Pruner",
     "sparsity_at",
     "sensitivity",
+    "recipe",
     "Sensitivity",
     "GraphPruneError",
     "ArgumentError",

@@ -1,9 +1,18 @@
-"""Command line: `graphprune demo` prunes a built-in torchvision model, verifies it, exports dense and
-pruned models to ONNX (checked in ONNX Runtime) and reports sizes, MACs and measured latency."""
+"""Command line.
+
+    graphprune prune SOURCE --out DIR (--recipe FILE | --ratio R | --target-macs X | --target-params N)
+    graphprune report SOURCE_OR_DIR [--json]
+    graphprune export SOURCE_OR_DIR --onnx FILE
+    graphprune demo
+
+SOURCE is torchvision:NAME, timm:NAME, hf:FOLDER, FILE.py:FUNCTION or a folder written by
+`graphprune prune` (see graphprune.sources).  Exit codes: 0 done, 1 pruning or verification
+failed, 2 bad arguments."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -13,7 +22,10 @@ import torch
 
 import graphprune as gp
 from graphprune.backends import onnx as gox
+from graphprune.errors import ArgumentError, GraphPruneError
 from graphprune.passes import ChannelMask, L1Score, L2Score, Shrink
+from graphprune.recipe import read_recipe, recipe, write_recipe
+from graphprune.sources import SOURCE_FILE, load_source
 
 __all__ = ["main"]
 
@@ -88,6 +100,96 @@ def _export_and_measure(model, pruned, x, args, report) -> int:
     return 0
 
 
+def _shape(text: str) -> list[int]:
+    try:
+        shape = [int(d) for d in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an input shape is like 1x3x224x224, got {text!r}") from None
+    if not shape or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"an input shape has positive sizes, got {text!r}")
+    return shape
+
+
+def _recipe_from_flags(args: argparse.Namespace) -> dict:
+    given = [f for f in ("ratio", "target_macs", "target_params") if getattr(args, f) is not None]
+    if len(given) != 1:
+        raise ArgumentError("give one of --recipe, --ratio, --target-macs or --target-params")
+    mask: dict = {"scope": args.scope, "round_to": args.round_to}
+    if args.ratio is not None:
+        mask["ratio"] = args.ratio
+    else:
+        mask["target"] = {"macs": args.target_macs} if args.target_macs is not None else {"params": args.target_params}
+    score = {"l1": "L1Score", "l2": "L2Score"}[args.criterion]
+    return {"passes": [{score: {}}, {"ChannelMask": mask}, "Shrink"]}
+
+
+def _load(args: argparse.Namespace, inputs: dict | None = None):
+    inputs = inputs or {}
+    return load_source(
+        args.source,
+        shape=args.input_shape or inputs.get("shape"),
+        seq_len=args.seq_len or inputs.get("seq_len"),
+        weights=getattr(args, "weights", None),
+        seed=args.seed,
+    )
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if args.recipe and any(getattr(args, f) is not None for f in ("ratio", "target_macs", "target_params")):
+        raise ArgumentError("--recipe already says how to prune: leave out --ratio / --target-macs / --target-params")
+    data = read_recipe(args.recipe)[0] if args.recipe else _recipe_from_flags(args)
+    passes = recipe(args.recipe or data)
+    loaded = _load(args, data.get("inputs"))
+    if loaded.original is not None:
+        raise ArgumentError(f"{args.source} is already pruned: prune its source again with a new recipe")
+    print(
+        f"pruning {args.source} with {[type(p).__name__ for p in passes]} on inputs {_describe(loaded.example_inputs)}"
+    )
+    start = time.perf_counter()
+    pruned = gp.compile(loaded.model, passes, example_inputs=loaded.example_inputs)
+    print(f"analysis + pruning took {time.perf_counter() - start:.2f}s")
+    out = Path(args.out)
+    gp.save(pruned, out)  # (replaces the folder: the other files go in after)
+    write_recipe({**data, "inputs": loaded.spec["inputs"]} if loaded.spec["inputs"] else data, out / "recipe.yaml")
+    (out / SOURCE_FILE).write_text(json.dumps(loaded.spec, indent=1))
+    report = gp.summary(loaded.model, pruned, loaded.example_inputs)
+    (out / "report.txt").write_text(str(report) + "\n")
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    print(report)
+    print(f"\nwrote {out}/: model (model.safetensors + plan.json), recipe.yaml, report.txt, report.json")
+    return 0
+
+
+def _describe(inputs) -> str:
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    return ", ".join("x".join(map(str, v.shape)) if isinstance(v, torch.Tensor) else repr(v) for v in values)
+
+
+def _report(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    before = loaded.original if loaded.original is not None else loaded.model
+    report = gp.summary(before, loaded.model, loaded.example_inputs)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    r = gox.export(loaded.model, args.onnx, example_inputs=loaded.example_inputs)
+    print(
+        f"exported {r.path} ({r.file_bytes / 1e6:.1f} MB, {r.exporter} exporter, opset {r.opset}); "
+        f"ONNX Runtime matches torch: max abs error {r.max_abs_error:.1e}"
+    )
+    return 0
+
+
+def _source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="torchvision:NAME, timm:NAME, hf:FOLDER, FILE.py:FUNCTION or a pruned folder")
+    parser.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1x3x224x224")
+    parser.add_argument("--seq-len", type=int, help="example token count for a model with a vocabulary")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random init and random example inputs")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="graphprune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
@@ -106,13 +208,40 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: torch's count)")
     demo.add_argument("--repeats", type=int, default=20)
     demo.set_defaults(func=_demo)
+
+    prune = sub.add_parser("prune", help="prune a model with a recipe or a ratio/target; save it with its report")
+    _source_arguments(prune)
+    prune.add_argument("--out", required=True, help="folder for the pruned model, recipe and report")
+    prune.add_argument("--recipe", help="a YAML or TOML recipe (see graphprune.recipe)")
+    prune.add_argument("--ratio", type=float, help="share of every channel group to remove")
+    prune.add_argument("--target-macs", type=float, help="MACs of the pruned model as a share of the dense one's")
+    prune.add_argument("--target-params", type=float, help="parameters to keep: a share (<= 1) or a count")
+    prune.add_argument("--criterion", choices=["l1", "l2"], default="l2")
+    prune.add_argument("--scope", choices=["local", "global"], default="local")
+    prune.add_argument("--round-to", type=int, default=1)
+    prune.add_argument("--weights", help="a state dict (.safetensors, or .pt read with weights_only) to load first")
+    prune.set_defaults(func=_prune)
+
+    report = sub.add_parser("report", help="params, MACs, size, channel groups and frozen channels of a model")
+    _source_arguments(report)
+    report.add_argument("--json", action="store_true", help="print JSON")
+    report.set_defaults(func=_report)
+
+    export = sub.add_parser("export", help="export a model (e.g. a pruned folder) to ONNX, checked in ONNX Runtime")
+    _source_arguments(export)
+    export.add_argument("--onnx", required=True, help="the .onnx file to write")
+    export.set_defaults(func=_export)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except ValueError as exc:
+    except ValueError as exc:  # ArgumentError and other bad input
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except GraphPruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

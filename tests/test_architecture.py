@@ -20,7 +20,8 @@ LAYERS = [
     ("graphprune.passes",),
     ("graphprune.backends", "graphprune.writeback", "graphprune.hf", "graphprune.vocab", "graphprune.memo"),
     ("graphprune.compile",),
-    ("graphprune.summary", "graphprune.saving", "graphprune.schedule", "graphprune.sensitivity"),
+    ("graphprune.summary", "graphprune.saving", "graphprune.schedule", "graphprune.sensitivity", "graphprune.recipe"),
+    ("graphprune.sources",),
     ("graphprune", "graphprune.cli"),  # the package's public API and the command line
 ]
 LAZY_OK = {"onnx", "onnxruntime", "tokenizers", "matplotlib", "torchvision", "transformers", "timm"}

@@ -28,3 +28,135 @@ def test_demo_rejects_unknown_model_and_bad_ratio(capsys):
     assert "unknown torchvision model" in capsys.readouterr().err
     assert main(["demo", "--ratio", "1.5", "--size", "32", "--no-export"]) == 2
     assert "[0, 1)" in capsys.readouterr().err
+
+
+# -- graphprune prune / report / export ------------------------------------------------------------
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+import graphprune as gp  # noqa: E402
+from graphprune.passes import ChannelMask, L2Score, Shrink  # noqa: E402
+from graphprune.sources import load_source  # noqa: E402
+from tests import models  # noqa: E402
+
+SMALL = ["--input-shape", "1x3x64x64"]
+
+
+@pytest.mark.parametrize("command", ["prune", "report", "export", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: graphprune " + command in capsys.readouterr().out
+
+
+def test_prune_saves_a_model_that_report_and_export_read_back(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "torchvision:resnet18", *SMALL, "--ratio", "0.5", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors",
+        "plan.json",
+        "recipe.yaml",
+        "report.json",
+        "source.json",
+    }
+    written = json.loads((out / "report.json").read_text())
+    assert written["state"] == "shrunk" and written["macs"][1] < 0.35 * written["macs"][0]
+    capsys.readouterr()
+    assert main(["report", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == written["params"]
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(out), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "ONNX Runtime matches torch" in capsys.readouterr().out
+
+
+def test_the_written_recipe_reproduces_the_result(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["prune", "torchvision:squeezenet1_0", *SMALL, "--target-macs", "0.5", "--out", str(first)]) == 0
+    assert (
+        main(["prune", "torchvision:squeezenet1_0", "--recipe", str(first / "recipe.yaml"), "--out", str(second)]) == 0
+    )
+    assert (first / "plan.json").read_text() == (second / "plan.json").read_text()
+    a, b = (json.loads((d / "report.json").read_text()) for d in (first, second))
+    assert a["macs"] == b["macs"] and abs(a["macs"][1] / a["macs"][0] - 0.5) <= 0.02
+
+
+def test_yaml_and_toml_recipes_equal_the_python_list(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "passes:\n  - L2Score: {}\n  - ChannelMask: {ratio: 0.4, round_to: 2, scope: global}\n  - Shrink\n"
+    )
+    (tmp_path / "r.toml").write_text(
+        'passes = [{L2Score = {}}, {ChannelMask = {ratio = 0.4, round_to = 2, scope = "global"}}, "Shrink"]\n'
+    )
+    torch.manual_seed(0)
+    model, x = models.Residual().eval(), (torch.randn(1, 3, 8, 8),)
+    expected = gp.compile(model, [L2Score(), ChannelMask(0.4, round_to=2, scope="global"), Shrink()], example_inputs=x)
+    for file in ("r.yaml", "r.toml"):
+        got = gp.compile(model, gp.recipe(tmp_path / file), example_inputs=x)
+        assert got.state_dict().keys() == expected.state_dict().keys()
+        for k, v in expected.state_dict().items():
+            torch.testing.assert_close(got.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        (
+            "passes:\n  - L2Score: {}\n  - ChannelMask: {rato: 0.4}\n",
+            "line 3: passes[1].ChannelMask.rato: unknown argument",
+        ),
+        ("passes:\n  - L9Score: {}\n", "line 2: passes[0]: unknown pass 'L9Score'"),
+        ("passes:\n  - ChannelMask: {ratio: yes}\n", "passes[0].ChannelMask: ChannelMask ratio"),
+        ("passes: [Shrink]\nstages: 2\n", "line 2: stages: unknown key"),
+        ("passes: [Shrink]\ninputs: {shape: [1, -3]}\n", "inputs.shape: must be a list of positive ints"),
+    ],
+)
+def test_a_bad_recipe_names_the_key(tmp_path, capsys, text, named):
+    (tmp_path / "bad.yaml").write_text(text)
+    rc = main(["prune", "torchvision:resnet18", "--recipe", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+def build():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(2, 3, 12, 12)
+    model(x)
+    return model, x
+"""
+
+
+def test_prune_a_model_from_a_python_factory(tmp_path, capsys):
+    (tmp_path / "make.py").write_text(FACTORY)
+    out = tmp_path / "pruned"
+    assert main(["prune", f"{tmp_path / 'make.py'}:build", "--ratio", "0.5", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"][1] < report["params"][0]
+    assert load_source(str(out)).model[0].out_channels == 8
+
+
+def test_prune_a_hugging_face_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    out = tmp_path / "pruned"
+    assert main(["prune", f"hf:{tmp_path / 'bert'}", "--seq-len", "16", "--ratio", "0.5", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs"][1] < 0.7 * report["macs"][0]
+    assert load_source(str(out)).model.encoder.layer[0].intermediate.dense.out_features == 32
+
+
+def test_prune_refuses_unknown_sources_and_conflicting_flags(tmp_path, capsys):
+    assert main(["prune", "keras:resnet", "--ratio", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown model source" in capsys.readouterr().err
+    assert main(["prune", "torchvision:resnet18", "--out", str(tmp_path / "o")]) == 2
+    assert "give one of --recipe" in capsys.readouterr().err

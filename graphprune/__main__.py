@@ -1,0 +1,5 @@
+import sys
+
+from graphprune.cli import main
+
+sys.exit(main())
