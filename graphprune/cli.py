@@ -3,6 +3,7 @@
     graphprune prune SOURCE --out DIR (--recipe FILE | --ratio R | --target-macs X | --target-params N)
     graphprune report SOURCE_OR_DIR [--json]
     graphprune export SOURCE_OR_DIR --onnx FILE
+    graphprune bench DENSE PRUNED [--threads N] [--repeats N]
     graphprune demo
 
 SOURCE is torchvision:NAME, timm:NAME, hf:FOLDER, FILE.py:FUNCTION or a folder written by
@@ -14,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,9 +27,11 @@ import torch
 import graphprune as gp
 from graphprune.backends import onnx as gox
 from graphprune.errors import ArgumentError, GraphPruneError
+from graphprune.ir.inputs import call_with
 from graphprune.passes import ChannelMask, L1Score, L2Score, Shrink
 from graphprune.recipe import read_recipe, recipe, write_recipe
 from graphprune.sources import SOURCE_FILE, load_source
+from graphprune.timing import interleaved
 
 __all__ = ["main"]
 
@@ -183,6 +189,35 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Latency of two models on the same inputs (DENSE's), in torch and in ONNX Runtime, interleaved."""
+    dense = _load(argparse.Namespace(**{**vars(args), "source": args.dense}))
+    pruned = _load(argparse.Namespace(**{**vars(args), "source": args.pruned}))
+    x, threads = dense.example_inputs, args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    models = {"dense": dense.model.eval(), "pruned": pruned.model.eval()}
+    with torch.no_grad():
+        times = interleaved({k: partial(call_with, m, x) for k, m in models.items()}, args.repeats, warmup=2)
+    ratios = sorted(d / p for d, p in zip(times["dense"], times["pruned"]))
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"latency on inputs {_describe(x)}, {threads} thread(s), median of {args.repeats} interleaved runs:")
+    print(
+        f"  torch          dense {med['dense']:8.2f} ms   pruned {med['pruned']:8.2f} ms   speedup "
+        f"{statistics.median(ratios):.2f}x (per-run range {ratios[len(ratios) // 10]:.2f}-{ratios[-1 - len(ratios) // 10]:.2f})"
+    )
+    if args.no_onnx:
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {k: gox.export(m, Path(tmp) / f"{k}.onnx", example_inputs=x).path for k, m in models.items()}
+        rows = {r.name: r for r in gox.benchmark(files, x, threads=threads, repeats=args.repeats)}
+    d, p = rows["dense"], rows["pruned"]
+    print(
+        f"  ONNX Runtime   dense {d.median_ms:8.2f} ms   pruned {p.median_ms:8.2f} ms   speedup "
+        f"{d.median_ms / p.median_ms:.2f}x (files {d.file_bytes / 1e6:.1f} MB -> {p.file_bytes / 1e6:.1f} MB)"
+    )
+    return 0
+
+
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="torchvision:NAME, timm:NAME, hf:FOLDER, FILE.py:FUNCTION or a pruned folder")
     parser.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1x3x224x224")
@@ -231,6 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     _source_arguments(export)
     export.add_argument("--onnx", required=True, help="the .onnx file to write")
     export.set_defaults(func=_export)
+
+    bench = sub.add_parser("bench", help="latency of a dense and a pruned model, torch and ONNX Runtime, interleaved")
+    bench.add_argument("dense", help="the model before pruning (a source, see `prune --help`)")
+    bench.add_argument("pruned", help="the pruned model (e.g. a folder written by `graphprune prune`)")
+    bench.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1x3x224x224")
+    bench.add_argument("--seq-len", type=int, help="example token count for a model with a vocabulary")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--threads", type=int, default=0, help="threads (default: torch's count)")
+    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--no-onnx", action="store_true", help="time torch only")
+    bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

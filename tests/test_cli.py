@@ -43,7 +43,7 @@ from tests import models  # noqa: E402
 SMALL = ["--input-shape", "1x3x64x64"]
 
 
-@pytest.mark.parametrize("command", ["prune", "report", "export", "demo"])
+@pytest.mark.parametrize("command", ["prune", "report", "export", "bench", "demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -160,3 +160,15 @@ def test_prune_refuses_unknown_sources_and_conflicting_flags(tmp_path, capsys):
     assert "unknown model source" in capsys.readouterr().err
     assert main(["prune", "torchvision:resnet18", "--out", str(tmp_path / "o")]) == 2
     assert "give one of --recipe" in capsys.readouterr().err
+
+
+def test_bench_times_dense_and_pruned_interleaved(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert (
+        main(["prune", "torchvision:squeezenet1_0", "--input-shape", "1x3x32x32", "--ratio", "0.5", "--out", str(out)])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["bench", "torchvision:squeezenet1_0", str(out), "--input-shape", "1x3x32x32", "--repeats", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "torch" in printed and "ONNX Runtime" in printed and printed.count("speedup") == 2
