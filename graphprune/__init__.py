@@ -33,6 +33,7 @@ from graphprune.hf import as_hf_model
 from graphprune.ir.trace import trace
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
 from graphprune.recipe import recipe
+from graphprune.regularize import BNScaleL1, GroupLasso
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
 from graphprune.saving import load, save
 from graphprune.schedule import Pruner, sparsity_at
@@ -71,6 +72,8 @@ __all__ = [
     "sparsity_at",
     "sensitivity",
     "recipe",
+    "GroupLasso",
+    "BNScaleL1",
     "Sensitivity",
     "GraphPruneError",
     "ArgumentError",

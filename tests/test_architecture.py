@@ -20,7 +20,14 @@ LAYERS = [
     ("graphprune.passes",),
     ("graphprune.backends", "graphprune.writeback", "graphprune.hf", "graphprune.vocab", "graphprune.memo"),
     ("graphprune.compile",),
-    ("graphprune.summary", "graphprune.saving", "graphprune.schedule", "graphprune.sensitivity", "graphprune.recipe"),
+    (
+        "graphprune.summary",
+        "graphprune.saving",
+        "graphprune.schedule",
+        "graphprune.sensitivity",
+        "graphprune.recipe",
+        "graphprune.regularize",
+    ),
     ("graphprune.sources",),
     ("graphprune", "graphprune.cli"),  # the package's public API and the command line
 ]
