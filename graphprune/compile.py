@@ -130,7 +130,7 @@ def _compile(
     else:
         landing = land(work, gm, origin, example_inputs, ctx.outputs[1])
     if landing.model is None:
-        if recalled is not None:
+        if recalled is not None and landing.compared:  # perhaps the forward changed since it was traced
             return None
         if output == "module":
             raise GraphPruneError(

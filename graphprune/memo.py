@@ -17,6 +17,8 @@ built on a remembered graph does not land (see graphprune.compile).
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Iterable
@@ -31,6 +33,8 @@ from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY
 
 __all__ = ["remember", "recall", "forget"]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class _Memo:
@@ -44,6 +48,7 @@ class _Memo:
 
 
 _MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()  # compile() may run in several threads
 
 
 def _signature(value) -> tuple:
@@ -81,12 +86,14 @@ def remember(
     """Remember `gm`'s graph (copied) as the graph of `model`, whose structure it was traced from,
     and its analysis (only the analysis for a graph module: compile() uses its graph as it is)."""
     if isinstance(model, fx.GraphModule):
-        memo = _MEMOS[model] = _Memo(_key(model, leaf_modules, example_inputs), None, "", None, {}, {}, dependencies)
+        memo = _Memo(_key(model, leaf_modules, example_inputs), None, "", None, {}, {}, dependencies)
+        with _LOCK:
+            _MEMOS[model] = memo
         return memo
     holder = getattr(gm, ROOT_HOLDER, None)
     root_tensors = {} if holder is None else {k: t for k, t in holder.named_buffers() if "." not in k}
     root_tensors.update({} if holder is None else {k: t for k, t in holder.named_parameters() if "." not in k})
-    memo = _MEMOS[model] = _Memo(
+    memo = _Memo(
         _key(model, leaf_modules, example_inputs),
         copy.deepcopy(gm.graph),
         type(gm).__name__,
@@ -95,12 +102,15 @@ def remember(
         {k: m for k, m in gm.named_children() if k not in model._modules and k != ROOT_HOLDER},
         dependencies,
     )
+    with _LOCK:
+        _MEMOS[model] = memo
     return memo
 
 
 def forget(model: nn.Module) -> None:
     """Drop what compile() remembers about `model` (its next compile() traces it afresh)."""
-    _MEMOS.pop(model, None)
+    with _LOCK:
+        _MEMOS.pop(model, None)
 
 
 def recall(
@@ -108,11 +118,12 @@ def recall(
 ) -> tuple[fx.GraphModule | None, Dependencies | None] | None:
     """The remembered graph of `model` built over `shadow` (its shadow or copy: the same module
     paths; None for a graph module) and its analysis, or None when nothing valid is remembered."""
-    memo = _MEMOS.get(model)
+    with _LOCK:
+        memo = _MEMOS.get(model)
     if memo is None:
         return None
     if memo.key != _key(model, leaf_modules, example_inputs):
-        del _MEMOS[model]
+        forget(model)
         return None
     if memo.graph is None:
         return None, memo.dependencies
@@ -121,7 +132,8 @@ def recall(
     source._modules.update(shadow._modules)
     holder = nn.Module()
     for name, t in memo.root_tensors.items():
-        own = getattr(shadow, name, None)
+        masked = getattr(shadow, "parametrizations", {})
+        own = masked[name].original if name in masked else getattr(shadow, name, None)  # (the stored tensor)
         if isinstance(own, torch.Tensor):
             t = own
         if isinstance(t, nn.Parameter):
@@ -131,8 +143,9 @@ def recall(
     source._modules[ROOT_HOLDER] = holder
     try:
         gm = fx.GraphModule(source, copy.deepcopy(memo.graph), class_name=memo.class_name)
-    except (AttributeError, RuntimeError):  # a target the model no longer has
-        del _MEMOS[model]
+    except Exception:  # a target the model no longer has: trace afresh
+        logger.debug("the remembered graph does not fit %s", type(model).__name__, exc_info=True)
+        forget(model)
         return None
     for name, child in shadow.named_children():  # the whole tree, as a fresh trace holds it
         setattr(gm, name, child)

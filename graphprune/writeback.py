@@ -42,6 +42,7 @@ __all__ = ["Landing", "land"]
 class Landing:
     model: nn.Module | None  # the user's model (or its copy) holding the result; None if it cannot
     reason: str = ""  # why it cannot
+    compared: bool = False  # the reason is the model's own forward computing something else
 
 
 def _graph_only(gm: fx.GraphModule, work: nn.Module) -> str | None:
@@ -273,7 +274,9 @@ def land(
     lines = _rewritten_lines(gm)
     hint = f"; the graph rewrote constants at {lines[:3]}, which your source cannot change" if lines else ""
     return Landing(
-        None, f"{type(work).__name__}'s own forward does not compute the pruned graph's result: {problem}{hint}"
+        None,
+        f"{type(work).__name__}'s own forward does not compute the pruned graph's result: {problem}{hint}",
+        compared=True,
     )
 
 
