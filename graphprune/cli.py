@@ -4,6 +4,8 @@
     graphprune report SOURCE_OR_DIR [--json]
     graphprune export SOURCE_OR_DIR --onnx FILE
     graphprune bench DENSE PRUNED [--threads N] [--repeats N]
+    graphprune sensitivity SOURCE --eval FILE.py:FUNCTION [--plot out.png] [--json]
+    graphprune graph SOURCE --out groups.html | groups.graphml | groups.dot
     graphprune demo
 
 SOURCE is torchvision:NAME, timm:NAME, hf:FOLDER, FILE.py:FUNCTION or a folder written by
@@ -27,10 +29,11 @@ import torch
 import graphprune as gp
 from graphprune.backends import onnx as gox
 from graphprune.errors import ArgumentError, GraphPruneError
+from graphprune.groups_graph import write_groups_graph
 from graphprune.ir.inputs import call_with
 from graphprune.passes import ChannelMask, L1Score, L2Score, Shrink
 from graphprune.recipe import read_recipe, recipe, write_recipe
-from graphprune.sources import SOURCE_FILE, load_source
+from graphprune.sources import SOURCE_FILE, load_function, load_source
 from graphprune.timing import interleaved
 
 __all__ = ["main"]
@@ -218,6 +221,31 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    evaluate = load_function(args.eval)
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        raise ArgumentError(f"--ratios is a comma-separated list of numbers, got {args.ratios!r}") from None
+    result = gp.sensitivity(loaded.model, evaluate, example_inputs=loaded.example_inputs, ratios=ratios)
+    if args.json:
+        print(json.dumps({"baseline": result.baseline, "rows": [list(r) for r in result.rows]}, indent=1))
+    else:
+        print(result.table())
+    if args.plot:
+        print(f"plot: {result.plot(args.plot)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    deps = gp.analyze(loaded.model, loaded.example_inputs)
+    path = write_groups_graph(deps, args.out)
+    print(f"wrote {path}: {len(deps.groups)} channel groups, {len(deps.frozen)} frozen sites")
+    return 0
+
+
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="torchvision:NAME, timm:NAME, hf:FOLDER, FILE.py:FUNCTION or a pruned folder")
     parser.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1x3x224x224")
@@ -277,6 +305,21 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=20)
     bench.add_argument("--no-onnx", action="store_true", help="time torch only")
     bench.set_defaults(func=_bench)
+
+    sens = sub.add_parser("sensitivity", help="metric of the model with each channel group pruned alone, per ratio")
+    _source_arguments(sens)
+    sens.add_argument("--eval", required=True, help="FILE.py:FUNCTION taking the model, returning a float")
+    sens.add_argument("--ratios", default="0.1,0.3,0.5,0.7,0.9")
+    sens.add_argument("--plot", help="write the curves to this PNG (needs matplotlib)")
+    sens.add_argument("--json", action="store_true", help="print JSON")
+    sens.set_defaults(func=_sensitivity)
+
+    graph = sub.add_parser(
+        "graph", help="the dependency graph: which layers share which channel groups, what is frozen"
+    )
+    _source_arguments(graph)
+    graph.add_argument("--out", required=True, help="a .html, .graphml or .dot file")
+    graph.set_defaults(func=_graph)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

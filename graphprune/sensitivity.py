@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from graphprune.analysis import Dependencies, Scores
 from graphprune.arguments import fraction
@@ -145,9 +146,12 @@ def sensitivity(
         raise ArgumentError(f"sensitivity: no such groups {unknown}; the model has {seen['groups']}")
     baseline = _metric(evaluate, base, "the unpruned model")
     rows = []
-    for key in keys:
-        for r in ratios:
-            masked = compile(base, [_GivenScores(seen["scores"]), ChannelMask({key: r})], example_inputs=example_inputs)
-            rows.append((key, r, _metric(evaluate, masked, f"group {key} at ratio {r:g}")))
-            logger.info("sensitivity %s @ %.2f: %.4g", key, r, rows[-1][2])
+    with tqdm(total=len(keys) * len(ratios), desc="sensitivity", unit="run", disable=None) as progress:
+        for key in keys:
+            for r in ratios:
+                given = [_GivenScores(seen["scores"]), ChannelMask({key: r})]
+                masked = compile(base, given, example_inputs=example_inputs)
+                rows.append((key, r, _metric(evaluate, masked, f"group {key} at ratio {r:g}")))
+                logger.info("sensitivity %s @ %.2f: %.4g", key, r, rows[-1][2])
+                progress.update()
     return Sensitivity(baseline, tuple(rows))

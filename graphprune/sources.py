@@ -26,7 +26,7 @@ from torch import nn
 from graphprune.errors import ArgumentError
 from graphprune.saving import PLAN_FILE, load
 
-__all__ = ["Loaded", "load_source", "SOURCE_FILE"]
+__all__ = ["Loaded", "load_source", "load_function", "SOURCE_FILE"]
 
 SOURCE_FILE = "source.json"  # in a folder written by `graphprune prune`: how to rebuild the original
 
@@ -92,18 +92,26 @@ def _pruned_folder(path: Path) -> Loaded:
     return Loaded(pruned.eval(), original.example_inputs, spec, original=original.model)
 
 
-def _factory(file: str, function: str) -> Any:
+def load_function(spec: str) -> Any:
+    """The function `FILE.py:FUNCTION` names."""
+    file, _, function = spec.rpartition(":")
+    if not file.endswith(".py") or not function:
+        raise ArgumentError(f"name a function as FILE.py:FUNCTION, got {spec!r}")
     if not Path(file).is_file():
         raise ArgumentError(f"{file} does not exist")
-    if not function:
-        raise ArgumentError(f"name the function that builds the model: {file}:FUNCTION")
-    spec = importlib.util.spec_from_file_location(Path(file).stem, file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     fn = getattr(module, function, None)
     if not callable(fn):
         raise ArgumentError(f"{file} has no function {function!r}")
-    built = fn()
+    return fn
+
+
+def _factory(file: str, function: str) -> Any:
+    if not function:
+        raise ArgumentError(f"name the function that builds the model: {file}:FUNCTION")
+    built = load_function(f"{file}:{function}")()
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
         inputs = built[1]
         return built[0], inputs if isinstance(inputs, (tuple, dict)) else (inputs,)

@@ -172,3 +172,63 @@ def test_bench_times_dense_and_pruned_interleaved(tmp_path, capsys):
     assert main(["bench", "torchvision:squeezenet1_0", str(out), "--input-shape", "1x3x32x32", "--repeats", "3"]) == 0
     printed = capsys.readouterr().out
     assert "torch" in printed and "ONNX Runtime" in printed and printed.count("speedup") == 2
+
+
+EVAL = """
+import torch
+
+def agreement(model):
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        return float(model(x).argmax(1).eq(torch.zeros(4, dtype=torch.long)).float().mean())
+"""
+
+
+def test_sensitivity_prints_a_table_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "make.py").write_text(FACTORY)
+    (tmp_path / "ev.py").write_text(EVAL)
+    source = f"{tmp_path / 'make.py'}:build"
+    rc = main(
+        [
+            "sensitivity",
+            source,
+            "--eval",
+            f"{tmp_path / 'ev.py'}:agreement",
+            "--ratios",
+            "0.5",
+            "--plot",
+            str(tmp_path / "s.png"),
+            "--json",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {row[0] for row in result["rows"]} == {"0", "2"} and all(row[1] == 0.5 for row in result["rows"])
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("suffix", [".html", ".graphml", ".dot"])
+def test_graph_writes_the_channel_groups(tmp_path, capsys, suffix):
+    out = tmp_path / f"groups{suffix}"
+    assert main(["graph", "torchvision:resnet18", "--input-shape", "1x3x32x32", "--out", str(out)]) == 0
+    assert "channel groups" in capsys.readouterr().out
+    text = out.read_text()
+    assert "layer1.0.conv1" in text and "reaches a model output" in text
+    if suffix == ".graphml":
+        import networkx as nx
+
+        graph = nx.read_graphml(out)
+        groups = [n for n, d in graph.nodes(data=True) if d["kind"] == "group"]
+        assert len(groups) == len(gp.analyze(torchvision_model("resnet18"), (torch.randn(1, 3, 32, 32),)).groups)
+        # conv1 of the first block produces its group's channels, conv2 reads them
+        assert graph.edges["module:layer1.0.conv1", "group:layer1.0.conv1"]["role"] == "out"
+        assert graph.edges["module:layer1.0.conv2", "group:layer1.0.conv1"]["role"] == "in"
+    assert main(["graph", "torchvision:resnet18", "--out", str(tmp_path / "g.png")]) == 2
+
+
+def torchvision_model(name):
+    import torchvision
+
+    return getattr(torchvision.models, name)().eval()
