@@ -29,6 +29,7 @@ from graphprune.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from graphprune.finetune import finetune
 from graphprune.hf import as_hf_model
 from graphprune.ir.trace import trace
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
@@ -72,6 +73,7 @@ __all__ = [
     "sparsity_at",
     "sensitivity",
     "recipe",
+    "finetune",
     "GroupLasso",
     "BNScaleL1",
     "Sensitivity",

@@ -155,8 +155,18 @@ def _prune(args: argparse.Namespace) -> int:
         f"pruning {args.source} with {[type(p).__name__ for p in passes]} on inputs {_describe(loaded.example_inputs)}"
     )
     start = time.perf_counter()
-    pruned = gp.compile(loaded.model, passes, example_inputs=loaded.example_inputs)
-    print(f"analysis + pruning took {time.perf_counter() - start:.2f}s")
+    if args.finetune:  # mask, fine-tune with the masks on, then Shrink
+        if not passes or type(passes[-1]).__name__ != "Shrink":
+            raise ArgumentError("--finetune trains between the masks and Shrink: end the recipe with Shrink")
+        masked = gp.compile(loaded.model, passes[:-1], example_inputs=loaded.example_inputs)
+        loader = load_function(args.finetune)()
+        teacher = {"distill_from": loaded.model} if args.distill else {"loss_fn": _cross_entropy}
+        losses = gp.finetune(masked, loader, epochs=args.epochs, lr=args.lr, **teacher)
+        print(f"fine-tuned {args.epochs} epoch(s): loss {losses[0]:.4g} -> {losses[-1]:.4g}")
+        pruned = gp.compile(masked, passes[-1:], example_inputs=loaded.example_inputs)
+    else:
+        pruned = gp.compile(loaded.model, passes, example_inputs=loaded.example_inputs)
+    print(f"pruning took {time.perf_counter() - start:.2f}s")
     out = Path(args.out)
     gp.save(pruned, out)  # (replaces the folder: the other files go in after)
     write_recipe({**data, "inputs": loaded.spec["inputs"]} if loaded.spec["inputs"] else data, out / "recipe.yaml")
@@ -167,6 +177,11 @@ def _prune(args: argparse.Namespace) -> int:
     print(report)
     print(f"\nwrote {out}/: model (model.safetensors + plan.json), recipe.yaml, report.txt, report.json")
     return 0
+
+
+def _cross_entropy(output, targets) -> torch.Tensor:
+    logits = output if isinstance(output, torch.Tensor) else output.logits if hasattr(output, "logits") else output[0]
+    return torch.nn.functional.cross_entropy(logits, targets)
 
 
 def _describe(inputs) -> str:
@@ -283,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--scope", choices=["local", "global"], default="local")
     prune.add_argument("--round-to", type=int, default=1)
     prune.add_argument("--weights", help="a state dict (.safetensors, or .pt read with weights_only) to load first")
+    prune.add_argument(
+        "--finetune", help="FILE.py:FUNCTION returning batches (inputs, targets) to fine-tune on before Shrink"
+    )
+    prune.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs")
+    prune.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
+    prune.add_argument(
+        "--distill", action="store_true", help="fine-tune on the dense model's logits instead of the targets"
+    )
     prune.set_defaults(func=_prune)
 
     report = sub.add_parser("report", help="params, MACs, size, channel groups and frozen channels of a model")

@@ -232,3 +232,29 @@ def torchvision_model(name):
     import torchvision
 
     return getattr(torchvision.models, name)().eval()
+
+
+LOADER = """
+import torch
+
+def batches():
+    torch.manual_seed(2)
+    return [(torch.randn(8, 3, 12, 12), torch.randint(0, 4, (8,))) for _ in range(4)]
+"""
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_prune_fine_tunes_between_the_masks_and_shrink(tmp_path, capsys, distill):
+    (tmp_path / "make.py").write_text(FACTORY)
+    (tmp_path / "data.py").write_text(LOADER)
+    out = tmp_path / "pruned"
+    extra = ["--distill"] if distill else []
+    args = ["prune", f"{tmp_path / 'make.py'}:build", "--ratio", "0.5", "--out", str(out)]
+    assert main([*args, "--finetune", f"{tmp_path / 'data.py'}:batches", "--epochs", "2", *extra]) == 0
+    assert "fine-tuned 2 epoch(s)" in capsys.readouterr().out
+    loaded = load_source(str(out))
+    assert loaded.model[0].out_channels == 8
+    # the weights were trained: they differ from the ones pruned without fine-tuning
+    plain = tmp_path / "plain"
+    assert main(["prune", f"{tmp_path / 'make.py'}:build", "--ratio", "0.5", "--out", str(plain)]) == 0
+    assert not torch.equal(load_source(str(plain)).model[0].weight, loaded.model[0].weight)
