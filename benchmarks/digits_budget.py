@@ -22,7 +22,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -33,18 +32,9 @@ from tests import digits  # noqa: E402
 
 def _lasso_trained(dense, tx, ty, x, lam: float = 2e-3, epochs: int = 3):
     model = copy.deepcopy(dense)
-    reg = gp.GroupLasso(model, lam, example_inputs=x)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(ty), generator=g)
-        for i in range(0, len(ty), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            (F.cross_entropy(model(tx[idx]), ty[idx]) + reg()).backward()
-            opt.step()
-    return model.eval()
+    return digits.train(
+        model, tx, ty, epochs=epochs, lr=1e-3, seed=1, penalty=gp.GroupLasso(model, lam, example_inputs=x)
+    )
 
 
 def _by_sensitivity(dense, sens, budget: float, x):

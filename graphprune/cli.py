@@ -29,6 +29,7 @@ import torch
 import graphprune as gp
 from graphprune.backends import onnx as gox
 from graphprune.errors import ArgumentError, GraphPruneError
+from graphprune.finetune import logits_of
 from graphprune.groups_graph import write_groups_graph
 from graphprune.ir.inputs import call_with
 from graphprune.passes import ChannelMask, L1Score, L2Score, Shrink
@@ -180,8 +181,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _cross_entropy(output, targets) -> torch.Tensor:
-    logits = output if isinstance(output, torch.Tensor) else output.logits if hasattr(output, "logits") else output[0]
-    return torch.nn.functional.cross_entropy(logits, targets)
+    return torch.nn.functional.cross_entropy(logits_of(output), targets)
 
 
 def _describe(inputs) -> str:

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from graphprune.errors import ArgumentError
 from graphprune.ir.inputs import call_with, eval_mode
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "logits_of"]
 
 
-def _logits(output: Any) -> torch.Tensor:
+def logits_of(output: Any) -> torch.Tensor:
     """The tensor a classifier's loss reads: the output itself, `.logits`, or the first tensor."""
     if isinstance(output, torch.Tensor):
         return output
@@ -77,8 +77,8 @@ def _epoch(model, loader, loss_fn, teacher_model, opt, weight: float, temperatur
             loss = loss + (1 - weight) * loss_fn(output, targets)
         if teacher_model is not None:
             with torch.no_grad():
-                teacher = _logits(call_with(teacher_model, inputs))
-            student = _logits(output)
+                teacher = logits_of(call_with(teacher_model, inputs))
+            student = logits_of(output)
             kl = F.kl_div(
                 F.log_softmax(student / temperature, -1),
                 F.log_softmax(teacher / temperature, -1),

@@ -35,7 +35,8 @@ def load(seed: int = 0):
     return x[400:], y[400:], x[:400], y[:400]
 
 
-def train(model: nn.Module, x, y, epochs: int, lr: float = 2e-3, seed: int = 0) -> nn.Module:
+def train(model: nn.Module, x, y, epochs: int, lr: float = 2e-3, seed: int = 0, penalty=None) -> nn.Module:
+    """Adam on cross-entropy (plus `penalty()`, e.g. a gp.GroupLasso, when given), batches of 64."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -44,7 +45,8 @@ def train(model: nn.Module, x, y, epochs: int, lr: float = 2e-3, seed: int = 0) 
         for i in range(0, len(y), 64):
             idx = perm[i : i + 64]
             opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            (loss if penalty is None else loss + penalty()).backward()
             opt.step()
     model.eval()
     return model
