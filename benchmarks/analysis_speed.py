@@ -3,7 +3,8 @@
 1. torchvision classifiers (224 px, batch 1, random init) and Hugging Face configs (4 layers, width 256,
    128 tokens): graphprune's L2Score + ChannelMask(0.5) then Shrink (two compile() calls, verified as by
    default) against Torch-Pruning's MetaPruner (L2 magnitude, ratio 0.5, the classifier ignored), in the
-   same process, alternating, median of --repeats runs each; the model is built before the clock starts.
+   same process, alternating, median of --repeats runs each; the model is built before the clock starts,
+   and one untimed round of both on ResNet-18 first takes the one-off costs (imports, caches) out.
    graphprune is also timed with verify=False (Shrink's own output check off; write-back is still checked).
 2. `gp.analyze` of Llama-3-8B-, Qwen2.5-7B- and Mistral-7B-shaped models built on the meta device (no
    weights), full depth, 128 tokens, each in its own process: seconds and peak RSS (VmHWM).
@@ -220,6 +221,7 @@ def main() -> None:
         print(MARK + json.dumps(llm_row(args.one_llm)), flush=True)
         return
     rows = []
+    compare("warm-up", lambda: (build("resnet18"), example_inputs("resnet18", 224)), 1)  # first-call costs, both
     for name in filter(None, args.models.split(",")):
         rows.append(compare(name, lambda n=name: (build(n), example_inputs(n, 224)), args.repeats))
         print(f"  {name}: ratio {fmt(rows[-1].get('ratio'))} {rows[-1]['errors'] or ''}", file=sys.stderr, flush=True)
