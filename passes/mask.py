@@ -167,7 +167,7 @@ class ChannelMask(PassBase):
         return {kind: float(value)}
 
     def _search(self, gm, ctx, deps, groups, scores, done) -> tuple[dict[str, list[int]], dict]:
-        """Bisect the ratio until the shrunk cost meets the target; the plan at that ratio and a report."""
+        """Search the ratio whose shrunk cost meets the target; the plan at that ratio and a report."""
         ((kind, value),) = self.target.items()
         count = _Counter(gm, ctx.example_inputs, kind)
         dense = count(lambda trial, inputs: trial)
@@ -180,8 +180,9 @@ class ChannelMask(PassBase):
 
         # the cost falls about as (1 - ratio)^2 (both sides of a layer shrink): interpolate on its
         # square root between a ratio above the goal and one below, bisecting when that stalls
-        (low, got_low), (high, got_high) = (0.0, share(0.0)[0]), (0.99, share(0.99)[0])
-        best = (math.inf, 0.0, 1.0, {})
+        ends = [(ratio, *share(ratio)) for ratio in (0.0, 0.99)]
+        best = min((abs(got - goal), ratio, got, plan) for ratio, got, plan in ends)
+        (low, got_low, _), (high, got_high, _) = ends
         for step in range(14):
             root = math.sqrt(max(got_low, 0)) - math.sqrt(max(got_high, 0))
             guess = low + (high - low) * (math.sqrt(got_low) - math.sqrt(goal)) / root if root > 0 else math.nan
