@@ -1,7 +1,7 @@
 """Command line.
 
     graphprune prune SOURCE --out DIR (--recipe FILE | --ratio R | --target-macs X | --target-params N)
-    graphprune report SOURCE_OR_DIR [--json]
+    graphprune report SOURCE_OR_DIR [--json] [--html FILE]
     graphprune export SOURCE_OR_DIR --onnx FILE
     graphprune bench DENSE PRUNED [--threads N] [--repeats N]
     graphprune sensitivity SOURCE --eval FILE.py:FUNCTION [--plot out.png] [--json]
@@ -175,8 +175,9 @@ def _prune(args: argparse.Namespace) -> int:
     report = gp.summary(loaded.model, pruned, loaded.example_inputs)
     (out / "report.txt").write_text(str(report) + "\n")
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    (out / "report.html").write_text(report.to_html())
     print(report)
-    print(f"\nwrote {out}/: model (model.safetensors + plan.json), recipe.yaml, report.txt, report.json")
+    print(f"\nwrote {out}/: model (model.safetensors + plan.json), recipe.yaml, report.txt/.json/.html")
     return 0
 
 
@@ -193,6 +194,8 @@ def _report(args: argparse.Namespace) -> int:
     loaded = _load(args)
     before = loaded.original if loaded.original is not None else loaded.model
     report = gp.summary(before, loaded.model, loaded.example_inputs)
+    if args.html:
+        Path(args.html).write_text(report.to_html())
     print(json.dumps(report.to_dict(), indent=1) if args.json else report)
     return 0
 
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="params, MACs, size, channel groups and frozen channels of a model")
     _source_arguments(report)
     report.add_argument("--json", action="store_true", help="print JSON")
+    report.add_argument("--html", help="also write the report as an HTML page to this file")
     report.set_defaults(func=_report)
 
     export = sub.add_parser("export", help="export a model (e.g. a pruned folder) to ONNX, checked in ONNX Runtime")

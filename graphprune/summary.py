@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +87,40 @@ class Summary:
             "lowered": [list(r) for r in self.lowered],
             "notes": list(self.notes),
         }
+
+    def to_html(self) -> str:
+        """The report as a self-contained HTML page (cost, channel groups, masked tensors, frozen channels)."""
+        e = html.escape
+
+        def table(header: tuple, rows) -> str:
+            head = "".join(f"<th>{e(str(h))}</th>" for h in header)
+            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+            return f"<table><tr>{head}</tr>{body}</table>"
+
+        cost = [
+            (name, f"{a:,}", f"{b:,}", f"{b / a:.3f}" if a else "-")
+            for name, (a, b) in (("params", self.params), ("MACs", self.macs), ("size (bytes)", self.size_bytes))
+        ]
+        parts = [
+            "<!doctype html><meta charset='utf-8'><title>graphprune report</title>",
+            "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:2px 6px}"
+            "table{border-collapse:collapse;margin-bottom:1.5em}</style>",
+            f"<h1>graphprune report: {e(self.model)} ({e(self.state)})</h1>",
+            table(("", "before", "after", "after/before"), cost),
+        ]
+        if self.groups:
+            parts += ["<h2>Channel groups</h2>", table(("group", "units", "kept"), self.groups)]
+        if self.sparsity:
+            parts += [
+                "<h2>Masked tensors</h2>",
+                table(("tensor", "sparsity"), [(n, f"{z:.3f}") for n, z in self.sparsity]),
+            ]
+        if self.frozen:
+            rows = [(f.site.location or f.site.node, f.channels, f.site.reason) for f in self.frozen]
+            parts += ["<h2>Frozen channels (kept on purpose)</h2>", table(("where", "channels", "why"), rows)]
+        if self.notes:
+            parts += ["<h2>Notes</h2>"] + [f"<p>{e(n)}</p>" for n in self.notes]
+        return "\n".join(parts) + "\n"
 
     def __str__(self) -> str:
         def ratio(a: int, b: int) -> str:

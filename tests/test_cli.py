@@ -64,8 +64,11 @@ def test_prune_saves_a_model_that_report_and_export_read_back(tmp_path, capsys):
     written = json.loads((out / "report.json").read_text())
     assert written["state"] == "shrunk" and written["macs"][1] < 0.35 * written["macs"][0]
     capsys.readouterr()
-    assert main(["report", str(out), "--json"]) == 0
+    assert main(["report", str(out), "--json", "--html", str(tmp_path / "r.html")]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == written["params"]
+    page = (tmp_path / "r.html").read_text()
+    assert f"{written['params'][1]:,}" in page and "Channel groups" in page and "layer1.0.conv1" in page
+    assert (out / "report.html").read_text() == page
     pytest.importorskip("onnxruntime")
     assert main(["export", str(out), "--onnx", str(tmp_path / "m.onnx")]) == 0
     assert "ONNX Runtime matches torch" in capsys.readouterr().out
