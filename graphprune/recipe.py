@@ -38,7 +38,7 @@ else:  # pragma: no cover
 __all__ = ["recipe", "read_recipe", "write_recipe", "RECIPE_KEYS", "INPUT_KEYS"]
 
 RECIPE_KEYS = ("passes", "inputs")
-INPUT_KEYS = ("shape", "seq_len", "vocab_size")
+INPUT_KEYS = ("shape", "seq_len")
 
 
 def read_recipe(source: str | os.PathLike | dict) -> tuple[dict, dict[tuple, int]]:
