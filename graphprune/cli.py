@@ -168,11 +168,11 @@ def _prune(args: argparse.Namespace) -> int:
     else:
         pruned = gp.compile(loaded.model, passes, example_inputs=loaded.example_inputs)
     print(f"pruning took {time.perf_counter() - start:.2f}s")
+    report = gp.summary(loaded.model, pruned, loaded.example_inputs)  # (before anything is written)
     out = Path(args.out)
-    gp.save(pruned, out)  # (replaces the folder: the other files go in after)
+    gp.save(pruned, out)  # (replaces the folder, refusing one that holds other files: the rest go in after)
     write_recipe({**data, "inputs": loaded.spec["inputs"]} if loaded.spec["inputs"] else data, out / "recipe.yaml")
     (out / SOURCE_FILE).write_text(json.dumps(loaded.spec, indent=1))
-    report = gp.summary(loaded.model, pruned, loaded.example_inputs)
     (out / "report.txt").write_text(str(report) + "\n")
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     (out / "report.html").write_text(report.to_html())

@@ -151,11 +151,12 @@ def _hf(folder: str) -> nn.Module:
 
 
 def _load_weights(model: nn.Module, file: str) -> None:
-    if file.endswith(".safetensors"):
-        state = load_file(file)
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    try:
+        state = load_file(file) if file.endswith(".safetensors") else torch.load(file, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # missing file, not a state dict, tensors that do not fit
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ArgumentError(f"--weights {file} cannot be loaded into the model: {type(exc).__name__}: {first}") from exc
 
 
 def _inputs(model: nn.Module, spec: dict, source: str) -> tuple:

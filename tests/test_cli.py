@@ -261,3 +261,19 @@ def test_prune_fine_tunes_between_the_masks_and_shrink(tmp_path, capsys, distill
     plain = tmp_path / "plain"
     assert main(["prune", f"{tmp_path / 'make.py'}:build", "--ratio", "0.5", "--out", str(plain)]) == 0
     assert not torch.equal(load_source(str(plain)).model[0].weight, loaded.model[0].weight)
+
+
+def test_a_failing_prune_leaves_the_files_on_disk_as_they_were(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my own file")
+    # a folder that holds other files is refused before anything is written
+    assert main(["prune", "torchvision:squeezenet1_0", *SMALL, "--ratio", "0.5", "--out", str(out)]) == 2
+    assert "not a graphprune checkpoint" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my own file"
+    # weights that do not load name the argument, and write nothing
+    (tmp_path / "w.pt").write_bytes(b"not a state dict")
+    args = ["prune", "torchvision:squeezenet1_0", *SMALL, "--ratio", "0.5", "--weights", str(tmp_path / "w.pt")]
+    assert main([*args, "--out", str(tmp_path / "new")]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
