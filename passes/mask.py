@@ -209,7 +209,8 @@ class ChannelMask(PassBase):
 
     def _warn_if_short(self, deps, groups: list[ChannelGroup], report: dict[str, tuple[int, int]]) -> None:
         """Never a silent no-op: say why nothing (or less than asked) was pruned."""
-        asked = any(r > 0 for r in (self.ratio.values() if isinstance(self.ratio, dict) else [self.ratio]))
+        ratios = self.ratio.values() if isinstance(self.ratio, dict) else [self.ratio]
+        asked = self.target is not None or any(r > 0 for r in ratios)
         if not asked:
             return
         if not groups:

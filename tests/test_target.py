@@ -86,3 +86,10 @@ def test_an_unreachable_target_warns_with_the_closest():
 def test_bad_targets_say_what_to_give(kwargs, message):
     with pytest.raises(gp.ArgumentError, match=message):
         ChannelMask(**kwargs)
+
+
+def test_a_target_on_a_model_with_nothing_prunable_says_why():
+    model, x = torch.nn.Linear(8, 3), (torch.randn(2, 8),)  # its only channels reach the output
+    with pytest.warns(gp.GraphPruneWarning, match="no channel group can be pruned"):
+        out = gp.compile(model, [L2Score(), ChannelMask(target={"macs": 0.5})], example_inputs=x)
+    torch.testing.assert_close(out(*x), model(*x))
