@@ -184,18 +184,18 @@ def _trace(
     earlier compile, built over them) with its masks put back on after, and its outputs on the
     example inputs (None for a recalled graph: it ran on inputs of these shapes when traced)."""
     masks = detach_masks(ahead)
-    if recalled is not None:
-        holder = getattr(recalled, ROOT_HOLDER, None)
-        attach_masks(recalled, masks, {"": ROOT_HOLDER} if holder is not None else {})
-        return recalled, None
-    try:
-        gm = trace(ahead, leaf_modules, example_inputs, dynamic)
-    except GraphPruneError:
-        _check_runs_eagerly(ahead, example_inputs, masks)
-        raise
+    gm = recalled
+    if gm is None:
+        try:
+            gm = trace(ahead, leaf_modules, example_inputs, dynamic)
+        except GraphPruneError:
+            _check_runs_eagerly(ahead, example_inputs, masks)
+            raise
     holder = getattr(gm, ROOT_HOLDER, None)
     rename = {"": ROOT_HOLDER} if holder is not None and gm is not ahead else {}
     attach_masks(gm, masks, rename)
+    if recalled is not None:
+        return gm, None
     try:
         return gm, run_outputs(gm, example_inputs)
     except Exception as exc:
