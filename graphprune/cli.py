@@ -85,17 +85,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _export_and_measure(model, pruned, x, args, report) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name, m in (("dense", model), ("pruned", pruned)):
-        r = gox.export(m, out / f"{args.model}_{name}.onnx", example_inputs=(x,))
-        files[name] = r.path
-        print(
-            f"exported {name}: {r.path} ({r.file_bytes / 1e6:.1f} MB, {r.exporter} exporter, opset {r.opset}); "
-            f"ONNX Runtime matches torch: max abs error {r.max_abs_error:.1e}"
-        )
     threads = args.threads or torch.get_num_threads()
-    rows = {r.name: r for r in gox.benchmark(files, (x,), threads=threads, warmup=3, repeats=args.repeats)}
-    d, p = rows["dense"], rows["pruned"]
+    d, p = _ort_latency({"dense": model, "pruned": pruned}, (x,), out, f"{args.model}_", threads, args.repeats)
     ideal = report.macs[1] / report.macs[0]
     print(
         f"\nONNX Runtime CPU latency, batch {x.shape[0]}, {threads} thread(s), median of {args.repeats} interleaved runs:"
@@ -202,12 +193,26 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     loaded = _load(args)
-    r = gox.export(loaded.model, args.onnx, example_inputs=loaded.example_inputs)
+    _export_checked(loaded.model, args.onnx, loaded.example_inputs)
+    return 0
+
+
+def _export_checked(model, path, example_inputs, label: str = "") -> Path:
+    """Export to ONNX (verified in ONNX Runtime) and say so."""
+    r = gox.export(model, path, example_inputs=example_inputs)
     print(
-        f"exported {r.path} ({r.file_bytes / 1e6:.1f} MB, {r.exporter} exporter, opset {r.opset}); "
+        f"exported {label}{r.path} ({r.file_bytes / 1e6:.1f} MB, {r.exporter} exporter, opset {r.opset}); "
         f"ONNX Runtime matches torch: max abs error {r.max_abs_error:.1e}"
     )
-    return 0
+    return r.path
+
+
+def _ort_latency(models: dict, example_inputs, folder: Path, prefix: str, threads: int, repeats: int):
+    """Export the dense and pruned models into `folder` and time them in ONNX Runtime, interleaved:
+    their latency rows (dense, pruned)."""
+    files = {k: _export_checked(m, folder / f"{prefix}{k}.onnx", example_inputs, f"{k}: ") for k, m in models.items()}
+    rows = {r.name: r for r in gox.benchmark(files, example_inputs, threads=threads, warmup=3, repeats=repeats)}
+    return rows["dense"], rows["pruned"]
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -229,9 +234,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.no_onnx:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        files = {k: gox.export(m, Path(tmp) / f"{k}.onnx", example_inputs=x).path for k, m in models.items()}
-        rows = {r.name: r for r in gox.benchmark(files, x, threads=threads, repeats=args.repeats)}
-    d, p = rows["dense"], rows["pruned"]
+        d, p = _ort_latency(models, x, Path(tmp), "", threads, args.repeats)
     print(
         f"  ONNX Runtime   dense {d.median_ms:8.2f} ms   pruned {p.median_ms:8.2f} ms   speedup "
         f"{d.median_ms / p.median_ms:.2f}x (files {d.file_bytes / 1e6:.1f} MB -> {p.file_bytes / 1e6:.1f} MB)"
