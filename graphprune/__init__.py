@@ -29,6 +29,7 @@ from graphprune.errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from graphprune.eval import perplexity
 from graphprune.finetune import finetune
 from graphprune.hf import as_hf_model
 from graphprune.ir.trace import trace
@@ -74,6 +75,7 @@ __all__ = [
     "sensitivity",
     "recipe",
     "finetune",
+    "perplexity",
     "GroupLasso",
     "BNScaleL1",
     "Sensitivity",
