@@ -23,9 +23,19 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from graphprune.ir.distributed import sum_over_ranks
 from graphprune.ir.inputs import call_with, eval_mode
 
-__all__ = ["WeightOp", "weight_ops", "node_arg", "swap_node", "tapped", "input_channel_stats", "op_inputs"]
+__all__ = [
+    "WeightOp",
+    "weight_ops",
+    "node_arg",
+    "swap_node",
+    "tapped",
+    "input_channel_stats",
+    "input_hessians",
+    "op_inputs",
+]
 
 aten = torch.ops.aten
 _LINEAR = {F.linear, aten.linear.default}
@@ -129,30 +139,66 @@ _STATISTICS = {
 }
 
 
-def input_channel_stats(
-    gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list, statistic: str
+def _mean_over_calibration(
+    gm: fx.GraphModule,
+    ops: dict[str, WeightOp],
+    batches: list,
+    measure: Callable[[WeightOp, torch.Tensor], tuple[torch.Tensor, int]],
+    what: str,
 ) -> dict[str, torch.Tensor]:
-    """Per input channel of each op (by weight name): a statistic over every position of every
-    calibration batch, in eval mode."""
+    """Per op (by weight name): the sum of `measure(op, input)` over every call on every calibration
+    batch, divided by the sum of its counts, in eval mode.  Under torch.distributed both sums are
+    summed over the ranks first, so every rank gets the statistics of all the shards together."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = defaultdict(int)
-    reduce = _STATISTICS[statistic]
 
     def tap(op: WeightOp):
         def record(x: torch.Tensor) -> None:
-            x = x.detach().double()
-            cdim = op.channel_dim(x)
-            flat = x.movedim(cdim, 0).reshape(x.shape[cdim], -1)
-            sums[op.weight] = reduce(flat) + sums.get(op.weight, 0)
-            counts[op.weight] += flat.shape[1]
+            value, count = measure(op, x.detach())
+            sums[op.weight] = value + sums.get(op.weight, 0)
+            counts[op.weight] += count
 
         return record
 
     with tapped(gm, {n: tap(op) for op in ops.values() for n in op.nodes}), eval_mode(gm), torch.no_grad():
         for inputs, _ in batches:
             call_with(gm, inputs)
-    stats = {k: total / counts[k] for k, total in sums.items()}
+    totals = sum_over_ranks(
+        {
+            **{f"sum:{k}": v for k, v in sums.items()},
+            **{f"count:{k}": torch.tensor(float(c)) for k, c in counts.items()},
+        },
+        what,
+    )
+    return {k: totals[f"sum:{k}"] / totals[f"count:{k}"] for k in sums}
+
+
+def input_channel_stats(
+    gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list, statistic: str
+) -> dict[str, torch.Tensor]:
+    """Per input channel of each op (by weight name): a statistic over every position of every
+    calibration batch, in eval mode."""
+    reduce = _STATISTICS[statistic]
+
+    def measure(op: WeightOp, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        cdim = op.channel_dim(x)
+        flat = x.double().movedim(cdim, 0).reshape(x.shape[cdim], -1)
+        return reduce(flat), flat.shape[1]
+
+    stats = _mean_over_calibration(gm, ops, batches, measure, f"calibration statistics ({statistic})")
     return {k: v.sqrt() for k, v in stats.items()} if statistic == "rms" else stats
+
+
+def input_hessians(gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list) -> dict[str, torch.Tensor]:
+    """Per linear op (by weight name): the mean over every calibration position of x x^T, its input's
+    outer product (the Hessian of the layer's squared output error, up to a factor 2), in float64."""
+
+    def measure(op: WeightOp, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        flat = x.reshape(-1, x.shape[-1]).double()
+        return flat.T @ flat, flat.shape[0]
+
+    linear = {k: op for k, op in ops.items() if op.kind == "linear"}
+    return _mean_over_calibration(gm, linear, batches, measure, "calibration Hessians")
 
 
 def op_inputs(gm: fx.GraphModule, ops: dict[str, WeightOp], inputs: tuple | dict) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from torch import nn
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.analysis.scores import WeightScores
 from graphprune.errors import ArgumentError, PreconditionError
+from graphprune.ir.distributed import sum_over_ranks
 from graphprune.ir.inputs import calibration_batches, call_with, eval_mode
 from graphprune.ir.masking import raw_tensor, resolve
 from graphprune.ir.weight_ops import WeightOp, input_channel_stats, weight_ops
@@ -70,7 +71,7 @@ class TaylorScore(ScorePass):
         finally:
             for p, grad in grads:
                 p.grad = grad
-        return acc
+        return sum_over_ranks(acc, self.name)  # under torch.distributed: summed over every rank's batches
 
     @staticmethod
     def _per_unit(g: ChannelGroup, s: int, values: torch.Tensor) -> torch.Tensor:
