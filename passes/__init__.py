@@ -9,6 +9,7 @@ from graphprune.passes.scores.magnitude import L1Score, L2Score, MagnitudeScore,
 from graphprune.passes.shrink import Shrink
 from graphprune.passes.sparse_lower import SparseLower
 from graphprune.passes.sparse_mask import BlockMask, NMMask, UnstructuredMask
+from graphprune.passes.sparsegpt import SparseGPTMask
 
 __all__ = [
     "ScorePass",
@@ -28,6 +29,7 @@ __all__ = [
     "UnstructuredMask",
     "NMMask",
     "BlockMask",
+    "SparseGPTMask",
     "Shrink",
     "ReinsertZeros",
     "CompensateBias",
