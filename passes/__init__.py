@@ -4,7 +4,7 @@ from graphprune.passes.compensate import CompensateBias
 from graphprune.passes.mask import ChannelMask, MaskUnits
 from graphprune.passes.reinsert_zeros import ReinsertZeros
 from graphprune.passes.scores.criteria import BNScaleScore, FPGMScore
-from graphprune.passes.scores.data import ActivationScore, APoZScore, HeadSensitivityScore, TaylorScore, WandaScore
+from graphprune.passes.scores.data import ActivationScore, APoZScore, FLAPScore, HeadSensitivityScore, TaylorScore, WandaScore
 from graphprune.passes.scores.magnitude import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
 from graphprune.passes.shrink import Shrink
 from graphprune.passes.sparse_lower import SparseLower
@@ -24,6 +24,7 @@ __all__ = [
     "ActivationScore",
     "APoZScore",
     "WandaScore",
+    "FLAPScore",
     "ChannelMask",
     "MaskUnits",
     "UnstructuredMask",

@@ -13,6 +13,7 @@ from graphprune.passes import (
     ActivationScore,
     APoZScore,
     BNScaleScore,
+    FLAPScore,
     ChannelMask,
     FPGMScore,
     MagnitudeScore,
@@ -104,7 +105,7 @@ def test_activation_scores_read_the_consumers_input():
         scores_of(model, APoZScore([42]), x)
 
 
-@pytest.mark.parametrize("score", ["bn", "fpgm", "taylor", "activation", "apoz", "wanda"])
+@pytest.mark.parametrize("score", ["bn", "fpgm", "taylor", "activation", "apoz", "wanda", "flap"])
 def test_every_criterion_prunes_exactly(score):
     torch.manual_seed(0)
     model = models.randomize_bn(models.Residual()).eval()
@@ -117,6 +118,7 @@ def test_every_criterion_prunes_exactly(score):
         "activation": lambda: ActivationScore(data),
         "apoz": lambda: APoZScore(data),
         "wanda": lambda: WandaScore(data),
+        "flap": lambda: FLAPScore(data),
     }
     if score == "bn":
         model = models.randomize_bn(models.ConvBnConv()).eval()
@@ -163,6 +165,9 @@ def test_data_scores_by_hand():
     torch.testing.assert_close(apoz, 1 - (h == 0).double().mean(0))
     wanda = scores_of(m, WandaScore(data), (xs,))["0"]
     torch.testing.assert_close(wanda, m[2].weight.detach().double().abs()[0] * h.pow(2).mean(0).sqrt())
+    flap = scores_of(m, FLAPScore(data), (xs,))["0"]
+    fluctuation = h.var(0, unbiased=False) * m[2].weight.detach().double().pow(2)[0]
+    torch.testing.assert_close(flap, (fluctuation - fluctuation.mean()) / fluctuation.std())
     loss = lambda out, t: (out - t).pow(2).sum()  # noqa: E731
     taylor = scores_of(m, TaylorScore(data, loss), (xs,))["0"]
     ref = tiny()

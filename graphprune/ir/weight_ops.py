@@ -136,6 +136,7 @@ _STATISTICS = {
     "mean_abs": lambda flat: flat.abs().sum(1),
     "zero_fraction": lambda flat: (flat == 0).double().sum(1),
     "rms": lambda flat: flat.pow(2).sum(1),
+    "variance": lambda flat: torch.stack([flat.sum(1), flat.pow(2).sum(1)]),  # (first, second moment)
 }
 
 
@@ -186,7 +187,11 @@ def input_channel_stats(
         return reduce(flat), flat.shape[1]
 
     stats = _mean_over_calibration(gm, ops, batches, measure, f"calibration statistics ({statistic})")
-    return {k: v.sqrt() for k, v in stats.items()} if statistic == "rms" else stats
+    if statistic == "rms":
+        return {k: v.sqrt() for k, v in stats.items()}
+    if statistic == "variance":
+        return {k: (v[1] - v[0].pow(2)).clamp(min=0) for k, v in stats.items()}
+    return stats
 
 
 def input_hessians(gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list) -> dict[str, torch.Tensor]:

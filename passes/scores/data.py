@@ -30,7 +30,7 @@ from graphprune.ir.weight_ops import WeightOp, input_channel_stats, weight_ops
 from graphprune.passes.scores.magnitude import ScorePass
 from graphprune.pipeline import PassContext
 
-__all__ = ["TaylorScore", "HeadSensitivityScore", "ActivationScore", "APoZScore", "WandaScore"]
+__all__ = ["TaylorScore", "HeadSensitivityScore", "ActivationScore", "APoZScore", "WandaScore", "FLAPScore"]
 
 
 def _tensor(gm: nn.Module, qualified: str) -> torch.Tensor:
@@ -147,17 +147,19 @@ class _ActivationStats(ScorePass):
                 if op.weight not in stats:
                     continue
                 index, unit = g.flat[s]
-                per_index = self._per_weight_index(op, stats[op.weight])[index]
-                count = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, torch.ones_like(per_index))
-                rows.append(
-                    (
-                        op,
-                        s,
-                        torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, per_index) / count.clamp(min=1),
-                    )
-                )
+                per_index = self.per_channel(gm, op, self._per_weight_index(op, stats[op.weight]))[index]
+                total = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, per_index)
+                if not self.summed:
+                    total /= torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, torch.ones_like(per_index))
+                rows.append((op, s, total))
             out[g.key] = rows
         return out
+
+    summed = False  # a unit's statistic is the mean over its channels (True: the sum)
+
+    def per_channel(self, gm: fx.GraphModule, op: WeightOp, stat: torch.Tensor) -> torch.Tensor:
+        """The value of each weight input index of `op`, from its input channel's statistic."""
+        return stat
 
     def scores(self, gm, groups, ctx: PassContext):
         per_group = self.unit_stats(gm, groups, self._stats_for(gm, groups, ctx))
@@ -232,3 +234,23 @@ class WandaScore(_ActivationStats):
             norm = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, col[index]).sqrt()
             scores.append(norm * rms)
         return torch.stack(scores).mean(0)
+
+
+class FLAPScore(_ActivationStats):
+    """FLAP's fluctuation metric (An et al. 2024): per unit, the variance of its input channels over
+    the calibration data times the squared norm of the weight columns that read them, summed over
+    its channels.  A channel that barely fluctuates can be replaced by its mean, which
+    CompensateBias then folds into the next bias.  Standardised within each group (zero mean, unit
+    spread), so that ChannelMask(scope="global") ranks units of different layers on one scale:
+    FLAP's adaptive structure, where each layer keeps as many units as its scores earn."""
+
+    statistic = "variance"
+    summed = True
+
+    def per_channel(self, gm, op, variance):
+        w = _tensor(gm, op.weight).double()
+        return variance * w.movedim(1, 0).reshape(w.shape[1], -1).pow(2).sum(1)
+
+    def combine(self, gm, g, rows):
+        s = torch.stack([r for _, _, r in rows]).sum(0)
+        return (s - s.mean()) / s.std() if g.size > 1 and s.std() > 0 else torch.zeros_like(s)
