@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from graphprune.errors import GraphPruneError
 from graphprune.ir.inputs import call_with, check_example_inputs, eval_mode
+from graphprune.ir.modules import SkippedBlock
 
 __all__ = ["as_hf_model", "express_config"]
 
@@ -117,21 +118,28 @@ def express_config(model: nn.Module) -> str | None:
         return None
     model.__dict__.pop("save_pretrained", None)
     cls = type(model)
-    target = _shapes(model)
-    if _misfits(cls, model.config, target) == []:
-        return None
-    found, misfits = _search(cls, model.config, target, accept=lambda cfg: True)
-    if found is None:
+    skipped = [path for path, m in model.named_modules() if isinstance(m, SkippedBlock)]
+    if skipped:
+        reason = (
+            f"{cls.__name__}'s config cannot express removed blocks ({skipped[:4]} are SkippedBlocks: "
+            "from_pretrained would build them again, with random weights)"
+        )
+    else:
+        target = _shapes(model)
+        if _misfits(cls, model.config, target) == []:
+            return None
+        found, misfits = _search(cls, model.config, target, accept=lambda cfg: True)
+        if found is not None:
+            for attr, value in found.to_dict().items():
+                if getattr(model.config, attr, None) != value and not isinstance(value, dict):
+                    setattr(model.config, attr, value)
+            return None
         reason = (
             f"{cls.__name__}'s config cannot express these sizes (tensors that do not fit: "
             f"{misfits[:4]}{'...' if len(misfits) > 4 else ''})"
         )
-        model.__dict__["save_pretrained"] = _refuse_save_pretrained(reason)
-        return reason
-    for attr, value in found.to_dict().items():
-        if getattr(model.config, attr, None) != value and not isinstance(value, dict):
-            setattr(model.config, attr, value)
-    return None
+    model.__dict__["save_pretrained"] = _refuse_save_pretrained(reason)
+    return reason
 
 
 def as_hf_model(pruned: nn.Module, original: nn.Module, example_inputs: tuple | dict) -> nn.Module:

@@ -127,7 +127,7 @@ class Summary:
             return f"{b / a:.3f}" if a else "-"
 
         state = {
-            "shrunk": "shrunk: masked channels were removed, the model is smaller",
+            "shrunk": "shrunk: pruned channels or blocks were removed, the model is smaller",
             "masked": f"masked only: {self.masked_params:,} parameters are zero but still stored and computed; run Shrink() to remove them",
             "dense": "nothing pruned" + self._why_nothing(),
             "lowered": "sparse layers hold compressed weights and run sparse kernels",
@@ -219,7 +219,7 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
     for r in records:
         if isinstance(r.details.get("groups"), dict):
             groups = tuple((k, v[0], v[1]) for k, v in r.details["groups"].items())
-    shrunk = any(r.name == "Shrink" and r.modified for r in records)
+    shrunk = any((r.name == "Shrink" and r.modified) or r.details.get("dropped") for r in records)
     lowered = _lowered(records)
     sparsity = _mask_sparsity(after)
     state = (

@@ -1,10 +1,18 @@
 """Built-in passes (installed as graphprune.passes)."""
 
 from graphprune.passes.compensate import CompensateBias
+from graphprune.passes.drop_blocks import DropBlocks
 from graphprune.passes.mask import ChannelMask, MaskUnits
 from graphprune.passes.reinsert_zeros import ReinsertZeros
 from graphprune.passes.scores.criteria import BNScaleScore, FPGMScore
-from graphprune.passes.scores.data import ActivationScore, APoZScore, FLAPScore, HeadSensitivityScore, TaylorScore, WandaScore
+from graphprune.passes.scores.data import (
+    ActivationScore,
+    APoZScore,
+    FLAPScore,
+    HeadSensitivityScore,
+    TaylorScore,
+    WandaScore,
+)
 from graphprune.passes.scores.magnitude import L1Score, L2Score, MagnitudeScore, RandomScore, ScorePass
 from graphprune.passes.shrink import Shrink
 from graphprune.passes.sparse_lower import SparseLower
@@ -34,5 +42,6 @@ __all__ = [
     "Shrink",
     "ReinsertZeros",
     "CompensateBias",
+    "DropBlocks",
     "SparseLower",
 ]

@@ -4,6 +4,7 @@
 - `PrunedMultiheadAttention` (Shrink of nn.MultiheadAttention): fewer heads of the same size.
 - `SparseLinear` / `SparseConv1x1` (SparseLower): weights stored compressed, torch's sparse kernels.
 - `MaskedLayerNorm` (write-back of a masked model): a LayerNorm over the kept channels only.
+- `SkippedBlock` (DropBlocks): where a residual block was, passes its hidden state on.
 
 Each is an ordinary nn.Module whose state dict is plain dense tensors (saved with safetensors).
 """
@@ -29,6 +30,7 @@ __all__ = [
     "compress",
     "MaskedLayerNorm",
     "set_layer_norm_class",
+    "SkippedBlock",
 ]
 
 
@@ -293,3 +295,22 @@ def set_layer_norm_class(module: nn.Module, masked: bool) -> None:
         module.__class__ = type(cls.__name__, (new_base,), namespace)
     else:
         module.__class__ = new_base
+
+
+class SkippedBlock(nn.Module):
+    """Stands where a residual block was removed (DropBlocks): it is called as the block was and
+    returns the hidden state it is given (the block's first argument, `argument` by keyword), so
+    the container's numbering and the code that loops over it stay as they were.  Traced through:
+    a graph has no node for it."""
+
+    graphprune_traced_through = True
+
+    def __init__(self, replaces: str, argument: str) -> None:
+        super().__init__()
+        self.replaces, self.argument = replaces, argument
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else kwargs[self.argument]
+
+    def extra_repr(self) -> str:
+        return f"replaces={self.replaces}"

@@ -37,7 +37,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if type(m).__module__.startswith("graphprune."):
+        if type(m).__module__.startswith("graphprune.") and not getattr(m, "graphprune_traced_through", False):
             return True
         return super().is_leaf_module(m, qualname)
 
