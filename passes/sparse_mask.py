@@ -115,14 +115,15 @@ class _WeightMaskPass(PassBase):
 
 
 class UnstructuredMask(_WeightMaskPass):
-    """Mask the `sparsity` share of lowest-scored weights, per tensor (scope="layer") or across all
-    targeted tensors at once (scope="global", like torch's global_unstructured)."""
+    """Mask the `sparsity` share of lowest-scored weights, per tensor (scope="layer"), per output row
+    of each tensor (scope="row": Wanda's comparison group, best for LLMs) or across all targeted
+    tensors at once (scope="global", like torch's global_unstructured)."""
 
     def __init__(
         self, sparsity: float, *, scope: str = "layer", exclude: Iterable[str] = (), include_bias: bool = False
     ) -> None:
         sparsity = fraction(sparsity, "UnstructuredMask sparsity")
-        choice(scope, "UnstructuredMask scope", ("layer", "global"))
+        choice(scope, "UnstructuredMask scope", ("layer", "row", "global"))
         super().__init__(exclude=exclude, include_bias=include_bias)
         self.sparsity, self.scope = float(sparsity), scope
 
@@ -130,6 +131,8 @@ class UnstructuredMask(_WeightMaskPass):
         scores = [self._score(ctx, q, o, a) for q, o, a in tensors]
         if self.scope == "layer":
             return [_keep_top(s, self.sparsity) for s in scores]
+        if self.scope == "row":
+            return [torch.stack([_keep_top(r, self.sparsity) for r in _as_rows(s)]).reshape(s.shape) for s in scores]
         if not scores:
             return []
         flat = torch.cat([s.reshape(-1) for s in scores])

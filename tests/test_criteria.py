@@ -167,7 +167,7 @@ def test_data_scores_by_hand():
     torch.testing.assert_close(wanda, m[2].weight.detach().double().abs()[0] * h.pow(2).mean(0).sqrt())
     flap = scores_of(m, FLAPScore(data), (xs,))["0"]
     fluctuation = h.var(0, unbiased=False) * m[2].weight.detach().double().pow(2)[0]
-    torch.testing.assert_close(flap, (fluctuation - fluctuation.mean()) / fluctuation.std())
+    torch.testing.assert_close(flap, 1 + (fluctuation - fluctuation.mean()) / fluctuation.std())
     loss = lambda out, t: (out - t).pow(2).sum()  # noqa: E731
     taylor = scores_of(m, TaylorScore(data, loss), (xs,))["0"]
     ref = tiny()

@@ -28,6 +28,17 @@ def test_unstructured_layer_scope_masks_the_smallest_share_of_each_weight():
         assert int((masked.get_submodule(name).bias == 0).sum()) == 0  # biases untouched by default
 
 
+def test_unstructured_row_scope_masks_the_same_share_of_every_output_row():
+    torch.manual_seed(0)
+    model = models.Mlp()
+    masked = gp.compile(model, [UnstructuredMask(0.5, scope="row")], example_inputs=X)
+    w, orig = masked.get_submodule("fc1").weight, model.fc1.weight
+    assert bool(((w == 0).sum(1) == 5).all())  # 5 of each row's 10
+    kept_min = orig.abs().masked_fill(w == 0, float("inf")).min(1).values
+    dropped_max = orig.abs().masked_fill(w != 0, -1).max(1).values
+    assert bool((dropped_max <= kept_min).all())
+
+
 def test_unstructured_global_scope_counts_across_layers():
     model = models.Mlp()
     with torch.no_grad():

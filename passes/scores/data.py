@@ -240,7 +240,7 @@ class FLAPScore(_ActivationStats):
     """FLAP's fluctuation metric (An et al. 2024): per unit, the variance of its input channels over
     the calibration data times the squared norm of the weight columns that read them, summed over
     its channels.  A channel that barely fluctuates can be replaced by its mean, which
-    CompensateBias then folds into the next bias.  Standardised within each group (zero mean, unit
+    CompensateBias then folds into the next bias.  Standardised within each group (mean 1, unit
     spread), so that ChannelMask(scope="global") ranks units of different layers on one scale:
     FLAP's adaptive structure, where each layer keeps as many units as its scores earn."""
 
@@ -253,4 +253,5 @@ class FLAPScore(_ActivationStats):
 
     def combine(self, gm, g, rows):
         s = torch.stack([r for _, _, r in rows]).sum(0)
-        return (s - s.mean()) / s.std() if g.size > 1 and s.std() > 0 else torch.zeros_like(s)
+        z = (s - s.mean()) / s.std() if g.size > 1 and s.std() > 0 else torch.zeros_like(s)
+        return 1 + z  # mean 1: global ranking divides each group by its mean, which leaves these as they are
