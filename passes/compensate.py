@@ -3,9 +3,10 @@
 Placed between a mask pass and Shrink.  Over the calibration data it measures
 the mean of each pruned channel as the *unmasked* model computes it, and
 adds W[:, pruned] @ mean(x[pruned]) to the bias of every linear/conv op that
-consumed it (modules or, in exported graphs, `aten.linear` on parameters) (as FLAP does), so one-shot pruning without fine-tuning keeps
-much more of the model's function.  Shrink stays exact afterwards: the
-compensated biases belong to channels that are kept.
+consumed it, as FLAP does, so one-shot pruning without fine-tuning keeps much
+more of the model's function.  Ops without a bias get one: the module's, which
+in exported graphs the functional call on its weight then reads too.  Shrink
+stays exact afterwards: the compensated biases belong to channels that are kept.
 """
 
 from __future__ import annotations
@@ -49,13 +50,30 @@ class AddBias(PassBase):
         return cls(step["modules"])
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        ops = weight_ops(gm)
         for path in self.modules:
-            module = gm.get_submodule(path)
-            module.bias = nn.Parameter(
-                torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device)
+            _add_bias(
+                gm, path, ops.get(f"{path}.weight"), torch.zeros(raw_tensor(gm.get_submodule(path), "weight").shape[0])
             )
         ctx.record(plan={"op": "add_bias", "modules": self.modules})
         return PassResult(gm, bool(self.modules))
+
+
+def _add_bias(gm: fx.GraphModule, path: str, op: WeightOp | None, values: torch.Tensor) -> nn.Module:
+    """Give the module at `path` a bias parameter holding `values`; where the graph calls a functional
+    linear/conv on its weight (exported graphs) rather than the module, those calls read it too."""
+    module = gm.get_submodule(path)
+    weight = raw_tensor(module, "weight")
+    module.bias = nn.Parameter(values.to(dtype=weight.dtype, device=weight.device))
+    if op is not None and op.module is None:
+        for node in [n for n in gm.graph.nodes if n.name in op.nodes]:
+            with gm.graph.inserting_before(node):
+                bias = gm.graph.get_attr(f"{path}.bias")
+            args = list(node.args) + [None] * (3 - len(node.args))
+            args[2] = bias
+            node.args = tuple(args)
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
+    return module
 
 
 class CompensateBias(PassBase):
@@ -79,12 +97,7 @@ class CompensateBias(PassBase):
                 if slot not in g.consumers:
                     continue
                 op = ops.get(slot.tensor)
-                if (
-                    op is not None
-                    and slot.dim == 1
-                    and op.groups == 1
-                    and (op.bias is not None or op.module is not None)
-                ):
+                if op is not None and slot.dim == 1 and op.groups == 1:
                     targets.setdefault(op.weight, (op, set()))[1].update(idx)
                 else:
                     skipped.append(slot.tensor)
@@ -101,10 +114,10 @@ class CompensateBias(PassBase):
                 w.index_select(1, idx).reshape(w.shape[0], len(idx), -1).sum(2)
             )  # a constant input meets every kernel tap
             delta = cols @ means[name][idx]
-            if op.bias is None:  # an nn.Linear / nn.ConvNd without bias gets one, masked like its outputs
-                module = gm.get_submodule(op.module)
-                new_biases.append(op.module)
-                module.bias = nn.Parameter(delta.to(module.weight.dtype))
+            if op.bias is None:  # a linear / conv without bias gets one, masked like its outputs
+                path = op.weight.rpartition(".")[0]
+                module = _add_bias(gm, path, op, delta)
+                new_biases.append(path)
                 mask = channel_mask(module, "weight")
                 if mask is not None and hasattr(mask, "keep_0"):
                     ensure_channel_mask(module, "bias").drop(0, len(delta), torch.nonzero(~mask.keep_0).reshape(-1))
