@@ -51,3 +51,37 @@ def test_compensating_a_layer_without_bias_whose_outputs_are_pruned():
     assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
     one_call = gp.compile(model, [L2Score(), ChannelMask(0.5), CompensateBias(calib), Shrink()], example_inputs=x)
     torch.testing.assert_close(one_call(*x), masked(*x))
+
+
+def test_an_exported_decoder_gets_biases_its_functional_calls_read():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids, calibration = torch.randint(0, 100, (1, 8)), [torch.randint(0, 100, (2, 8)) for _ in range(2)]
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        for batch in calibration:
+            model(batch)
+    hook.remove()
+    means = torch.cat([s.reshape(-1, 64) for s in seen]).double().mean(0)
+    masked = gp.compile(
+        model, [L2Score(), ChannelMask({"ffn": 0.5}), CompensateBias(calibration)], example_inputs=(ids,)
+    )
+    down = masked.model.layers[0].mlp.down_proj
+    pruned = torch.nonzero((down.weight == 0).all(0)).reshape(-1)
+    assert len(pruned) == 32 and model.model.layers[0].mlp.down_proj.bias is None  # the caller's model as it was
+    expected = model.model.layers[0].mlp.down_proj.weight.double()[:, pruned] @ means[pruned]
+    torch.testing.assert_close(down.bias.double(), expected, rtol=1e-5, atol=1e-6)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=(ids,))
+    assert type(shrunk) is type(model) and shrunk.model.layers[0].mlp.down_proj.bias is not None
+    assert_exact(masked, shrunk, (ids,))
