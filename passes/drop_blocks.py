@@ -5,8 +5,8 @@ does).  Removing it means out = h: the graph's uses of the block's output are po
 input and the block's nodes die.  Blocks are found in the graph, not by class name: a candidate
 is an item of a container (`nn.ModuleList`, `nn.Sequential`: a module named by a number) whose
 nodes hand exactly one value to the rest of the graph, and that value is reached from the
-block's input through additions only (the residual path), with the input's shape.  Anything else is named, with the reason, when it
-is asked for.
+block's input through additions only (the residual path), with the input's shape and dtype.
+Anything else is named, with the reason, when it is asked for.
 
 Which blocks go is decided on calibration data by the block influence 1 - cos(h, out),
 averaged over positions (a block whose output points where its input did changes little).
