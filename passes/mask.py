@@ -2,7 +2,10 @@
 
 `ratio` is the share of each group's units to remove (local), or of all
 prunable units of a kind ranked together after normalising each group's scores
-by their mean (global; heads and channels are ranked apart).  It is one number
+by their mean (global; heads and channels are ranked apart), or of the groups'
+parameters, every unit of every kind ranked on the scores as they are and
+weighed by the parameters it holds (joint: FLAP's adaptive structure, for scores
+already on one scale such as `FLAPScore`'s standardised ones).  It is one number
 for every group, or a mapping whose keys are kinds of group ("channel", "head",
 "ffn", "hidden"), group keys (local scope) and "*" (every other group); the most
 specific key wins and a group no key names keeps its units:
@@ -41,7 +44,7 @@ from graphprune.analysis.scores import Scores
 from graphprune.arguments import choice, fraction, mapping, module_names, positive_int
 from graphprune.errors import ArgumentError, GraphPruneWarning, PreconditionError
 from graphprune.ir.inputs import to_meta
-from graphprune.ir.masking import mask_units, refuse_lowered, unit_mask_state
+from graphprune.ir.masking import mask_units, refuse_lowered, resolve, unit_mask_state
 from graphprune.ir.norms import sync_masked_ops
 from graphprune.ir.shadow import deepcopy_model, shadow
 from graphprune.passes.shrink import Shrink
@@ -51,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ChannelMask", "MaskUnits", "apply_units"]
 
-SCOPES = ("local", "global")
+SCOPES = ("local", "global", "joint")
 KINDS = ("channel", "head", "ffn", "hidden")
 TARGETS = ("macs", "params")
 
@@ -88,6 +91,8 @@ class ChannelMask(PassBase):
         else:
             self.ratio = fraction(ratio, what)
         self.scope = choice(scope, "ChannelMask scope", SCOPES)
+        if scope == "joint" and isinstance(self.ratio, dict):
+            raise ArgumentError("ChannelMask scope='joint' ranks every kind together: give one ratio or a target")
         self.round_to = positive_int(round_to, "ChannelMask round_to")
         self.min_channels = positive_int(min_channels, "ChannelMask min_channels")
         self.exclude = module_names(exclude, "ChannelMask exclude")
@@ -95,8 +100,10 @@ class ChannelMask(PassBase):
             max_ratio = fraction(
                 max_ratio, "ChannelMask max_ratio (caps each group in global scope)", closed=True, open_low=True
             )
-            if scope != "global":
-                raise ArgumentError("ChannelMask max_ratio caps each group in global scope: use it with scope='global'")
+            if scope == "local":
+                raise ArgumentError(
+                    "ChannelMask max_ratio caps each group in global scope: use it with scope='global' or 'joint'"
+                )
         self.max_ratio = max_ratio
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -119,16 +126,18 @@ class ChannelMask(PassBase):
         if self.target is not None:
             plan, reached = self._search(gm, ctx, deps, groups, scores, done)
         else:
-            plan, reached = self._plan(groups, scores, done), None
+            plan, reached = self._plan(gm, groups, scores, done), None
         modified = apply_units(gm, ctx, deps, plan)
         report = {g.key: (g.size, g.size - len(plan[g.key])) for g in groups}
         ctx.record(groups=report, scope=self.scope, ratio=self.ratio, **({"target": reached} if reached else {}))
         self._warn_if_short(deps, groups, report)
         return PassResult(gm, modified)
 
-    def _plan(self, groups, scores, done) -> dict[str, list[int]]:
+    def _plan(self, gm, groups, scores, done) -> dict[str, list[int]]:
         """The units to mask in each group at the pass's ratio."""
         floor = {g.key: self._floor(g) for g in groups}
+        if self.scope == "joint":
+            return self._global(groups, scores, done, floor, self.ratio, _unit_params(gm, groups))
         if self.scope == "local":
             return {
                 g.key: self._lowest(
@@ -175,7 +184,7 @@ class ChannelMask(PassBase):
 
         def share(ratio: float) -> tuple[float, dict[str, list[int]]]:
             self.ratio = ratio
-            plan = self._plan(groups, scores, done)
+            plan = self._plan(gm, groups, scores, done)
             return count(lambda trial, inputs: _shrunk(trial, deps, plan, inputs)) / max(dense, 1), plan
 
         # the cost falls about as (1 - ratio)^2 (both sides of a layer shrink): interpolate on its
@@ -290,18 +299,21 @@ class ChannelMask(PassBase):
         key = torch.where(done, torch.full_like(scores, -math.inf), scores)
         return sorted(torch.argsort(key, stable=True)[: max(count, int(done.sum()))].tolist())
 
-    def _global(self, groups, scores, done, floor, ratio: float) -> dict[str, list[int]]:
+    def _global(self, groups, scores, done, floor, ratio: float, weight=None) -> dict[str, list[int]]:
+        """The lowest units across `groups` until `ratio` of them are chosen; with `weight` (per group,
+        what one unit holds) the scores are taken as they are and `ratio` counts in weight."""
         flat, owner = [], []
         for g in groups:
             s = scores[g.key]
-            norm = s / (s.mean() + 1e-12) if s.numel() else s
+            norm = s if weight is not None else s / (s.mean() + 1e-12) if s.numel() else s
             norm = torch.where(done[g.key], torch.full_like(norm, -math.inf), norm)
             flat.append(norm)
             owner.extend((g.key, u) for u in range(g.size))
         if not flat:
             return {}
+        weight = weight or {g.key: 1 for g in groups}
         order = torch.argsort(torch.cat(flat), stable=True).tolist()
-        total = sum(g.size for g in groups)
+        total = sum(g.size * weight[g.key] for g in groups)
         budget = math.floor(ratio * total + 1e-9)
         removable = {g.key: g.size - floor[g.key] for g in groups}
         chosen: dict[str, list[int]] = {g.key: [] for g in groups}
@@ -311,7 +323,7 @@ class ChannelMask(PassBase):
             key, u = owner[i]
             if len(chosen[key]) < removable[key]:
                 chosen[key].append(u)
-                budget -= 1
+                budget -= weight[key]
         sizes = {g.key: g.size for g in groups}
         for key, units in chosen.items():  # round the kept width up to round_to
             keep = sizes[key] - len(units)
@@ -333,6 +345,19 @@ class ChannelMask(PassBase):
             raise ArgumentError(
                 f"ChannelMask exclude names modules the model does not have: {missing}; use names from model.named_modules()"
             )
+
+
+def _unit_params(gm: fx.GraphModule, groups) -> dict[str, int]:
+    """Per group: the tensor elements one of its units holds (every unit of a group holds as many)."""
+    out = {}
+    for g in groups:
+        total = 0
+        for slot, index in zip(g.slots, g.index):
+            owner, attr = resolve(gm, slot.tensor)
+            t = getattr(owner, attr)
+            total += index.shape[1] * (t.numel() // max(t.shape[slot.dim], 1))
+        out[g.key] = max(total, 1)
+    return out
 
 
 def apply_units(gm: fx.GraphModule, ctx: PassContext, deps: Dependencies, units: dict[str, list[int]]) -> bool:

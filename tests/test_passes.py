@@ -15,6 +15,7 @@ from graphprune.passes import (
     MaskUnits,
     RandomScore,
     ReinsertZeros,
+    ScorePass,
     Shrink,
 )
 from tests import models
@@ -96,6 +97,22 @@ def test_global_scope_ranks_across_groups_and_keeps_minimum():
     fc1, fc2 = pruned.get_submodule("fc1").out_features, pruned.get_submodule("fc2").out_features
     assert fc1 + fc2 == 48 - 24
     assert fc1 < 16 < fc2 or fc2 >= 2
+
+
+def test_joint_scope_ranks_every_unit_on_one_scale_and_counts_parameters():
+    class Given(ScorePass):  # fc1's units all score above fc2's
+        def score_group(self, gm, group, ctx):
+            base = 100.0 if group.key == "fc1" else 0.0
+            return base + torch.arange(group.size, dtype=torch.float64)
+
+    x = (torch.randn(2, 10),)
+    # a unit of fc1 holds 10 + 1 + 16 = 27 numbers (its row, bias, fc2's column), one of fc2 32 + 1 + 3 = 36:
+    # 30 % of 32 * 27 + 16 * 36 = 1440 is 432, twelve of fc2's units
+    pruned = gp.compile(models.Mlp(), [Given(), ChannelMask(0.3, scope="joint"), Shrink()], example_inputs=x)
+    assert pruned.get_submodule("fc1").out_features == 32
+    assert pruned.get_submodule("fc2").out_features == 4
+    with pytest.raises(gp.ArgumentError, match="joint"):
+        ChannelMask({"ffn": 0.5}, scope="joint")
 
 
 def test_random_score_is_seeded():
