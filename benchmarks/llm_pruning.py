@@ -11,8 +11,9 @@ in the total, as in the papers):
   LLM-Pruner    first-order Taylor |w * dL/dw| of the coupled group (TaylorScore), same ratio
   FLAP          fluctuation metric, standardised, global ranking across layers (each layer keeps
                 what its scores earn; heads and FFN neurons each ranked on their own, both at the
-                ratio), CompensateBias folds the removed channels' means into biases; and the same
-                with one ratio in every layer
+                ratio), CompensateBias folds the removed channels' means into biases; the same
+                with one ratio in every layer; and with heads and neurons ranked on one scale,
+                weighed by their parameters (scope="joint", FLAP's own adaptive structure)
   depth         DropBlocks: whole decoder layers by block influence (ShortGPT), as many as come
                 closest to the share
 unstructured 50 % and 2:4 on every linear layer of the decoder (lm_head kept):
@@ -74,6 +75,7 @@ def _structured(name: str, share_kept: float, calibration, n_blocks: int):
         "LLM-Pruner (Taylor)": [TaylorScore(batches, loss_fn=_lm_loss), ChannelMask(**mask)],
         "FLAP": [FLAPScore(calibration), ChannelMask(**mask, scope="global"), CompensateBias(calibration)],
         "FLAP, same ratio per layer": [FLAPScore(calibration), ChannelMask(**mask), CompensateBias(calibration)],
+        "FLAP, joint": [FLAPScore(calibration), ChannelMask(**mask, scope="joint"), CompensateBias(calibration)],
         "depth (block influence)": [DropBlocks(n_blocks, calibration=calibration)],
     }[name] + [Shrink()]
 
@@ -145,6 +147,7 @@ def main() -> None:
             "LLM-Pruner (Taylor)",
             "FLAP",
             "FLAP, same ratio per layer",
+            "FLAP, joint",
             "depth (block influence)",
         ):
             run("structured", name, f"{share:.0%}", _structured(name, 1 - share, calibration, n_blocks))
