@@ -10,9 +10,13 @@ Within each block of `blocksize` columns the mask is chosen adaptively, by the O
 w^2 / [H^-1]_qq^2 of the weights as updated so far (per block for unstructured sparsity, per m
 consecutive columns for N:M).
 
-Layers are pruned one-shot here: every layer's Hessian comes from the dense model's activations
-(the paper feeds each block the outputs of the blocks already pruned).  Conv layers, and linear
-layers inside leaf modules, are not touched and are named in the record.  The pass changes what
+By default the model is calibrated block by block, as in the paper (`graphprune.ir.blockwise`):
+every calibration batch goes through the first residual block, its layers are pruned on the
+Hessians of the inputs they saw, the block runs again with its pruned weights, and its outputs
+are the next block's inputs, so each layer makes up for the errors of the pruned layers before
+it, and only one block's activations are alive at a time.  `sequential=False` takes every
+layer's Hessian from the dense model in one run.  Conv layers, and linear layers inside leaf
+modules, are not touched and are named in the record.  The pass changes what
 the model computes (it is a pruning method, not an exact rewrite); Shrink and SparseLower after
 it are exact as for any mask.
 """
@@ -22,12 +26,14 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from graphprune.arguments import fraction
 from graphprune.errors import ArgumentError
+from graphprune.ir.blockwise import Blockwise
 from graphprune.ir.inputs import calibration_batches
 from graphprune.ir.masking import raw_tensor, replace_tensor, weight_mask
-from graphprune.ir.weight_ops import input_hessians, weight_ops
+from graphprune.ir.weight_ops import RunningMeans, input_hessians, outer_product, weight_ops
 from graphprune.passes.sparse_mask import _WeightMaskPass
 
 __all__ = ["SparseGPTMask", "sparsegpt_prune"]
@@ -105,6 +111,7 @@ class SparseGPTMask(_WeightMaskPass):
         blocksize: int = 128,
         percdamp: float = 0.01,
         exclude: Iterable[str] = (),
+        sequential: bool = True,
     ) -> None:
         self.nm = _nm(sparsity)
         self.sparsity = 0.0 if self.nm else float(fraction(sparsity, "SparseGPTMask sparsity"))
@@ -116,35 +123,63 @@ class SparseGPTMask(_WeightMaskPass):
             raise ArgumentError(f"SparseGPTMask percdamp must be a positive number (e.g. 0.01), got {percdamp!r}")
         super().__init__(exclude=exclude)
         self.calibration, self.blocksize, self.percdamp = calibration, blocksize, float(percdamp)
+        self.sequential = bool(sequential)
 
     def keep_masks(self, gm, ctx, tensors):
         batches = calibration_batches(self.calibration, self.name)
-        ops = weight_ops(gm)
-        wanted = {q for q, _, _ in tensors}
-        hessians = input_hessians(gm, {k: op for k, op in ops.items() if k in wanted}, batches)
-        keeps, skipped = [], []
-        for qualified, owner, attr in tensors:
-            h = hessians.get(qualified)
-            w = raw_tensor(owner, attr)
-            if h is None or w.ndim != 2 or (self.nm and w.shape[1] % self.nm[1]):
-                skipped.append(qualified)
-                keeps.append(None)
-                continue
-            existing = weight_mask(owner, attr)
-            new, keep = sparsegpt_prune(
-                getattr(owner, attr),  # the weight as the forward reads it (any mask applied)
-                h,
-                sparsity=self.sparsity,
-                nm=self.nm,
-                blocksize=self.blocksize,
-                percdamp=self.percdamp,
-                pruned=None if existing is None else ~existing.mask,
-            )
-            replace_tensor(owner, attr, new)  # a new tensor: the caller's model keeps its weights
-            keeps.append(keep)
+        where = {q: (owner, attr) for q, owner, attr in tensors}
+        ops = {
+            k: op
+            for k, op in weight_ops(gm).items()
+            if k in where
+            and op.kind == "linear"
+            and raw_tensor(*where[k]).ndim == 2
+            and not (self.nm and raw_tensor(*where[k]).shape[1] % self.nm[1])
+        }
+        keeps: dict[str, torch.Tensor] = {}
+        if self.sequential:
+            self._block_by_block(gm, ops, batches, where, keeps)
+        else:
+            for q, h in input_hessians(gm, ops, batches).items():
+                keeps[q] = self._prune(*where[q], h)
+        skipped = [q for q, _, _ in tensors if q not in keeps]
         if skipped:
             ctx.record(skipped=skipped)
-        return keeps
+        return [keeps.get(q) for q, _, _ in tensors]
+
+    def _block_by_block(self, gm, ops, batches, where, keeps) -> None:
+        """Prune each part's layers on the inputs the pruned parts before it give, then run it again."""
+        with Blockwise(gm, batches) as runner:
+            part_of = {name: i for i in runner for name in runner.ops_in(i)}
+            due: dict[int, list[str]] = {}  # each layer is pruned after the last part that calls it
+            for q, op in ops.items():
+                due.setdefault(max(part_of[n] for n in op.nodes), []).append(q)
+            hessians = RunningMeans(outer_product)
+            taps = {n: hessians.tap(op) for op in ops.values() for n in op.nodes}
+            for i in tqdm(runner, desc=f"{self.name} block by block", unit="part", disable=None, leave=False):
+                if i not in due:
+                    runner.run(i, taps)
+                    continue
+                runner.run(i, taps, last=False)
+                for q, h in hessians.means(f"{self.name} Hessians", due[i]).items():
+                    keeps[q] = self._prune(*where[q], h)
+                    for n in ops[q].nodes:
+                        taps.pop(n, None)
+                runner.run(i)  # again, with the pruned weights: the next part sees their outputs
+
+    def _prune(self, owner, attr: str, hessian: torch.Tensor) -> torch.Tensor:
+        existing = weight_mask(owner, attr)
+        new, keep = sparsegpt_prune(
+            getattr(owner, attr),  # the weight as the forward reads it (any mask applied)
+            hessian,
+            sparsity=self.sparsity,
+            nm=self.nm,
+            blocksize=self.blocksize,
+            percdamp=self.percdamp,
+            pruned=None if existing is None else ~existing.mask,
+        )
+        replace_tensor(owner, attr, new)  # a new tensor: the caller's model keeps its weights
+        return keep
 
 
 def _nm(sparsity) -> tuple[int, int] | None:

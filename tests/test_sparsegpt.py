@@ -99,3 +99,53 @@ def test_bad_arguments_say_what_is_expected():
         SparseGPTMask(0.5, percdamp=0)
     with pytest.raises(gp.ArgumentError, match="calibration"):
         gp.compile(models.Mlp(), [SparseGPTMask(0.5)], example_inputs=(torch.randn(2, 10),))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_block_by_block_each_block_sees_the_pruned_blocks_before_it():
+    torch.manual_seed(0)
+    model = Residual()
+    batches = [torch.randn(16, 4) for _ in range(3)]
+    pruned = gp.compile(
+        model, [SparseGPTMask(0.5, calibration=batches, exclude=["stem"])], example_inputs=(batches[0],)
+    )
+    reference = copy.deepcopy(model)  # by hand: block 0 on the dense stem's outputs, block 1 on pruned block 0's
+    with torch.no_grad():
+        hidden = [reference.stem(x) for x in batches]
+        for block in reference.blocks:
+            inner = [torch.relu(block.fc1(h)) for h in hidden]
+            for layer, seen in ((block.fc1, hidden), (block.fc2, inner)):
+                flat = torch.cat(seen).double()
+                new, keep = sparsegpt_prune(layer.weight, flat.T @ flat / len(flat), sparsity=0.5)
+                layer.weight.copy_(new * keep)
+            hidden = [block(h) for h in hidden]
+    for name in ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"):
+        torch.testing.assert_close(pruned.get_submodule(name).weight, reference.get_submodule(name).weight)
+    one_shot = gp.compile(
+        model,
+        [SparseGPTMask(0.5, calibration=batches, exclude=["stem"], sequential=False)],
+        example_inputs=(batches[0],),
+    )
+    torch.testing.assert_close(one_shot.blocks[0].fc1.weight, pruned.blocks[0].fc1.weight)  # the first block: same
+    assert not torch.allclose(one_shot.blocks[1].fc1.weight, pruned.blocks[1].fc1.weight)  # later ones: not

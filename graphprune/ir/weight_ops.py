@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -34,6 +34,8 @@ __all__ = [
     "tapped",
     "input_channel_stats",
     "input_hessians",
+    "outer_product",
+    "RunningMeans",
     "op_inputs",
 ]
 
@@ -140,38 +142,45 @@ _STATISTICS = {
 }
 
 
-def _mean_over_calibration(
-    gm: fx.GraphModule,
-    ops: dict[str, WeightOp],
-    batches: list,
-    measure: Callable[[WeightOp, torch.Tensor], tuple[torch.Tensor, int]],
-    what: str,
-) -> dict[str, torch.Tensor]:
-    """Per op (by weight name): the sum of `measure(op, input)` over every call on every calibration
-    batch, divided by the sum of its counts, in eval mode.  Under torch.distributed both sums are
-    summed over the ranks first, so every rank gets the statistics of all the shards together."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = defaultdict(int)
+class RunningMeans:
+    """Per op (by weight name): the sum of `measure(op, input)` over every call the op's taps see,
+    and the sum of the counts it returns; `means()` divides them.  Under torch.distributed both sums
+    are summed over the ranks first, so every rank gets the statistics of all the shards together."""
 
-    def tap(op: WeightOp):
+    def __init__(self, measure: Callable[[WeightOp, torch.Tensor], tuple[torch.Tensor, int]]) -> None:
+        self.measure = measure
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def tap(self, op: WeightOp) -> Callable[[torch.Tensor], None]:
         def record(x: torch.Tensor) -> None:
-            value, count = measure(op, x.detach())
-            sums[op.weight] = value + sums.get(op.weight, 0)
-            counts[op.weight] += count
+            value, count = self.measure(op, x.detach())
+            self.sums[op.weight] = value + self.sums.get(op.weight, 0)
+            self.counts[op.weight] += count
 
         return record
 
-    with tapped(gm, {n: tap(op) for op in ops.values() for n in op.nodes}), eval_mode(gm), torch.no_grad():
+    def means(self, what: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The means of `names` (all so far if None), which are then forgotten."""
+        names = sorted(self.sums if names is None else (n for n in names if n in self.sums))
+        totals = sum_over_ranks(
+            {
+                **{f"sum:{k}": self.sums.pop(k) for k in names},
+                **{f"count:{k}": torch.tensor(float(self.counts.pop(k))) for k in names},
+            },
+            what,
+        )
+        return {k: totals[f"sum:{k}"] / totals[f"count:{k}"] for k in names}
+
+
+def _mean_over_calibration(
+    gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list, means: RunningMeans, what: str
+) -> dict[str, torch.Tensor]:
+    """`means` of each op's inputs over every calibration batch, run in eval mode."""
+    with tapped(gm, {n: means.tap(op) for op in ops.values() for n in op.nodes}), eval_mode(gm), torch.no_grad():
         for inputs, _ in batches:
             call_with(gm, inputs)
-    totals = sum_over_ranks(
-        {
-            **{f"sum:{k}": v for k, v in sums.items()},
-            **{f"count:{k}": torch.tensor(float(c)) for k, c in counts.items()},
-        },
-        what,
-    )
-    return {k: totals[f"sum:{k}"] / totals[f"count:{k}"] for k in sums}
+    return means.means(what)
 
 
 def input_channel_stats(
@@ -186,7 +195,7 @@ def input_channel_stats(
         flat = x.double().movedim(cdim, 0).reshape(x.shape[cdim], -1)
         return reduce(flat), flat.shape[1]
 
-    stats = _mean_over_calibration(gm, ops, batches, measure, f"calibration statistics ({statistic})")
+    stats = _mean_over_calibration(gm, ops, batches, RunningMeans(measure), f"calibration statistics ({statistic})")
     if statistic == "rms":
         return {k: v.sqrt() for k, v in stats.items()}
     if statistic == "variance":
@@ -194,16 +203,17 @@ def input_channel_stats(
     return stats
 
 
+def outer_product(op: WeightOp, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x x^T summed over the positions of a linear op's input, in float64, and how many there were."""
+    flat = x.reshape(-1, x.shape[-1]).double()
+    return flat.T @ flat, flat.shape[0]
+
+
 def input_hessians(gm: fx.GraphModule, ops: dict[str, WeightOp], batches: list) -> dict[str, torch.Tensor]:
     """Per linear op (by weight name): the mean over every calibration position of x x^T, its input's
-    outer product (the Hessian of the layer's squared output error, up to a factor 2), in float64."""
-
-    def measure(op: WeightOp, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        flat = x.reshape(-1, x.shape[-1]).double()
-        return flat.T @ flat, flat.shape[0]
-
+    outer product (the Hessian of the layer's squared output error, up to a factor 2)."""
     linear = {k: op for k, op in ops.items() if op.kind == "linear"}
-    return _mean_over_calibration(gm, linear, batches, measure, "calibration Hessians")
+    return _mean_over_calibration(gm, linear, batches, RunningMeans(outer_product), "calibration Hessians")
 
 
 def op_inputs(gm: fx.GraphModule, ops: dict[str, WeightOp], inputs: tuple | dict) -> dict[str, torch.Tensor]:
