@@ -19,7 +19,7 @@ in the total, as in the papers):
 unstructured 50 % and 2:4 on every linear layer of the decoder (lm_head kept):
   magnitude     |w|, per output row
   Wanda         |w| * ||x||, per output row
-  SparseGPT     OBS reconstruction (one-shot: every layer's Hessian from the dense model)
+  SparseGPT     OBS reconstruction, block by block (each block calibrated on the pruned blocks before it)
 
     python benchmarks/llm_pruning.py [--json out.json]
 """
