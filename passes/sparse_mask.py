@@ -91,7 +91,7 @@ class _WeightMaskPass(PassBase):
 
     @staticmethod
     def _score(ctx: PassContext, qualified: str, owner: nn.Module, attr: str) -> torch.Tensor:
-        given = (ctx.cached(WeightScores) or {}).get(qualified)
+        given = (ctx.cached(WeightScores) or WeightScores()).score(qualified)
         if given is not None:
             return given.double() * (getattr(owner, attr).detach() != 0)
         return getattr(owner, attr).detach().abs().double()

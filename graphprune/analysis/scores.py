@@ -13,4 +13,10 @@ class Scores(dict):
 
 
 class WeightScores(dict):
-    """Qualified tensor name -> one importance per element of that weight (Wanda), for weight masks."""
+    """Qualified tensor name -> one importance per element of that weight (Wanda), for weight masks.
+    A value may be a function of no arguments that computes it when asked (`score`), so that the
+    weight-sized tensors are only made for the weights a mask reads."""
+
+    def score(self, name: str):
+        value = self.get(name)
+        return value() if callable(value) else value

@@ -14,6 +14,7 @@ that consume them (after the activation function), averaged over consumers:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Iterable
 
 import torch
@@ -208,21 +209,11 @@ class WandaScore(_ActivationStats):
     statistic = "rms"
 
     def _stats_for(self, gm, groups, ctx):
-
         ops = weight_ops(gm)
         stats = self._collect(gm, ops)
-        weight_scores = {}
-        for name, op in ops.items():
-            if name not in stats:
-                continue
-            w = _tensor(gm, name).abs().double()
-            if op.kind == "linear":
-                weight_scores[name] = w * stats[name].reshape(1, -1)
-            else:
-                cog, cig = w.shape[0] // op.groups, w.shape[1]
-                channel = (torch.arange(w.shape[0]) // cog).unsqueeze(1) * cig + torch.arange(cig).unsqueeze(0)
-                weight_scores[name] = w * stats[name][channel].reshape(*channel.shape, *([1] * (w.ndim - 2)))
-        ctx.put(WeightScores(weight_scores))
+        # per weight |W| * ||x||, made only for the weights a fine-grained mask then reads (a float64
+        # copy of every weight of an LLM would be four times its bfloat16 size)
+        ctx.put(WeightScores({name: partial(_wanda, gm, op, stats[name]) for name, op in ops.items() if name in stats}))
         return stats
 
     def combine(self, gm, g, rows):
@@ -255,3 +246,14 @@ class FLAPScore(_ActivationStats):
         s = torch.stack([r for _, _, r in rows]).sum(0)
         z = (s - s.mean()) / s.std() if g.size > 1 and s.std() > 0 else torch.zeros_like(s)
         return 1 + z  # mean 1: global ranking divides each group by its mean, which leaves these as they are
+
+
+def _wanda(gm: nn.Module, op: WeightOp, norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||x_j|| for every weight of one linear/conv op (a grouped conv's weight j of group g
+    reads input channel g * (in / groups) + j)."""
+    w = _tensor(gm, op.weight).abs().double()
+    if op.kind == "linear":
+        return w * norms.reshape(1, -1)
+    cog, cig = w.shape[0] // op.groups, w.shape[1]
+    channel = (torch.arange(w.shape[0]) // cog).unsqueeze(1) * cig + torch.arange(cig).unsqueeze(0)
+    return w * norms[channel].reshape(*channel.shape, *([1] * (w.ndim - 2)))
