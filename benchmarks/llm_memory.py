@@ -1,0 +1,126 @@
+"""Pruning a 1.1 B-parameter Llama-shaped model on this machine: wall time and peak memory.
+
+TinyLlama-1.1B's shape (22 layers, width 2048, 32 query / 4 key-value heads, FFN 5632, vocabulary
+32000), random init, built directly in bfloat16.  Wanda-sp scores heads and FFN neurons on
+calibration tokens, `ChannelMask` removes 20 % of each, `Shrink` removes them, all in one
+`compile(..., inplace=True)`.  Peak resident memory is read from the process's high-water mark,
+which is reset once the model is built, so the figure is what pruning added on top of it.
+
+    python benchmarks/llm_memory.py [--batches 8] [--seq-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import graphprune as gp  # noqa: E402
+from graphprune.passes import ChannelMask, Shrink, WandaScore  # noqa: E402
+
+CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    use_cache=False,
+)
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _peak_gib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current RSS
+        fh.write("5")
+
+
+def main() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "llm_memory.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.manual_seed(0)
+    start = time.time()
+    torch.set_default_dtype(torch.bfloat16)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    torch.set_default_dtype(torch.float32)
+    built = time.time() - start
+    params = gp.count_params(model)
+    model_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, 32000, (1, args.seq_len), generator=g) for _ in range(args.batches)]
+    example = (calibration[0][:, :32],)
+    base = _rss_gib()
+    _reset_peak()
+    start = time.time()
+    pruned = gp.compile(
+        model,
+        [WandaScore(calibration), ChannelMask({"head": 0.25, "ffn": 0.2}), Shrink()],
+        example_inputs=example,
+        inplace=True,
+    )
+    seconds = time.time() - start
+    peak = _peak_gib()
+    after = gp.count_params(pruned)
+    result = {
+        "params": params,
+        "model_gib": model_gib,
+        "build_seconds": built,
+        "calibration_tokens": args.batches * args.seq_len,
+        "rss_before_gib": base,
+        "peak_during_prune_gib": peak,
+        "peak_over_model": peak / model_gib,
+        "prune_seconds": seconds,
+        "params_after": after,
+        "same_class": type(pruned) is type(model),
+        "passes": [(r.name, round(r.seconds, 1)) for r in pruned.graphprune_report],
+    }
+    text = (
+        "# Pruning a 1.1 B Llama-shaped model (benchmarks/llm_memory.py)\n\n"
+        f"TinyLlama-1.1B shape, random init, bfloat16: {params / 1e9:.3f} B params, {model_gib:.2f} GiB of weights "
+        f"(built in {built:.0f} s). Wanda-sp on {args.batches} x {args.seq_len} calibration tokens, 1 of 4 kv groups "
+        "(25 % of heads) and 20 % of FFN neurons per layer, Shrink, `compile(inplace=True)`:\n\n"
+        "| | value |\n|---|---:|\n"
+        f"| resident memory before pruning | {base:.2f} GiB |\n"
+        f"| peak resident memory while pruning | {peak:.2f} GiB ({peak / model_gib:.2f} x the weights) |\n"
+        f"| wall time | {seconds:.0f} s |\n"
+        f"| params after | {after / 1e9:.3f} B ({after / params:.3f} of dense) |\n"
+        f"| result is a {type(pruned).__name__} | {type(pruned) is type(model)} |\n\n"
+        "Time per pass: " + ", ".join(f"{n} {s:.1f} s" for n, s in result["passes"]) + "\n"
+    )
+    print(text)
+    with open(args.json, "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(os.path.splitext(args.json)[0] + ".md", "w") as fh:
+        fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
