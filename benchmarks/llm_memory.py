@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -79,15 +80,49 @@ def main() -> None:
     example = (calibration[0][:, :32],)
     base = _rss_gib()
     _reset_peak()
+    samples: list[tuple[float, float]] = []  # (time, resident GiB), to tell which step the peak is in
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            samples.append((time.time(), _rss_gib()))
+            time.sleep(0.05)
+
+    marks = [("tracing and analysis", time.time())]
+
+    def mark(name):
+        def record(gm, ctx):
+            marks.append((name, time.time()))
+
+        record.__name__ = f"mark_{name}"
+        return record
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.time()
     pruned = gp.compile(
         model,
-        [WandaScore(calibration), ChannelMask({"head": 0.25, "ffn": 0.2}), Shrink()],
+        [
+            mark("WandaScore"),
+            WandaScore(calibration),
+            mark("ChannelMask"),
+            ChannelMask({"head": 0.25, "ffn": 0.2}),
+            mark("Shrink"),
+            Shrink(),
+            mark("verification and write-back"),
+        ],
         example_inputs=example,
         inplace=True,
     )
     seconds = time.time() - start
+    marks.append(("end", time.time()))
+    sampling.set()
+    sampler.join()
     peak = _peak_gib()
+    phases = {
+        name: max((r for t, r in samples if t0 <= t < t1), default=float("nan"))
+        for (name, t0), (_, t1) in zip(marks, marks[1:])
+    }
     after = gp.count_params(pruned)
     result = {
         "params": params,
@@ -100,7 +135,8 @@ def main() -> None:
         "prune_seconds": seconds,
         "params_after": after,
         "same_class": type(pruned) is type(model),
-        "passes": [(r.name, round(r.seconds, 1)) for r in pruned.graphprune_report],
+        "passes": [(r.name, round(r.seconds, 1)) for r in pruned.graphprune_report if not r.name.startswith("mark_")],
+        "peak_by_step_gib": phases,
     }
     text = (
         "# Pruning a 1.1 B Llama-shaped model (benchmarks/llm_memory.py)\n\n"
@@ -113,7 +149,10 @@ def main() -> None:
         f"| wall time | {seconds:.0f} s |\n"
         f"| params after | {after / 1e9:.3f} B ({after / params:.3f} of dense) |\n"
         f"| result is a {type(pruned).__name__} | {type(pruned) is type(model)} |\n\n"
-        "Time per pass: " + ", ".join(f"{n} {s:.1f} s" for n, s in result["passes"]) + "\n"
+        "Time per pass: " + ", ".join(f"{n} {s:.1f} s" for n, s in result["passes"]) + "\n\n"
+        "Highest resident memory sampled in each step (GiB): "
+        + ", ".join(f"{n} {r:.2f}" for n, r in phases.items())
+        + "\n"
     )
     print(text)
     with open(args.json, "w") as fh:
