@@ -37,7 +37,7 @@ from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
 from graphprune.recipe import recipe
 from graphprune.regularize import BNScaleL1, GroupLasso
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
-from graphprune.saving import load, save
+from graphprune.saving import apply_plan, load, save
 from graphprune.schedule import Pruner, sparsity_at
 from graphprune.sensitivity import Sensitivity, sensitivity
 from graphprune.summary import Summary, summary
@@ -53,6 +53,7 @@ __all__ = [
     "trace",
     "save",
     "load",
+    "apply_plan",
     "prune_vocabulary",
     "as_hf_model",
     "analyze_dependencies",

@@ -28,9 +28,10 @@ from graphprune.compile import REPORT_ATTR, compile
 from graphprune.errors import ArgumentError, CheckpointError, GraphPruneError
 from graphprune.pipeline import replay, replayable_ops
 
-__all__ = ["save", "load", "plan_of", "PLAN_FILE", "WEIGHTS_FILE"]
+__all__ = ["save", "load", "apply_plan", "plan_of", "PLAN_FILE", "WEIGHTS_FILE"]
 
 PLAN_FILE, WEIGHTS_FILE = "plan.json", "model.safetensors"
+_VALUE_STEPS = {"weight_mask", "add_bias"}  # steps that only make room for values the weights carry
 FORMAT, VERSION = "graphprune-plan", 1
 
 
@@ -130,6 +131,44 @@ def _read_plan(directory: Path) -> dict:
     if unknown:
         raise CheckpointError(f"{path} has steps this graphprune cannot replay: {unknown}")
     return plan
+
+
+def apply_plan(
+    model: nn.Module,
+    source: nn.Module | dict | str | os.PathLike,
+    example_inputs: tuple | dict,
+    *,
+    inplace: bool = False,
+    leaf_modules: Iterable[type] = (),
+) -> nn.Module:
+    """Prune `model` as `source` was pruned, keeping `model`'s own weights: the plan of a model that
+    compile() returned, a plan dict (`plan_of`), or a folder `save` wrote (its weights are not read).
+
+    The decisions travel, not the numbers: the channels, heads and blocks `source` removed are
+    removed from `model` (another instance of the same architecture: a full-size model loaded
+    separately, another precision, another rank).  What a pass computed into the weights
+    (SparseGPT's updated weights, compensated biases, where unstructured masks fell) comes with
+    `load`, not here."""
+    if isinstance(source, nn.Module):
+        plan = plan_of(source)
+    elif isinstance(source, dict):
+        plan = source
+    elif isinstance(source, (str, os.PathLike)):
+        plan = _read_plan(Path(source))
+    else:
+        raise ArgumentError(
+            f"apply_plan: source must be a pruned model, a plan dict or a checkpoint folder, got {type(source).__name__}"
+        )
+    steps = [s for s in plan.get("steps", []) if s.get("op") not in _VALUE_STEPS]
+    try:
+        return compile(
+            model, [replay(s) for s in steps], example_inputs=example_inputs, inplace=inplace, leaf_modules=leaf_modules
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the plan does not fit {type(model).__name__} ({type(exc).__name__}: {exc}): give an instance of the "
+            "architecture that was pruned, and example inputs of the same shapes"
+        ) from exc
 
 
 def load(

@@ -146,3 +146,33 @@ def test_a_llama_without_two_layers_generates_saves_and_prunes_on(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, narrow(ids).logits)
     assert gp.count_params(narrow) < gp.count_params(pruned) < gp.count_params(model)
+
+
+def test_a_plan_made_on_one_instance_prunes_another_with_its_own_weights(tmp_path):
+    small, config = _llama()
+    ids = torch.randint(0, 100, (1, 8))
+    calibration = [torch.randint(0, 100, (2, 8)) for _ in range(2)]
+    decided = gp.compile(
+        small,
+        [DropBlocks(1, calibration=calibration), L2Score(), ChannelMask({"ffn": 0.5}), Shrink()],
+        example_inputs=(ids,),
+    )
+    gp.save(decided, tmp_path / "ckpt")
+    plan = gp.saving.plan_of(decided)
+    masked = next(s["units"] for s in plan["steps"] if s["op"] == "channel_mask")
+    layer = next(k for k in masked if k.endswith("mlp.gate_proj")).rpartition(".mlp")[0]  # a layer that stayed
+    kept = [u for u in range(64) if u not in masked[f"{layer}.mlp.gate_proj"]]
+    torch.manual_seed(1)
+    other = transformers.LlamaForCausalLM(config).eval()  # other weights, same architecture
+    before = copy.deepcopy(other.state_dict())
+    for source in (decided, tmp_path / "ckpt", plan):
+        pruned = gp.apply_plan(other, source, (ids,))
+        assert type(pruned) is type(other)
+        shapes = {k: v.shape for k, v in decided.state_dict().items()}
+        assert {k: v.shape for k, v in pruned.state_dict().items()} == shapes
+        torch.testing.assert_close(
+            pruned.get_submodule(layer).mlp.up_proj.weight, before[f"{layer}.mlp.up_proj.weight"][kept]
+        )
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # `other` itself as it was
+    with pytest.raises(gp.CheckpointError, match="does not fit"):
+        gp.apply_plan(Net(), decided, (torch.randn(2, 4),))
