@@ -16,9 +16,9 @@ Hessians of the inputs they saw, the block runs again with its pruned weights, a
 are the next block's inputs, so each layer makes up for the errors of the pruned layers before
 it, and only one block's activations are alive at a time.  `sequential=False` takes every
 layer's Hessian from the dense model in one run.  Conv layers, and linear layers inside leaf
-modules, are not touched and are named in the record.  The pass changes what
-the model computes (it is a pruning method, not an exact rewrite); Shrink and SparseLower after
-it are exact as for any mask.
+modules, are not touched and are named in the record.  The pass changes what the model
+computes (it is a pruning method, not an exact rewrite); Shrink and SparseLower after it are
+exact as for any mask.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ that the already pruned blocks before it give).
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Any, Callable, Iterator
 
 import torch
@@ -23,8 +22,6 @@ from torch.utils import _pytree as pytree
 from graphprune.errors import InputError
 from graphprune.ir.blocks import residual_blocks
 from graphprune.ir.inputs import clone_inputs, eval_mode
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["Blockwise"]
 
