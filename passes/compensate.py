@@ -59,6 +59,11 @@ class AddBias(PassBase):
         return PassResult(gm, bool(self.modules))
 
 
+def _bias_slot_free(gm: fx.GraphModule, op: WeightOp) -> bool:
+    """The op has a bias, or its weight's module has no `bias` attribute of another use to overwrite."""
+    return op.bias is not None or getattr(resolve(gm, op.weight)[0], "bias", None) is None
+
+
 def _add_bias(gm: fx.GraphModule, path: str, op: WeightOp | None, values: torch.Tensor) -> nn.Module:
     """Give the module at `path` a bias parameter holding `values`; where the graph calls a functional
     linear/conv on its weight (exported graphs) rather than the module, those calls read it too."""
@@ -97,7 +102,7 @@ class CompensateBias(PassBase):
                 if slot not in g.consumers:
                     continue
                 op = ops.get(slot.tensor)
-                if op is not None and slot.dim == 1 and op.groups == 1:
+                if op is not None and slot.dim == 1 and op.groups == 1 and _bias_slot_free(gm, op):
                     targets.setdefault(op.weight, (op, set()))[1].update(idx)
                 else:
                     skipped.append(slot.tensor)
