@@ -15,7 +15,7 @@ from graphprune.rules.base import OpCall, Rule, aten, map_tensors, overloads
 from graphprune.rules.pointwise import Elementwise, Unary
 from graphprune.rules.shape import dim_arg
 
-__all__ = ["Reduce", "Softmax", "RULES"]
+__all__ = ["Reduce", "Norm", "Softmax", "RULES"]
 
 
 def _dims(dim, ndim: int) -> list[int]:
@@ -63,6 +63,39 @@ class Reduce(Rule):
         return map_tensors(call.out, lambda t: res.expand(t.shape))
 
 
+class Norm(Rule):
+    """p-norms (p > 0, inf included) and `F.normalize`: a masked channel is zero and adds nothing
+    to a norm, so the channels a norm runs over drop out of its result and a normalised tensor keeps
+    its channels, exactly as after Shrink (SSD's L2Norm, normalised embeddings).  A norm with
+    p <= 0 counts zeros, and one over some labelled dims but not others is not followed: both
+    freeze the channels."""
+
+    def __init__(self, p_at: int, p_name: str, dim_at: int, keepdim_at: int | None) -> None:
+        self.p_at, self.p_name, self.dim_at, self.keepdim_at = p_at, p_name, dim_at, keepdim_at
+
+    def propagate(self, call: OpCall):
+        x = call.input(0)
+        p = dim_arg(call, self.p_at - 1, self.p_name, 2.0)  # dim_arg counts the arguments after x
+        p = 2.0 if p in ("fro", None) else p  # torch.norm's Frobenius norm is the 2-norm of the elements
+        dims = _dims(dim_arg(call, self.dim_at - 1, "dim", 1 if self.keepdim_at is None else None), x.ndim)
+        labelled = [d for d in range(x.ndim) if varies_along(x, d)]
+        over = [d for d in labelled if d in dims]
+        zero_blind = isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0
+        if over and (not zero_blind or len(over) != len(labelled)):
+            why = f"a norm with p={p} counts zeros" if not zero_blind else "a norm over some channel dims but not all"
+            call.space.freeze(x, call.site("reduction", why, source=call.node.args[0].name))
+            return call.out_none()
+        if self.keepdim_at is None:  # F.normalize: x / ||x||, with x's shape and channels
+            return Unary().propagate(call)
+        if over:  # every channel is reduced over: none left in the result
+            return call.out_none()
+        keepdim = bool(dim_arg(call, self.keepdim_at - 1, "keepdim", False))
+        res = x
+        for d in reversed(dims):
+            res = res.narrow(d, 0, 1) if keepdim else res.select(d, 0)
+        return map_tensors(call.out, lambda t: res.expand(t.shape))
+
+
 class Softmax(Rule):
     def __init__(self, pos: int = 0) -> None:
         self.pos = pos
@@ -77,6 +110,12 @@ class Softmax(Rule):
 
 
 RULES = [
+    ((F.normalize,), Norm(p_at=1, p_name="p", dim_at=2, keepdim_at=None)),
+    (
+        (torch.linalg.vector_norm, aten.linalg_vector_norm.default),
+        Norm(p_at=1, p_name="ord", dim_at=2, keepdim_at=3),
+    ),
+    ((torch.norm, "norm"), Norm(p_at=1, p_name="p", dim_at=2, keepdim_at=3)),
     ((torch.mean, "mean", torch.sum, "sum", masked_reduce, aten.mean.dim, aten.sum.dim_IntList), Reduce(maskable=True)),
     (
         (
