@@ -15,21 +15,23 @@ every calibration batch goes through the first residual block, its layers are pr
 Hessians of the inputs they saw, the block runs again with its pruned weights, and its outputs
 are the next block's inputs, so each layer makes up for the errors of the pruned layers before
 it, and only one block's activations are alive at a time.  `sequential=False` takes every
-layer's Hessian from the dense model in one run.  Conv layers, and linear layers inside leaf
-modules, are not touched and are named in the record.  The pass changes what the model
+layer's Hessian from the dense model in one run.  Conv layers, linear layers inside leaf
+modules and tied weights (an LM head that is the embedding) are not touched and are named in
+the record.  The pass changes what the model
 computes (it is a pruning method, not an exact rewrite); Shrink and SparseLower after it are
 exact as for any mask.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from graphprune.arguments import fraction
-from graphprune.errors import ArgumentError
+from graphprune.errors import ArgumentError, GraphPruneWarning
 from graphprune.ir.blockwise import Blockwise
 from graphprune.ir.inputs import calibration_batches
 from graphprune.ir.masking import raw_tensor, replace_tensor, weight_mask
@@ -128,6 +130,10 @@ class SparseGPTMask(_WeightMaskPass):
     def keep_masks(self, gm, ctx, tensors):
         batches = calibration_batches(self.calibration, self.name)
         where = {q: (owner, attr) for q, owner, attr in tensors}
+        names: dict[int, list[str]] = {}
+        for name, t in gm.named_parameters(remove_duplicate=False):
+            names.setdefault(id(t), []).append(name)
+        tied = {n for same in names.values() if len(same) > 1 for n in same}  # updating one would untie them
         ops = {
             k: op
             for k, op in weight_ops(gm).items()
@@ -135,6 +141,7 @@ class SparseGPTMask(_WeightMaskPass):
             and op.kind == "linear"
             and raw_tensor(*where[k]).ndim == 2
             and not (self.nm and raw_tensor(*where[k]).shape[1] % self.nm[1])
+            and not {k, k.replace(".weight", ".parametrizations.weight.original")} & tied
         }
         keeps: dict[str, torch.Tensor] = {}
         if self.sequential:
@@ -145,6 +152,13 @@ class SparseGPTMask(_WeightMaskPass):
         skipped = [q for q, _, _ in tensors if q not in keeps]
         if skipped:
             ctx.record(skipped=skipped)
+        if not keeps:
+            warnings.warn(
+                f"{self.name} pruned no layer: it prunes the weights of linear layers (nn.Linear, F.linear, "
+                f"aten.linear; not GPT-2's Conv1D) that are not tied or excluded; left as they were: {skipped[:5]}",
+                GraphPruneWarning,
+                stacklevel=2,
+            )
         return [keeps.get(q) for q, _, _ in tensors]
 
     def _block_by_block(self, gm, ops, batches, where, keeps) -> None:

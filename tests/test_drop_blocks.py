@@ -107,6 +107,18 @@ def test_named_blocks_a_share_and_what_cannot_be_dropped():
         gp.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), [DropBlocks(1, calibration=[x])], example_inputs=x)
 
 
+def test_items_of_a_sequential_with_names_are_blocks_too():
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    model = Net(1)
+    model.blocks = nn.Sequential(OrderedDict(first=Block(), second=Block()))  # torchvision's ViT names them so
+    x = (torch.randn(3, 4),)
+    pruned = gp.compile(model, [DropBlocks(blocks=["blocks.second"])], example_inputs=x)
+    assert isinstance(pruned.blocks.second, SkippedBlock) and isinstance(pruned.blocks.first, Block)
+    torch.testing.assert_close(pruned(*x), _identity_replaced(model, ["blocks.second"])(*x))
+
+
 def _llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(

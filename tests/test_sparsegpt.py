@@ -149,3 +149,26 @@ def test_block_by_block_each_block_sees_the_pruned_blocks_before_it():
     )
     torch.testing.assert_close(one_shot.blocks[0].fc1.weight, pruned.blocks[0].fc1.weight)  # the first block: same
     assert not torch.allclose(one_shot.blocks[1].fc1.weight, pruned.blocks[1].fc1.weight)  # later ones: not
+
+
+def test_tied_weights_stay_tied_and_a_model_with_nothing_to_prune_is_told():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+        tie_word_embeddings=True,
+    )
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    pruned = gp.compile(model, [SparseGPTMask(0.5, calibration=[torch.randint(0, 100, (2, 8))])], example_inputs=(ids,))
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight  # the LM head is the embedding: left dense
+    assert pruned.graphprune_report[0].details["skipped"] == ["lm_head.weight"]
+    assert float((pruned.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
+    with pytest.warns(gp.GraphPruneWarning, match="pruned no layer"):
+        gp.compile(model, [SparseGPTMask(0.5, calibration=[ids], exclude=["model"])], example_inputs=(ids,))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from graphprune.ir.verify import module_of
 
@@ -60,14 +61,22 @@ def _residual_input(output: fx.Node, inside: set[fx.Node]) -> fx.Node | None:
 
 
 def _items(gm: fx.GraphModule) -> dict[str, str]:
-    """Module path -> class name of every module the graph runs that is an item of a container
-    (its name a number: `layers.3`, `blocks.0`), from the nodes' module stacks."""
+    """Module path -> class name of every module the graph runs that is an item of a container,
+    from the nodes' module stacks: its parent is an `nn.ModuleList` / `nn.Sequential` (where the
+    graph holds the model's own modules), or its name is a number (`layers.3`, `blocks.0`)."""
     items = {}
     for node in gm.graph.nodes:
         for value in (node.meta.get("nn_module_stack") or {}).values():
             path, kind = value if isinstance(value, tuple) else (str(value), "")
-            if path.rpartition(".")[2].isdigit():
-                items.setdefault(path, getattr(kind, "__qualname__", str(kind).rpartition(".")[2]))
+            if path in items or not path:
+                continue
+            parent, _, name = path.rpartition(".")
+            try:
+                container = isinstance(gm.get_submodule(parent), (nn.ModuleList, nn.Sequential))
+            except AttributeError:
+                container = False
+            if container or name.isdigit():
+                items[path] = getattr(kind, "__qualname__", str(kind).rpartition(".")[2])
     return items
 
 
