@@ -3,7 +3,7 @@
 A residual block computes out = h + f(h) (or h + f(h) + g(h + f(h)), as a transformer layer
 does).  Removing it means out = h: the graph's uses of the block's output are pointed at its
 input and the block's nodes die.  Blocks are found in the graph, not by class name: a candidate
-is an item of a container (`nn.ModuleList`, `nn.Sequential`: a module named by a number) whose
+is an item of a container (`nn.ModuleList`, `nn.Sequential`; see `graphprune.ir.blocks`) whose
 nodes hand exactly one value to the rest of the graph, and that value is reached from the
 block's input through additions only (the residual path), with the input's shape and dtype.
 Anything else is named, with the reason, when it is asked for.

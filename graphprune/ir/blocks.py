@@ -1,8 +1,8 @@
-"""Residual blocks in a graph: the items of a container (`nn.ModuleList`, `nn.Sequential`: a module
-named by a number) whose nodes hand one value to the rest of the graph, reached from the block's
-input through additions only (the residual path).  DropBlocks removes them; block-wise
-calibration runs them one at a time.  Found from the nodes' module stacks, so fx and
-torch.export graphs alike, and by structure, never by class name.
+"""Residual blocks in a graph: the items of a container (an `nn.ModuleList` or `nn.Sequential`, or
+a module named by a number where the graph holds stand-ins) whose nodes hand one value to the
+rest of the graph, reached from the block's input through additions only (the residual path).
+DropBlocks removes them; block-by-block calibration runs them one at a time.  Found from the
+nodes' module stacks, so in fx and torch.export graphs alike, by structure, never by class name.
 """
 
 from __future__ import annotations
