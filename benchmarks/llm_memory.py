@@ -37,18 +37,11 @@ CONFIG = dict(
 )
 
 
-def _rss_gib() -> float:
+def _status_gib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: its peak)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def _peak_gib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
 
@@ -78,14 +71,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     calibration = [torch.randint(0, 32000, (1, args.seq_len), generator=g) for _ in range(args.batches)]
     example = (calibration[0][:, :32],)
-    base = _rss_gib()
+    base = _status_gib("VmRSS")
     _reset_peak()
     samples: list[tuple[float, float]] = []  # (time, resident GiB), to tell which step the peak is in
     sampling = threading.Event()
 
     def sample() -> None:
         while not sampling.is_set():
-            samples.append((time.time(), _rss_gib()))
+            samples.append((time.time(), _status_gib("VmRSS")))
             time.sleep(0.05)
 
     marks = [("tracing and analysis", time.time())]
@@ -118,7 +111,7 @@ def main() -> None:
     marks.append(("end", time.time()))
     sampling.set()
     sampler.join()
-    peak = _peak_gib()
+    peak = _status_gib("VmHWM")
     phases = {
         name: max((r for t, r in samples if t0 <= t < t1), default=float("nan"))
         for (name, t0), (_, t1) in zip(marks, marks[1:])

@@ -207,3 +207,39 @@ class Untraceable(nn.Module):
         if y.sum() > 0:
             return y
         return -y
+
+
+class ResidualMlpBlock(nn.Module):
+    """x + fc2(relu(fc1(x))): a pre-norm-free residual block, the unit of depth pruning."""
+
+    def __init__(self, width: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+def tiny_decoder(family: str = "llama", layers: int = 2, seed: int = 0, **overrides):
+    """A random-init Hugging Face causal LM of width 32 (4 query / 2 key-value heads, FFN 64, 100
+    tokens), without a cache unless asked."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    config = config_class(
+        **{
+            "vocab_size": 100,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "use_cache": False,
+            **overrides,
+        }
+    )
+    return model_class(config).eval()

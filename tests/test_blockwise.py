@@ -10,22 +10,13 @@ from graphprune.compile import graph_of
 from graphprune.ir.blockwise import Blockwise
 from graphprune.ir.inputs import calibration_batches
 from graphprune.ir.weight_ops import op_inputs, weight_ops
+from tests import models
 
 transformers = pytest.importorskip("transformers")
 
 
 def test_parts_are_the_blocks_and_taps_see_what_a_whole_forward_gives():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = models.tiny_decoder(layers=3)
     batches = [torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (1, 5))]
     gm = graph_of(model, (batches[0],))
     ops = weight_ops(gm)

@@ -54,18 +54,8 @@ def test_compensating_a_layer_without_bias_whose_outputs_are_pruned():
 
 
 def test_an_exported_decoder_gets_biases_its_functional_calls_read():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    model = models.tiny_decoder(layers=1)
     ids, calibration = torch.randint(0, 100, (1, 8)), [torch.randint(0, 100, (2, 8)) for _ in range(2)]
     seen = []
     hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))

@@ -13,17 +13,12 @@ from torch import nn
 import graphprune as gp
 from graphprune.ir.modules import SkippedBlock
 from graphprune.passes import ChannelMask, DropBlocks, L2Score, Shrink
+from tests import models
 
 transformers = pytest.importorskip("transformers")
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
-
-    def forward(self, x):
-        return x + self.fc2(F.relu(self.fc1(x)))
+Block = models.ResidualMlpBlock
 
 
 class Net(nn.Module):
@@ -78,7 +73,9 @@ def test_drops_the_least_influential_blocks_and_equals_the_identity_replaced_mod
     assert record["influence"] == pytest.approx(expected, abs=1e-6)
     assert "plain.0" not in record["influence"]  # not a residual block
     assert type(pruned) is Net and len(pruned.blocks) == 5
-    assert [type(b).__name__ for b in pruned.blocks] == ["Block", "SkippedBlock", "SkippedBlock", "Block", "Block"]
+    assert [type(b).__name__ for b in pruned.blocks] == ["ResidualMlpBlock", "SkippedBlock", "SkippedBlock"] + [
+        "ResidualMlpBlock"
+    ] * 2
     torch.testing.assert_close(pruned(x), _identity_replaced(model, record["dropped"])(x))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model as it was
     assert gp.count_params(pruned) == gp.count_params(model) - 2 * gp.count_params(model.blocks[0])
@@ -120,16 +117,8 @@ def test_items_of_a_sequential_with_names_are_blocks_too():
 
 
 def _llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval(), config
+    model = models.tiny_decoder(layers=4, use_cache=True)
+    return model, model.config
 
 
 def test_a_llama_without_two_layers_generates_saves_and_prunes_on(tmp_path):

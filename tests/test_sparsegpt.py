@@ -101,20 +101,11 @@ def test_bad_arguments_say_what_is_expected():
         gp.compile(models.Mlp(), [SparseGPTMask(0.5)], example_inputs=(torch.randn(2, 10),))
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
 class Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Linear(4, 8)
-        self.blocks = nn.ModuleList([Block(), Block()])
+        self.blocks = nn.ModuleList([models.ResidualMlpBlock(), models.ResidualMlpBlock()])
 
     def forward(self, x):
         x = self.stem(x)
@@ -152,19 +143,8 @@ def test_block_by_block_each_block_sees_the_pruned_blocks_before_it():
 
 
 def test_tied_weights_stay_tied_and_a_model_with_nothing_to_prune_is_told():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-        tie_word_embeddings=True,
-    )
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    model = models.tiny_decoder("qwen2", layers=1, tie_word_embeddings=True)
     ids = torch.randint(0, 100, (1, 8))
     pruned = gp.compile(model, [SparseGPTMask(0.5, calibration=[torch.randint(0, 100, (2, 8))])], example_inputs=(ids,))
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight  # the LM head is the embedding: left dense
