@@ -37,6 +37,10 @@ def perplexity(
     for name, value in (("seq_len", seq_len), ("stride", stride), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ArgumentError(f"perplexity: {name} must be a positive integer, got {value!r}")
+    if seq_len < 2:
+        raise ArgumentError(
+            f"perplexity: seq_len must be at least 2 (a token to predict from and one to predict), got {seq_len}"
+        )
     if stride > seq_len:
         raise ArgumentError(f"perplexity: stride ({stride}) above seq_len ({seq_len}) would skip tokens")
     if tokens.numel() < 2:

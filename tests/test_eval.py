@@ -57,5 +57,7 @@ def test_perplexity_leaves_the_mode_and_refuses_bad_arguments():
         gp.perplexity(model, torch.randn(20), seq_len=8)
     with pytest.raises(gp.ArgumentError, match="skip tokens"):
         gp.perplexity(model, torch.randint(0, 11, (20,)), seq_len=8, stride=9)
+    with pytest.raises(gp.ArgumentError, match="at least 2"):
+        gp.perplexity(model, torch.randint(0, 11, (20,)), seq_len=1)
     with pytest.raises(gp.ArgumentError, match="one stream"):
         gp.perplexity(model, torch.randint(0, 11, (2, 20)), seq_len=8)
