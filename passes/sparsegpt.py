@@ -130,10 +130,10 @@ class SparseGPTMask(_WeightMaskPass):
     def keep_masks(self, gm, ctx, tensors):
         batches = calibration_batches(self.calibration, self.name)
         where = {q: (owner, attr) for q, owner, attr in tensors}
-        names: dict[int, list[str]] = {}
-        for name, t in gm.named_parameters(remove_duplicate=False):
-            names.setdefault(id(t), []).append(name)
-        tied = {n for same in names.values() if len(same) > 1 for n in same}  # updating one would untie them
+        uses: dict[int, int] = {}
+        for _, t in gm.named_parameters(remove_duplicate=False):
+            uses[id(t)] = uses.get(id(t), 0) + 1
+        tied = {i for i, n in uses.items() if n > 1}  # updating a tensor read under two names would untie them
         ops = {
             k: op
             for k, op in weight_ops(gm).items()
@@ -141,7 +141,7 @@ class SparseGPTMask(_WeightMaskPass):
             and op.kind == "linear"
             and raw_tensor(*where[k]).ndim == 2
             and not (self.nm and raw_tensor(*where[k]).shape[1] % self.nm[1])
-            and not {k, k.replace(".weight", ".parametrizations.weight.original")} & tied
+            and id(raw_tensor(*where[k])) not in tied
         }
         keeps: dict[str, torch.Tensor] = {}
         if self.sequential:
