@@ -266,25 +266,17 @@ class L2Norm(nn.Module):
 
 
 class NormAsFeature(nn.Module):
-    """A norm over the channels is a feature of its own (no channels left in it)."""
+    """A norm over the channels is a feature of its own (no channels left in it); ord=0 counts the
+    non-zero channels."""
 
-    def __init__(self):
+    def __init__(self, ord: float = 2):
         super().__init__()
         self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.ord = ord
 
     def forward(self, x):
         h = self.a(x)
-        return self.b(h) * torch.linalg.vector_norm(h, ord=2, dim=-1, keepdim=True)
-
-
-class ZeroNorm(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
-
-    def forward(self, x):
-        h = self.a(x)
-        return self.b(h) * torch.linalg.vector_norm(h, ord=0, dim=-1, keepdim=True)  # counts non-zeros
+        return self.b(h) * torch.linalg.vector_norm(h, ord=self.ord, dim=-1, keepdim=True)
 
 
 @pytest.mark.parametrize(
@@ -306,6 +298,6 @@ def test_p_norms_over_pruned_channels_are_exact(factory, exported):
 
 
 def test_a_norm_that_counts_zeros_freezes_its_channels():
-    deps = gp.analyze(ZeroNorm(), (torch.randn(3, 8),))
+    deps = gp.analyze(NormAsFeature(ord=0), (torch.randn(3, 8),))
     assert any("counts zeros" in f.site.reason for f in deps.frozen)
     assert all(g.key != "a" for g in deps.groups)
