@@ -89,8 +89,11 @@ def test_named_blocks_a_share_and_what_cannot_be_dropped():
     torch.testing.assert_close(pruned(*x), _identity_replaced(model, ["blocks.0", "blocks.3"])(*x))
     half = gp.compile(model, [DropBlocks(0.5, calibration=[x])], example_inputs=x)
     assert sum(isinstance(b, SkippedBlock) for b in half.blocks) == 2
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(gp.ArgumentError, match=r"plain\.0.*residual branch"):
-        gp.compile(model, [DropBlocks(blocks=["plain.0"])], example_inputs=x)
+        gp.compile(model, [DropBlocks(blocks=["plain.0"])], example_inputs=x, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(isinstance(b, Block) for b in model.blocks)  # a failed in-place compile leaves the model alone
     with pytest.raises(gp.ArgumentError, match="keep at least one"):
         gp.compile(model, [DropBlocks(4, calibration=[x])], example_inputs=x)
     with pytest.raises(gp.ArgumentError, match="calibration"):
@@ -175,5 +178,12 @@ def test_a_plan_made_on_one_instance_prunes_another_with_its_own_weights(tmp_pat
             pruned.get_submodule(layer).mlp.up_proj.weight, before[f"{layer}.mlp.up_proj.weight"][kept]
         )
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # `other` itself as it was
+    net = Net()
+    net_before = copy.deepcopy(net.state_dict())
     with pytest.raises(gp.CheckpointError, match="does not fit"):
-        gp.apply_plan(Net(), decided, (torch.randn(2, 4),))
+        gp.apply_plan(net, decided, (torch.randn(2, 4),), inplace=True)
+    assert all(torch.equal(net_before[k], v) for k, v in net.state_dict().items())  # failed: left as it was
+    with pytest.raises(gp.ArgumentError, match="source must be"):
+        gp.apply_plan(other, 42, (ids,))
+    with pytest.raises(gp.CheckpointError, match="no plan.json"):
+        gp.apply_plan(other, tmp_path / "nowhere", (ids,))
