@@ -45,6 +45,7 @@ class Summary:
 
     passes: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = field(default=())
+    tokens: tuple[tuple[int, int, int], ...] = ()  # TokenPrune: (layer, tokens in, kept) on the example inputs
 
     def sparsity_report(self) -> str:
         """Per masked tensor and global, in the words of torch's pruning tutorial."""
@@ -85,6 +86,7 @@ class Summary:
             ],
             "passes": [list(p) for p in self.passes],
             "lowered": [list(r) for r in self.lowered],
+            "tokens": [list(t) for t in self.tokens],
             "notes": list(self.notes),
         }
 
@@ -131,6 +133,7 @@ class Summary:
             "masked": f"masked only: {self.masked_params:,} parameters are zero but still stored and computed; run Shrink() to remove them",
             "dense": "nothing pruned" + self._why_nothing(),
             "lowered": "sparse layers hold compressed weights and run sparse kernels",
+            "tokens": "tokens pruned: later layers compute on fewer tokens",
         }[self.state]
         lines = [f"graphprune summary of {self.model} ({state})", ""]
         rows = [("", "before", "after", "after/before")]
@@ -140,6 +143,11 @@ class Summary:
             ("size (MB)", f"{self.size_bytes[0] / 1e6:.2f}", f"{self.size_bytes[1] / 1e6:.2f}", ratio(*self.size_bytes))
         )
         lines += _table(rows)
+        if self.tokens:
+            lines += ["", "tokens per layer (on the example inputs):"]
+            lines += _table(
+                [("layer", "in", "kept")] + [(str(i), str(a), str(b)) for i, a, b in self.tokens], indent="  "
+            )
         if self.groups:
             total = sum(g[1] for g in self.groups)
             kept = sum(g[2] for g in self.groups)
@@ -221,6 +229,7 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             groups = tuple((k, v[0], v[1]) for k, v in r.details["groups"].items())
     shrunk = any((r.name == "Shrink" and r.modified) or r.details.get("dropped") for r in records)
     lowered = _lowered(records)
+    tokens = tuple((int(i), *t) for r in records for i, t in r.details.get("tokens", {}).items())
     sparsity = _mask_sparsity(after)
     state = (
         "masked"
@@ -229,6 +238,8 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
         if shrunk
         else "lowered"
         if any(f != "dense" for _, f, _ in lowered)
+        else "tokens"
+        if tokens
         else "dense"
     )
     try:
@@ -250,5 +261,6 @@ def summary(before: nn.Module, after: nn.Module, example_inputs: tuple | dict) -
             frozen_units=frozen_units,
             passes=tuple((r.name, r.seconds) for r in records),
             lowered=lowered,
+            tokens=tokens,
             notes=tuple(f"note ({r.name}): {r.details['note']}" for r in records if r.details.get("note")),
         )

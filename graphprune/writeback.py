@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from graphprune.ir import tokens
 from graphprune.ir.inputs import batch_of, with_batch
 from graphprune.ir.masking import channel_masked, masks_of
 from graphprune.ir.modules import MaskedLayerNorm, set_layer_norm_class
@@ -54,6 +55,11 @@ def _graph_only(gm: fx.GraphModule, work: nn.Module) -> str | None:
                 "returned as a graph"
             )
     for node in gm.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__module__", "") == tokens.__name__:
+            return (
+                f"tokens are selected between layers ({node.name}, TokenPrune) by nodes that only the graph holds; "
+                "the pruned model is returned as a graph"
+            )
         if node.op == "call_function" and node.target is masked_reduce:
             return (
                 f"a mean or sum over masked channels ({_line(node)}) reduces over the kept channels in the graph only; "

@@ -18,6 +18,7 @@ from graphprune.passes.shrink import Shrink
 from graphprune.passes.sparse_lower import SparseLower
 from graphprune.passes.sparse_mask import BlockMask, NMMask, UnstructuredMask
 from graphprune.passes.sparsegpt import SparseGPTMask
+from graphprune.passes.token_prune import TokenPrune
 
 __all__ = [
     "ScorePass",
@@ -43,5 +44,6 @@ __all__ = [
     "ReinsertZeros",
     "CompensateBias",
     "DropBlocks",
+    "TokenPrune",
     "SparseLower",
 ]

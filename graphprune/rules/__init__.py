@@ -11,12 +11,13 @@ function, tensor method or ATen op): each rule file ends with a `RULES` table of
 - `reduce`: reductions and softmax.
 - `attention`: attention heads (nn.MultiheadAttention, scaled_dot_product_attention).
 - `reinsert`: graphprune's own ZeroReinsert.
+- `tokens`: TokenPrune's token selection.
 
 A new rule goes into the file of the op family it belongs to, as a row of that file's table; a
 user's own rule is registered with `register_rule(target, rule)`.
 """
 
-from graphprune.rules import attention, channelwise, conv, pointwise, reduce, reinsert, shape
+from graphprune.rules import attention, channelwise, conv, pointwise, reduce, reinsert, shape, tokens
 from graphprune.rules.base import OpCall, ParamRef, Rule, find_rule, register_rule, register_table
 from graphprune.rules.channelwise import ChannelwiseRule
 
@@ -28,6 +29,7 @@ for _table in (
     reduce.RULES,
     attention.RULES,
     reinsert.RULES,
+    tokens.RULES,
 ):
     register_table(_table)
 

@@ -1,0 +1,484 @@
+"""TokenPrune: sequence (token) pruning inserted into the traced graph, layer by layer.
+
+Channel pruning makes every token cheaper; token pruning removes the tokens that stop mattering
+as they move through the layers (PoWER-BERT, Goyal et al. 2020; ToMe, Bolya et al. 2023).  The
+pass finds the layers in the graph by their attention ops (scaled-dot-product attention,
+`nn.MultiheadAttention`, a softmax feeding a matmul), not by class names; in a model without
+attention, by its recurrent modules (`nn.LSTM`, `nn.GRU`, `nn.RNN`).
+
+`schedule` follows the per-layer convention of sequence-pruning tools: one rate per layer, 0 =
+no pruning there (or `{layer: rate}`).  A rate is the share of the tokens entering the
+selection that it removes.  At an attention layer the selection sits where PoWER-BERT puts it,
+after the attention sublayer's residual add, so the layer's feed-forward already runs on the
+kept tokens; before a recurrent module, it selects the time steps the module reads.
+
+Scores: "attention" (the attention a token receives from the real queries at that layer,
+averaged over heads), "norm" (the hidden state's L2 norm) or a function of the hidden states
+(batch, tokens, features) -> (batch, tokens).  Padded positions (read from the layer's
+attention mask) are dropped before any real token; the `keep` positions ("cls" = the first
+token, "last", or indices from either end) are always kept; kept tokens stay in their order,
+so a classifier reading the first token reads the same token.
+
+mode="merge" is ToMe's bipartite soft matching: the removed tokens are averaged into their most
+similar kept ones (similarity of the attention keys, else of the hidden states), sizes are
+tracked, and every later scaled-dot-product attention adds log(size) to its logits
+(proportional attention).
+
+Every value that later layers read with a token dim (the attention mask, position tables, the
+sequence length itself, sizes baked into reshapes) is gathered or rewritten with the tokens,
+found by running the graph at two batch sizes.  The result computes on fewer tokens: what the
+model returns per token is the kept tokens, in their original order.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphprune.arguments import choice
+from graphprune.errors import ArgumentError, PassError, PreconditionError
+from graphprune.ir.inputs import batch_of, eval_mode, positional_inputs, with_batch
+from graphprune.ir.tokens import (
+    RATE_SCALE,
+    add_log_size,
+    attention_received,
+    custom_score,
+    dtype_of,
+    eager_received,
+    gather_tokens,
+    keep_count,
+    key_metric,
+    merge_tokens,
+    mha_size_mask,
+    proportional_mask,
+    select_tokens,
+    token_count,
+    token_norm,
+)
+from graphprune.pipeline import PassBase, PassContext, PassResult
+
+__all__ = ["TokenPrune"]
+
+aten = torch.ops.aten
+SCORES = ("attention", "norm")
+MODES = ("drop", "merge")
+_SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
+_SOFTMAX = (torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default)
+_MATMUL = (torch.matmul, operator.matmul, aten.matmul.default, torch.bmm, aten.bmm.default)
+_ADD = (operator.add, torch.add, aten.add.Tensor)
+_SHAPE_OPS = (
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.expand.default,
+    torch.reshape,
+)
+_SHAPE_METHODS = ("view", "reshape", "expand")
+
+
+@dataclass
+class _Layer:
+    kind: str  # "attention" or "recurrent"
+    op: fx.Node  # the attention op or the recurrent module's call
+    stream: fx.Node  # the hidden states the selection acts on
+    after: fx.Node  # the selection goes right after this node
+    q: fx.Node | None = None
+    k: fx.Node | None = None
+    scale: Any = None
+    probs: fx.Node | None = None  # an eager attention's probabilities
+
+
+class TokenPrune(PassBase):
+    """Drop (or merge) tokens after the scheduled layers; see the module docstring."""
+
+    plan_op = "token_prune"
+
+    def __init__(
+        self,
+        schedule: list[float] | tuple[float, ...] | dict[int, float],
+        *,
+        score: str | Callable = "attention",
+        keep: tuple | list = ("cls",),
+        mode: str = "drop",
+    ) -> None:
+        if isinstance(schedule, dict):
+            rates = dict(schedule)
+        elif isinstance(schedule, (list, tuple)):
+            rates = dict(enumerate(schedule))
+        else:
+            raise ArgumentError(
+                f"TokenPrune schedule must be a list of per-layer rates or {{layer: rate}}, got {schedule!r}"
+            )
+        self.mode = choice(mode, "TokenPrune mode", MODES)
+        top = 0.5 if self.mode == "merge" else 1.0
+        for layer, rate in rates.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ArgumentError(f"TokenPrune schedule keys are layer indices >= 0, got {layer!r}")
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < top:
+                raise ArgumentError(
+                    f"TokenPrune rate of layer {layer} must be in [0, {top:g}) "
+                    f"({'merging halves the tokens at most' if top < 1 else 'a share of the tokens removed'}), got {rate!r}"
+                )
+        self.schedule = schedule
+        self.rates = {layer: float(r) for layer, r in sorted(rates.items()) if r > 0}
+        if callable(score):
+            if self.mode == "merge":
+                raise ArgumentError(
+                    "TokenPrune mode='merge' chooses tokens by key similarity; a score function is for mode='drop'"
+                )
+            self.score = score
+        else:
+            self.score = choice(score, "TokenPrune score", SCORES)
+        self.keep = _keep_positions(keep)
+
+    @classmethod
+    def from_plan(cls, step: dict) -> TokenPrune:
+        return cls(
+            {int(k): v for k, v in step["schedule"].items()}, score=step["score"], keep=step["keep"], mode=step["mode"]
+        )
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        layers = _layers(gm)
+        if not layers:
+            raise PreconditionError(
+                "TokenPrune found no layer to prune tokens at: no attention op (scaled_dot_product_attention, "
+                "nn.MultiheadAttention, softmax then matmul) and no nn.LSTM/GRU/RNN in the graph"
+            )
+        beyond = [i for i in self.rates if i >= len(layers)]
+        if beyond or (isinstance(self.schedule, (list, tuple)) and len(self.schedule) != len(layers)):
+            raise ArgumentError(
+                f"TokenPrune schedule names {len(self.schedule)} layer(s) ({sorted(beyond) or 'count'} beyond the "
+                f"model's); the model has {len(layers)} {layers[0].kind} layer(s): give one rate per layer "
+                "(0 = no pruning there) or {layer: rate}"
+            )
+        if not self.rates:
+            ctx.record(note="every rate is 0: no token selection inserted")
+            return PassResult(gm, False)
+        if self.score == "attention" and any(layers[i].kind != "attention" for i in self.rates):
+            raise ArgumentError(
+                'TokenPrune score="attention" needs attention layers; use score="norm" for recurrent ones'
+            )
+        shapes = _probe(gm, ctx.example_inputs)
+        state = _State(shapes)
+        kept_per_layer = {}
+        for i, rate in self.rates.items():
+            kept_per_layer[i] = self._insert(gm, layers, i, round(rate * RATE_SCALE), state)
+        gm.graph.lint()
+        gm.recompile()
+        try:
+            _probe(gm, ctx.example_inputs)
+        except Exception as exc:
+            raise PassError(
+                f"TokenPrune: the graph with tokens selected does not run ({type(exc).__name__}: {exc})"
+            ) from exc
+        tokens = " -> ".join(f"layer {i}: {t[0]}->{t[1]}" for i, t in kept_per_layer.items())
+        details = {
+            "tokens": {i: list(t) for i, t in kept_per_layer.items()},
+            "note": f"tokens kept on the example inputs ({self.mode}, score {self._score_name()}): {tokens}",
+        }
+        if not callable(self.score):
+            details["plan"] = {
+                "op": self.plan_op,
+                "schedule": {str(i): r for i, r in self.rates.items()},
+                "score": self.score,
+                "keep": list(self.keep),
+                "mode": self.mode,
+            }
+        ctx.record(**details)
+        return PassResult(gm, True)
+
+    def _score_name(self) -> str:
+        return getattr(self.score, "__name__", "custom") if callable(self.score) else self.score
+
+    def _insert(self, gm: fx.GraphModule, layers: list[_Layer], i: int, rate: int, state: _State) -> tuple[int, int]:
+        layer = layers[i]
+        g = gm.graph
+        stream_shape = state.shape(layer.stream)
+        if stream_shape is None or len(stream_shape[0]) != 3 or stream_shape[0][0] == stream_shape[1][0]:
+            raise PreconditionError(
+                f"TokenPrune: the hidden states at layer {i} ({layer.stream.name}) are not (batch, tokens, features) "
+                f"with the batch first (shapes {stream_shape}); sequence-first layouts are not supported"
+            )
+        tokens, features = stream_shape[0][1], stream_shape[0][2]
+        if tokens == features:
+            raise PreconditionError(
+                f"TokenPrune: at layer {i} the sequence length equals the hidden width ({tokens}), so token dims "
+                "cannot be told apart from feature dims; give example inputs of another length"
+            )
+        state.tokens = state.tokens or tokens
+        if tokens != state.tokens:
+            raise PreconditionError(f"TokenPrune: layer {i} sees {tokens} tokens, an earlier one {state.tokens}")
+        new: list[fx.Node] = []
+        order = {n: j for j, n in enumerate(g.nodes)}
+        with g.inserting_before(layer.after.next):
+            mask = _mask_of(layer)
+            if callable(self.score):
+                score = _call(g, new, custom_score, self.score, layer.stream, mask)
+            elif self.score == "norm" or self.mode == "merge":  # (merging reads only the padding off it)
+                score = _call(g, new, token_norm, layer.stream, mask)
+            elif layer.probs is not None:
+                score = _call(g, new, eager_received, layer.probs)
+            elif layer.op.op == "call_module":  # nn.MultiheadAttention: ask it for its weights
+                layer.op.kwargs = {**layer.op.kwargs, "need_weights": True, "average_attn_weights": True}
+                score = _call(g, new, eager_received, _call(g, new, operator.getitem, layer.op, 1))
+            else:
+                score = _call(g, new, attention_received, layer.q, layer.k, mask, layer.scale)
+            if self.mode == "drop":
+                idx = _call(g, new, select_tokens, score, rate, self.keep)
+                stream = _call(g, new, gather_tokens, layer.stream, idx, (1,))
+                size = None
+            else:
+                metric = _call(g, new, key_metric, layer.k) if layer.k is not None else layer.stream
+                merged = _call(g, new, merge_tokens, layer.stream, metric, state.size, score, rate, self.keep)
+                stream, idx, size = (_call(g, new, operator.getitem, merged, j) for j in range(3))
+            length = _call(g, new, token_count, stream)
+        replaced = {layer.stream: stream}
+        if state.size is not None and size is not None:  # merged again (in drop mode: gathered below)
+            replaced[state.size] = size
+        if size is not None and state.size is None:
+            self._proportional(gm, layers, i, size)
+            state.shapes[size] = tuple((s[0], s[1]) for s in stream_shape)
+        after_cut = {n for n in g.nodes if order.get(n, math.inf) > order[layer.after]} - set(new)
+        for node in [n for n in g.nodes if order.get(n, math.inf) <= order[layer.after]]:
+            users = [u for u in node.users if u in after_cut]
+            if not users:
+                continue
+            target = replaced.get(node)
+            if target is None:
+                target = self._follow(g, node, idx, length, state, new, after=new[-1], layer=i)
+            if target is not None:
+                for u in users:
+                    u.replace_input_with(node, target)
+        if state.lengths_rewritten is False:
+            _rewrite_literals(after_cut, tokens, length)
+            state.lengths_rewritten = True
+        if size is not None:
+            state.size = size
+        before = state.current or tokens
+        state.current = (
+            keep_count(before, rate, len(self.keep))
+            if self.mode == "drop"
+            else before - min(before - keep_count(before, rate, 0), before // 2)
+        )
+        return before, state.current
+
+    def _follow(self, g, node, idx, length, state, new, after, layer) -> fx.Node | None:
+        """What replaces a value read after the cut: gathered along its token dims, the new length
+        for the old one; None for a value without a token dim."""
+        shape = state.shape(node)
+        if shape is None:
+            return None
+        a, b = shape
+        if isinstance(a, int):
+            if a == b == state.tokens:
+                return length
+            return None
+        dims = tuple(d for d in range(1, len(a)) if a[d] == b[d] == state.tokens)
+        if not dims:
+            return None
+        if a[0] == b[0] and a[0] != 1:
+            raise PreconditionError(
+                f"TokenPrune: {node.name}, read after layer {layer}, has a token dim but no batch dim first "
+                f"(shape {tuple(a)}); only batch-first values can follow the kept tokens"
+            )
+        with g.inserting_after(after):
+            gathered = _call(g, new, gather_tokens, node, idx, dims)
+        state.shapes[gathered] = shape
+        return gathered
+
+    def _proportional(self, gm: fx.GraphModule, layers: list[_Layer], i: int, size: fx.Node) -> None:
+        """ToMe's proportional attention at every attention after layer i: log(size) joins the logits."""
+        g = gm.graph
+        for later in layers[i + 1 :]:
+            op = later.op
+            with g.inserting_before(op):
+                if later.probs is not None:  # eager: softmax(logits + log size)
+                    op.update_arg(0, g.call_function(add_log_size, (op.args[0], size)))
+                elif op.op == "call_module":  # nn.MultiheadAttention: a per-sequence float attn_mask
+                    heads = gm.get_submodule(op.target).num_heads
+                    mask = g.call_function(mha_size_mask, (op.kwargs.get("attn_mask"), size, heads, op.args[0]))
+                    op.update_kwarg("attn_mask", mask)
+                else:
+                    dtype = g.call_function(dtype_of, (later.q,))
+                    mask = g.call_function(proportional_mask, (_mask_of(later), size, dtype))
+                    if len(op.args) > 3:
+                        op.update_arg(3, mask)
+                    else:
+                        op.update_kwarg("attn_mask", mask)
+
+
+@dataclass
+class _State:
+    shapes: dict
+    tokens: int = 0  # the sequence length in the unpruned graph
+    current: int = 0  # kept so far (for the record)
+    size: fx.Node | None = None  # merged tokens' sizes
+    lengths_rewritten: bool = False
+
+    def shape(self, node):
+        return self.shapes.get(node)
+
+
+def _call(g: fx.Graph, new: list, fn, *args) -> fx.Node:
+    node = g.call_function(fn, tuple(args))
+    new.append(node)
+    return node
+
+
+def _keep_positions(keep) -> tuple[int, ...]:
+    names = {"cls": 0, "first": 0, "last": -1}
+    if isinstance(keep, (str, int)):
+        keep = (keep,)
+    out = []
+    for k in keep:
+        if isinstance(k, str) and k in names:
+            out.append(names[k])
+        elif isinstance(k, int) and not isinstance(k, bool):
+            out.append(k)
+        else:
+            raise ArgumentError(f"TokenPrune keep holds 'cls', 'first', 'last' or token indices, got {k!r}")
+    out = sorted(set(out), key=lambda p: (p < 0, p))
+    front = [p for p in out if p >= 0]
+    back = [p for p in out if p < 0]
+    if front != list(range(len(front))) or sorted(back) != list(range(-len(back), 0)):
+        raise ArgumentError(
+            f"TokenPrune keep {tuple(keep)}: kept positions must be leading (0, 1, ...) or trailing (-1, -2, ...) "
+            "tokens, which stay where they are as other tokens go"
+        )
+    return tuple(out)
+
+
+# -- finding the layers --------------------------------------------------------------
+
+
+def _layers(gm: fx.GraphModule) -> list[_Layer]:
+    nodes = list(gm.graph.nodes)
+    found = []
+    for n in nodes:
+        if n.op == "call_function" and n.target in _SDPA:
+            scale = n.kwargs.get("scale", n.args[6] if len(n.args) > 6 else None)
+            found.append(_Layer("attention", n, None, None, q=n.args[0], k=n.args[1], scale=scale))
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention):
+            found.append(_Layer("attention", n, None, None))
+        elif _is_eager_softmax(n):
+            found.append(_Layer("attention", n, None, None, probs=n))
+    if found:
+        for layer in found:
+            layer.after = _residual_add(nodes, layer.op)
+            if layer.after is None:
+                raise PreconditionError(
+                    f"TokenPrune: no residual add after the attention op {layer.op.name}; the token selection goes "
+                    "after the attention sublayer's residual add"
+                )
+            layer.stream = layer.after
+        return found
+    for n in nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.RNNBase):
+            x = n.args[0]
+            if not gm.get_submodule(n.target).batch_first:
+                raise PreconditionError(
+                    f"TokenPrune: {n.target} is not batch_first; sequence pruning before a recurrent module reads "
+                    "(batch, time, features)"
+                )
+            found.append(_Layer("recurrent", n, x, n.prev))
+    return found
+
+
+def _mask_of(layer: _Layer) -> fx.Node | None:
+    """The attention op's mask as the graph has it now (an earlier selection may have gathered it)."""
+    op = layer.op
+    if layer.kind != "attention" or layer.probs is not None:
+        return None
+    if op.op == "call_module":
+        mask = op.kwargs.get("key_padding_mask")
+    else:
+        mask = op.args[3] if len(op.args) > 3 else op.kwargs.get("attn_mask")
+    return mask if isinstance(mask, fx.Node) else None
+
+
+def _is_eager_softmax(n: fx.Node) -> bool:
+    is_softmax = (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax")
+    if not is_softmax:
+        return False
+    users = list(n.users)
+    while len(users) == 1 and _is_dropout(users[0]):
+        users = list(users[0].users)
+    return any(
+        u.op in ("call_function", "call_method") and (u.target in _MATMUL or u.target == "matmul") for u in users
+    )
+
+
+def _is_dropout(n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return "drop" in str(n.target).lower()
+    return n.op == "call_function" and n.target in (F.dropout, aten.dropout.default, torch.dropout)
+
+
+def _residual_add(nodes: list[fx.Node], op: fx.Node) -> fx.Node | None:
+    """The first addition after `op` of a value computed from it and one computed before it."""
+    reached = {op}
+    start = nodes.index(op)
+    for n in nodes[start + 1 :]:
+        inputs = n.all_input_nodes
+        if not any(a in reached for a in inputs):
+            continue
+        reached.add(n)
+        is_add = (n.op == "call_function" and n.target in _ADD) or (n.op == "call_method" and n.target == "add")
+        if is_add and len(inputs) == 2 and sum(a in reached for a in inputs) == 1:
+            return n
+    return None
+
+
+def _rewrite_literals(nodes: set[fx.Node], tokens: int, length: fx.Node) -> None:
+    """Shape arguments that hold the old sequence length as a number (static exports) read the new one."""
+    for n in nodes:
+        shape_op = (n.op == "call_function" and n.target in _SHAPE_OPS) or (
+            n.op == "call_method" and n.target in _SHAPE_METHODS
+        )
+        if not shape_op:
+            continue
+        args = list(n.args)
+        for j, a in enumerate(args):
+            if isinstance(a, (list, tuple)) and any(type(v) is int and v == tokens for v in a):
+                args[j] = type(a)(length if (type(v) is int and v == tokens) else v for v in a)
+            elif j > 0 and type(a) is int and a == tokens and n.op == "call_method":
+                args[j] = length
+        n.args = tuple(args)
+
+
+# -- shapes at two batch sizes ---------------------------------------------------------
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.seen: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.seen[n] = tuple(out.shape)
+        elif isinstance(out, (int, torch.SymInt)) and not isinstance(out, bool):
+            self.seen[n] = int(out)
+        return out
+
+
+def _probe(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, tuple]:
+    """Every node's shape (or int value) on the example inputs and on one more sequence per batch."""
+    batch = batch_of(example_inputs)
+    if batch is None:
+        raise PreconditionError("TokenPrune needs batched example inputs (batch, tokens, ...)")
+    runs = []
+    for inputs in (example_inputs, with_batch(example_inputs, batch + 1)):
+        rec = _Recorder(gm)
+        with eval_mode(gm), torch.no_grad():
+            rec.run(*positional_inputs(gm, inputs))
+        runs.append(rec.seen)
+    return {n: (runs[0][n], runs[1][n]) for n in runs[0] if n in runs[1]}
