@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -94,12 +94,25 @@ def _names(model: nn.Module, inputs: tuple | dict) -> list[str]:
     return [params[i] if i < len(params) else f"input_{i}" for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
 
 
-def _export_dynamo(model, inputs, tmp, input_names, output_names, opset, dynamic_batch) -> None:
+def _dynamic_dims(inputs, dynamic_batch: bool, dynamic_sequence: bool, name: Callable) -> Callable:
+    """For an input value: {dim: name(dim)} of its dynamic dims (batch: 0, sequence: 1), or None."""
+    size = batch_of(inputs)
+
+    def spec(v):
+        if not batched(v, size):
+            return None
+        dims = ([0] if dynamic_batch else []) + ([1] if dynamic_sequence and v.ndim >= 2 else [])
+        return {d: name(d) for d in dims} or None
+
+    return spec
+
+
+def _export_dynamo(model, inputs, tmp, input_names, output_names, opset, dynamic_batch, dynamic_sequence) -> None:
     args, kwargs = (inputs, None) if isinstance(inputs, tuple) else ((), inputs)
     dynamic_shapes = None
-    if dynamic_batch:
-        batch, size = torch.export.Dim("batch"), batch_of(inputs)
-        spec = lambda v: {0: batch} if batched(v, size) else None  # noqa: E731
+    if dynamic_batch or dynamic_sequence:
+        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim.AUTO}  # (a length has model limits)
+        spec = _dynamic_dims(inputs, dynamic_batch, dynamic_sequence, dims.__getitem__)
         dynamic_shapes = (
             {k: spec(v) for k, v in inputs.items()} if isinstance(inputs, dict) else tuple(spec(v) for v in inputs)
         )
@@ -120,14 +133,14 @@ def _export_dynamo(model, inputs, tmp, input_names, output_names, opset, dynamic
         )
 
 
-def _export_torchscript(model, inputs, tmp, input_names, output_names, opset, dynamic_batch) -> None:
+def _export_torchscript(model, inputs, tmp, input_names, output_names, opset, dynamic_batch, dynamic_sequence) -> None:
     if isinstance(inputs, dict):
         args = (inputs,)  # the TorchScript exporter takes keyword inputs as a trailing dict
     else:
         args = inputs
-    size = batch_of(inputs)
-    dynamic_inputs = [n for n, t in zip(input_names, _flat_tensors(inputs)) if batched(t, size)]
-    axes = {n: {0: "batch"} for n in dynamic_inputs + output_names} if dynamic_batch else None
+    spec = _dynamic_dims(inputs, dynamic_batch, dynamic_sequence, {0: "batch", 1: "sequence"}.__getitem__)
+    axes = {n: s for n, t in zip(input_names, _flat_tensors(inputs)) if (s := spec(t))}
+    axes.update({n: {0: "batch"} for n in output_names} if dynamic_batch else {})
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -140,6 +153,18 @@ def _export_torchscript(model, inputs, tmp, input_names, output_names, opset, dy
             dynamic_axes=axes,
             dynamo=False,
         )
+
+
+def _shorter(inputs: tuple | dict) -> tuple | dict:
+    """The inputs with their sequences (dim 1 of batched inputs) cut by a quarter."""
+    size = batch_of(inputs)
+
+    def cut(t):
+        if not batched(t, size) or t.ndim < 2 or t.shape[1] < 4:
+            return t
+        return t[:, : t.shape[1] - t.shape[1] // 4]
+
+    return pytree.tree_map(cut, inputs)
 
 
 def _sparsify(onnx, proto, min_sparsity: float, min_size: int = 256) -> int:
@@ -217,6 +242,7 @@ def export(
     *,
     example_inputs: tuple | dict,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
     opset: int | None = None,
     verify: bool = True,
     rtol: float = 1e-3,
@@ -231,7 +257,9 @@ def export(
     stores weights that are at least half zeros as ONNX sparse initializers
     (smaller files; ORT densifies them when loading).  Verification runs the
     example inputs, and with dynamic_batch a different batch size too; outputs
-    must agree within atol + rtol * max|output|.
+    must agree within atol + rtol * max|output|.  `dynamic_sequence=True` also
+    leaves dim 1 of every batched input free (text models, token-pruned models)
+    and checks a shorter sequence.
     """
     onnx, _ = _import_onnx()
     example_inputs = check_example_inputs(example_inputs)
@@ -286,7 +314,7 @@ def export(
             for name in order:
                 try:
                     fn = _export_dynamo if name == "dynamo" else _export_torchscript
-                    fn(model, trace_inputs, tmp, input_names, output_names, opset, dynamic_batch)
+                    fn(model, trace_inputs, tmp, input_names, output_names, opset, dynamic_batch, dynamic_sequence)
                     proto = onnx.load(tmp)
                     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
                     if written != opset:  # the dynamo exporter writes the opsets it supports, whatever was asked
@@ -321,6 +349,8 @@ def export(
                 checks = [example_inputs]
                 if dynamic_batch and batch_of(example_inputs):
                     checks.append(with_batch(example_inputs, batch_of(example_inputs) + 3))
+                if dynamic_sequence:
+                    checks.append(_shorter(example_inputs))
                 max_abs = max_rel = 0.0
                 for inputs in checks:
                     expected = _run_torch(model, inputs)

@@ -47,9 +47,9 @@ from graphprune.errors import ArgumentError, PassError, PreconditionError
 from graphprune.ir.inputs import batch_of, eval_mode, positional_inputs, with_batch
 from graphprune.ir.tokens import (
     RATE_SCALE,
+    TokenScore,
     add_log_size,
     attention_received,
-    custom_score,
     dtype_of,
     eager_received,
     gather_tokens,
@@ -220,7 +220,10 @@ class TokenPrune(PassBase):
         with g.inserting_before(layer.after.next):
             mask = _mask_of(layer)
             if callable(self.score):
-                score = _call(g, new, custom_score, self.score, layer.stream, mask)
+                name = f"graphprune_token_score_{i}"
+                gm.add_submodule(name, TokenScore(self.score))
+                score = g.call_module(name, (layer.stream, mask))
+                new.append(score)
             elif self.score == "norm" or self.mode == "merge":  # (merging reads only the padding off it)
                 score = _call(g, new, token_norm, layer.stream, mask)
             elif layer.probs is not None:

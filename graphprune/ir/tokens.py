@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
     "key_validity",
@@ -32,6 +33,7 @@ __all__ = [
     "key_metric",
     "eager_received",
     "custom_score",
+    "TokenScore",
 ]
 
 RATE_SCALE = 1_000_000  # rates travel as integers per million: integer arithmetic on a symbolic length
@@ -93,7 +95,7 @@ def token_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tenso
 
 def keep_count(tokens: int, rate: int, protected: int) -> int:
     """Tokens kept out of `tokens` at `rate` (per million): at least the protected ones, at least one."""
-    return max(tokens - (tokens * rate) // RATE_SCALE, protected, 1)
+    return torch.sym_max(tokens - (tokens * rate) // RATE_SCALE, max(protected, 1))  # (symbolic in exports)
 
 
 def _protected(tokens: int, keep: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -148,7 +150,7 @@ def merge_tokens(
     batch, tokens = x.shape[0], x.shape[1]
     if size is None:
         size = torch.ones(batch, tokens, dtype=x.dtype, device=x.device)
-    r = min(tokens - keep_count(tokens, rate, 0), (tokens - len(keep)) // 2)
+    r = torch.sym_min((tokens * rate) // RATE_SCALE, (tokens - len(keep)) // 2)  # protected tokens never merge
     pos = torch.arange(tokens, device=x.device)
     if r <= 0:
         return x, pos.expand(batch, tokens), size
@@ -160,14 +162,14 @@ def merge_tokens(
     sim = sim.masked_fill(pad_a != pad_b, -math.inf).masked_fill(pad_a & pad_b, math.inf)
     sim = sim.masked_fill(protected[::2][None, :, None] | protected[1::2][None, None, :], -math.inf)
     best, partner = sim.max(dim=-1)  # per A token: its most similar B token
-    src = best.argsort(dim=-1, descending=True)[:, :r]  # the A tokens merged away ...
+    src = torch.topk(best, r, dim=-1).indices  # the A tokens merged away ...
     dst = partner.gather(1, src)  # ... into these B tokens
     dest = pos.expand(batch, tokens).scatter(1, 2 * src, 2 * dst + 1)  # where each token's mass goes
     feat = x.shape[-1]
     sums = torch.zeros_like(x).scatter_add(1, dest[..., None].expand(batch, tokens, feat), x * size[..., None])
     sizes = torch.zeros_like(size).scatter_add(1, dest, size)
     gone = dest != pos
-    idx = torch.sort(gone.long() * tokens + pos, dim=1).indices[:, : tokens - r]  # the rest, in order
+    idx = torch.topk(-(gone.long() * tokens + pos), tokens - r, dim=1).indices  # the rest, in order
     sizes = sizes.gather(1, idx)
     return gather_tokens(sums, idx, (1,)) / sizes[..., None], idx, sizes
 
@@ -225,3 +227,15 @@ def custom_score(fn: Callable, x: torch.Tensor, mask: torch.Tensor | None) -> to
         )
     norm = token_norm(x, mask)
     return score.float().masked_fill(norm == -math.inf, -math.inf)
+
+
+class TokenScore(nn.Module):
+    """A user's token score function held by the graph (a function cannot be an argument of a
+    graph node): forward(x, mask) = custom_score(fn, x, mask)."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return custom_score(self.fn, x, mask)

@@ -31,7 +31,7 @@ RULES = [
             tokens.token_norm,
             tokens.attention_received,
             tokens.eager_received,
-            tokens.custom_score,
+            tokens.TokenScore,
             tokens.select_tokens,
             tokens.key_metric,
             tokens.merge_tokens,

@@ -1,0 +1,258 @@
+"""TokenPrune: tokens dropped or merged after scheduled layers, checked against hand-written
+references that gather the same tokens; rate 0 changes nothing; padding never displaces a real
+token; ViTs from three libraries, an LSTM's time steps, ONNX export, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphprune as gp
+from graphprune.errors import ArgumentError, PreconditionError
+from graphprune.ir.tokens import keep_count, merge_tokens, select_tokens
+from graphprune.passes import TokenPrune
+from tests.helpers import run
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+PPM = 1_000_000
+
+
+def _bert(layers: int = 3):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64, vocab_size=100
+    )
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0  # the second sentence has 3 padded positions
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+def _by_position(x: torch.Tensor) -> torch.Tensor:
+    """A score preferring the last positions, where the padding is."""
+    return torch.arange(x.shape[1], dtype=torch.float32).expand(x.shape[0], -1)
+
+
+def _bert_reference(model, inputs, layer_k: int, rate: float, score: str | None):
+    """BERT by hand from its weights: after layer k's attention sublayer, the tokens the score
+    ranks best (padding last, the first token always) are gathered, with the mask."""
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    valid = am.bool()
+    h = model.embeddings(input_ids=ids)
+    heads = model.config.num_attention_heads
+    for i, layer in enumerate(model.encoder.layer):
+        sa, b, t = layer.attention.self, h.shape[0], h.shape[1]
+
+        def split(lin):
+            return lin(h).view(b, t, heads, -1).transpose(1, 2)
+
+        q, k, v = split(sa.query), split(sa.key), split(sa.value)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        probs = torch.softmax(logits.masked_fill(~valid[:, None, None, :], -math.inf), dim=-1)
+        ctx = (probs @ v).transpose(1, 2).reshape(b, t, -1)
+        a = layer.attention.output.dense(ctx) + h
+        if i == layer_k:
+            if score == "attention":
+                s = (probs * valid[:, None, :, None]).sum(2).mean(1)
+            else:
+                s = _by_position(a)
+            s = s.masked_fill(~valid, -math.inf)
+            s[:, 0] = math.inf
+            kept = t - int(t * rate)
+            idx = s.topk(kept, dim=1).indices.sort(dim=1).values
+            a = torch.gather(a, 1, idx[..., None].expand(-1, -1, a.shape[-1]))
+            valid = torch.gather(valid, 1, idx)
+        a = layer.attention.output.LayerNorm(a)
+        out = layer.output.dense(F.gelu(layer.intermediate.dense(a))) + a
+        h = layer.output.LayerNorm(out)
+    return h, model.pooler(h), idx
+
+
+@pytest.mark.parametrize("score", ["attention", "by_position"])
+def test_bert_equals_hand_reference_and_padding_goes_first(score):
+    model, inputs = _bert()
+    chosen = "attention" if score == "attention" else _by_position
+    pruned = gp.compile(model, [TokenPrune({1: 0.3}, score=chosen)], example_inputs=inputs)
+    with torch.no_grad():
+        hidden, pooled, idx = _bert_reference(model, inputs, 1, 0.3, score)
+        out = run(pruned, inputs)
+    assert out[0].shape == (2, 7, 32)
+    torch.testing.assert_close(out[0], hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], pooled, rtol=1e-5, atol=1e-5)
+    # the padded sentence keeps exactly its 7 real tokens, even under a score that prefers padding
+    assert idx[1].tolist() == list(range(7))
+    if score == "by_position":
+        assert idx[0].tolist() == [0, 4, 5, 6, 7, 8, 9]  # the first token kept over better-ranked ones
+
+
+@pytest.mark.parametrize("mode", ["drop", "merge"])
+def test_rate_zero_changes_nothing(mode):
+    model, inputs = _bert(2)
+    pruned = gp.compile(model, [TokenPrune([0, 0], mode=mode)], example_inputs=inputs)
+    assert type(pruned) is type(model)  # nothing inserted: the user's own model comes back
+    a, b = run(model, inputs), run(pruned, inputs)
+    assert torch.equal(a.last_hidden_state, b.last_hidden_state)
+
+
+def test_select_tokens_puts_padding_last_and_keeps_the_protected():
+    score = torch.tensor([[0.0, 5.0, 4.0, -math.inf, -math.inf, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    idx = select_tokens(score, rate=PPM // 2, keep=(0, -1))
+    assert idx[0].tolist() == [0, 1, 5]  # 3 kept: the protected first and last, then the best real one
+    assert idx[1].tolist() == [0, 4, 5]
+    assert keep_count(10, 3 * PPM // 10, 1) == 7 and keep_count(3, PPM - 1, 2) == 2
+
+
+def test_merge_is_identity_at_rate_zero_and_conserves_mass():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4)
+    score = torch.zeros(2, 9)
+    same, idx, size = merge_tokens(x, x, None, score, 0, (0,))
+    assert torch.equal(same, x) and torch.equal(size, torch.ones(2, 9))
+    score[1, 6:] = -math.inf  # padding
+    merged, idx, size = merge_tokens(x, x, None, score, PPM // 3, (0,))
+    assert merged.shape == (2, 7, 4) and size.sum(1).tolist() == [9.0, 9.0]  # 9 - floor(9 / 3) kept
+    torch.testing.assert_close((merged * size[..., None]).sum(1), x.sum(1))  # sizes weight the means
+    assert (idx[:, 0] == 0).all() and torch.equal(merged[:, 0], x[:, 0])  # the first token is never merged
+    assert (idx.diff(dim=1) > 0).all()  # order kept
+    # padding merged into padding only: the real tokens' total mass and count are those of real tokens
+    real = idx[1] < 6
+    assert size[1][real].sum() == 6
+    torch.testing.assert_close((merged[1][real] * size[1][real, None]).sum(0), x[1, :6].sum(0))
+
+
+def _vits():
+    torch.manual_seed(0)
+    tv = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=20, mlp_dim=32, num_classes=10
+    )
+    nn.init.normal_(tv.heads.head.weight)  # (torchvision starts its head at zero)
+    tm = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=20, depth=3, num_heads=2, num_classes=10
+    )
+    cfg = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=20,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=10,
+    )
+    hf = transformers.ViTForImageClassification(cfg)
+    return {"torchvision": tv.eval(), "timm": tm.eval(), "hf": hf.eval()}
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("mode", ["drop", "merge"])
+def test_vits_of_three_libraries(mode):
+    x = torch.randn(3, 3, 32, 32)
+    for name, model in _vits().items():
+        pruned = gp.compile(model, [TokenPrune([0.3, 0.0, 0.4], mode=mode)], example_inputs=(x,))
+        record = next(r for r in pruned.graphprune_report if r.name == "TokenPrune")
+        assert record.details["tokens"] == {0: [17, 12], 2: [12, 8]}, name
+        dense, got = _logits(run(model, (x,))), _logits(run(pruned, (x,)))
+        assert got.shape == dense.shape == (3, 10), name
+        assert not torch.allclose(got, dense), name  # fewer tokens did change the result
+        one = run(pruned, (x[:1],))  # another batch size runs too
+        assert _logits(one).shape == (1, 10), name
+
+
+def test_timm_equals_hand_reference():
+    model = _vits()["timm"]
+    x = torch.randn(2, 3, 32, 32)
+    pruned = gp.compile(model, [TokenPrune({1: 0.5}, score="norm")], example_inputs=(x,))
+    with torch.no_grad():
+        h = model._pos_embed(model.patch_embed(x))
+        for i, blk in enumerate(model.blocks):
+            a = h + blk.attn(blk.norm1(h))
+            if i == 1:
+                s = a.norm(dim=-1)
+                s[:, 0] = math.inf
+                idx = s.topk(17 - 8, dim=1).indices.sort(dim=1).values
+                a = torch.gather(a, 1, idx[..., None].expand(-1, -1, a.shape[-1]))
+            h = a + blk.mlp(blk.norm2(a))
+        expected = model.forward_head(model.norm(h))
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _LstmClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 12)
+        self.lstm = nn.LSTM(12, 16, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(torch.relu(self.embed(x)))
+        return self.head(out.mean(dim=1))
+
+
+def test_lstm_time_steps_before_the_recurrent_layer():
+    torch.manual_seed(0)
+    model = _LstmClassifier().eval()
+    x = torch.randn(4, 8, 8)
+    pruned = gp.compile(model, [TokenPrune([0.25], score="norm", keep=())], example_inputs=(x,))
+    with torch.no_grad():
+        e = torch.relu(model.embed(x))
+        idx = e.norm(dim=-1).topk(6, dim=1).indices.sort(dim=1).values
+        e = torch.gather(e, 1, idx[..., None].expand(-1, -1, 12))
+        expected = model.head(model.lstm(e)[0].mean(dim=1))
+        torch.testing.assert_close(pruned(x), expected)
+    with pytest.raises(ArgumentError, match="recurrent"):
+        gp.compile(model, [TokenPrune([0.25])], example_inputs=(x,))  # attention scores need attention
+
+
+def test_onnx_export_with_a_dynamic_sequence_length(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from graphprune.backends import onnx as gonnx
+
+    model, inputs = _bert(2)
+    longer = {"input_ids": torch.randint(0, 100, (3, 16)), "attention_mask": torch.ones(3, 16, dtype=torch.long)}
+    longer["attention_mask"][0, 12:] = 0
+    for mode in ("drop", "merge"):
+        pruned = gp.compile(model, [TokenPrune([0.3, 0.2], mode=mode)], example_inputs=inputs)
+        path = tmp_path / f"{mode}.onnx"
+        result = gonnx.export(pruned, path, example_inputs=inputs, dynamic_sequence=True)
+        assert result.max_abs_error < 1e-4  # checked in ONNX Runtime at 10 tokens and at 8
+        got = gonnx.session(str(path)).run(None, {k: v.numpy() for k, v in longer.items()})
+        expected = run(pruned, longer)
+        assert got[0].shape == tuple(expected[0].shape) == (3, 10, 32)  # 16 - 4, then 12 - 2 tokens
+        torch.testing.assert_close(torch.from_numpy(got[0]), expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_save_and_load_replays_the_selection(tmp_path):
+    model, inputs = _bert(2)
+    pruned = gp.compile(model, [TokenPrune([0.3, 0.0], score="norm")], example_inputs=inputs)
+    gp.save(pruned, tmp_path)
+    loaded = gp.load(model, tmp_path, example_inputs=inputs)
+    torch.testing.assert_close(run(loaded, inputs)[0], run(pruned, inputs)[0])
+    summary = gp.summary(model, pruned, inputs)
+    assert summary.state == "tokens" and summary.tokens == ((0, 10, 7),)
+    assert summary.macs[1] < summary.macs[0]
+
+
+def test_bad_arguments_are_named():
+    model, inputs = _bert(2)
+    with pytest.raises(ArgumentError, match="2 attention layer"):
+        gp.compile(model, [TokenPrune([0.3, 0.2, 0.1])], example_inputs=inputs)
+    with pytest.raises(ArgumentError, match=r"\[0, 1\)"):
+        TokenPrune([1.0, 0])
+    with pytest.raises(ArgumentError, match="halves"):
+        TokenPrune([0.6, 0], mode="merge")
+    with pytest.raises(ArgumentError, match="leading"):
+        TokenPrune([0.3, 0], keep=(2,))
+    with pytest.raises(ArgumentError, match="mode='drop'"):
+        TokenPrune([0.3, 0], score=_by_position, mode="merge")
+    with pytest.raises(PreconditionError, match="no layer to prune tokens"):
+        gp.compile(nn.Sequential(nn.Linear(4, 4)), [TokenPrune([0.5])], example_inputs=(torch.randn(2, 4),))
