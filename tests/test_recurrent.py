@@ -178,3 +178,17 @@ def test_masked_model_trains_and_copies():
     torch.testing.assert_close(run(clone, (x[0].double(),)), run(masked, (x[0].double(),)))
     shrunk = gp.compile(clone, [Shrink()], example_inputs=(x[0].double(),))
     assert shrunk.rnn.hidden_size == 4
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_macs_count_every_step_of_every_layer(cls):
+    """G gate blocks of H rows: per step and sample G*H*(in + H) for each layer and direction, the
+    second layer's input being both directions (FlopCounterMode alone sees no LSTM on a CPU)."""
+    model = Classifier(cls, layers=2, bidirectional=True)
+    x = inputs(True)
+    g, steps = GATES[cls], 2 * 4
+    rnn = steps * 2 * g * 8 * ((6 + 8) + (16 + 8))
+    linear = steps * 5 * 6 + 2 * 16 * 3 + 2 * 8 * 3
+    assert gp.count_macs(model, x) == rnn + linear
+    pruned = gp.compile(model, [L2Score(), ChannelMask(ratio=0.5), Shrink()], example_inputs=x)
+    assert gp.count_macs(pruned, x) == steps * 2 * g * 4 * ((3 + 4) + (8 + 4)) + steps * 5 * 3 + 2 * 8 * 3 + 2 * 4 * 3
