@@ -22,11 +22,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils import parametrize
 
 from graphprune.ir import tokens
 from graphprune.ir.inputs import batch_of, with_batch
-from graphprune.ir.masking import channel_masked, masks_of
+from graphprune.ir.masking import channel_masked, masks_of, register_mask, sync_recurrent, unregister_masks
 from graphprune.ir.modules import MaskedLayerNorm, set_layer_norm_class
 from graphprune.ir.norms import masked_layer_norm, masked_reduce
 from graphprune.ir.shadow import Snapshot, own_class
@@ -135,7 +134,7 @@ def _write_tensors(w: nn.Module, g: nn.Module) -> bool:
     """Give `w` the tensors (and masks) that `g` holds directly; True when a shape changed."""
     changed = False
     for attr, masks in masks_of(w).items():  # the graph's masks replace these
-        parametrize.remove_parametrizations(w, attr, leave_parametrized=False)
+        unregister_masks(w, attr)
     for table in ("_parameters", "_buffers"):
         for attr, t in g.__dict__[table].items():
             old = getattr(w, attr, None)
@@ -154,7 +153,8 @@ def _write_tensors(w: nn.Module, g: nn.Module) -> bool:
         else:
             w.register_buffer(attr, original)
         for p in plist:
-            parametrize.register_parametrization(w, attr, p, unsafe=True)
+            register_mask(w, attr, p, unsafe=True)
+    sync_recurrent(w)  # tensors were written past __setattr__
     return changed
 
 

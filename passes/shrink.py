@@ -17,7 +17,15 @@ from torch.nn.utils import parametrize
 
 from graphprune.analysis.dependency import Dependencies
 from graphprune.errors import PassError
-from graphprune.ir.masking import channel_mask, raw_tensor, refuse_lowered, resolve, take_masks, unit_mask_state
+from graphprune.ir.masking import (
+    channel_mask,
+    raw_tensor,
+    refuse_lowered,
+    register_mask,
+    resolve,
+    take_masks,
+    unit_mask_state,
+)
 from graphprune.ir.modules import set_layer_norm_class
 from graphprune.ir.norms import revert_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
@@ -109,7 +117,7 @@ class Shrink(PassBase):
             owner._buffers[attr] = new
         for wm in weight_masks:  # fine-grained masks shrink with the tensor they mask
             wm.mask = _keep_slices(wm.mask, dims)
-            parametrize.register_parametrization(owner, attr, wm)
+            register_mask(owner, attr, wm)
 
     @staticmethod
     def _strip_unused_masks(gm: fx.GraphModule) -> None:
@@ -127,7 +135,7 @@ class Shrink(PassBase):
                             f"{mod_name}.{attr} masks channels along dim {d} that belong to no prunable group; these masks cannot be removed exactly"
                         )
                 for wm in take_masks(module, attr, f"{mod_name}.{attr}"):
-                    parametrize.register_parametrization(module, attr, wm)
+                    register_mask(module, attr, wm)
 
 
 def _keep_slices(t: torch.Tensor, dims: dict[int, list[int]]) -> torch.Tensor:

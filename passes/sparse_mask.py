@@ -17,12 +17,18 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils import parametrize
 
 from graphprune.analysis import Dependencies, Scores, WeightScores
 from graphprune.arguments import choice, fraction, module_names
 from graphprune.errors import ArgumentError
-from graphprune.ir.masking import WeightMaskParametrization, raw_tensor, refuse_lowered, resolve, weight_mask
+from graphprune.ir.masking import (
+    WeightMaskParametrization,
+    raw_tensor,
+    refuse_lowered,
+    register_mask,
+    resolve,
+    weight_mask,
+)
 from graphprune.ir.weight_ops import weight_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
@@ -36,7 +42,7 @@ def _apply(owner: nn.Module, attr: str, keep: torch.Tensor) -> int:
     existing = weight_mask(owner, attr)
     if existing is None:
         before = torch.ones_like(keep, dtype=torch.bool)
-        parametrize.register_parametrization(owner, attr, WeightMaskParametrization(keep))
+        register_mask(owner, attr, WeightMaskParametrization(keep))
     else:
         before = existing.mask
         existing.mask = before & keep  # a new tensor: the old one may be shared with the caller's model

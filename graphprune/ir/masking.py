@@ -32,6 +32,9 @@ __all__ = [
     "weight_mask",
     "take_masks",
     "masks_disabled",
+    "register_mask",
+    "unregister_masks",
+    "sync_recurrent",
 ]
 
 
@@ -75,6 +78,45 @@ class WeightMaskParametrization(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.mask.to(x.dtype)
+
+
+def register_mask(owner: nn.Module, attr: str, mask: nn.Module, unsafe: bool = False) -> None:
+    """Put a mask (a parametrization) on a tensor; every mask graphprune adds goes through here."""
+    parametrize.register_parametrization(owner, attr, mask, unsafe=unsafe)
+    sync_recurrent(owner)
+
+
+def unregister_masks(owner: nn.Module, attr: str) -> None:
+    """Take every parametrization off a tensor, the stored original coming back."""
+    parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+    sync_recurrent(owner)
+
+
+def _masked_flat_weights(module: nn.RNNBase) -> list:
+    return [getattr(module, n) if hasattr(module, n) else None for n in module._flat_weights_names]
+
+
+# nn.LSTM/GRU/RNN run from a list of their weights, `_flat_weights`.  torch refreshes it before each
+# forward when a weight changed, so a masked weight is seen, but the list then holds the masked tensors
+# (non-leaf, with autograd history) until the next forward, and a module holding them cannot be deep-
+# copied (compile() copies).  On a masked RNN the list is this property of the module's own
+# parametrized class instead: computed on every read, never stored; it goes with that class.
+_FLAT_WEIGHTS = property(_masked_flat_weights, lambda module, value: None)
+
+
+def sync_recurrent(module: nn.Module) -> None:
+    """Keep an RNN module's weight list in step with its tensors after masks were added or removed
+    (or tensors written past `__setattr__`); a no-op for other modules."""
+    if not isinstance(module, nn.RNNBase):
+        return
+    if parametrize.is_parametrized(module):
+        if type(module).__dict__.get("_flat_weights") is not _FLAT_WEIGHTS:  # the class torch made for it
+            type(module)._flat_weights = _FLAT_WEIGHTS
+        module.__dict__["_flat_weights"] = [  # leaf tensors only, for a copy (the property shadows them)
+            raw_tensor(module, n) if hasattr(module, n) else None for n in module._flat_weights_names
+        ]
+    else:
+        module._init_flat_weights()  # plain parameters again (and cuDNN's flat layout on a GPU)
 
 
 def weight_mask(owner: nn.Module, attr: str) -> WeightMaskParametrization | None:
@@ -131,7 +173,7 @@ def ensure_channel_mask(owner: nn.Module, attr: str) -> ChannelMaskParametrizati
     mask = channel_mask(owner, attr)
     if mask is None:
         mask = ChannelMaskParametrization(raw_tensor(owner, attr).ndim).to(raw_tensor(owner, attr).device)
-        parametrize.register_parametrization(owner, attr, mask)
+        register_mask(owner, attr, mask)
     return mask
 
 
@@ -180,7 +222,7 @@ def take_masks(owner: nn.Module, attr: str, name: str) -> list[WeightMaskParamet
     plist = list(owner.parametrizations[attr])
     if any(not isinstance(p, (ChannelMaskParametrization, WeightMaskParametrization)) for p in plist):
         raise PassError(f"{name} has parametrizations graphprune does not know; remove them before Shrink")
-    parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+    unregister_masks(owner, attr)
     return [p for p in plist if isinstance(p, WeightMaskParametrization)]
 
 
@@ -212,7 +254,7 @@ def detach_masks(root: nn.Module) -> list[tuple[str, str, list[nn.Module]]]:
     for path, module in list(root.named_modules()):
         for attr, plist in masks_of(module).items():
             out.append((path, attr, list(plist)))
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+            unregister_masks(module, attr)
     return out
 
 
@@ -224,7 +266,7 @@ def attach_masks(
     for path, attr, plist in masks:
         owner = root.get_submodule((rename or {}).get(path, path))
         for p in plist:
-            parametrize.register_parametrization(owner, attr, p, unsafe=True)
+            register_mask(owner, attr, p, unsafe=True)
 
 
 def refuse_lowered(model: nn.Module, who: str) -> None:

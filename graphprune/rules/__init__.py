@@ -10,6 +10,7 @@ function, tensor method or ATen op): each rule file ends with a `RULES` table of
 - `shape`: views, permutes, concat/split, indexing.
 - `reduce`: reductions and softmax.
 - `attention`: attention heads (nn.MultiheadAttention, scaled_dot_product_attention).
+- `recurrent`: nn.LSTM, nn.GRU and nn.RNN (hidden units).
 - `reinsert`: graphprune's own ZeroReinsert.
 - `tokens`: TokenPrune's token selection.
 
@@ -17,7 +18,7 @@ A new rule goes into the file of the op family it belongs to, as a row of that f
 user's own rule is registered with `register_rule(target, rule)`.
 """
 
-from graphprune.rules import attention, channelwise, conv, pointwise, reduce, reinsert, shape, tokens
+from graphprune.rules import attention, channelwise, conv, pointwise, recurrent, reduce, reinsert, shape, tokens
 from graphprune.rules.base import OpCall, ParamRef, Rule, find_rule, register_rule, register_table
 from graphprune.rules.channelwise import ChannelwiseRule
 
@@ -28,6 +29,7 @@ for _table in (
     shape.RULES,
     reduce.RULES,
     attention.RULES,
+    recurrent.RULES,
     reinsert.RULES,
     tokens.RULES,
 ):
