@@ -242,6 +242,7 @@ class TokenPrune(PassBase):
                 merged = _call(g, new, merge_tokens, layer.stream, metric, state.size, score, rate, self.keep)
                 stream, idx, size = (_call(g, new, operator.getitem, merged, j) for j in range(3))
             length = _call(g, new, token_count, stream)
+        state.shapes[length] = (tokens, tokens)  # (shapes are kept in the unpruned graph's terms)
         replaced = {layer.stream: stream}
         if state.size is not None and size is not None:  # merged again (in drop mode: gathered below)
             replaced[state.size] = size

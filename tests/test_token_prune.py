@@ -41,13 +41,15 @@ def _by_position(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(x.shape[1], dtype=torch.float32).expand(x.shape[0], -1)
 
 
-def _bert_reference(model, inputs, layer_k: int, rate: float, score: str | None):
-    """BERT by hand from its weights: after layer k's attention sublayer, the tokens the score
-    ranks best (padding last, the first token always) are gathered, with the mask."""
+def _bert_reference(model, inputs, rates: dict, score: str | None):
+    """BERT by hand from its weights: after the attention sublayer of each layer in `rates`, the
+    tokens the score ranks best (padding last, the first token always) are gathered, with the
+    mask.  Returns the outputs and the kept tokens' original positions."""
     ids, am = inputs["input_ids"], inputs["attention_mask"]
     valid = am.bool()
     h = model.embeddings(input_ids=ids)
     heads = model.config.num_attention_heads
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
     for i, layer in enumerate(model.encoder.layer):
         sa, b, t = layer.attention.self, h.shape[0], h.shape[1]
 
@@ -59,38 +61,42 @@ def _bert_reference(model, inputs, layer_k: int, rate: float, score: str | None)
         probs = torch.softmax(logits.masked_fill(~valid[:, None, None, :], -math.inf), dim=-1)
         ctx = (probs @ v).transpose(1, 2).reshape(b, t, -1)
         a = layer.attention.output.dense(ctx) + h
-        if i == layer_k:
+        if i in rates:
             if score == "attention":
                 s = (probs * valid[:, None, :, None]).sum(2).mean(1)
             else:
                 s = _by_position(a)
             s = s.masked_fill(~valid, -math.inf)
             s[:, 0] = math.inf
-            kept = t - int(t * rate)
+            kept = t - int(t * rates[i])
             idx = s.topk(kept, dim=1).indices.sort(dim=1).values
             a = torch.gather(a, 1, idx[..., None].expand(-1, -1, a.shape[-1]))
-            valid = torch.gather(valid, 1, idx)
+            valid, positions = torch.gather(valid, 1, idx), torch.gather(positions, 1, idx)
         a = layer.attention.output.LayerNorm(a)
         out = layer.output.dense(F.gelu(layer.intermediate.dense(a))) + a
         h = layer.output.LayerNorm(out)
-    return h, model.pooler(h), idx
+    return h, model.pooler(h), positions
 
 
-@pytest.mark.parametrize("score", ["attention", "by_position"])
-def test_bert_equals_hand_reference_and_padding_goes_first(score):
+@pytest.mark.parametrize(
+    "score, rates",
+    [("attention", {1: 0.3}), ("by_position", {0: 0.2, 1: 0.3})],
+)
+def test_bert_equals_hand_reference_and_padding_goes_first(score, rates):
     model, inputs = _bert()
     chosen = "attention" if score == "attention" else _by_position
-    pruned = gp.compile(model, [TokenPrune({1: 0.3}, score=chosen)], example_inputs=inputs)
+    pruned = gp.compile(model, [TokenPrune(rates, score=chosen)], example_inputs=inputs)
     with torch.no_grad():
-        hidden, pooled, idx = _bert_reference(model, inputs, 1, 0.3, score)
+        hidden, pooled, positions = _bert_reference(model, inputs, rates, score)
         out = run(pruned, inputs)
-    assert out[0].shape == (2, 7, 32)
+    assert out[0].shape == hidden.shape
     torch.testing.assert_close(out[0], hidden, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1], pooled, rtol=1e-5, atol=1e-5)
-    # the padded sentence keeps exactly its 7 real tokens, even under a score that prefers padding
-    assert idx[1].tolist() == list(range(7))
-    if score == "by_position":
-        assert idx[0].tolist() == [0, 4, 5, 6, 7, 8, 9]  # the first token kept over better-ranked ones
+    if score == "attention":  # 7 kept: the padded sentence keeps exactly its 7 real tokens
+        assert positions[1].tolist() == list(range(7))
+    else:  # a score that prefers the padded (last) positions still drops them first
+        assert positions[0].tolist() == [0, 5, 6, 7, 8, 9]  # 10 -> 8 -> 6, the first token kept throughout
+        assert positions[1].tolist() == [0, 2, 3, 4, 5, 6]  # 7 real tokens: the padding went first
 
 
 @pytest.mark.parametrize("mode", ["drop", "merge"])
