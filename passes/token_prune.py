@@ -49,7 +49,7 @@ from graphprune.ir.tokens import (
     RATE_SCALE,
     TokenScore,
     add_log_size,
-    attention_received,
+    attention_with_received,
     dtype_of,
     eager_received,
     gather_tokens,
@@ -69,7 +69,7 @@ __all__ = ["TokenPrune"]
 aten = torch.ops.aten
 SCORES = ("attention", "norm")
 MODES = ("drop", "merge")
-_SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
+_SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default, attention_with_received)
 _SOFTMAX = (torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default)
 _MATMUL = (torch.matmul, operator.matmul, aten.matmul.default, torch.bmm, aten.bmm.default)
 _ADD = (operator.add, torch.add, aten.add.Tensor)
@@ -216,6 +216,14 @@ class TokenPrune(PassBase):
         if tokens != state.tokens:
             raise PreconditionError(f"TokenPrune: layer {i} sees {tokens} tokens, an earlier one {state.tokens}")
         new: list[fx.Node] = []
+        sdpa = layer.kind == "attention" and layer.probs is None and layer.op.op == "call_function"
+        if (
+            self.score == "attention"
+            and self.mode == "drop"
+            and sdpa
+            and layer.op.target is not attention_with_received
+        ):
+            layer.op = _with_received(g, layer.op)  # the probabilities computed once, for output and score
         order = {n: j for j, n in enumerate(g.nodes)}
         with g.inserting_before(layer.after.next):
             mask = _mask_of(layer)
@@ -231,16 +239,16 @@ class TokenPrune(PassBase):
             elif layer.op.op == "call_module":  # nn.MultiheadAttention: ask it for its weights
                 layer.op.kwargs = {**layer.op.kwargs, "need_weights": True, "average_attn_weights": True}
                 score = _call(g, new, eager_received, _call(g, new, operator.getitem, layer.op, 1))
-            else:
-                score = _call(g, new, attention_received, layer.q, layer.k, mask, layer.scale)
+            else:  # scaled-dot-product attention that returns the score too
+                score = _call(g, new, operator.getitem, layer.op, 1)
             if self.mode == "drop":
                 idx = _call(g, new, select_tokens, score, rate, self.keep)
                 stream = _call(g, new, gather_tokens, layer.stream, idx, (1,))
-                size = None
+                size = dest = None
             else:
                 metric = _call(g, new, key_metric, layer.k) if layer.k is not None else layer.stream
                 merged = _call(g, new, merge_tokens, layer.stream, metric, state.size, score, rate, self.keep)
-                stream, idx, size = (_call(g, new, operator.getitem, merged, j) for j in range(3))
+                stream, idx, size, dest = (_call(g, new, operator.getitem, merged, j) for j in range(4))
             length = _call(g, new, token_count, stream)
         state.shapes[length] = (tokens, tokens)  # (shapes are kept in the unpruned graph's terms)
         replaced = {layer.stream: stream}
@@ -256,7 +264,7 @@ class TokenPrune(PassBase):
                 continue
             target = replaced.get(node)
             if target is None:
-                target = self._follow(g, node, idx, length, state, new, after=new[-1], layer=i)
+                target = self._follow(g, node, idx, dest, length, state, new, after=new[-1], layer=i)
             if target is not None:
                 for u in users:
                     u.replace_input_with(node, target)
@@ -273,7 +281,7 @@ class TokenPrune(PassBase):
         )
         return before, state.current
 
-    def _follow(self, g, node, idx, length, state, new, after, layer) -> fx.Node | None:
+    def _follow(self, g, node, idx, dest, length, state, new, after, layer) -> fx.Node | None:
         """What replaces a value read after the cut: gathered along its token dims, the new length
         for the old one; None for a value without a token dim."""
         shape = state.shape(node)
@@ -293,7 +301,7 @@ class TokenPrune(PassBase):
                 f"(shape {tuple(a)}); only batch-first values can follow the kept tokens"
             )
         with g.inserting_after(after):
-            gathered = _call(g, new, gather_tokens, node, idx, dims)
+            gathered = _call(g, new, gather_tokens, node, idx, dims, dest)
         state.shapes[gathered] = shape
         return gathered
 
@@ -393,6 +401,16 @@ def _layers(gm: fx.GraphModule) -> list[_Layer]:
                 )
             found.append(_Layer("recurrent", n, x, n.prev))
     return found
+
+
+def _with_received(g: fx.Graph, op: fx.Node) -> fx.Node:
+    """Replace a scaled_dot_product_attention by attention_with_received (same arguments)."""
+    with g.inserting_before(op):
+        both = g.call_function(attention_with_received, op.args, dict(op.kwargs))
+        out = g.call_function(operator.getitem, (both, 0))
+    op.replace_all_uses_with(out)
+    g.erase_node(op)
+    return both
 
 
 def _mask_of(layer: _Layer) -> fx.Node | None:

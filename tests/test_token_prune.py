@@ -13,7 +13,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.errors import ArgumentError, PreconditionError
-from graphprune.ir.tokens import keep_count, merge_tokens, select_tokens
+from graphprune.ir.tokens import gather_tokens, keep_count, merge_tokens, select_tokens
 from graphprune.passes import TokenPrune
 from tests.helpers import run
 
@@ -120,14 +120,19 @@ def test_merge_is_identity_at_rate_zero_and_conserves_mass():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 4)
     score = torch.zeros(2, 9)
-    same, idx, size = merge_tokens(x, x, None, score, 0, (0,))
+    same, idx, size, _ = merge_tokens(x, x, None, score, 0, (0,))
     assert torch.equal(same, x) and torch.equal(size, torch.ones(2, 9))
     score[1, 6:] = -math.inf  # padding
-    merged, idx, size = merge_tokens(x, x, None, score, PPM // 3, (0,))
+    merged, idx, size, dest = merge_tokens(x, x, None, score, PPM // 3, (0,))
     assert merged.shape == (2, 7, 4) and size.sum(1).tolist() == [9.0, 9.0]  # 9 - floor(9 / 3) kept
     torch.testing.assert_close((merged * size[..., None]).sum(1), x.sum(1))  # sizes weight the means
     assert (idx[:, 0] == 0).all() and torch.equal(merged[:, 0], x[:, 0])  # the first token is never merged
     assert (idx.diff(dim=1) > 0).all()  # order kept
+    # a per-token weight (a pooling mask) adds up over merged tokens: a mean pooled with it is size-weighted
+    assert torch.equal(gather_tokens(torch.ones(2, 9), idx, (1,), dest), size)
+    assert torch.equal(
+        gather_tokens(torch.ones(2, 9, dtype=torch.bool), idx, (1,), dest), torch.ones(2, 7, dtype=torch.bool)
+    )
     # padding merged into padding only: the real tokens' total mass and count are those of real tokens
     real = idx[1] < 6
     assert size[1][real].sum() == 6

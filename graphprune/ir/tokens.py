@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = [
     "key_validity",
-    "attention_received",
+    "attention_with_received",
     "probs_received",
     "token_norm",
     "keep_count",
@@ -67,24 +67,46 @@ def probs_received(probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     -inf at padding.  `probs` is (batch, heads, queries, keys) or head-averaged (batch, queries, keys)."""
     if probs.ndim == 3:
         probs = probs[:, None]
-    rows = valid[:, None, :, None].to(probs.dtype) if probs.shape[2] == valid.shape[1] else 1.0
-    received = (probs * rows).sum(dim=2).mean(dim=1).float()
+    rows = valid[:, None, None, :].to(probs.dtype)  # (batch, 1, 1, queries): sums over the real queries
+    if probs.shape[2] != valid.shape[1]:
+        rows = torch.ones(probs.shape[0], 1, 1, probs.shape[2], dtype=probs.dtype, device=probs.device)
+    received = (rows @ probs).mean(dim=1)[:, 0].float()
     return received.masked_fill(~valid, -math.inf)
 
 
-def attention_received(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
-) -> torch.Tensor:
-    """PoWER-BERT's significance of a token at a scaled-dot-product attention: the attention it
-    receives from the real queries, averaged over heads.  q, k: (batch, heads, tokens, head_dim)."""
+def attention_with_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scaled_dot_product_attention that also returns PoWER-BERT's significance of each token: the
+    attention it receives from the real queries, averaged over heads (batch, tokens), -inf at
+    padding.  The probabilities are computed once, for both.  q, k, v: (batch, heads, tokens, dim)."""
     batch, tokens = k.shape[0], k.shape[-2]
     if k.shape[1] != q.shape[1]:  # grouped-query attention: kv heads serve several query heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.float() @ k.float().transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    logits = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    mask = attn_mask
+    if is_causal:
+        causal = torch.ones(q.shape[-2], tokens, dtype=torch.bool, device=q.device).tril()
+        mask = (
+            causal
+            if mask is None
+            else (mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, -math.inf))
+        )
     if mask is not None:
-        logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask.float()
+        logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
-    return probs_received(probs, key_validity(mask, batch, tokens))
+    received = probs_received(probs, key_validity(attn_mask, batch, tokens))
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v, received
 
 
 def token_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,12 +134,18 @@ def select_tokens(score: torch.Tensor, rate: int, keep: tuple[int, ...] = ()) ->
     return torch.topk(score, kept, dim=1).indices.sort(dim=1).values
 
 
-def gather_tokens(value: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def gather_tokens(
+    value: torch.Tensor, idx: torch.Tensor, dims: tuple[int, ...], dest: torch.Tensor | None = None
+) -> torch.Tensor:
     """`value` at the kept positions along each of `dims` (its token dims); a value shared by the
-    batch (dim 0 of size 1) gets one row per sequence first."""
+    batch (dim 0 of size 1) gets one row per sequence first.  After a merge (`dest`: where each
+    token went), a per-token weight (a (batch, tokens) tensor that is not bool: a pooling mask,
+    a count) adds up over the merged tokens, so a mean pooled with it is ToMe's size-weighted mean."""
     batch, kept = idx.shape
     if value.shape[0] != batch:
         value = value.expand(batch, *value.shape[1:])
+    if dest is not None and value.ndim == 2 and dims == (1,) and value.dtype != torch.bool:
+        return torch.zeros_like(value).scatter_add(1, dest, value).gather(1, idx)
     for d in dims:
         view = [batch] + [1] * (value.ndim - 1)
         view[d] = kept
@@ -138,8 +166,9 @@ def merge_tokens(
     score: torch.Tensor,
     rate: int,
     keep: tuple[int, ...] = (),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ToMe's bipartite soft matching (Bolya et al. 2023): (merged x, positions kept, sizes).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching (Bolya et al. 2023): (merged x, positions kept, sizes, where
+    each token went).
 
     Tokens alternate into sets A (even positions) and B (odd); each A token's most similar B token
     (cosine of `metric`) is its edge; the r best edges merge their A token into the B token, as
@@ -153,7 +182,7 @@ def merge_tokens(
     r = torch.sym_min((tokens * rate) // RATE_SCALE, (tokens - len(keep)) // 2)  # protected tokens never merge
     pos = torch.arange(tokens, device=x.device)
     if r <= 0:
-        return x, pos.expand(batch, tokens), size
+        return x, pos.expand(batch, tokens), size, pos.expand(batch, tokens)
     m = F.normalize(metric.float(), dim=-1)
     sim = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # A tokens (even positions) x B tokens (odd)
     pad = score == -math.inf
@@ -171,7 +200,7 @@ def merge_tokens(
     gone = dest != pos
     idx = torch.topk(-(gone.long() * tokens + pos), tokens - r, dim=1).indices  # the rest, in order
     sizes = sizes.gather(1, idx)
-    return gather_tokens(sums, idx, (1,)) / sizes[..., None], idx, sizes
+    return gather_tokens(sums, idx, (1,)) / sizes[..., None], idx, sizes, dest
 
 
 def proportional_mask(mask: torch.Tensor | None, size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

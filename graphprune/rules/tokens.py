@@ -29,7 +29,7 @@ RULES = [
     (
         (
             tokens.token_norm,
-            tokens.attention_received,
+            tokens.attention_with_received,
             tokens.eager_received,
             tokens.TokenScore,
             tokens.select_tokens,
