@@ -48,9 +48,11 @@ def finetune(
     lr: float = 1e-3,
     temperature: float = 2.0,
     alpha: float = 0.5,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> list[float]:
     """Train `model` in place with Adam; the mean loss of each epoch.  With both a task loss and a
-    teacher, the loss is `(1 - alpha) * task + alpha * distillation`."""
+    teacher, the loss is `(1 - alpha) * task + alpha * distillation`; `penalty()` (a regulariser:
+    GroupLasso, BNScaleL1, TokenSparsity) is added every step."""
     if loss_fn is None and distill_from is None:
         raise ArgumentError("finetune needs a loss_fn(output, targets), a teacher (distill_from=dense_model), or both")
     if not (isinstance(epochs, int) and epochs > 0) or not lr > 0 or not temperature > 0 or not 0 <= alpha <= 1:
@@ -61,12 +63,12 @@ def finetune(
     model.train()
     with eval_mode(distill_from) if distill_from is not None else contextlib.nullcontext():
         for _ in tqdm(range(epochs), desc="finetune", unit="epoch", disable=None):
-            history.append(_epoch(model, loader, loss_fn, distill_from, opt, weight, temperature))
+            history.append(_epoch(model, loader, loss_fn, distill_from, opt, weight, temperature, penalty))
     model.eval()
     return history
 
 
-def _epoch(model, loader, loss_fn, teacher_model, opt, weight: float, temperature: float) -> float:
+def _epoch(model, loader, loss_fn, teacher_model, opt, weight: float, temperature: float, penalty) -> float:
     total, batches = 0.0, 0
     for inputs, targets in loader:
         inputs = inputs if isinstance(inputs, (tuple, dict)) else (inputs,)
@@ -86,6 +88,8 @@ def _epoch(model, loader, loss_fn, teacher_model, opt, weight: float, temperatur
                 log_target=True,
             )
             loss = loss + weight * kl * temperature**2
+        if penalty is not None:
+            loss = loss + penalty()
         loss.backward()
         opt.step()
         total, batches = total + float(loss.detach()), batches + 1

@@ -16,17 +16,21 @@ they follow the parameters the optimizer updates.
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from graphprune.compile import analyze
+from graphprune.compile import analyze, compile
 from graphprune.errors import ArgumentError, GraphPruneError
+from graphprune.ir.inputs import calibration_batches, call_with, eval_mode
 from graphprune.ir.masking import resolve
+from graphprune.ir.tokens import SoftTokenMask
 from graphprune.ir.trace import ROOT_HOLDER
+from graphprune.passes import TokenPrune
 
-__all__ = ["GroupLasso", "BNScaleL1"]
+__all__ = ["GroupLasso", "BNScaleL1", "TokenSparsity", "token_rates", "harden_tokens"]
 
 
 def _strength(lam, name: str) -> float:
@@ -94,3 +98,52 @@ class BNScaleL1:
 
     def __call__(self) -> torch.Tensor:
         return self.lam * sum(m.weight.abs().sum() for m in self.norms)
+
+
+def _soft_masks(model: nn.Module, who: str) -> list[SoftTokenMask]:
+    masks = [m for m in model.modules() if isinstance(m, SoftTokenMask)]
+    if not masks:
+        raise ArgumentError(f"{who}: the model has no soft token masks; compile it with TokenThreshold() first")
+    return masks
+
+
+class TokenSparsity:
+    """LTP's sparsity term: `lam * Σ_layers mean soft token mask` of the last forward (add it to the
+    task loss; the learned thresholds rise where tokens can go)."""
+
+    def __init__(self, model: nn.Module, lam: float) -> None:
+        self.masks, self.lam = _soft_masks(model, "TokenSparsity"), _strength(lam, "TokenSparsity")
+
+    def __call__(self) -> torch.Tensor:
+        if any(m.mean is None for m in self.masks):
+            raise GraphPruneError("TokenSparsity reads the last forward's masks: run the model first")
+        return self.lam * sum(m.mean for m in self.masks)
+
+
+def token_rates(model: nn.Module, calibration: Iterable) -> dict[int, float]:
+    """Per layer, the share of scored tokens below its learned threshold on the calibration batches."""
+    masks = _soft_masks(model, "token_rates")
+    for m in masks:
+        m.counts = [0, 0]
+    with eval_mode(model), torch.no_grad():
+        for batch, _ in calibration_batches(calibration, "token_rates"):
+            call_with(model, batch)
+    return {m.layer: m.counts[0] / max(m.counts[1], 1) for m in masks}
+
+
+def harden_tokens(model: nn.Module, calibration: Iterable, example_inputs, *, max_rate: float = 0.95) -> nn.Module:
+    """A model trained with TokenThreshold, its soft masks removed and its tokens pruned by
+    `TokenPrune` at the rates the learned thresholds give on `calibration` (capped at max_rate)."""
+    rates = token_rates(model, calibration)
+    plain = copy.deepcopy(model)
+    first = None
+    for node in list(plain.graph.nodes):
+        if node.op == "call_module" and isinstance(plain.get_submodule(node.target), SoftTokenMask):
+            first = first or plain.get_submodule(node.target)
+            node.replace_all_uses_with(node.args[0])
+            plain.graph.erase_node(node)
+            delattr(plain, node.target)
+    plain.graph.eliminate_dead_code()
+    plain.recompile()
+    schedule = {i: min(r, max_rate) for i, r in rates.items()}
+    return compile(plain, [TokenPrune(schedule, score=first.score, keep=first.keep)], example_inputs=example_inputs)

@@ -18,7 +18,7 @@ from graphprune.passes.shrink import Shrink
 from graphprune.passes.sparse_lower import SparseLower
 from graphprune.passes.sparse_mask import BlockMask, NMMask, UnstructuredMask
 from graphprune.passes.sparsegpt import SparseGPTMask
-from graphprune.passes.token_prune import TokenPrune
+from graphprune.passes.token_prune import TokenPrune, TokenThreshold
 
 __all__ = [
     "ScorePass",
@@ -45,5 +45,6 @@ __all__ = [
     "CompensateBias",
     "DropBlocks",
     "TokenPrune",
+    "TokenThreshold",
     "SparseLower",
 ]

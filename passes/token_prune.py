@@ -47,6 +47,7 @@ from graphprune.errors import ArgumentError, PassError, PreconditionError
 from graphprune.ir.inputs import batch_of, eval_mode, positional_inputs, with_batch
 from graphprune.ir.tokens import (
     RATE_SCALE,
+    SoftTokenMask,
     TokenScore,
     add_log_size,
     attention_with_received,
@@ -64,7 +65,7 @@ from graphprune.ir.tokens import (
 )
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
-__all__ = ["TokenPrune"]
+__all__ = ["TokenPrune", "TokenThreshold"]
 
 aten = torch.ops.aten
 SCORES = ("attention", "norm")
@@ -216,31 +217,11 @@ class TokenPrune(PassBase):
         if tokens != state.tokens:
             raise PreconditionError(f"TokenPrune: layer {i} sees {tokens} tokens, an earlier one {state.tokens}")
         new: list[fx.Node] = []
-        sdpa = layer.kind == "attention" and layer.probs is None and layer.op.op == "call_function"
-        if (
-            self.score == "attention"
-            and self.mode == "drop"
-            and sdpa
-            and layer.op.target is not attention_with_received
-        ):
-            layer.op = _with_received(g, layer.op)  # the probabilities computed once, for output and score
+        score_by = "norm" if self.mode == "merge" else self.score  # (merging reads only the padding off it)
+        _prepare_score(g, layer, score_by)
         order = {n: j for j, n in enumerate(g.nodes)}
         with g.inserting_before(layer.after.next):
-            mask = _mask_of(layer)
-            if callable(self.score):
-                name = f"graphprune_token_score_{i}"
-                gm.add_submodule(name, TokenScore(self.score))
-                score = g.call_module(name, (layer.stream, mask))
-                new.append(score)
-            elif self.score == "norm" or self.mode == "merge":  # (merging reads only the padding off it)
-                score = _call(g, new, token_norm, layer.stream, mask)
-            elif layer.probs is not None:
-                score = _call(g, new, eager_received, layer.probs)
-            elif layer.op.op == "call_module":  # nn.MultiheadAttention: ask it for its weights
-                layer.op.kwargs = {**layer.op.kwargs, "need_weights": True, "average_attn_weights": True}
-                score = _call(g, new, eager_received, _call(g, new, operator.getitem, layer.op, 1))
-            else:  # scaled-dot-product attention that returns the score too
-                score = _call(g, new, operator.getitem, layer.op, 1)
+            score = _score(gm, layer, i, score_by, new)
             if self.mode == "drop":
                 idx = _call(g, new, select_tokens, score, rate, self.keep)
                 stream = _call(g, new, gather_tokens, layer.stream, idx, (1,))
@@ -326,6 +307,58 @@ class TokenPrune(PassBase):
                         op.update_kwarg("attn_mask", mask)
 
 
+class TokenThreshold(PassBase):
+    """LTP (learned token pruning, Kim et al. 2022): a learned threshold per layer instead of a rate.
+
+    After each layer in `layers` (all of them by default) a `SoftTokenMask` scales every token's
+    hidden state by sigmoid((s - threshold) / temperature), s the token's score normalised to mean
+    1 over its sequence.  Train the result with the task loss plus `graphprune.TokenSparsity`
+    (the thresholds rise where tokens can go), then `graphprune.harden_tokens(trained, calibration,
+    example_inputs)` measures, per layer, the share of tokens below the learned threshold and
+    returns the model with those rates as a `TokenPrune` schedule (the soft masks removed)."""
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        *,
+        score: str | Callable = "attention",
+        keep: tuple | list = ("cls",),
+        temperature: float = 0.1,
+        init: float = 0.0,
+    ) -> None:
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ArgumentError(f"TokenThreshold temperature must be > 0, got {temperature!r}")
+        self.layers = None if layers is None else [int(i) for i in layers]
+        self.score = score if callable(score) else choice(score, "TokenThreshold score", SCORES)
+        self.keep, self.temperature, self.init = _keep_positions(keep), float(temperature), float(init)
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        layers = _layers(gm)
+        chosen = list(range(len(layers))) if self.layers is None else self.layers
+        if not layers or any(not 0 <= i < len(layers) for i in chosen):
+            raise ArgumentError(
+                f"TokenThreshold layers {chosen}: the model has {len(layers)} layer(s) to prune tokens at"
+            )
+        g = gm.graph
+        for i in chosen:
+            layer = layers[i]
+            _prepare_score(g, layer, self.score)
+            new: list[fx.Node] = []
+            with g.inserting_before(layer.after.next):
+                score = _score(gm, layer, i, self.score, new)
+                name = f"graphprune_token_threshold_{i}"
+                gm.add_submodule(name, SoftTokenMask(i, self.temperature, self.keep, self.init, self.score))
+                masked = g.call_module(name, (layer.stream, score))
+            layer.stream.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked and u not in new)
+        gm.recompile()
+        try:
+            _probe(gm, ctx.example_inputs)
+        except Exception as exc:
+            raise PassError(f"TokenThreshold: the graph with soft token masks does not run ({exc})") from exc
+        ctx.record(note=f"soft token masks with learnable thresholds after layers {chosen}: train, then harden")
+        return PassResult(gm, True)
+
+
 @dataclass
 class _State:
     shapes: dict
@@ -401,6 +434,34 @@ def _layers(gm: fx.GraphModule) -> list[_Layer]:
                 )
             found.append(_Layer("recurrent", n, x, n.prev))
     return found
+
+
+def _prepare_score(g: fx.Graph, layer: _Layer, score: str | Callable) -> None:
+    """Before the graph is cut: a scaled_dot_product_attention that will be scored returns its score
+    too (the probabilities computed once, for the output and the score)."""
+    sdpa = layer.kind == "attention" and layer.probs is None and layer.op.op == "call_function"
+    if score == "attention" and sdpa and layer.op.target is not attention_with_received:
+        layer.op = _with_received(g, layer.op)
+
+
+def _score(gm: fx.GraphModule, layer: _Layer, i: int, score: str | Callable, new: list) -> fx.Node:
+    """Nodes computing each token's score at a layer, (batch, tokens), -inf at padding."""
+    g = gm.graph
+    mask = _mask_of(layer)
+    if callable(score):
+        name = f"graphprune_token_score_{i}"
+        gm.add_submodule(name, TokenScore(score))
+        node = g.call_module(name, (layer.stream, mask))
+        new.append(node)
+        return node
+    if score == "norm":
+        return _call(g, new, token_norm, layer.stream, mask)
+    if layer.probs is not None:
+        return _call(g, new, eager_received, layer.probs)
+    if layer.op.op == "call_module":  # nn.MultiheadAttention: ask it for its weights
+        layer.op.kwargs = {**layer.op.kwargs, "need_weights": True, "average_attn_weights": True}
+        return _call(g, new, eager_received, _call(g, new, operator.getitem, layer.op, 1))
+    return _call(g, new, operator.getitem, layer.op, 1)  # attention_with_received's score
 
 
 def _with_received(g: fx.Graph, op: fx.Node) -> fx.Node:

@@ -13,8 +13,8 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.errors import ArgumentError, PreconditionError
-from graphprune.ir.tokens import gather_tokens, keep_count, merge_tokens, select_tokens
-from graphprune.passes import TokenPrune
+from graphprune.ir.tokens import SoftTokenMask, gather_tokens, keep_count, merge_tokens, select_tokens
+from graphprune.passes import TokenPrune, TokenThreshold
 from tests.helpers import run
 
 transformers = pytest.importorskip("transformers")
@@ -268,3 +268,43 @@ def test_bad_arguments_are_named():
         TokenPrune([0.3, 0], score=_by_position, mode="merge")
     with pytest.raises(PreconditionError, match="no layer to prune tokens"):
         gp.compile(nn.Sequential(nn.Linear(4, 4)), [TokenPrune([0.5])], example_inputs=(torch.randn(2, 4),))
+
+
+def test_token_threshold_is_the_identity_until_trained_then_hardens_to_its_rates():
+    torch.manual_seed(0)
+    model = _LstmClassifier().eval()
+    x = torch.randn(4, 8, 8)
+    soft = gp.compile(model, [TokenThreshold(score="norm", keep=(), init=-100.0)], example_inputs=(x,))
+    assert torch.equal(soft(x), model(x))  # a threshold far below every score scales by exactly 1
+    (mask,) = [m for m in soft.modules() if isinstance(m, SoftTokenMask)]
+    with torch.no_grad():
+        mask.threshold.fill_(1.0)
+        norms = torch.relu(model.embed(x)).norm(dim=-1)
+        below = (norms / norms.mean(dim=1, keepdim=True) < 1.0).float().mean().item()
+    calibration = [((x,), None)]
+    assert gp.token_rates(soft, calibration) == {0: pytest.approx(below)}
+    hard = gp.harden_tokens(soft, calibration, example_inputs=(x,))
+    expected = gp.compile(model, [TokenPrune([below], score="norm", keep=())], example_inputs=(x,))
+    torch.testing.assert_close(run(hard, (x,)), run(expected, (x,)))
+    assert not any(isinstance(m, SoftTokenMask) for m in hard.modules())
+
+
+def test_token_sparsity_raises_the_learned_thresholds():
+    model, inputs = _bert(2)
+    soft = gp.compile(model, [TokenThreshold()], example_inputs=inputs)
+    reg = gp.TokenSparsity(soft, 1.0)
+    thresholds = [m.threshold for m in soft.modules() if isinstance(m, SoftTokenMask)]
+    assert len(thresholds) == 2
+    opt = torch.optim.Adam(thresholds, lr=0.1)
+    soft.train()
+    before = gp.token_rates(soft, [(inputs, None)])
+    for _ in range(20):  # (at random init every token receives about the mean attention: s ~ 1)
+        opt.zero_grad()
+        soft(**inputs)
+        reg().backward()
+        opt.step()
+    after = gp.token_rates(soft, [(inputs, None)])
+    assert all(t.item() > 1.0 for t in thresholds)
+    assert all(after[i] > before[i] for i in before)
+    with pytest.raises(ArgumentError, match="soft token masks"):
+        gp.TokenSparsity(model, 1.0)

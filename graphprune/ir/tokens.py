@@ -34,6 +34,7 @@ __all__ = [
     "eager_received",
     "custom_score",
     "TokenScore",
+    "SoftTokenMask",
 ]
 
 RATE_SCALE = 1_000_000  # rates travel as integers per million: integer arithmetic on a symbolic length
@@ -268,3 +269,38 @@ class TokenScore(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return custom_score(self.fn, x, mask)
+
+
+class SoftTokenMask(nn.Module):
+    """LTP's soft token mask (Kim et al. 2022): each token's hidden state is scaled by
+    sigmoid((s - threshold) / temperature), s its score normalised to mean 1 over the real tokens
+    of its sequence; the kept positions and padding are scaled by 1.  The threshold is learned
+    with the task loss and a sparsity penalty on `mean` (`graphprune.TokenSparsity`); `counts`
+    accumulates (tokens below the threshold, tokens scored) over forwards, for hardening."""
+
+    def __init__(
+        self,
+        layer: int,
+        temperature: float,
+        keep: tuple[int, ...],
+        init: float = 0.0,
+        score: str | Callable = "attention",
+    ) -> None:
+        super().__init__()
+        self.layer, self.temperature, self.keep, self.score = layer, temperature, keep, score
+        self.threshold = nn.Parameter(torch.tensor(float(init)))
+        self.mean: torch.Tensor | None = None
+        self.counts = [0, 0]
+
+    def forward(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        real = score > -math.inf
+        scored = real & ~_protected(score.shape[1], self.keep, score.device)
+        score = score.masked_fill(~real, 0.0)
+        norm = score / (score.sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1)).clamp_min(1e-12)
+        mask = torch.sigmoid((norm - self.threshold) / self.temperature).masked_fill(~scored, 1.0)
+        weight = scored.to(mask.dtype)
+        self.mean = (mask * weight).sum() / weight.sum().clamp_min(1.0)
+        with torch.no_grad():
+            self.counts[0] += int(((norm < self.threshold) & scored).sum())
+            self.counts[1] += int(scored.sum())
+        return x * mask[..., None].to(x.dtype)
