@@ -29,6 +29,7 @@ from graphprune.ir.masking import resolve
 from graphprune.ir.tokens import SoftTokenMask
 from graphprune.ir.trace import ROOT_HOLDER
 from graphprune.passes import TokenPrune
+from graphprune.passes.token_prune import SOFT
 
 __all__ = ["GroupLasso", "BNScaleL1", "TokenSparsity", "token_rates", "harden_tokens"]
 
@@ -136,14 +137,18 @@ def harden_tokens(model: nn.Module, calibration: Iterable, example_inputs, *, ma
     `TokenPrune` at the rates the learned thresholds give on `calibration` (capped at max_rate)."""
     rates = token_rates(model, calibration)
     plain = copy.deepcopy(model)
-    first = None
-    for node in list(plain.graph.nodes):
-        if node.op == "call_module" and isinstance(plain.get_submodule(node.target), SoftTokenMask):
-            first = first or plain.get_submodule(node.target)
-            node.replace_all_uses_with(node.args[0])
-            plain.graph.erase_node(node)
-            delattr(plain, node.target)
+    first = next(m for m in plain.modules() if isinstance(m, SoftTokenMask))
+    for node in list(plain.graph.nodes):  # each added value gives way to what it stands for
+        if SOFT in node.meta:
+            stand_in = node
+            for i in node.meta[SOFT]:
+                stand_in = stand_in.args[i]
+            for user in list(node.users):
+                user.replace_input_with(node, stand_in)
     plain.graph.eliminate_dead_code()
+    for name, module in list(plain.named_children()):
+        if isinstance(module, SoftTokenMask):
+            delattr(plain, name)
     plain.recompile()
     schedule = {i: min(r, max_rate) for i, r in rates.items()}
     return compile(plain, [TokenPrune(schedule, score=first.score, keep=first.keep)], example_inputs=example_inputs)

@@ -65,7 +65,8 @@ from graphprune.ir.tokens import (
 )
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
-__all__ = ["TokenPrune", "TokenThreshold"]
+__all__ = ["TokenPrune", "TokenThreshold", "SOFT"]
+SOFT = "graphprune_soft_token_mask"  # node meta of what TokenThreshold adds: the argument path standing for it
 
 aten = torch.ops.aten
 SCORES = ("attention", "norm")
@@ -236,7 +237,7 @@ class TokenPrune(PassBase):
         if state.size is not None and size is not None:  # merged again (in drop mode: gathered below)
             replaced[state.size] = size
         if size is not None and state.size is None:
-            self._proportional(gm, layers, i, size)
+            _log_weights_into_attention(gm, layers[i + 1 :], size)
             state.shapes[size] = tuple((s[0], s[1]) for s in stream_shape)
         after_cut = {n for n in g.nodes if order.get(n, math.inf) > order[layer.after]} - set(new)
         for node in [n for n in g.nodes if order.get(n, math.inf) <= order[layer.after]]:
@@ -286,26 +287,6 @@ class TokenPrune(PassBase):
         state.shapes[gathered] = shape
         return gathered
 
-    def _proportional(self, gm: fx.GraphModule, layers: list[_Layer], i: int, size: fx.Node) -> None:
-        """ToMe's proportional attention at every attention after layer i: log(size) joins the logits."""
-        g = gm.graph
-        for later in layers[i + 1 :]:
-            op = later.op
-            with g.inserting_before(op):
-                if later.probs is not None:  # eager: softmax(logits + log size)
-                    op.update_arg(0, g.call_function(add_log_size, (op.args[0], size)))
-                elif op.op == "call_module":  # nn.MultiheadAttention: a per-sequence float attn_mask
-                    heads = gm.get_submodule(op.target).num_heads
-                    mask = g.call_function(mha_size_mask, (op.kwargs.get("attn_mask"), size, heads, op.args[0]))
-                    op.update_kwarg("attn_mask", mask)
-                else:
-                    dtype = g.call_function(dtype_of, (later.q,))
-                    mask = g.call_function(proportional_mask, (_mask_of(later), size, dtype))
-                    if len(op.args) > 3:
-                        op.update_arg(3, mask)
-                    else:
-                        op.update_kwarg("attn_mask", mask)
-
 
 class TokenThreshold(PassBase):
     """LTP (learned token pruning, Kim et al. 2022): a learned threshold per layer instead of a rate.
@@ -340,7 +321,19 @@ class TokenThreshold(PassBase):
                 f"TokenThreshold layers {chosen}: the model has {len(layers)} layer(s) to prune tokens at"
             )
         g = gm.graph
-        for i in chosen:
+        existing = set(g.nodes)
+        dtypes: dict[fx.Node, torch.dtype] = {}
+        shapes = _probe(gm, ctx.example_inputs, dtypes)
+        weights = [  # per-token weights read later (a pooling mask): they follow the soft masks too
+            n
+            for n, (a, b) in shapes.items()
+            if isinstance(a, tuple) and len(a) == 2 and a[0] != b[0] and dtypes.get(n) != torch.bool
+        ]
+        tokens = shapes[layers[min(chosen)].stream][0][1]
+        weights = [w for w in weights if shapes[w][0][1] == tokens]
+        cum: fx.Node | None = None  # the product of the soft masks so far: a token removed stays removed
+        cuts: list[tuple[int, fx.Node]] = []  # (first layer after the cut, the soft masks' product there)
+        for i in sorted(set(chosen)):
             layer = layers[i]
             _prepare_score(g, layer, self.score)
             new: list[fx.Node] = []
@@ -348,8 +341,32 @@ class TokenThreshold(PassBase):
                 score = _score(gm, layer, i, self.score, new)
                 name = f"graphprune_token_threshold_{i}"
                 gm.add_submodule(name, SoftTokenMask(i, self.temperature, self.keep, self.init, self.score))
-                masked = g.call_module(name, (layer.stream, score))
-            layer.stream.replace_all_uses_with(masked, delete_user_cb=lambda u: u is not masked and u not in new)
+                both = g.call_module(name, (layer.stream, score))
+                masked, soft = (_call(g, new, operator.getitem, both, j) for j in range(2))
+                cum = soft if cum is None else _call(g, new, operator.mul, cum, soft)
+            new.append(both)
+            layer.stream.replace_all_uses_with(masked, delete_user_cb=lambda u: u not in new)
+            cuts.append((i + 1, cum))
+        for j, later in enumerate(layers):  # removed tokens leave the attention of later layers
+            applies = [c for first, c in cuts if first <= j]
+            if applies:
+                _log_weights_into_attention(gm, [later], applies[-1])
+        order = {n: k for k, n in enumerate(g.nodes)}
+        for w in weights:
+            for user in [u for u in w.users if u in shapes]:
+                applies = [c for _, c in cuts if order[c] < order[user]]
+                if applies:
+                    with g.inserting_before(user):
+                        weighted = g.call_function(operator.mul, (w, applies[-1]))
+                        user.replace_input_with(w, weighted)
+        for n in [n for n in g.nodes if n not in existing]:  # what harden_tokens takes out again
+            if n.op == "call_function" and n.target in (add_log_size, mha_size_mask, proportional_mask):
+                n.meta[SOFT] = (0,)  # stands for its first argument (the mask or logits it adds to)
+            elif n.op == "call_function" and n.target is operator.mul and n.args[0] in weights:
+                n.meta[SOFT] = (0,)
+            elif n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0:
+                if n.args[0].op == "call_module" and isinstance(gm.get_submodule(n.args[0].target), SoftTokenMask):
+                    n.meta[SOFT] = (0, 0)  # the soft mask's input
         gm.recompile()
         try:
             _probe(gm, ctx.example_inputs)
@@ -357,6 +374,28 @@ class TokenThreshold(PassBase):
             raise PassError(f"TokenThreshold: the graph with soft token masks does not run ({exc})") from exc
         ctx.record(note=f"soft token masks with learnable thresholds after layers {chosen}: train, then harden")
         return PassResult(gm, True)
+
+
+def _log_weights_into_attention(gm: fx.GraphModule, layers: list[_Layer], weight: fx.Node) -> None:
+    """log(weight) of each key joins the attention logits of these layers: ToMe's proportional
+    attention (weight = merged tokens' sizes), LTP's soft removal (weight = soft masks, 0 = gone)."""
+    g = gm.graph
+    for later in layers:
+        op = later.op
+        with g.inserting_before(op):
+            if later.probs is not None:  # eager: softmax(logits + log size)
+                op.update_arg(0, g.call_function(add_log_size, (op.args[0], weight)))
+            elif op.op == "call_module":  # nn.MultiheadAttention: a per-sequence float attn_mask
+                heads = gm.get_submodule(op.target).num_heads
+                mask = g.call_function(mha_size_mask, (op.kwargs.get("attn_mask"), weight, heads, op.args[0]))
+                op.update_kwarg("attn_mask", mask)
+            else:
+                dtype = g.call_function(dtype_of, (later.q,))
+                mask = g.call_function(proportional_mask, (_mask_of(later), weight, dtype))
+                if len(op.args) > 3:
+                    op.update_arg(3, mask)
+                else:
+                    op.update_kwarg("attn_mask", mask)
 
 
 @dataclass
@@ -540,27 +579,30 @@ def _rewrite_literals(nodes: set[fx.Node], tokens: int, length: fx.Node) -> None
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, dtypes: dict | None = None) -> None:
         super().__init__(gm)
         self.seen: dict[fx.Node, Any] = {}
+        self.dtypes = {} if dtypes is None else dtypes
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             self.seen[n] = tuple(out.shape)
+            self.dtypes[n] = out.dtype
         elif isinstance(out, (int, torch.SymInt)) and not isinstance(out, bool):
             self.seen[n] = int(out)
         return out
 
 
-def _probe(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, tuple]:
-    """Every node's shape (or int value) on the example inputs and on one more sequence per batch."""
+def _probe(gm: fx.GraphModule, example_inputs, dtypes: dict | None = None) -> dict[fx.Node, tuple]:
+    """Every node's shape (or int value) on the example inputs and on one more sequence per batch
+    (and the tensors' dtypes into `dtypes`)."""
     batch = batch_of(example_inputs)
     if batch is None:
         raise PreconditionError("TokenPrune needs batched example inputs (batch, tokens, ...)")
     runs = []
     for inputs in (example_inputs, with_batch(example_inputs, batch + 1)):
-        rec = _Recorder(gm)
+        rec = _Recorder(gm, dtypes)
         with eval_mode(gm), torch.no_grad():
             rec.run(*positional_inputs(gm, inputs))
         runs.append(rec.seen)

@@ -274,7 +274,8 @@ class TokenScore(nn.Module):
 class SoftTokenMask(nn.Module):
     """LTP's soft token mask (Kim et al. 2022): each token's hidden state is scaled by
     sigmoid((s - threshold) / temperature), s its score normalised to mean 1 over the real tokens
-    of its sequence; the kept positions and padding are scaled by 1.  The threshold is learned
+    of its sequence; the kept positions and padding are scaled by 1.  (TokenThreshold also adds
+    the masks' log to later attention logits, so a token masked to 0 is gone as in the hard model.)  The threshold is learned
     with the task loss and a sparsity penalty on `mean` (`graphprune.TokenSparsity`); `counts`
     accumulates (tokens below the threshold, tokens scored) over forwards, for hardening."""
 
@@ -292,7 +293,8 @@ class SoftTokenMask(nn.Module):
         self.mean: torch.Tensor | None = None
         self.counts = [0, 0]
 
-    def forward(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x scaled by the soft mask, the soft mask (batch, tokens))."""
         real = score > -math.inf
         scored = real & ~_protected(score.shape[1], self.keep, score.device)
         score = score.masked_fill(~real, 0.0)
@@ -303,4 +305,4 @@ class SoftTokenMask(nn.Module):
         with torch.no_grad():
             self.counts[0] += int(((norm < self.threshold) & scored).sum())
             self.counts[1] += int(scored.sum())
-        return x * mask[..., None].to(x.dtype)
+        return x * mask[..., None].to(x.dtype), mask
