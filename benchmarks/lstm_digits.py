@@ -1,6 +1,7 @@
 """An LSTM really trained on scikit-learn's digits read row by row (8 time steps of 8 pixels):
 test accuracy against the fraction of hidden units pruned, one-shot and after a short fine-tune,
-with params and MACs after Shrink.  Prints a markdown table and writes
+with params and MACs after Shrink; and against the fraction of time steps (rows) dropped before
+the LSTM by TokenPrune (by the row's norm), one-shot and after the same fine-tune.  Prints a markdown table and writes
 benchmarks/results/lstm_digits.md and .json.
 
     python benchmarks/lstm_digits.py [--ratios 0,0.25,0.5,0.75] [--retrain]
@@ -27,7 +28,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import graphprune as gp  # noqa: E402
-from graphprune.passes import ActivationScore, ChannelMask, L2Score, Shrink, TaylorScore  # noqa: E402
+from graphprune.errors import PreconditionError  # noqa: E402
+from graphprune.passes import ActivationScore, ChannelMask, L2Score, Shrink, TaylorScore, TokenPrune  # noqa: E402
 from tests import digits  # noqa: E402
 
 HERE = os.path.dirname(__file__)
@@ -123,8 +125,57 @@ def hidden_unit_rows(model: nn.Module, data: Data, ratios: list[float]) -> list[
     return rows
 
 
+def time_step_rows(model: nn.Module, data: Data, ratios: list[float]) -> list[dict]:
+    """Time steps (rows of the image) dropped before the LSTM by TokenPrune, lowest input norm
+    first, the kept ones in order: accuracy one-shot and after fine-tuning the pruned model (the
+    same epochs and learning rate as the hidden units), MACs on the full 8-row inputs.
+
+    The digits have as many rows as pixels per row (8), so on them TokenPrune cannot tell the time
+    dim from the feature dim and refuses; as its error says, the example inputs then have another
+    length (the first 7 rows), and the pruned model is checked on the 8-row inputs against a hand
+    reference (the LSTM run on the kept rows)."""
+    x = data.example
+    macs = gp.count_macs(model, x)
+    rows = []
+    for ratio in ratios:
+        example, note = x, None
+        try:
+            pruned = gp.compile(model, [TokenPrune([ratio], score="norm", keep=())], example_inputs=example)
+        except PreconditionError as exc:
+            note = str(exc)
+            example = (x[0][:, :7],)
+            pruned = gp.compile(model, [TokenPrune([ratio], score="norm", keep=())], example_inputs=example)
+        kept = 8 - int(8 * ratio)
+        idx = data.test_x.norm(dim=-1).topk(kept, dim=1).indices.sort(dim=1).values
+        reference = model(data.test_x.gather(1, idx[..., None].expand(-1, -1, 8)))
+        with torch.no_grad():
+            assert torch.allclose(pruned(data.test_x), reference, atol=1e-5), "pruned model differs from the reference"
+        one_shot = accuracy(pruned, data)
+        torch.manual_seed(0)
+        digits.train(pruned, data.train_x, data.train_y, epochs=FINE_TUNE_EPOCHS, lr=1e-3)
+        rows.append(
+            {
+                "family": "time steps",
+                "criterion": "norm",
+                "ratio": ratio,
+                "hidden": model.lstm.hidden_size,
+                "steps": kept,
+                "one_shot": one_shot,
+                "fine_tuned": accuracy(pruned, data),
+                "params": gp.count_params(pruned) / gp.count_params(model),
+                "macs": gp.count_macs(pruned, x) / macs,
+                "example_steps": example[0].shape[1],
+                "note": note,
+            }
+        )
+    return rows
+
+
 # one entry per kind of pruning; each row: family, criterion, ratio, one_shot, fine_tuned, params, macs
-FAMILIES: dict[str, Callable[[nn.Module, Data, list[float]], list[dict]]] = {"hidden units": hidden_unit_rows}
+FAMILIES: dict[str, Callable[[nn.Module, Data, list[float]], list[dict]]] = {
+    "hidden units": hidden_unit_rows,
+    "time steps": time_step_rows,
+}
 
 
 def markdown(model: nn.Module, data: Data, rows: list[dict]) -> str:
@@ -132,16 +183,18 @@ def markdown(model: nn.Module, data: Data, rows: list[dict]) -> str:
         f"DigitsLSTM (LSTM(8, {HIDDEN}) over the 8 rows of scikit-learn's digits, last step -> Linear) trained "
         f"{EPOCHS} epochs (1,397 train / 400 test images); dense accuracy {accuracy(model, data):.3f}, "
         f"{gp.count_params(model):,} params, {gp.count_macs(model, (data.test_x[:1],)):,} MACs per image; "
-        f"fine-tune: {FINE_TUNE_EPOCHS} epochs Adam 1e-3 with masks on, then Shrink (params and MACs relative to dense)\n"
+        f"fine-tune: {FINE_TUNE_EPOCHS} epochs Adam 1e-3 with masks on, then Shrink (params and MACs relative to dense); "
+        "time steps: TokenPrune([ratio], score='norm', keep=()) before the LSTM (the rows with the lowest norm "
+        "dropped, the others in order), fine-tuned the same way\n"
     )
     lines = [
         head,
-        "| pruned | criterion | ratio | hidden | accuracy one-shot | accuracy fine-tuned | params ratio | MACs ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pruned | criterion | ratio | hidden | time steps | accuracy one-shot | accuracy fine-tuned | params ratio | MACs ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['family']} | {r['criterion']} | {r['ratio']:g} | {r.get('hidden', '')} | {r['one_shot']:.3f} | "
+            f"| {r['family']} | {r['criterion']} | {r['ratio']:g} | {r.get('hidden', '')} | {r.get('steps', 8)} | {r['one_shot']:.3f} | "
             f"{r['fine_tuned']:.3f} | {r['params']:.3f} | {r['macs']:.3f} |"
         )
     return "\n".join(lines) + "\n"
