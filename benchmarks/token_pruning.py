@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--held-out", type=int, default=16, help="chunks per length for the cosine")
-    parser.add_argument("--ltp", type=float, nargs="*", default=[0.05, 0.2], help="TokenSparsity strengths to learn")
+    parser.add_argument("--ltp", type=float, nargs="*", default=[0.02, 0.05], help="TokenSparsity strengths to learn")
     parser.add_argument("--json", default=os.path.join(RESULTS, "token_pruning.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)

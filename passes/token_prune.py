@@ -359,6 +359,7 @@ class TokenThreshold(PassBase):
                     with g.inserting_before(user):
                         weighted = g.call_function(operator.mul, (w, applies[-1]))
                         user.replace_input_with(w, weighted)
+                    _drop_dtype_asserts(g, weighted)  # an integer mask times soft weights is a float now
         for n in [n for n in g.nodes if n not in existing]:  # what harden_tokens takes out again
             if n.op == "call_function" and n.target in (add_log_size, mha_size_mask, proportional_mask):
                 n.meta[SOFT] = (0,)  # stands for its first argument (the mask or logits it adds to)
@@ -374,6 +375,19 @@ class TokenThreshold(PassBase):
             raise PassError(f"TokenThreshold: the graph with soft token masks does not run ({exc})") from exc
         ctx.record(note=f"soft token masks with learnable thresholds after layers {chosen}: train, then harden")
         return PassResult(gm, True)
+
+
+def _drop_dtype_asserts(g: fx.Graph, start: fx.Node) -> None:
+    """torch.export's dtype assertions on values computed from `start` (checks, no results)."""
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        for u in list(n.users):
+            if u.op == "call_function" and u.target is aten._assert_tensor_metadata.default:
+                g.erase_node(u)
+            elif u not in seen:
+                seen.add(u)
+                todo.append(u)
 
 
 def _log_weights_into_attention(gm: fx.GraphModule, layers: list[_Layer], weight: fx.Node) -> None:

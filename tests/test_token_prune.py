@@ -13,8 +13,16 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.errors import ArgumentError, PreconditionError
-from graphprune.ir.tokens import SoftTokenMask, gather_tokens, keep_count, merge_tokens, select_tokens
+from graphprune.ir.tokens import (
+    SoftTokenMask,
+    gather_tokens,
+    keep_count,
+    merge_tokens,
+    proportional_mask,
+    select_tokens,
+)
 from graphprune.passes import TokenPrune, TokenThreshold
+from graphprune.passes.token_prune import SOFT
 from tests.helpers import run
 
 transformers = pytest.importorskip("transformers")
@@ -289,8 +297,22 @@ def test_token_threshold_is_the_identity_until_trained_then_hardens_to_its_rates
     assert not any(isinstance(m, SoftTokenMask) for m in hard.modules())
 
 
+class _MeanPooled(nn.Module):
+    """A sentence encoder: BERT, then a mean over the attention mask (an integer tensor)."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+
 def test_token_sparsity_raises_the_learned_thresholds():
-    model, inputs = _bert(2)
+    bert, inputs = _bert(2)
+    model = _MeanPooled(bert).eval()
     soft = gp.compile(model, [TokenThreshold()], example_inputs=inputs)
     reg = gp.TokenSparsity(soft, 1.0)
     thresholds = [m.threshold for m in soft.modules() if isinstance(m, SoftTokenMask)]
@@ -309,7 +331,7 @@ def test_token_sparsity_raises_the_learned_thresholds():
     hard = gp.harden_tokens(soft, [(inputs, None)], example_inputs=inputs)
     expected = gp.compile(model, [TokenPrune({i: min(r, 0.95) for i, r in after.items()})], example_inputs=inputs)
     torch.testing.assert_close(run(hard, inputs), run(expected, inputs))
-    leftovers = [n.name for n in hard.graph.nodes if any(k in n.name for k in ("threshold", "proportional", "mul"))]
+    leftovers = [n.name for n in hard.graph.nodes if SOFT in n.meta or n.target is proportional_mask]
     assert not leftovers  # the soft masks, their log weights in the attention and their products are gone
     with pytest.raises(ArgumentError, match="soft token masks"):
         gp.TokenSparsity(model, 1.0)
