@@ -187,6 +187,29 @@ def test_vits_of_three_libraries(mode):
         assert _logits(one).shape == (1, 10), name
 
 
+def test_deit_keeps_its_distillation_token_and_distilbert_runs():
+    torch.manual_seed(0)
+    deit = timm.models.deit.VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=20, depth=3, num_heads=2, num_classes=10
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruned = gp.compile(deit, [TokenPrune({2: 0.5}, score=_by_position, keep=("cls", 1))], example_inputs=(x,))
+    kept = [0, 1, *range(11, 18)]  # 18 tokens, 9 kept: the class and distillation tokens, then the last 7
+    with torch.no_grad():
+        h = deit._pos_embed(deit.patch_embed(x))
+        for i, blk in enumerate(deit.blocks):
+            a = h + blk.attn(blk.norm1(h))
+            a = a[:, kept] if i == 2 else a
+            h = a + blk.mlp(blk.norm2(a))
+        torch.testing.assert_close(pruned(x), deit.forward_head(deit.norm(h)), rtol=1e-5, atol=1e-5)
+    distil = transformers.DistilBertModel(
+        transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100)
+    ).eval()
+    _, inputs = _bert(2)
+    out = run(gp.compile(distil, [TokenPrune([0.3, 0.2])], example_inputs=inputs), inputs)
+    assert out[0].shape == (2, 6, 32)  # 10 -> 7 -> 6
+
+
 def test_timm_equals_hand_reference():
     model = _vits()["timm"]
     x = torch.randn(2, 3, 32, 32)
