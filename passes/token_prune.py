@@ -58,6 +58,7 @@ from graphprune.ir.tokens import (
     key_metric,
     merge_tokens,
     mha_size_mask,
+    padding_score,
     proportional_mask,
     select_tokens,
     token_count,
@@ -177,9 +178,7 @@ class TokenPrune(PassBase):
         try:
             _probe(gm, ctx.example_inputs)
         except Exception as exc:
-            raise PassError(
-                f"TokenPrune: the graph with tokens selected does not run ({type(exc).__name__}: {exc})"
-            ) from exc
+            raise PassError(f"the graph with tokens selected does not run ({type(exc).__name__}: {exc})") from exc
         tokens = " -> ".join(f"layer {i}: {t[0]}->{t[1]}" for i, t in kept_per_layer.items())
         details = {
             "tokens": {i: list(t) for i, t in kept_per_layer.items()},
@@ -205,20 +204,21 @@ class TokenPrune(PassBase):
         stream_shape = state.shape(layer.stream)
         if stream_shape is None or len(stream_shape[0]) != 3 or stream_shape[0][0] == stream_shape[1][0]:
             raise PreconditionError(
-                f"TokenPrune: the hidden states at layer {i} ({layer.stream.name}) are not (batch, tokens, features) "
+                f"the hidden states at layer {i} ({layer.stream.name}) are not (batch, tokens, features) "
                 f"with the batch first (shapes {stream_shape}); sequence-first layouts are not supported"
             )
         tokens, features = stream_shape[0][1], stream_shape[0][2]
         if tokens == features:
             raise PreconditionError(
-                f"TokenPrune: at layer {i} the sequence length equals the hidden width ({tokens}), so token dims "
-                "cannot be told apart from feature dims; give example inputs of another length"
+                f"at layer {i} the sequence length equals the hidden width ({tokens}), so token dims "
+                "cannot be told apart from feature dims (in other values, in reshapes); give example inputs of another "
+                "length (the pruned model then runs at any length)"
             )
         state.tokens = state.tokens or tokens
         if tokens != state.tokens:
-            raise PreconditionError(f"TokenPrune: layer {i} sees {tokens} tokens, an earlier one {state.tokens}")
+            raise PreconditionError(f"layer {i} sees {tokens} tokens, an earlier one {state.tokens}")
         new: list[fx.Node] = []
-        score_by = "norm" if self.mode == "merge" else self.score  # (merging reads only the padding off it)
+        score_by = "padding" if self.mode == "merge" else self.score  # (merging reads only the padding off it)
         _prepare_score(g, layer, score_by)
         order = {n: j for j, n in enumerate(g.nodes)}
         with g.inserting_before(layer.after.next):
@@ -279,7 +279,7 @@ class TokenPrune(PassBase):
             return None
         if a[0] == b[0] and a[0] != 1:
             raise PreconditionError(
-                f"TokenPrune: {node.name}, read after layer {layer}, has a token dim but no batch dim first "
+                f"{node.name}, read after layer {layer}, has a token dim but no batch dim first "
                 f"(shape {tuple(a)}); only batch-first values can follow the kept tokens"
             )
         with g.inserting_after(after):
@@ -372,7 +372,7 @@ class TokenThreshold(PassBase):
         try:
             _probe(gm, ctx.example_inputs)
         except Exception as exc:
-            raise PassError(f"TokenThreshold: the graph with soft token masks does not run ({exc})") from exc
+            raise PassError(f"the graph with soft token masks does not run ({exc})") from exc
         ctx.record(note=f"soft token masks with learnable thresholds after layers {chosen}: train, then harden")
         return PassResult(gm, True)
 
@@ -472,7 +472,7 @@ def _layers(gm: fx.GraphModule) -> list[_Layer]:
             layer.after = _residual_add(nodes, layer.op)
             if layer.after is None:
                 raise PreconditionError(
-                    f"TokenPrune: no residual add after the attention op {layer.op.name}; the token selection goes "
+                    f"no residual add after the attention op {layer.op.name}; the token selection goes "
                     "after the attention sublayer's residual add"
                 )
             layer.stream = layer.after
@@ -482,7 +482,7 @@ def _layers(gm: fx.GraphModule) -> list[_Layer]:
             x = n.args[0]
             if not gm.get_submodule(n.target).batch_first:
                 raise PreconditionError(
-                    f"TokenPrune: {n.target} is not batch_first; sequence pruning before a recurrent module reads "
+                    f"{n.target} is not batch_first; sequence pruning before a recurrent module reads "
                     "(batch, time, features)"
                 )
             found.append(_Layer("recurrent", n, x, n.prev))
@@ -509,6 +509,8 @@ def _score(gm: fx.GraphModule, layer: _Layer, i: int, score: str | Callable, new
         return node
     if score == "norm":
         return _call(g, new, token_norm, layer.stream, mask)
+    if score == "padding":
+        return _call(g, new, padding_score, layer.stream, mask)
     if layer.probs is not None:
         return _call(g, new, eager_received, layer.probs)
     if layer.op.op == "call_module":  # nn.MultiheadAttention: ask it for its weights

@@ -20,6 +20,7 @@ __all__ = [
     "attention_with_received",
     "probs_received",
     "token_norm",
+    "padding_score",
     "keep_count",
     "select_tokens",
     "gather_tokens",
@@ -114,6 +115,15 @@ def token_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tenso
     """The hidden state's L2 norm per token: (batch, tokens), -inf at padding."""
     valid = key_validity(mask, x.shape[0], x.shape[1])
     return torch.linalg.vector_norm(x.float(), dim=-1).masked_fill(~valid, -math.inf)
+
+
+def padding_score(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """0 per token, -inf at padding: what merging needs to know (nothing computed without a mask)."""
+    if mask is None:
+        return torch.zeros(x.shape[0], x.shape[1], device=x.device)
+    return torch.zeros(x.shape[0], x.shape[1], device=x.device).masked_fill(
+        ~key_validity(mask, x.shape[0], x.shape[1]), -math.inf
+    )
 
 
 def keep_count(tokens: int, rate: int, protected: int) -> int:

@@ -29,6 +29,7 @@ RULES = [
     (
         (
             tokens.token_norm,
+            tokens.padding_score,
             tokens.attention_with_received,
             tokens.eager_received,
             tokens.TokenScore,
