@@ -205,13 +205,15 @@ def merge_tokens(
     src = torch.topk(best, r, dim=-1).indices  # the A tokens merged away ...
     dst = partner.gather(1, src)  # ... into these B tokens
     dest = pos.expand(batch, tokens).scatter(1, 2 * src, 2 * dst + 1)  # where each token's mass goes
-    feat = x.shape[-1]
-    sums = torch.zeros_like(x).scatter_add(1, dest[..., None].expand(batch, tokens, feat), x * size[..., None])
-    sizes = torch.zeros_like(size).scatter_add(1, dest, size)
     gone = dest != pos
     idx = torch.topk(-(gone.long() * tokens + pos), tokens - r, dim=1).indices  # the rest, in order
-    sizes = sizes.gather(1, idx)
-    return gather_tokens(sums, idx, (1,)) / sizes[..., None], idx, sizes, dest
+    # (batch, kept, tokens): which kept token each token's mass goes to, weighted by its size
+    slot = torch.zeros_like(dest).scatter(1, idx, torch.arange(tokens - r, device=x.device).expand_as(idx))
+    into = slot.gather(1, dest)
+    weights = (into[:, None, :] == torch.arange(tokens - r, device=x.device)[None, :, None]).to(x.dtype)
+    weights = weights * size[:, None, :].to(x.dtype)
+    sizes = weights.sum(-1)
+    return (weights @ x) / sizes[..., None], idx, sizes.to(size.dtype), dest
 
 
 def proportional_mask(mask: torch.Tensor | None, size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
