@@ -29,7 +29,7 @@ from graphprune.ir.masking import resolve
 from graphprune.ir.tokens import SoftTokenMask
 from graphprune.ir.trace import ROOT_HOLDER
 from graphprune.passes import TokenPrune
-from graphprune.passes.token_prune import SOFT
+from graphprune.passes.token_prune import SOFT, restore_fused_attention
 
 __all__ = ["GroupLasso", "BNScaleL1", "TokenSparsity", "token_rates", "harden_tokens"]
 
@@ -149,6 +149,6 @@ def harden_tokens(model: nn.Module, calibration: Iterable, example_inputs, *, ma
     for name, module in list(plain.named_children()):
         if isinstance(module, SoftTokenMask):
             delattr(plain, name)
-    plain.recompile()
+    restore_fused_attention(plain)  # where no layer will read the scores
     schedule = {i: min(r, max_rate) for i, r in rates.items()}
     return compile(plain, [TokenPrune(schedule, score=first.score, keep=first.keep)], example_inputs=example_inputs)

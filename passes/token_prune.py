@@ -57,6 +57,7 @@ from graphprune.ir.tokens import (
     keep_count,
     key_metric,
     merge_tokens,
+    merged_away,
     mha_size_mask,
     padding_score,
     proportional_mask,
@@ -66,7 +67,7 @@ from graphprune.ir.tokens import (
 )
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
-__all__ = ["TokenPrune", "TokenThreshold", "SOFT"]
+__all__ = ["TokenPrune", "TokenThreshold", "SOFT", "restore_fused_attention"]
 SOFT = "graphprune_soft_token_mask"  # node meta of what TokenThreshold adds: the argument path standing for it
 
 aten = torch.ops.aten
@@ -174,7 +175,7 @@ class TokenPrune(PassBase):
         for i, rate in self.rates.items():
             kept_per_layer[i] = self._insert(gm, layers, i, round(rate * RATE_SCALE), state)
         gm.graph.lint()
-        gm.recompile()
+        restore_fused_attention(gm)
         try:
             _probe(gm, ctx.example_inputs)
         except Exception as exc:
@@ -246,7 +247,7 @@ class TokenPrune(PassBase):
                 continue
             target = replaced.get(node)
             if target is None:
-                target = self._follow(g, node, idx, dest, length, state, new, after=new[-1], layer=i)
+                target = _follow(g, node, idx, dest, length, state, new, after=new[-1], layer=i)
             if target is not None:
                 for u in users:
                     u.replace_input_with(node, target)
@@ -259,33 +260,9 @@ class TokenPrune(PassBase):
         state.current = (
             keep_count(before, rate, len(self.keep))
             if self.mode == "drop"
-            else before - min(before - keep_count(before, rate, 0), before // 2)
+            else before - merged_away(before, rate, len(self.keep))
         )
         return before, state.current
-
-    def _follow(self, g, node, idx, dest, length, state, new, after, layer) -> fx.Node | None:
-        """What replaces a value read after the cut: gathered along its token dims, the new length
-        for the old one; None for a value without a token dim."""
-        shape = state.shape(node)
-        if shape is None:
-            return None
-        a, b = shape
-        if isinstance(a, int):
-            if a == b == state.tokens:
-                return length
-            return None
-        dims = tuple(d for d in range(1, len(a)) if a[d] == b[d] == state.tokens)
-        if not dims:
-            return None
-        if a[0] == b[0] and a[0] != 1:
-            raise PreconditionError(
-                f"{node.name}, read after layer {layer}, has a token dim but no batch dim first "
-                f"(shape {tuple(a)}); only batch-first values can follow the kept tokens"
-            )
-        with g.inserting_after(after):
-            gathered = _call(g, new, gather_tokens, node, idx, dims, dest)
-        state.shapes[gathered] = shape
-        return gathered
 
 
 class TokenThreshold(PassBase):
@@ -412,6 +389,31 @@ def _log_weights_into_attention(gm: fx.GraphModule, layers: list[_Layer], weight
                     op.update_kwarg("attn_mask", mask)
 
 
+def _follow(g, node, idx, dest, length, state, new, after, layer) -> fx.Node | None:
+    """What replaces a value read after the cut: gathered along its token dims, the new length
+    for the old one; None for a value without a token dim."""
+    shape = state.shape(node)
+    if shape is None:
+        return None
+    a, b = shape
+    if isinstance(a, int):
+        if a == b == state.tokens:
+            return length
+        return None
+    dims = tuple(d for d in range(1, len(a)) if a[d] == b[d] == state.tokens)
+    if not dims:
+        return None
+    if a[0] == b[0] and a[0] != 1:
+        raise PreconditionError(
+            f"{node.name}, read after layer {layer}, has a token dim but no batch dim first "
+            f"(shape {tuple(a)}); only batch-first values can follow the kept tokens"
+        )
+    with g.inserting_after(after):
+        gathered = _call(g, new, gather_tokens, node, idx, dims, dest)
+    state.shapes[gathered] = shape
+    return gathered
+
+
 @dataclass
 class _State:
     shapes: dict
@@ -527,6 +529,22 @@ def _with_received(g: fx.Graph, op: fx.Node) -> fx.Node:
     op.replace_all_uses_with(out)
     g.erase_node(op)
     return both
+
+
+def restore_fused_attention(gm: fx.GraphModule) -> None:
+    """attention_with_received whose score nobody reads is scaled_dot_product_attention again (the
+    fused kernel; after a selection was hardened away or scheduled at rate 0)."""
+    g = gm.graph
+    for both in [n for n in g.nodes if n.op == "call_function" and n.target is attention_with_received]:
+        if any(u.target is not operator.getitem or u.args[1] != 0 for u in both.users):
+            continue
+        with g.inserting_before(both):
+            fused = g.call_function(aten.scaled_dot_product_attention.default, both.args, dict(both.kwargs))
+        for u in list(both.users):
+            u.replace_all_uses_with(fused)
+            g.erase_node(u)
+        g.erase_node(both)
+    gm.recompile()
 
 
 def _mask_of(layer: _Layer) -> fx.Node | None:

@@ -15,6 +15,7 @@ import graphprune as gp
 from graphprune.errors import ArgumentError, PreconditionError
 from graphprune.ir.tokens import (
     SoftTokenMask,
+    attention_with_received,
     gather_tokens,
     keep_count,
     merge_tokens,
@@ -356,5 +357,7 @@ def test_token_sparsity_raises_the_learned_thresholds():
     torch.testing.assert_close(run(hard, inputs), run(expected, inputs))
     leftovers = [n.name for n in hard.graph.nodes if SOFT in n.meta or n.target is proportional_mask]
     assert not leftovers  # the soft masks, their log weights in the attention and their products are gone
+    explicit = [n for n in hard.graph.nodes if n.target is attention_with_received]
+    assert len(explicit) == sum(r > 0 for r in after.values())  # other layers run the fused kernel again
     with pytest.raises(ArgumentError, match="soft token masks"):
         gp.TokenSparsity(model, 1.0)

@@ -22,6 +22,7 @@ __all__ = [
     "token_norm",
     "padding_score",
     "keep_count",
+    "merged_away",
     "select_tokens",
     "gather_tokens",
     "token_count",
@@ -131,6 +132,11 @@ def keep_count(tokens: int, rate: int, protected: int) -> int:
     return torch.sym_max(tokens - (tokens * rate) // RATE_SCALE, max(protected, 1))  # (symbolic in exports)
 
 
+def merged_away(tokens: int, rate: int, protected: int) -> int:
+    """Tokens a ToMe merge at `rate` (per million) removes: at most half of the unprotected ones."""
+    return torch.sym_min((tokens * rate) // RATE_SCALE, (tokens - protected) // 2)
+
+
 def _protected(tokens: int, keep: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(tokens,) bool: the leading and trailing positions `keep` names."""
     front, back = sum(p >= 0 for p in keep), sum(p < 0 for p in keep)
@@ -190,7 +196,7 @@ def merge_tokens(
     batch, tokens = x.shape[0], x.shape[1]
     if size is None:
         size = torch.ones(batch, tokens, dtype=x.dtype, device=x.device)
-    r = torch.sym_min((tokens * rate) // RATE_SCALE, (tokens - len(keep)) // 2)  # protected tokens never merge
+    r = merged_away(tokens, rate, len(keep))  # protected tokens never merge
     pos = torch.arange(tokens, device=x.device)
     if r <= 0:
         return x, pos.expand(batch, tokens), size, pos.expand(batch, tokens)
