@@ -5,7 +5,8 @@ L2 normalisation), so the pooling reads the kept tokens' mask: TokenPrune gather
 tokens.  Text: held-out chunks of the Python standard library's docstrings, exactly 128 or 512
 tokens each (no padding, so nothing is gained by dropping padding).  For each per-layer
 schedule (one rate per layer, the sequence-pruning convention; 0 = no pruning there) and each
-way of choosing (PoWER-BERT's attention received, the hidden state's norm, ToMe merging):
+way of choosing (PoWER-BERT's attention received, EViT's attention from the first token, the
+hidden state's norm, ToMe merging), and for thresholds learned LTP-style (TokenThreshold):
 the mean cosine of the sentence embeddings to the dense model's, MACs, and the end-to-end
 speedup at batch 1 and 8, dense and pruned timed interleaved in one process (median of the
 per-round ratios, with the 25-75 % range).
@@ -53,6 +54,7 @@ SCHEDULES = {
 }
 WAYS = {
     "drop, attention": dict(score="attention"),
+    "drop, cls attention": dict(score="cls_attention"),
     "drop, norm": dict(score="norm"),
     "merge (ToMe)": dict(mode="merge"),
 }

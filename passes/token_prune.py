@@ -13,8 +13,10 @@ after the attention sublayer's residual add, so the layer's feed-forward already
 kept tokens; before a recurrent module, it selects the time steps the module reads.
 
 Scores: "attention" (the attention a token receives from the real queries at that layer,
-averaged over heads), "norm" (the hidden state's L2 norm) or a function of the hidden states
-(batch, tokens, features) -> (batch, tokens).  Padded positions (read from the layer's
+averaged over heads: PoWER-BERT's; the scheduled layers then compute their attention explicitly,
+once, for the output and the score), "cls_attention" (the attention the first token pays it:
+EViT's, one query row, the fused attention kernel stays), "norm" (the hidden state's L2 norm) or
+a function of the hidden states (batch, tokens, features) -> (batch, tokens).  Padded positions (read from the layer's
 attention mask) are dropped before any real token; the `keep` positions ("cls" = the first
 token, "last", or indices from either end) are always kept; kept tokens stay in their order,
 so a classifier reading the first token reads the same token.
@@ -53,6 +55,7 @@ from graphprune.ir.tokens import (
     attention_with_received,
     dtype_of,
     eager_received,
+    first_token_attention,
     gather_tokens,
     keep_count,
     key_metric,
@@ -71,7 +74,7 @@ __all__ = ["TokenPrune", "TokenThreshold", "SOFT", "restore_fused_attention"]
 SOFT = "graphprune_soft_token_mask"  # node meta of what TokenThreshold adds: the argument path standing for it
 
 aten = torch.ops.aten
-SCORES = ("attention", "norm")
+SCORES = ("attention", "cls_attention", "norm")
 MODES = ("drop", "merge")
 _SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default, attention_with_received)
 _SOFTMAX = (torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default)
@@ -165,9 +168,9 @@ class TokenPrune(PassBase):
         if not self.rates:
             ctx.record(note="every rate is 0: no token selection inserted")
             return PassResult(gm, False)
-        if self.score == "attention" and any(layers[i].kind != "attention" for i in self.rates):
+        if self.score in ("attention", "cls_attention") and any(layers[i].kind != "attention" for i in self.rates):
             raise ArgumentError(
-                'TokenPrune score="attention" needs attention layers; use score="norm" for recurrent ones'
+                f'TokenPrune score="{self.score}" needs attention layers; use score="norm" for recurrent ones'
             )
         shapes = _probe(gm, ctx.example_inputs)
         state = _State(shapes)
@@ -513,6 +516,10 @@ def _score(gm: fx.GraphModule, layer: _Layer, i: int, score: str | Callable, new
         return _call(g, new, token_norm, layer.stream, mask)
     if score == "padding":
         return _call(g, new, padding_score, layer.stream, mask)
+    if score == "cls_attention":
+        if layer.q is None:
+            raise ArgumentError('score="cls_attention" reads the queries and keys of scaled_dot_product_attention')
+        return _call(g, new, first_token_attention, layer.q, layer.k, mask, layer.scale)
     if layer.probs is not None:
         return _call(g, new, eager_received, layer.probs)
     if layer.op.op == "call_module":  # nn.MultiheadAttention: ask it for its weights

@@ -73,6 +73,8 @@ def _bert_reference(model, inputs, rates: dict, score: str | None):
         if i in rates:
             if score == "attention":
                 s = (probs * valid[:, None, :, None]).sum(2).mean(1)
+            elif score == "cls_attention":
+                s = probs[:, :, 0].mean(1)
             else:
                 s = _by_position(a)
             s = s.masked_fill(~valid, -math.inf)
@@ -89,11 +91,11 @@ def _bert_reference(model, inputs, rates: dict, score: str | None):
 
 @pytest.mark.parametrize(
     "score, rates",
-    [("attention", {1: 0.3}), ("by_position", {0: 0.2, 1: 0.3})],
+    [("attention", {1: 0.3}), ("cls_attention", {0: 0.5}), ("by_position", {0: 0.2, 1: 0.3})],
 )
 def test_bert_equals_hand_reference_and_padding_goes_first(score, rates):
     model, inputs = _bert()
-    chosen = "attention" if score == "attention" else _by_position
+    chosen = _by_position if score == "by_position" else score
     pruned = gp.compile(model, [TokenPrune(rates, score=chosen)], example_inputs=inputs)
     with torch.no_grad():
         hidden, pooled, positions = _bert_reference(model, inputs, rates, score)
@@ -103,6 +105,8 @@ def test_bert_equals_hand_reference_and_padding_goes_first(score, rates):
     torch.testing.assert_close(out[1], pooled, rtol=1e-5, atol=1e-5)
     if score == "attention":  # 7 kept: the padded sentence keeps exactly its 7 real tokens
         assert positions[1].tolist() == list(range(7))
+    elif score == "cls_attention":  # 5 kept of 7 real
+        assert positions[1].max() < 7
     else:  # a score that prefers the padded (last) positions still drops them first
         assert positions[0].tolist() == [0, 5, 6, 7, 8, 9]  # 10 -> 8 -> 6, the first token kept throughout
         assert positions[1].tolist() == [0, 2, 3, 4, 5, 6]  # 7 real tokens: the padding went first

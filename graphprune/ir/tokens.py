@@ -20,6 +20,7 @@ __all__ = [
     "attention_with_received",
     "probs_received",
     "token_norm",
+    "first_token_attention",
     "padding_score",
     "keep_count",
     "merged_away",
@@ -110,6 +111,23 @@ def attention_with_received(
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return probs @ v, received
+
+
+def first_token_attention(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """EViT's token score: the attention the first token (the class token) pays each token,
+    averaged over heads, (batch, tokens), -inf at padding.  One query row: cheap next to the
+    attention itself.  q, k: (batch, heads, tokens, head_dim)."""
+    batch, tokens = k.shape[0], k.shape[-2]
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q[:, :, :1] @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None:
+        row = mask[..., :1, :] if mask.ndim == 4 else mask[:, None, None, :]
+        logits = logits.masked_fill(~row, -math.inf) if row.dtype == torch.bool else logits + row
+    probs = torch.softmax(logits.float(), dim=-1).mean(dim=1)[:, 0]
+    return probs.masked_fill(~key_validity(mask, batch, tokens), -math.inf)
 
 
 def token_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

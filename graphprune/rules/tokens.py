@@ -29,6 +29,7 @@ RULES = [
     (
         (
             tokens.token_norm,
+            tokens.first_token_attention,
             tokens.padding_score,
             tokens.attention_with_received,
             tokens.eager_received,
