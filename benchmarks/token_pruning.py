@@ -26,7 +26,6 @@ import sys
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -58,19 +57,6 @@ WAYS = {
     "drop, norm": dict(score="norm"),
     "merge (ToMe)": dict(mode="merge"),
 }
-
-
-class SentenceEncoder(nn.Module):
-    """MiniLM, mean pooling over the attention mask, L2 normalisation (sentence-transformers)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def docstrings() -> str:
@@ -140,7 +126,7 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     bert, tokenizer = minilm.load()
-    encoder = SentenceEncoder(bert).eval()
+    encoder = minilm.SentenceEncoder(bert).eval()
     texts = {n: chunks(tokenizer, n, args.held_out) for n in (128, 512)}
     example = {k: v[:2] for k, v in texts[128].items()}
     dense = encoder  # the user's model as it is (eager Hugging Face code): what the speedup is over

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 SENTENCES = [
     "The cat sits on the mat.",
@@ -63,3 +65,17 @@ def embed(model, inputs) -> torch.Tensor:
         hidden = model(**inputs).last_hidden_state
     mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+class SentenceEncoder(nn.Module):
+    """A BERT-family model, mean pooling over the attention mask, L2 normalisation (what
+    sentence-transformers computes), as one module: a pass sees the pooling too."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)

@@ -24,6 +24,7 @@ from graphprune.ir.tokens import (
 )
 from graphprune.passes import TokenPrune, TokenThreshold
 from graphprune.passes.token_prune import SOFT
+from tests import minilm
 from tests.helpers import run
 
 transformers = pytest.importorskip("transformers")
@@ -325,22 +326,9 @@ def test_token_threshold_is_the_identity_until_trained_then_hardens_to_its_rates
     assert not any(isinstance(m, SoftTokenMask) for m in hard.modules())
 
 
-class _MeanPooled(nn.Module):
-    """A sentence encoder: BERT, then a mean over the attention mask (an integer tensor)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1)
-
-
 def test_token_sparsity_raises_the_learned_thresholds():
     bert, inputs = _bert(2)
-    model = _MeanPooled(bert).eval()
+    model = minilm.SentenceEncoder(bert).eval()  # (mean pooling over an integer mask)
     soft = gp.compile(model, [TokenThreshold()], example_inputs=inputs)
     reg = gp.TokenSparsity(soft, 1.0)
     thresholds = [m.threshold for m in soft.modules() if isinstance(m, SoftTokenMask)]
