@@ -1,4 +1,5 @@
-"""The token selection that `TokenPrune` inserts into graphs: scores, selection, gathering, merging.
+"""What `TokenPrune` and `TokenThreshold` insert into graphs: token scores, selection, gathering,
+ToMe merging, LTP's soft masks.
 
 Every function here runs inside a pruned model's forward (fx emits calls to them), on a batch
 of sequences laid out (batch, tokens, ...).  A token's score is -inf where the attention mask
@@ -48,7 +49,9 @@ def _attended(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > MASKED
 
 
-def key_validity(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor:
+def key_validity(
+    mask: torch.Tensor | None, batch: int, tokens: int, device: torch.device | None = None
+) -> torch.Tensor:
     """(batch, tokens) bool: the keys a padding mask lets the real queries see.
 
     The mask is anything that broadcasts to (batch, heads, queries, keys) (or (batch, keys)).
@@ -57,7 +60,7 @@ def key_validity(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Te
     So a key is real when as many rows attend to it as to the most attended key.
     """
     if mask is None:
-        return torch.ones(batch, tokens, dtype=torch.bool)
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
     seen = _attended(mask)
     if seen.ndim == 2:
         seen = seen[:, None, None, :]
@@ -107,7 +110,7 @@ def attention_with_received(
     if mask is not None:
         logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
-    received = probs_received(probs, key_validity(attn_mask, batch, tokens))
+    received = probs_received(probs, key_validity(attn_mask, batch, tokens, q.device))
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return probs @ v, received
@@ -127,12 +130,12 @@ def first_token_attention(
         row = mask[..., :1, :] if mask.ndim == 4 else mask[:, None, None, :]
         logits = logits.masked_fill(~row, -math.inf) if row.dtype == torch.bool else logits + row
     probs = torch.softmax(logits.float(), dim=-1).mean(dim=1)[:, 0]
-    return probs.masked_fill(~key_validity(mask, batch, tokens), -math.inf)
+    return probs.masked_fill(~key_validity(mask, batch, tokens, q.device), -math.inf)
 
 
 def token_norm(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The hidden state's L2 norm per token: (batch, tokens), -inf at padding."""
-    valid = key_validity(mask, x.shape[0], x.shape[1])
+    valid = key_validity(mask, x.shape[0], x.shape[1], x.device)
     return torch.linalg.vector_norm(x.float(), dim=-1).masked_fill(~valid, -math.inf)
 
 
@@ -141,7 +144,7 @@ def padding_score(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
     if mask is None:
         return torch.zeros(x.shape[0], x.shape[1], device=x.device)
     return torch.zeros(x.shape[0], x.shape[1], device=x.device).masked_fill(
-        ~key_validity(mask, x.shape[0], x.shape[1]), -math.inf
+        ~key_validity(mask, x.shape[0], x.shape[1], x.device), -math.inf
     )
 
 
