@@ -43,10 +43,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from graphprune.arguments import choice
 from graphprune.errors import ArgumentError, PassError, PreconditionError
-from graphprune.ir.inputs import batch_of, eval_mode, positional_inputs, with_batch
+from graphprune.ir.inputs import batch_of, batched, eval_mode, positional_inputs, with_batch
 from graphprune.ir.tokens import (
     RATE_SCALE,
     SoftTokenMask,
@@ -173,7 +174,10 @@ class TokenPrune(PassBase):
                 f'TokenPrune score="{self.score}" needs attention layers; use score="norm" for recurrent ones'
             )
         shapes = _probe(gm, ctx.example_inputs)
-        state = _State(shapes)
+        first = layers[min(self.rates)].stream
+        tokens = shapes[first][0][1] if isinstance(shapes.get(first, (None,))[0], tuple) else 0
+        state = _State(shapes, _probe_shorter(gm, ctx.example_inputs, first, tokens))
+        state.lengths_rewritten = state.shorter is not None  # it ran at another length: no length is baked in
         kept_per_layer = {}
         for i, rate in self.rates.items():
             kept_per_layer[i] = self._insert(gm, layers, i, round(rate * RATE_SCALE), state)
@@ -212,7 +216,7 @@ class TokenPrune(PassBase):
                 f"with the batch first (shapes {stream_shape}); sequence-first layouts are not supported"
             )
         tokens, features = stream_shape[0][1], stream_shape[0][2]
-        if tokens == features:
+        if tokens == features and state.shorter is None:
             raise PreconditionError(
                 f"at layer {i} the sequence length equals the hidden width ({tokens}), so token dims "
                 "cannot be told apart from feature dims (in other values, in reshapes); give example inputs of another "
@@ -237,12 +241,16 @@ class TokenPrune(PassBase):
                 stream, idx, size, dest = (_call(g, new, operator.getitem, merged, j) for j in range(4))
             length = _call(g, new, token_count, stream)
         state.shapes[length] = (tokens, tokens)  # (shapes are kept in the unpruned graph's terms)
+        if state.shorter is not None:
+            state.shorter[length] = tokens - 1
         replaced = {layer.stream: stream}
         if state.size is not None and size is not None:  # merged again (in drop mode: gathered below)
             replaced[state.size] = size
         if size is not None and state.size is None:
             _log_weights_into_attention(gm, layers[i + 1 :], size)
             state.shapes[size] = tuple((s[0], s[1]) for s in stream_shape)
+            if state.shorter is not None:
+                state.shorter[size] = (stream_shape[0][0], tokens - 1)
         after_cut = {n for n in g.nodes if order.get(n, math.inf) > order[layer.after]} - set(new)
         for node in [n for n in g.nodes if order.get(n, math.inf) <= order[layer.after]]:
             users = [u for u in node.users if u in after_cut]
@@ -400,10 +408,8 @@ def _follow(g, node, idx, dest, length, state, new, after, layer) -> fx.Node | N
         return None
     a, b = shape
     if isinstance(a, int):
-        if a == b == state.tokens:
-            return length
-        return None
-    dims = tuple(d for d in range(1, len(a)) if a[d] == b[d] == state.tokens)
+        return length if state.is_token(node, a == b == state.tokens) else None
+    dims = tuple(d for d in range(1, len(a)) if state.is_token(node, a[d] == b[d] == state.tokens, d))
     if not dims:
         return None
     if a[0] == b[0] and a[0] != 1:
@@ -413,13 +419,14 @@ def _follow(g, node, idx, dest, length, state, new, after, layer) -> fx.Node | N
         )
     with g.inserting_after(after):
         gathered = _call(g, new, gather_tokens, node, idx, dims, dest)
-    state.shapes[gathered] = shape
+    state.same_as(gathered, node)
     return gathered
 
 
 @dataclass
 class _State:
-    shapes: dict
+    shapes: dict  # node -> (shape or int on the example inputs, the same with one more sequence)
+    shorter: dict | None = None  # node -> shape or int with sequences one token shorter (None: not run)
     tokens: int = 0  # the sequence length in the unpruned graph
     current: int = 0  # kept so far (for the record)
     size: fx.Node | None = None  # merged tokens' sizes
@@ -427,6 +434,24 @@ class _State:
 
     def shape(self, node):
         return self.shapes.get(node)
+
+    def same_as(self, node: fx.Node, like: fx.Node) -> None:
+        """A node added with the shapes of another (kept in the unpruned graph's terms)."""
+        self.shapes[node] = self.shapes[like]
+        if self.shorter is not None and like in self.shorter:
+            self.shorter[node] = self.shorter[like]
+
+    def is_token(self, node: fx.Node, by_size: bool, dim: int | None = None) -> bool:
+        """Whether a value (dim `dim` of a tensor, or an int) is the token count: where the graph ran
+        one token shorter, because it shrank by one; otherwise because its size equals it."""
+        if self.shorter is None:
+            return by_size
+        short = self.shorter.get(node)
+        if short is None:
+            return False
+        value = short if dim is None else short[dim]
+        full = self.shapes[node][0] if dim is None else self.shapes[node][0][dim]
+        return full == self.tokens and value == self.tokens - 1
 
 
 def _call(g: fx.Graph, new: list, fn, *args) -> fx.Node:
@@ -633,6 +658,27 @@ class _Recorder(fx.Interpreter):
         elif isinstance(out, (int, torch.SymInt)) and not isinstance(out, bool):
             self.seen[n] = int(out)
         return out
+
+
+def _probe_shorter(gm: fx.GraphModule, example_inputs, stream: fx.Node, tokens: int) -> dict[fx.Node, Any] | None:
+    """Every node's shape (or int value) with the sequences (dim 1 of the batched inputs of two or
+    more dims) one token shorter; None where the graph does not run so, or its hidden states then
+    do not lose that token (images, a fixed length)."""
+    batch = batch_of(example_inputs)
+
+    def cut(t):
+        if not batched(t, batch) or t.ndim < 2 or t.shape[1] < 3:
+            return t
+        return t[:, : t.shape[1] - 1]
+
+    rec = _Recorder(gm)
+    try:
+        with eval_mode(gm), torch.no_grad():
+            rec.run(*positional_inputs(gm, pytree.tree_map(cut, example_inputs)))
+    except Exception:
+        return None
+    seen = rec.seen.get(stream)
+    return rec.seen if isinstance(seen, tuple) and len(seen) == 3 and seen[1] == tokens - 1 else None
 
 
 def _probe(gm: fx.GraphModule, example_inputs, dtypes: dict | None = None) -> dict[fx.Node, tuple]:

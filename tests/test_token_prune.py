@@ -235,27 +235,32 @@ def test_timm_equals_hand_reference():
 
 
 class _LstmClassifier(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, embed: int = 12) -> None:
         super().__init__()
-        self.embed = nn.Linear(8, 12)
-        self.lstm = nn.LSTM(12, 16, batch_first=True)
-        self.head = nn.Linear(16, 10)
+        self.embed = nn.Sequential(nn.Linear(8, embed), nn.ReLU()) if embed else nn.Identity()
+        self.lstm = nn.LSTM(embed or 8, 16, batch_first=True)
+        self.head = nn.Linear(8, 10)
 
     def forward(self, x):
-        out, _ = self.lstm(torch.relu(self.embed(x)))
-        return self.head(out.mean(dim=1))
+        out, _ = self.lstm(self.embed(x))
+        return self.head(self.fold(out.mean(dim=1)))
+
+    @staticmethod
+    def fold(h):
+        return h.reshape(-1, 2, 8).sum(1)  # a literal 8 after the LSTM that is not the length
 
 
-def test_lstm_time_steps_before_the_recurrent_layer():
+@pytest.mark.parametrize("embed", [12, 0])  # 0: the LSTM reads the 8 x 8 rows, as many steps as features
+def test_lstm_time_steps_before_the_recurrent_layer(embed):
     torch.manual_seed(0)
-    model = _LstmClassifier().eval()
+    model = _LstmClassifier(embed).eval()
     x = torch.randn(4, 8, 8)
     pruned = gp.compile(model, [TokenPrune([0.25], score="norm", keep=())], example_inputs=(x,))
     with torch.no_grad():
-        e = torch.relu(model.embed(x))
+        e = model.embed(x)
         idx = e.norm(dim=-1).topk(6, dim=1).indices.sort(dim=1).values
-        e = torch.gather(e, 1, idx[..., None].expand(-1, -1, 12))
-        expected = model.head(model.lstm(e)[0].mean(dim=1))
+        e = torch.gather(e, 1, idx[..., None].expand(-1, -1, e.shape[-1]))
+        expected = model.head(model.fold(model.lstm(e)[0].mean(dim=1)))
         torch.testing.assert_close(pruned(x), expected)
     with pytest.raises(ArgumentError, match="recurrent"):
         gp.compile(model, [TokenPrune([0.25])], example_inputs=(x,))  # attention scores need attention
