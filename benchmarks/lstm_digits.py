@@ -28,7 +28,6 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import graphprune as gp  # noqa: E402
-from graphprune.errors import PreconditionError  # noqa: E402
 from graphprune.passes import ActivationScore, ChannelMask, L2Score, Shrink, TaylorScore, TokenPrune  # noqa: E402
 from tests import digits  # noqa: E402
 
@@ -128,23 +127,13 @@ def hidden_unit_rows(model: nn.Module, data: Data, ratios: list[float]) -> list[
 def time_step_rows(model: nn.Module, data: Data, ratios: list[float]) -> list[dict]:
     """Time steps (rows of the image) dropped before the LSTM by TokenPrune, lowest input norm
     first, the kept ones in order: accuracy one-shot and after fine-tuning the pruned model (the
-    same epochs and learning rate as the hidden units), MACs on the full 8-row inputs.
-
-    The digits have as many rows as pixels per row (8), so on them TokenPrune cannot tell the time
-    dim from the feature dim and refuses; as its error says, the example inputs then have another
-    length (the first 7 rows), and the pruned model is checked on the 8-row inputs against a hand
-    reference (the LSTM run on the kept rows)."""
+    same epochs and learning rate as the hidden units), MACs on the full 8-row inputs.  Each pruned
+    model is checked against a hand reference (the LSTM run on the kept rows)."""
     x = data.example
     macs = gp.count_macs(model, x)
     rows = []
     for ratio in ratios:
-        example, note = x, None
-        try:
-            pruned = gp.compile(model, [TokenPrune([ratio], score="norm", keep=())], example_inputs=example)
-        except PreconditionError as exc:
-            note = str(exc)
-            example = (x[0][:, :7],)
-            pruned = gp.compile(model, [TokenPrune([ratio], score="norm", keep=())], example_inputs=example)
+        pruned = gp.compile(model, [TokenPrune([ratio], score="norm", keep=())], example_inputs=x)
         kept = 8 - int(8 * ratio)
         idx = data.test_x.norm(dim=-1).topk(kept, dim=1).indices.sort(dim=1).values
         reference = model(data.test_x.gather(1, idx[..., None].expand(-1, -1, 8)))
@@ -164,8 +153,6 @@ def time_step_rows(model: nn.Module, data: Data, ratios: list[float]) -> list[di
                 "fine_tuned": accuracy(pruned, data),
                 "params": gp.count_params(pruned) / gp.count_params(model),
                 "macs": gp.count_macs(pruned, x) / macs,
-                "example_steps": example[0].shape[1],
-                "note": note,
             }
         )
     return rows
