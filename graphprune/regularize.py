@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from graphprune.arguments import fraction
 from graphprune.compile import analyze, compile
 from graphprune.errors import ArgumentError, GraphPruneError
 from graphprune.ir.inputs import calibration_batches, call_with, eval_mode
@@ -135,6 +136,7 @@ def token_rates(model: nn.Module, calibration: Iterable) -> dict[int, float]:
 def harden_tokens(model: nn.Module, calibration: Iterable, example_inputs, *, max_rate: float = 0.95) -> nn.Module:
     """A model trained with TokenThreshold, its soft masks removed and its tokens pruned by
     `TokenPrune` at the rates the learned thresholds give on `calibration` (capped at max_rate)."""
+    max_rate = fraction(max_rate, "harden_tokens max_rate")
     rates = token_rates(model, calibration)
     plain = copy.deepcopy(model)
     first = next(m for m in plain.modules() if isinstance(m, SoftTokenMask))

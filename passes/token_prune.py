@@ -295,9 +295,17 @@ class TokenThreshold(PassBase):
         temperature: float = 0.1,
         init: float = 0.0,
     ) -> None:
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not (number(temperature) and temperature > 0):
             raise ArgumentError(f"TokenThreshold temperature must be > 0, got {temperature!r}")
-        self.layers = None if layers is None else [int(i) for i in layers]
+        if not number(init):
+            raise ArgumentError(f"TokenThreshold init (the thresholds' start) must be a number, got {init!r}")
+        if layers is not None and (
+            isinstance(layers, (str, int))
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+        ):
+            raise ArgumentError(f"TokenThreshold layers must be a list of layer indices >= 0, got {layers!r}")
+        self.layers = None if layers is None else list(layers)
         self.score = score if callable(score) else choice(score, "TokenThreshold score", SCORES)
         self.keep, self.temperature, self.init = _keep_positions(keep), float(temperature), float(init)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
-from graphprune.errors import ArgumentError, PreconditionError
+from graphprune.errors import ArgumentError, GraphPruneError, PreconditionError
 from graphprune.ir.tokens import (
     SoftTokenMask,
     attention_with_received,
@@ -25,7 +25,7 @@ from graphprune.ir.tokens import (
 from graphprune.passes import TokenPrune, TokenThreshold
 from graphprune.passes.token_prune import SOFT
 from tests import minilm
-from tests.helpers import run
+from tests.helpers import assert_same_state, run, state
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -296,10 +296,32 @@ def test_save_and_load_replays_the_selection(tmp_path):
     assert summary.macs[1] < summary.macs[0]
 
 
-def test_bad_arguments_are_named():
+def test_bad_arguments_are_named_and_failures_leave_the_model_and_files_as_they_were(tmp_path):
     model, inputs = _bert(2)
+    before = state(model)
     with pytest.raises(ArgumentError, match="2 attention layer"):
         gp.compile(model, [TokenPrune([0.3, 0.2, 0.1])], example_inputs=inputs)
+    with pytest.raises(ArgumentError, match="cls_attention"):  # a score that needs attention, on an LSTM
+        gp.compile(
+            _LstmClassifier().eval(), [TokenPrune([0.3], score="cls_attention")], example_inputs=(torch.randn(2, 8, 8),)
+        )
+    with pytest.raises(ArgumentError, match="layers"):
+        TokenThreshold(layers=["0"])
+    with pytest.raises(ArgumentError, match="init"):
+        TokenThreshold(init="low")
+    with pytest.raises(ArgumentError, match="temperature"):
+        TokenThreshold(temperature=0)
+    with pytest.raises(ArgumentError, match="soft token masks"):
+        gp.harden_tokens(model, [(inputs, None)], example_inputs=inputs)
+    soft = gp.compile(model, [TokenThreshold(layers=[1])], example_inputs=inputs)
+    with pytest.raises(ArgumentError, match="max_rate"):
+        gp.harden_tokens(soft, [(inputs, None)], example_inputs=inputs, max_rate=1.5)
+    assert_same_state(before, model)  # (compile works on a copy; harden_tokens on a copy of the soft model)
+    assert type(model) is transformers.BertModel
+    target = tmp_path / "soft"
+    with pytest.raises(GraphPruneError):  # soft masks are a training state: no plan step to replay
+        gp.save(soft, target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(ArgumentError, match=r"\[0, 1\)"):
         TokenPrune([1.0, 0])
     with pytest.raises(ArgumentError, match="halves"):
