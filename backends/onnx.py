@@ -28,7 +28,15 @@ from torch.utils import _pytree as pytree
 
 from graphprune.arguments import choice, fraction, positive_int
 from graphprune.errors import ArgumentError, GraphPruneError, VerificationError
-from graphprune.ir.inputs import batch_of, batched, call_with, check_example_inputs, eval_mode, with_batch
+from graphprune.ir.inputs import (
+    batch_of,
+    batched,
+    call_with,
+    check_example_inputs,
+    eval_mode,
+    with_batch,
+    with_shorter_sequences,
+)
 from graphprune.timing import interleaved
 
 logger = logging.getLogger(__name__)
@@ -153,18 +161,6 @@ def _export_torchscript(model, inputs, tmp, input_names, output_names, opset, dy
             dynamic_axes=axes,
             dynamo=False,
         )
-
-
-def _shorter(inputs: tuple | dict) -> tuple | dict:
-    """The inputs with their sequences (dim 1 of batched inputs) cut by a quarter."""
-    size = batch_of(inputs)
-
-    def cut(t):
-        if not batched(t, size) or t.ndim < 2 or t.shape[1] < 4:
-            return t
-        return t[:, : t.shape[1] - t.shape[1] // 4]
-
-    return pytree.tree_map(cut, inputs)
 
 
 def _sparsify(onnx, proto, min_sparsity: float, min_size: int = 256) -> int:
@@ -350,7 +346,7 @@ def export(
                 if dynamic_batch and batch_of(example_inputs):
                     checks.append(with_batch(example_inputs, batch_of(example_inputs) + 3))
                 if dynamic_sequence:
-                    checks.append(_shorter(example_inputs))
+                    checks.append(with_shorter_sequences(example_inputs))
                 max_abs = max_rel = 0.0
                 for inputs in checks:
                     expected = _run_torch(model, inputs)

@@ -43,11 +43,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from graphprune.arguments import choice
 from graphprune.errors import ArgumentError, PassError, PreconditionError
-from graphprune.ir.inputs import batch_of, batched, eval_mode, positional_inputs, with_batch
+from graphprune.ir.inputs import batch_of, eval_mode, positional_inputs, with_batch, with_shorter_sequences
 from graphprune.ir.tokens import (
     RATE_SCALE,
     SoftTokenMask,
@@ -672,17 +671,10 @@ def _probe_shorter(gm: fx.GraphModule, example_inputs, stream: fx.Node, tokens: 
     """Every node's shape (or int value) with the sequences (dim 1 of the batched inputs of two or
     more dims) one token shorter; None where the graph does not run so, or its hidden states then
     do not lose that token (images, a fixed length)."""
-    batch = batch_of(example_inputs)
-
-    def cut(t):
-        if not batched(t, batch) or t.ndim < 2 or t.shape[1] < 3:
-            return t
-        return t[:, : t.shape[1] - 1]
-
     rec = _Recorder(gm)
     try:
         with eval_mode(gm), torch.no_grad():
-            rec.run(*positional_inputs(gm, pytree.tree_map(cut, example_inputs)))
+            rec.run(*positional_inputs(gm, with_shorter_sequences(example_inputs, 1)))
     except Exception:
         return None
     seen = rec.seen.get(stream)

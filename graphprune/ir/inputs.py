@@ -180,6 +180,20 @@ def with_batch(inputs: tuple | dict, batch: int) -> tuple | dict:
     return pytree.tree_map(resize, inputs)
 
 
+def with_shorter_sequences(inputs: tuple | dict, by: int | None = None) -> tuple | dict:
+    """The inputs with their sequences (dim 1 of batched inputs of two or more dims) `by` tokens
+    shorter (a quarter of them when None); sequences that would keep fewer than two stay."""
+    current = batch_of(inputs)
+
+    def cut(t: Any) -> Any:
+        if not batched(t, current) or t.ndim < 2:
+            return t
+        drop = t.shape[1] // 4 if by is None else by
+        return t[:, : t.shape[1] - drop] if drop > 0 and t.shape[1] - drop >= 2 else t
+
+    return pytree.tree_map(cut, inputs)
+
+
 def batch_of(inputs: tuple | dict) -> int | None:
     """The batch size: dim 0 of the first tensor input."""
     tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]

@@ -294,8 +294,7 @@ def custom_score(fn: Callable, x: torch.Tensor, mask: torch.Tensor | None) -> to
             f"a TokenPrune score function must return (batch, tokens) = {tuple(x.shape[:2])}, got "
             f"{getattr(score, 'shape', type(score).__name__)}"
         )
-    norm = token_norm(x, mask)
-    return score.float().masked_fill(norm == -math.inf, -math.inf)
+    return score.float().masked_fill(~key_validity(mask, x.shape[0], x.shape[1], x.device), -math.inf)
 
 
 class TokenScore(nn.Module):
