@@ -22,8 +22,9 @@ from graphprune.hf import express_config
 from graphprune.ir.inputs import check_example_inputs, check_fits, on_meta, to_meta
 from graphprune.ir.masking import attach_masks, channel_masked, detach_masks, masks_of
 from graphprune.ir.norms import sync_masked_ops
+from graphprune.ir.partial import UNTRACED, untraced_note
 from graphprune.ir.shadow import deepcopy_model, shadow
-from graphprune.ir.trace import ROOT_HOLDER, trace
+from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY, trace
 from graphprune.ir.verify import check_runs, run_outputs
 from graphprune.memo import forget, recall, remember
 from graphprune.pipeline import PassContext, PassRecord, Pipeline
@@ -104,6 +105,15 @@ def _compile(
     ctx = PassContext(example_inputs, verify=verify)
     recalled, deps = (recall(model, ahead, leaf_modules, example_inputs) if recall_graph else None) or (None, None)
     gm, outputs = _trace(ahead, leaf_modules, example_inputs, recalled=recalled)
+    partial = gm.meta.get(TRACED_BY) == "partial"
+    if partial and output == "graph":
+        raise ArgumentError(
+            f"output='graph': {type(model).__name__} was traced in regions (its own forward is not traceable), and "
+            "that graph computes the regions' outputs on the example inputs only; use output='auto' or 'module'"
+        )
+    note = untraced_note(gm) if gm.meta.get(UNTRACED) else None
+    if note and all(r.details.get("note") != note for r in getattr(model, REPORT_ATTR, [])):
+        ctx.records.append(PassRecord("tracing", details={"note": note}))
     if deps is not None:
         ctx.put(deps)
     if any(masks_of(m) for m in gm.modules()):  # masks from an earlier compile: LayerNorms and means over
@@ -132,7 +142,7 @@ def _compile(
     if landing.model is None:
         if recalled is not None and landing.compared:  # perhaps the forward changed since it was traced
             return None
-        if output == "module":
+        if output == "module" or partial:  # (a graph of regions is no model to return)
             raise GraphPruneError(
                 f"the result cannot be written back into {type(source or model).__name__}: {landing.reason}"
             )
@@ -156,7 +166,9 @@ def graph_of(
     """The graph compile() would work on (the leaf modules the model was compiled with included),
     traced from a shadow: `model` is not changed.  `dynamic=False` exports at the example shapes only."""
     leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
-    return _trace(shadow(model)[0], leaf_modules, check_example_inputs(example_inputs), dynamic)[0]
+    example_inputs, ahead = check_example_inputs(example_inputs), shadow(model)[0]
+    recalled = recall(model, ahead, leaf_modules, example_inputs) if dynamic else None  # (compile() remembers)
+    return _trace(ahead, leaf_modules, example_inputs, dynamic, recalled=recalled[0] if recalled else None)[0]
 
 
 def analyze(model: nn.Module, example_inputs: tuple | dict, leaf_modules: Iterable[type] = ()) -> Dependencies:

@@ -20,7 +20,7 @@ import copy
 import logging
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphprune.analysis.dependency import Dependencies
+from graphprune.ir.partial import BOUNDARY, UNTRACED
 from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY
 
 __all__ = ["remember", "recall", "forget"]
@@ -45,6 +46,7 @@ class _Memo:
     root_tensors: dict[str, torch.Tensor]  # tensors only the graph holds (hoisted constants)
     root_modules: dict[str, nn.Module]  # modules only the graph holds (torch.export's input guards)
     dependencies: Dependencies | None
+    meta: dict = field(default_factory=dict)  # a graph of regions: its boundary and what is not traced
 
 
 _MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
@@ -58,7 +60,8 @@ def _signature(value) -> tuple:
     )
 
 
-def _key(model: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict) -> tuple:
+def _key(model: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict, values: bool = False) -> tuple:
+    """`values`: the example inputs' values count too (a graph of regions holds values computed from them)."""
     structure = tuple(
         (
             path,
@@ -73,7 +76,12 @@ def _key(model: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple |
     config = getattr(model, "config", None)
     config = repr(config.to_dict()) if hasattr(config, "to_dict") else None
     code = model.code if isinstance(model, fx.GraphModule) else None  # a graph module is its graph
-    return structure, config, code, tuple(leaf_modules), _signature(example_inputs)
+    inputs = _signature(example_inputs)
+    if values:
+        inputs += (
+            tuple(float(t.double().sum()) for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor)),
+        )
+    return structure, config, code, tuple(leaf_modules), inputs
 
 
 def remember(
@@ -94,13 +102,14 @@ def remember(
     root_tensors = {} if holder is None else {k: t for k, t in holder.named_buffers() if "." not in k}
     root_tensors.update({} if holder is None else {k: t for k, t in holder.named_parameters() if "." not in k})
     memo = _Memo(
-        _key(model, leaf_modules, example_inputs),
+        _key(model, leaf_modules, example_inputs, values=gm.meta.get(TRACED_BY) == "partial"),
         copy.deepcopy(gm.graph),
         type(gm).__name__,
         gm.meta.get(TRACED_BY),
         root_tensors,
         {k: m for k, m in gm.named_children() if k not in model._modules and k != ROOT_HOLDER},
         dependencies,
+        {k: gm.meta[k] for k in (BOUNDARY, UNTRACED) if k in gm.meta},
     )
     with _LOCK:
         _MEMOS[model] = memo
@@ -122,7 +131,7 @@ def recall(
         memo = _MEMOS.get(model)
     if memo is None:
         return None
-    if memo.key != _key(model, leaf_modules, example_inputs):
+    if memo.key != _key(model, leaf_modules, example_inputs, values=memo.traced_by == "partial"):
         forget(model)
         return None
     if memo.graph is None:
@@ -154,5 +163,6 @@ def recall(
     if memo.root_tensors:
         setattr(gm, ROOT_HOLDER, holder)
     gm.meta[TRACED_BY] = memo.traced_by
+    gm.meta.update(memo.meta)
     gm.training = shadow.training
     return gm, memo.dependencies

@@ -28,6 +28,7 @@ from graphprune.ir.inputs import batch_of, with_batch
 from graphprune.ir.masking import channel_masked, masks_of, register_mask, sync_recurrent, unregister_masks
 from graphprune.ir.modules import MaskedLayerNorm, set_layer_norm_class
 from graphprune.ir.norms import masked_layer_norm, masked_reduce
+from graphprune.ir.partial import BOUNDARY, boundary_values
 from graphprune.ir.shadow import Snapshot, own_class
 from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY, no_cache
 from graphprune.ir.verify import mismatch, module_of, run_outputs
@@ -262,7 +263,9 @@ def land(
         return Landing(None, reason)
     snapshot = Snapshot(work)
     try:
-        if id(gm) in origin or (origin and gm.meta.get(TRACED_BY) == "fx"):  # the graph holds shadows of work's modules
+        if id(gm) in origin or (
+            origin and gm.meta.get(TRACED_BY) in ("fx", "partial")
+        ):  # the graph holds shadows of work's modules
             _transplant(work, gm, origin)
         else:
             _by_name(work, gm)
@@ -287,6 +290,12 @@ def land(
 
 
 def _compare(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple | dict, known: Any = None) -> str | None:
+    if BOUNDARY in gm.meta:  # a graph of regions: their outputs in the model, on the example inputs
+        try:
+            expected, got = boundary_values(work, gm, example_inputs)
+        except Exception as exc:
+            return _why(exc)
+        return mismatch(list(expected), got)
     for inputs, expected in ((example_inputs, known), (_second_inputs(example_inputs), None)):
         if inputs is None:
             continue

@@ -84,28 +84,45 @@ def test_passes_must_be_passes():
 
 
 def test_untraceable_model_error_names_construct_and_fix():
-    model = models.Untraceable()
+    class NoParts(nn.Module):  # its own forward branches on values and it calls no module: nothing traces
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 1, 1))
+
+        def forward(self, x):
+            y = x * self.weight
+            if y.sum() > 0:
+                return y
+            return -y
+
+    model = NoParts()
     before = state(model)
     with pytest.raises(gp.TraceError) as info:
         gp.compile(model, [L2Score()], example_inputs=(torch.randn(1, 3, 4, 4),))
     msg = str(info.value)
-    assert "if y.sum() > 0" in msg and "leaf_modules" in msg
+    assert "if y.sum() > 0" in msg and "leaf_modules" in msg and "in parts failed too" in msg
     assert_same_state(before, model)
 
 
-def test_untraceable_submodule_can_be_made_a_leaf():
+def test_untraceable_submodule_stays_a_call_named_in_the_summary():
     class Outer(nn.Module):
         def __init__(self):
             super().__init__()
+            self.pre = nn.Conv2d(3, 3, 1)
             self.inner = models.Untraceable()
             self.post = nn.Conv2d(4, 2, 1)
 
         def forward(self, x):
-            return self.post(self.inner(x))
+            return self.post(self.inner(self.pre(x)))
 
     x = (torch.randn(1, 3, 4, 4),)
-    with pytest.raises(gp.TraceError, match=r"inner.*Untraceable"):
-        gp.compile(Outer(), [L2Score()], example_inputs=x)
+    model = Outer()
+    out = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    assert type(out) is Outer
+    torch.testing.assert_close(run(out, x), run(model, x))
+    text = str(gp.summary(model, out, x))
+    assert "inner" in text and "if y.sum() > 0" in text and "runs untraced" in text
+    # the leaf class given by hand works as before
     out = gp.compile(
         Outer(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x, leaf_modules=[models.Untraceable]
     )

@@ -23,6 +23,7 @@ from graphprune.analysis.sizes import SIZE_ARITH, DimSize, read_size, reads_size
 from graphprune.ir.inputs import clone_inputs, eval_mode, positional_inputs
 from graphprune.ir.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like, squeeze_constant
 from graphprune.ir.masking import is_maskable, resolve
+from graphprune.ir.partial import BOUNDARY, UNTRACED
 from graphprune.ir.weight_ops import weight_ops
 from graphprune.rules import base as rules
 from graphprune.rules.base import OpCall, ParamRef, ParamView, iter_label_tensors, map_tensors, param_view
@@ -191,7 +192,8 @@ class _Propagator(fx.Interpreter):
         lab_args = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
         lab_kwargs = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
         if n.op == "output":
-            for arg, lab in zip(_flat_nodes(n.args[0]), _flat_nodes(lab_args[0])):
+            boundary = self.module.meta.get(BOUNDARY)  # a graph of regions: why each output is one
+            for i, (arg, lab) in enumerate(zip(_flat_nodes(n.args[0]), _flat_nodes(lab_args[0]))):
                 for t in iter_label_tensors(lab):
                     dims = labeled_dims(t)
                     self.space.freeze(
@@ -199,7 +201,7 @@ class _Propagator(fx.Interpreter):
                         FreezeSite(
                             "output",
                             n.name,
-                            "reaches a model output",
+                            boundary[i][3] if boundary else "reaches a model output",
                             arg.name if isinstance(arg, fx.Node) else None,
                             dims[0] if len(dims) == 1 else None,
                             where,
@@ -246,7 +248,9 @@ class _Propagator(fx.Interpreter):
             result = followed
         elif rule is None:
             if has_labels:
-                call.freeze_inputs("no_rule", f"no rule for {_target_name(n, module)}")
+                untraced = self.module.meta.get(UNTRACED, {}).get(n.target) if n.op == "call_module" else None
+                why = f"runs untraced ({untraced})" if untraced else f"no rule for {_target_name(n, module)}"
+                call.freeze_inputs("no_rule", why)
             result = call.out_none()
         else:
             try:

@@ -6,7 +6,6 @@ import contextlib
 import inspect
 import logging
 import threading
-import traceback
 import warnings
 from typing import Iterable
 
@@ -17,6 +16,8 @@ from torch.utils import _pytree as pytree
 
 from graphprune.errors import ArgumentError, TraceError
 from graphprune.ir.inputs import batch_of, batched, call_with, with_batch
+from graphprune.ir.partial import UNTRACED, trace_regions, untraced_why
+from graphprune.ir.tracer import Tracer, broke_in, user_frame
 
 logger = logging.getLogger(__name__)
 
@@ -26,53 +27,6 @@ __all__ = ["trace", "no_cache", "TRACE_LOCK", "TRACED_BY"]
 # at once in two threads would leave them patched for good.  One trace at a time per process.
 TRACE_LOCK = threading.RLock()
 TRACED_BY = "graphprune_traced_by"  # gm.meta key: "fx", "export" or "export-static"
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaf_modules: tuple[type, ...]) -> None:
-        super().__init__()
-        self.leaf_types = leaf_modules
-        self.record_stack_traces = True  # nodes keep the source line they came from (for messages)
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
-        if type(m).__module__.startswith("graphprune.") and not getattr(m, "graphprune_traced_through", False):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            self.path_of_module(m)
-        except NameError:
-            # a module of another model, run by another thread while this one traces (fx patches
-            # nn.Module.__call__ for the whole process): run it as if nothing were patched
-            if not _holds_proxy((args, kwargs)):
-                return forward(*args, **kwargs)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:
-            if not hasattr(exc, "_graphprune_module"):
-                try:
-                    exc._graphprune_module = (self.path_of_module(m), type(m).__name__)
-                except Exception:
-                    pass
-            raise
-
-
-def _holds_proxy(value) -> bool:
-    found = []
-    fx.node.map_aggregate(value, lambda a: found.append(a) if isinstance(a, fx.Proxy) else None)
-    return bool(found)
-
-
-def _user_frame(exc: BaseException) -> str:
-    """The innermost frame of the traceback that is not inside torch (the construct that broke)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        if "/torch/" not in frame.filename and "/graphprune/" not in frame.filename:
-            return f"{frame.filename}:{frame.lineno}: {frame.line}"
-    return "unknown location"
 
 
 def _concrete_args(model: nn.Module, example_inputs: tuple | dict | None) -> dict | None:
@@ -140,9 +94,11 @@ def _export(model: nn.Module, example_inputs: tuple | dict, dynamic: bool = True
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
     with no_cache(model):
         if dynamic:
-            gm = _export_dynamic(model, example_inputs)
+            gm, failure = _export_dynamic(model, example_inputs)
             if gm is not None:
                 return gm, ""
+            if _data_dependent(failure):  # a branch on tensor values: static shapes cannot help
+                return None, _first_line(failure)
         try:  # the shapes of the example inputs, and only those
             gm = torch.export.export(model, args, kwargs, strict=False).module()
             gm.meta[TRACED_BY] = "export-static"
@@ -155,11 +111,22 @@ def _export(model: nn.Module, example_inputs: tuple | dict, dynamic: bool = True
             return gm, ""
         except Exception as exc:
             logger.info("torch.export failed: %s", exc)
-            return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            return None, _first_line(exc)
 
 
-def _export_dynamic(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphModule | None:
-    """The export with a dynamic batch and sequence length, if it runs on the example inputs themselves."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _data_dependent(exc: BaseException | None) -> bool:
+    """torch.export met Python control flow on tensor values (`if x.sum() > 0`, NMS output sizes)."""
+    return exc is not None and ("DataDependent" in type(exc).__name__ or "data-dependent" in str(exc))
+
+
+def _export_dynamic(model: nn.Module, example_inputs: tuple | dict) -> tuple[fx.GraphModule | None, Exception | None]:
+    """The export with a dynamic batch and sequence length, if it runs on the example inputs
+    themselves; else None, and the exception torch.export raised if it did."""
     try:
         traced = (
             with_batch(example_inputs, 2) if batch_of(example_inputs) == 1 else example_inputs
@@ -173,11 +140,11 @@ def _export_dynamic(model: nn.Module, example_inputs: tuple | dict) -> fx.GraphM
         gm = torch.export.export(model, t_args, t_kwargs, dynamic_shapes=shapes, strict=False).module()
     except Exception as exc:
         logger.info("torch.export with dynamic shapes failed: %s", exc)
-        return None
+        return None, exc
     if not _runs(gm, example_inputs):
-        return None
+        return None, None
     gm.meta[TRACED_BY] = "export"
-    return gm
+    return gm, None
 
 
 # Ops whose behaviour depends on the mode: torch.export records the mode it ran in as a constant.
@@ -238,7 +205,7 @@ def trace(
     for t in leaf:
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
             raise ArgumentError(f"leaf_modules must hold nn.Module classes, got {t!r}")
-    tracer = _Tracer(leaf)
+    tracer = Tracer(leaf)
     with TRACE_LOCK:
         try:
             graph = tracer.trace(model, concrete_args=_concrete_args(model, example_inputs))
@@ -252,18 +219,52 @@ def trace(
                 _switchable_modes(exported)
                 exported.train(model.training)
                 return exported
-            raise _trace_error(model, exc, why) from exc
+            if example_inputs is None:
+                raise _trace_error(model, exc, why) from exc
+            try:
+                gm = _trace_in_parts(model, leaf, example_inputs, exc)
+            except Exception as parts:
+                logger.debug("tracing in parts failed", exc_info=True)
+                raise _trace_error(model, exc, why, parts) from exc
+            _hoist_root_tensors(gm)
+            return gm
     gm = _with_full_tree(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
     gm.meta[TRACED_BY] = "fx"
     _hoist_root_tensors(gm)
     return gm
 
 
-def _trace_error(model: nn.Module, exc: Exception, export_error: str) -> TraceError:
+def _trace_in_parts(
+    model: nn.Module, leaf: tuple[type, ...], example_inputs: tuple | dict, exc: Exception
+) -> fx.GraphModule:
+    """What is left when neither torch.fx nor torch.export can trace the whole model: the modules
+    whose forward breaks tracing stay calls (untraced leaves) while the rest is traced; when the
+    model's own forward breaks it, the graph is built from the traceable calls it makes
+    (graphprune.ir.partial)."""
+    untraced: dict[str, str] = {}
+    concrete = _concrete_args(model, example_inputs)
+    while (where := broke_in(exc)) and where not in untraced:
+        untraced[where] = untraced_why(exc)
+        tracer = Tracer(leaf, untraced)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete)
+        except Exception as again:
+            exc = again
+            continue
+        gm = _with_full_tree(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
+        gm.meta[TRACED_BY], gm.meta[UNTRACED] = "fx", untraced
+        return gm
+    untraced[""] = f"own code not traced: {untraced_why(exc)}"
+    gm = trace_regions(model, leaf, example_inputs, untraced)
+    gm.meta[TRACED_BY] = "partial"
+    return gm
+
+
+def _trace_error(model: nn.Module, exc: Exception, export_error: str, parts: Exception | None = None) -> TraceError:
     path, cls = getattr(exc, "_graphprune_module", ("", type(model).__name__))
     head = (
         f"could not trace {type(model).__name__} to a graph: torch.fx failed with {type(exc).__name__}: {exc}\n"
-        f"  it broke at {_user_frame(exc)}"
+        f"  it broke at {user_frame(exc)}"
     )
     if path:
         advice = (
@@ -278,7 +279,8 @@ def _trace_error(model: nn.Module, exc: Exception, export_error: str) -> TraceEr
             "(graphprune.compile(..., leaf_modules=[ThatClass])), or prune the traceable part on its own "
             "(e.g. model.backbone)."
         )
-    return TraceError(head + advice + f"\n  torch.export failed too: {export_error}")
+    also = f"\n  tracing it in parts failed too: {type(parts).__name__}: {parts}" if parts is not None else ""
+    return TraceError(head + advice + f"\n  torch.export failed too: {export_error}" + also)
 
 
 ROOT_HOLDER = "graphprune_root"
