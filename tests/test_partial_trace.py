@@ -143,7 +143,8 @@ def _faster_rcnn():
     m = detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, num_classes=5, min_size=128, max_size=128, box_score_thresh=0.0
     )
-    return m, ["rpn.head", "roi_heads.box_predictor"], ["backbone.fpn.inner_blocks.1.0", "rpn.head.conv.0.0"]
+    convs = ["backbone.fpn.inner_blocks.1.0", "backbone.fpn.layer_blocks.1.0", "rpn.head.conv.0.0"]
+    return m, ["rpn.head", "roi_heads.box_predictor"], convs  # (the FPN's outputs prune through the RoI pooling)
 
 
 def _retinanet():
@@ -197,3 +198,16 @@ def test_torchvision_detector_prunes_whole_with_zero_hints(build):
     assert sum(len(d["boxes"]) for d in det_out) > 0
     _assert_same_detections(det_masked, det_out)
     assert "traced in regions" in str(gp.summary(model, out, x))
+
+
+def test_video_resnet_prunes_exactly():
+    from torchvision.models.video import mc3_18
+
+    torch.manual_seed(0)
+    model = _bn_stats(mc3_18()).double()
+    x = (torch.randn(1, 3, 4, 32, 32, dtype=torch.float64),)
+    out = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    assert type(out) is type(model)
+    assert out.layer1[0].conv1[0].out_channels == 32 and out.layer4[1].conv1[0].out_channels == 256
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    torch.testing.assert_close(run(out, x), run(masked, x))

@@ -179,7 +179,7 @@ _by_qualname: dict[str, Rule] = {}
 
 def register_rule(target: type | Callable | str, rule: Rule) -> None:
     """Register `rule` for a module class, a function (or aten op), a tensor method name, or the
-    qualified name of a function of a package that need not be imported now
+    qualified name of a function or module class of a package that need not be imported now
     ("torchvision.ops.stochastic_depth.stochastic_depth").
 
     Registering for your own module class lets graphprune prune through it
@@ -216,7 +216,9 @@ def rule_for_module(module: nn.Module, for_attributes: bool = False) -> Rule | N
     so it gets no rule for propagation; its attributes (in_channels, ...) still follow the base."""
     cls = type(module)
     for base in cls.__mro__:
-        rule = _by_type.get(base)
+        rule = _by_type.get(base) or (
+            _by_qualname.get(f"{base.__module__}.{base.__qualname__}") if _by_qualname else None
+        )
         if rule is not None:
             return rule if (for_attributes or cls.forward is base.forward) else None
     return None

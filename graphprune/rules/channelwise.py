@@ -18,7 +18,7 @@ from graphprune.ir.labels import varies_along
 from graphprune.ir.masking import is_maskable
 from graphprune.ir.modules import MaskedLayerNorm
 from graphprune.ir.norms import masked_layer_norm
-from graphprune.rules.base import OpCall, ParamRef, Rule, aten, overloads
+from graphprune.rules.base import OpCall, ParamRef, Rule, as_labels, aten, overloads, place
 from graphprune.rules.pointwise import Unary
 
 __all__ = ["ChannelwiseRule", "EmbeddingRule", "GroupNormRule", "LayerNormRule", "FunctionalNormRule", "RULES"]
@@ -54,6 +54,24 @@ class ChannelwiseRule(Rule):
             if isinstance(t, torch.Tensor):
                 setattr(module, self.count_attr, t.shape[pdim])
                 return
+
+
+class MultiScaleRoIAlignRule(Rule):
+    """torchvision's MultiScaleRoIAlign (Faster/Mask R-CNN): each box is pooled from one of the
+    feature maps, channel by channel, so a channel goes from every level together."""
+
+    def propagate(self, call: OpCall):
+        features, labels = call.args[0], call.labels[0]
+        per = None
+        for name in [k for k in call.module.featmap_names if k in features]:  # (the maps it is given)
+            level = call.along(as_labels(labels[name], features[name]), 1)
+            if per is None:
+                per = level
+            else:
+                call.space.unify(
+                    per, level, call.site("conflict", "feature maps pooled together lose the same channels")
+                )
+        return place(per, 1, call.out.shape)
 
 
 class GroupNormRule(ChannelwiseRule):
@@ -274,6 +292,10 @@ RULES = [
     ((nn.Embedding, aten.embedding.default), EmbeddingRule(0)),  # (aten.embedding takes the weight first)
     ((F.embedding,), EmbeddingRule(1)),
     ((nn.PReLU,), ChannelwiseRule(1, {"weight": 0}, "num_parameters")),
+    # region pooling (torchvision detectors): per channel, boxes carry none
+    (("torchvision.ops.roi_align.roi_align", "torchvision.ops.roi_align.RoIAlign"), ChannelwiseRule(1)),
+    (("torchvision.ops.roi_pool.roi_pool", "torchvision.ops.roi_pool.RoIPool"), ChannelwiseRule(1)),
+    (("torchvision.ops.poolers.MultiScaleRoIAlign",), MultiScaleRoIAlignRule()),
     (_POOLS[1], ChannelwiseRule(-2)),
     (_POOLS[2], ChannelwiseRule(-3)),
     (_POOLS[3], ChannelwiseRule(-4)),
