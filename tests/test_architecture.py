@@ -99,3 +99,15 @@ def test_imports_inside_functions_are_only_heavy_optional_dependencies():
 def test_the_check_sees_an_upward_import():
     assert _layer("graphprune.ir.masking") < _layer("graphprune.passes.mask") < _layer("graphprune.compile")
     assert ("graphprune.passes.mask", "graphprune.pipeline") in _graph().edges
+
+
+def test_the_library_never_imports_ultralytics():
+    """Ultralytics is AGPL: tests and benchmarks may use it (the `test`/`yolo` extras), the library may not."""
+    offenders = [
+        name
+        for name, tree in _sources().items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(m == "ultralytics" or m.startswith("ultralytics.") for m in _imported(node, set()))
+    ]
+    assert not offenders

@@ -93,3 +93,20 @@ def test_a_target_on_a_model_with_nothing_prunable_says_why():
     with pytest.warns(gp.GraphPruneWarning, match="no channel group can be pruned"):
         out = gp.compile(model, [L2Score(), ChannelMask(target={"macs": 0.5})], example_inputs=x)
     torch.testing.assert_close(out(*x), model(*x))
+
+
+def test_a_ratio_on_a_model_with_nothing_prunable_says_why_in_the_warning_and_the_summary():
+    class HeadOnly(torch.nn.Module):  # a detection head's last conv alone: its channels are outputs
+        def __init__(self) -> None:
+            super().__init__()
+            self.box = torch.nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return self.box(x).flatten(2)
+
+    model, x = HeadOnly(), (torch.randn(1, 3, 4, 4),)
+    with pytest.warns(gp.GraphPruneWarning, match="no channel group can be pruned.*reaches a model output"):
+        out = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    report = gp.summary(model, out, x)
+    assert report.state == "dense" and not report.groups
+    assert "nothing pruned:" in str(report) and "reaches a model output" in str(report)

@@ -9,7 +9,7 @@ function, tensor method or ATen op): each rule file ends with a `RULES` table of
 - `pointwise`: elementwise math, broadcasting.
 - `shape`: views, permutes, concat/split, indexing.
 - `reduce`: reductions and softmax.
-- `attention`: attention heads (nn.MultiheadAttention, scaled_dot_product_attention).
+- `attention`: attention heads (nn.MultiheadAttention, scaled_dot_product_attention) and matrix products (`q @ k^T`).
 - `recurrent`: nn.LSTM, nn.GRU and nn.RNN (hidden units).
 - `reinsert`: graphprune's own ZeroReinsert.
 - `tokens`: TokenPrune's token selection.

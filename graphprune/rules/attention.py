@@ -1,4 +1,5 @@
-"""Attention: whole heads prune, in scaled_dot_product_attention and nn.MultiheadAttention.
+"""Attention: whole heads prune, in scaled_dot_product_attention and nn.MultiheadAttention; the
+matrix products of attention written out (`q @ k.transpose(-2, -1)`, `probs @ v`) carry channels.
 
 scaled_dot_product_attention(q, k, v) makes every head one unit (see AttentionRule).  For
 nn.MultiheadAttention (self-attention with packed q/k/v projections):
@@ -27,7 +28,7 @@ from graphprune.ir.modules import PrunedMultiheadAttention
 from graphprune.rules.base import OpCall, Rule, aten, overloads, place
 from graphprune.rules.shape import dim_arg
 
-__all__ = ["MultiheadAttentionRule", "AttentionRule", "RULES"]
+__all__ = ["MultiheadAttentionRule", "AttentionRule", "MatMulRule", "RULES"]
 
 
 def _weights_used(node: fx.Node) -> bool:
@@ -136,7 +137,51 @@ class AttentionRule(Rule):
         return v.expand(call.out.shape) if v.shape == call.out.shape else v.narrow(-2, 0, 1).expand(call.out.shape)
 
 
+class MatMulRule(Rule):
+    """a @ b on (..., n, k) x (..., k, m), both at least 2-D: attention written out by hand.
+
+    The channels of the contracted dim k go together in a and b (index j removed from both is
+    exact when both are masked: the term is zero), and leave no channel in the result (the
+    attention scores of `q @ k^T`).  Rows of a (or columns of b) that are channels stay channels
+    of the result (`v @ probs^T`: v's head dim), and channels along the broadcast batch dims
+    (heads) go together in a and b.  Anything else (a channel along both rows and k, rows and
+    columns both carrying channels) is frozen, never guessed at.
+    """
+
+    def propagate(self, call: OpCall):
+        a, b = call.input(0), call.input(1)
+        out = call.out
+        if a.ndim < 2 or b.ndim < 2 or not isinstance(out, torch.Tensor):
+            call.freeze_inputs("no_rule", "a matrix product with a 1-D operand")
+            return call.out_none()
+        batch = tuple(out.shape[:-2])
+        a = a.expand(*batch, *a.shape[-2:])
+        b = b.expand(*batch, *b.shape[-2:])
+        a_rows, a_k, b_k, b_cols = (varies_along(a, -2), varies_along(a, -1), varies_along(b, -2), varies_along(b, -1))
+        if a_k or b_k:  # channels contracted: coupled in a and b, none in the result
+            if a_rows or b_cols:
+                call.freeze_inputs("no_rule", "a matrix product whose contracted dim and rows both carry channels")
+                return call.out_none()
+            call.space.unify(
+                a.select(-2, 0), b.select(-1, 0), call.site("attention", "the contracted dim of a matrix product")
+            )
+            return call.out_none()
+        a_batch, b_batch = a[..., 0, 0], b[..., 0, 0]
+        if a_rows and b_cols:
+            call.freeze_inputs("no_rule", "a matrix product whose rows and columns both carry channels")
+            return call.out_none()
+        if a_rows or b_cols:  # the result's rows (columns) are a's rows (b's columns); b (a) adds none
+            other = b_batch if a_rows else a_batch
+            call.space.freeze(other, call.site("no_rule", "heads of a matrix product beside channels of the other"))
+            labels = a[..., :, :1] if a_rows else b[..., :1, :]
+            return labels.expand(out.shape).contiguous()  # (a view of it follows: `.view(B, C, H, W)`)
+        call.space.unify(a_batch, b_batch, call.site("attention", "heads of a matrix product"))
+        labels = torch.where(a_batch != 0, a_batch, b_batch)
+        return labels.reshape(*batch, 1, 1).expand(out.shape).contiguous()
+
+
 RULES = [
+    ((operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", *overloads(aten.matmul, aten.bmm)), MatMulRule()),
     ((nn.MultiheadAttention, PrunedMultiheadAttention), MultiheadAttentionRule()),
     ((F.scaled_dot_product_attention, *overloads(aten.scaled_dot_product_attention)), AttentionRule()),
 ]

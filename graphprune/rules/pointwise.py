@@ -242,6 +242,7 @@ _UNARY = (
         aten.clone,
         aten._to_copy,
         aten.to,
+        aten.type_as,  # the second argument gives only its dtype
         aten.contiguous,
         aten.alias,
         aten.detach,

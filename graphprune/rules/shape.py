@@ -36,6 +36,7 @@ __all__ = [
     "GetItem",
     "FreezeAlongDim",
     "Squeeze",
+    "NewTensor",
     "dim_arg",
     "follow_param",
     "RULES",
@@ -466,6 +467,14 @@ class AssertMetadata(Rule):
         return call.out_none()
 
 
+class NewTensor(Rule):
+    """`x.new_full(size, v)`, `x.new_zeros(size)`, ...: x gives only its dtype and device, so no
+    channel of x reaches the result (a size that counts channels is frozen by the analysis)."""
+
+    def propagate(self, call: OpCall):
+        return call.out_none()
+
+
 RULES = [
     (
         (
@@ -544,4 +553,14 @@ RULES = [
     (("roll", torch.roll, *overloads(aten.roll)), FreezeAlongDim(1, "dims")),
     ((nn.ChannelShuffle,), ChannelShuffleRule()),
     ((aten._assert_tensor_metadata.default,), AssertMetadata()),
+    (
+        (
+            "new_full",
+            "new_zeros",
+            "new_ones",
+            "new_empty",
+            *overloads(aten.new_full, aten.new_zeros, aten.new_ones, aten.new_empty),
+        ),
+        NewTensor(),
+    ),
 ]
