@@ -113,7 +113,7 @@ def _compile(
         )
     note = untraced_note(gm) if gm.meta.get(UNTRACED) else None
     if note and all(r.details.get("note") != note for r in getattr(model, REPORT_ATTR, [])):
-        ctx.records.append(PassRecord("tracing", details={"note": note}))
+        ctx.records.append(PassRecord("tracing", details={"note": note, "untraced": dict(gm.meta[UNTRACED])}))
     if deps is not None:
         ctx.put(deps)
     if any(masks_of(m) for m in gm.modules()):  # masks from an earlier compile: LayerNorms and means over
