@@ -211,3 +211,17 @@ def test_video_resnet_prunes_exactly():
     assert out.layer1[0].conv1[0].out_channels == 32 and out.layer4[1].conv1[0].out_channels == 256
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
     torch.testing.assert_close(run(out, x), run(masked, x))
+
+
+def test_graph_of_regions_refuses_calibration_on_other_inputs():
+    from graphprune.passes import ActivationScore
+
+    model = _bn_stats(ToyDetector())
+    x = ([torch.rand(3, 32, 32)],)
+    other = [([torch.rand(3, 32, 32)],)]  # the regions' graph holds values of x only
+    before = state(model)
+    with pytest.raises(gp.GraphPruneError, match="traced in regions"):
+        gp.compile(model, [ActivationScore(other), ChannelMask(0.5)], example_inputs=x)
+    assert_same_state(before, model)
+    out = gp.compile(model, [ActivationScore([x]), ChannelMask(0.5), Shrink()], example_inputs=x)
+    assert out.backbone[0][0].out_channels == 8
