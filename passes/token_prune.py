@@ -47,6 +47,7 @@ from torch import nn
 from graphprune.arguments import choice
 from graphprune.errors import ArgumentError, PassError, PreconditionError
 from graphprune.ir.inputs import batch_of, eval_mode, positional_inputs, with_batch, with_shorter_sequences
+from graphprune.ir.interpret import Interpreter
 from graphprune.ir.tokens import (
     RATE_SCALE,
     SoftTokenMask,
@@ -651,7 +652,7 @@ def _rewrite_literals(nodes: set[fx.Node], tokens: int, length: fx.Node) -> None
 # -- shapes at two batch sizes ---------------------------------------------------------
 
 
-class _Recorder(fx.Interpreter):
+class _Recorder(Interpreter):
     def __init__(self, gm: fx.GraphModule, dtypes: dict | None = None) -> None:
         super().__init__(gm)
         self.seen: dict[fx.Node, Any] = {}

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from graphprune.analysis.sizes import SIZE_ARITH, DimSize, read_size, reads_size, shapes_only, size_arithmetic
 from graphprune.ir.inputs import clone_inputs, eval_mode, positional_inputs
+from graphprune.ir.interpret import Interpreter
 from graphprune.ir.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like, squeeze_constant
 from graphprune.ir.masking import is_maskable, resolve
 from graphprune.ir.partial import BOUNDARY, UNTRACED
@@ -161,7 +162,7 @@ def _reads(n: fx.Node, names: set[str]) -> bool:
     return n.op == "call_function" and n.target is getattr and n.args[1] in names
 
 
-class _Propagator(fx.Interpreter):
+class _Propagator(Interpreter):
     def __init__(self, gm: fx.GraphModule, space: LabelSpace) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.space = space

@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 from graphprune.errors import InputError
 from graphprune.ir.blocks import residual_blocks
 from graphprune.ir.inputs import clone_inputs, eval_mode
+from graphprune.ir.interpret import Interpreter
 
 __all__ = ["Blockwise"]
 
@@ -48,7 +49,7 @@ class Blockwise:
         where = {n: i for i, part in enumerate(self.parts) for n in part}
         # a value is freed after the last part that reads it (the output node does not count)
         self.last = {n: max((where[u] for u in n.users if u in where), default=-1) for n in gm.graph.nodes}
-        self.interpreter = fx.Interpreter(gm)
+        self.interpreter = Interpreter(gm)
         self.envs = [self._placeholders(inputs) for inputs, _ in batches]
 
     def _placeholders(self, inputs: tuple | dict) -> dict[fx.Node, Any]:

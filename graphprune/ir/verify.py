@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from graphprune.errors import VerificationError
 from graphprune.ir.inputs import call_with, clone_inputs, eval_mode, positional_inputs
+from graphprune.ir.interpret import Interpreter
 
 __all__ = ["module_of", "Reference", "reference", "run_outputs", "mismatch", "check_keeps_outputs", "check_runs"]
 
@@ -43,7 +44,7 @@ def _fingerprint(t: torch.Tensor) -> tuple[tuple[int, ...], float, float]:
     return tuple(t.shape), float(t.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(t, 1, dtype=torch.float64))
 
 
-class _Fingerprinter(fx.Interpreter):
+class _Fingerprinter(Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.prints: dict[str, tuple[tuple[int, ...], float, float]] = {}
