@@ -9,6 +9,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+import graphprune as gp
 from tests.helpers import assert_exact, prune
 
 torchvision = pytest.importorskip("torchvision")
@@ -24,6 +25,81 @@ def out_channels(model: nn.Module, prefix: str) -> dict[str, int]:
         for name, m in model.named_modules()
         if name.startswith(prefix) and isinstance(m, nn.Conv2d)
     }
+
+
+# -- 2. sizes read off tensors --------------------------------------------------------------------
+
+
+class PadThenResize(nn.Module):
+    """Zero padding makes the rows hold channels and no channels: reading the spatial size of the
+    padded map must not freeze its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.pad(self.c1(x), (1, 1, 1, 1))
+        size = y.shape[-2:]
+        z = F.avg_pool2d(self.c2(y), 2)
+        return self.c3(F.interpolate(z, size=size, mode="nearest"))
+
+
+def test_reading_spatial_sizes_freezes_no_channels():
+    torch.manual_seed(0)
+    model, x = PadThenResize().eval(), torch.randn(2, 3, 16, 16)
+    deps = gp.analyze(model, (x,))
+    assert {g.key for g in deps.groups} == {"c1", "c2"}
+    assert deps.frozen_units == 0
+    masked, shrunk = prune(model, (x,))
+    assert type(shrunk) is PadThenResize
+    assert shrunk.c1.out_channels == 4 and shrunk.c2.out_channels == 4
+    assert_exact(masked, shrunk, (x,))
+
+
+class ChannelCountInArithmetic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        return self.d(y) * (1.0 / y.shape[1])  # the channel count enters the result
+
+
+class ChannelCountInReshape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8 * 16, 4)
+
+    def forward(self, x):
+        y = self.c(x)
+        b, c, h, w = y.shape
+        return self.fc(y.reshape(b, c * h * w))
+
+
+def test_reading_the_channel_count_still_freezes_or_is_followed():
+    x = torch.randn(2, 3, 4, 4)
+    deps = gp.analyze(ChannelCountInArithmetic().eval(), (x,))
+    assert not deps.groups
+    assert any(f.site.kind == "size" for f in deps.frozen)
+    torch.manual_seed(0)
+    model = ChannelCountInReshape().eval()
+    masked, shrunk = prune(model, (x,))
+    assert shrunk.c.out_channels == 4 and shrunk.fc.in_features == 4 * 16
+    assert_exact(masked, shrunk, (x,))
+
+
+def test_deeplabv3_aspp_pooling_prunes():
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    deps = gp.analyze(model, (x,))
+    assert deps.frozen_units == 0  # only the 21 classes at the output are kept
+    keys = {g.key for g in deps.groups}
+    assert {"classifier.0.convs.4.1", "classifier.0.project.0"} <= keys  # ASPP pooling, read with x.shape[-2:]
 
 
 # -- 3. functions that fill in their list arguments -----------------------------------------------

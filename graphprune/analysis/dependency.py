@@ -22,7 +22,16 @@ import torch.fx as fx
 from graphprune.analysis.sizes import SIZE_ARITH, DimSize, read_size, reads_size, shapes_only, size_arithmetic
 from graphprune.ir.inputs import clone_inputs, eval_mode, positional_inputs
 from graphprune.ir.interpret import Interpreter
-from graphprune.ir.labels import FreezeSite, LabelSpace, along, compact, labeled_dims, none_like, squeeze_constant
+from graphprune.ir.labels import (
+    FreezeSite,
+    LabelSpace,
+    along,
+    compact,
+    labeled_dims,
+    none_like,
+    squeeze_constant,
+    unit_dims,
+)
 from graphprune.ir.masking import is_maskable, resolve
 from graphprune.ir.partial import BOUNDARY, UNTRACED
 from graphprune.ir.weight_ops import weight_ops
@@ -214,7 +223,13 @@ class _Propagator(Interpreter):
             return None
         if reads_size(n):
             site = FreezeSite("conflict", n.name, "one index mixes several channels", location=where)
-            return read_size(n, lab_args[0] if lab_args else None, out, lambda t, d: along(self.space, t, d, site))
+            return read_size(
+                n,
+                lab_args[0] if lab_args else None,
+                out,
+                lambda t, d: along(self.space, t, d, site),
+                lambda t: unit_dims(self.space, t),
+            )
         sizes = [s for s in _flat_nodes([lab_args, lab_kwargs]) if isinstance(s, DimSize)]
         size_labels = None
         if sizes:

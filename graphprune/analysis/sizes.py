@@ -14,8 +14,7 @@ records which arguments carry channel counts).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -27,13 +26,32 @@ __all__ = ["DimSize", "read_size", "size_arithmetic", "shapes_only", "reads_size
 aten = torch.ops.aten
 
 
-@dataclass(frozen=True, eq=False)
 class DimSize:
     """The label of an int read off a tensor: the channels along the dim it measures (None: none),
-    `derived` once arithmetic mixed it with other numbers."""
+    `derived` once arithmetic mixed it with other numbers.
 
-    labels: torch.Tensor | None
-    derived: bool = False
+    A read of a whole shape (`x.shape`, then `[-2:]`) gives one DimSize per dim, and a dim's
+    channels are only worked out (freezing channels that one index mixes) when something uses
+    that size: the dims nothing reads cost nothing and freeze nothing."""
+
+    __slots__ = ("_labels", "_read", "derived")
+
+    def __init__(
+        self,
+        labels: torch.Tensor | None = None,
+        derived: bool = False,
+        read: Callable[[], torch.Tensor | None] | None = None,
+    ) -> None:
+        self._labels, self._read, self.derived = labels, read, derived
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        if self._read is not None:
+            self._labels, self._read = self._read(), None
+        return self._labels
+
+    def __repr__(self) -> str:
+        return f"DimSize({'unread' if self._read is not None else self._labels}, derived={self.derived})"
 
 
 _SIZE_METHODS = {"size", "numel", "nelement", "shape"}
@@ -82,19 +100,34 @@ def _dim_arg(n: fx.Node) -> Any:
     return n.kwargs.get("dim")
 
 
-def read_size(n: fx.Node, labels: Any, out: Any, along) -> Any:
+def read_size(n: fx.Node, labels: Any, out: Any, along, unit_dims) -> Any:
     """The size labels of a size read: a tuple of DimSize for a whole shape, one DimSize for one dim.
-    `along(labels, dim)` gives one label per index of a dim (the analyzer's, which freezes mixtures)."""
+    `along(labels, dim)` gives one label per index of a dim (the analyzer's, which freezes mixtures);
+    `unit_dims(labels)` the dims along which each index holds one unit (those Shrink shortens).
+
+    A dim is measured as channels only if Shrink could shorten it: one that varies because some of
+    its indices hold no channel (zero padding around a feature map, a token of zeros before a
+    sequence) while the channels run along another dim keeps its size, so reading it (an
+    `F.interpolate(size=x.shape[-2:])`) freezes nothing."""
     kind = reads_size(n)
     tensor = labels if isinstance(labels, torch.Tensor) else None
+    units: list[int] | None = None
+
+    def measure(d: int) -> torch.Tensor | None:
+        nonlocal units
+        if units is None:
+            units = unit_dims(tensor)
+        if d not in units and any(e != d for e in units):
+            return None  # the channels run along another dim: this one keeps its size
+        return along(tensor, d)
 
     def dim_size(d: int) -> DimSize:
         if tensor is None or not varies_along(tensor, d):
             return DimSize(None)
-        return DimSize(along(tensor, d))
+        return DimSize(read=lambda: measure(d))
 
     if kind == "numel":
-        parts = [dim_size(d).labels for d in range(tensor.ndim)] if tensor is not None else []
+        parts = [dim_size(d).labels for d in range(tensor.ndim)] if tensor is not None else []  # read now
         parts = [p for p in parts if p is not None]
         return DimSize(torch.cat(parts) if parts else None, derived=True)
     dim = _dim_arg(n) if kind == "size" else None

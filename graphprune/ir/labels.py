@@ -278,6 +278,27 @@ def none_like(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64).expand(tuple(shape))
 
 
+def unit_dims(space: LabelSpace, labels: torch.Tensor) -> list[int]:
+    """Dims along which every index holds at most one unit (by the labels' roots now, NONE aside):
+    the dims that Shrink makes shorter.  Unlike `along`, it freezes nothing."""
+    out = []
+    for d in labeled_dims(labels):
+        c = compact(labels).movedim(d, 0)
+        rows = c.reshape(c.shape[0], -1)
+        hi = rows.max(dim=1).values
+        lo = torch.where(rows == NONE, hi.unsqueeze(1), rows).min(dim=1).values
+        mixed = torch.nonzero(lo != hi).reshape(-1).tolist()
+        if all(_one_unit(space, rows[r]) for r in mixed):
+            out.append(d)
+    return out
+
+
+def _one_unit(space: LabelSpace, row: torch.Tensor) -> bool:
+    row = torch.unique(row)
+    row = row[row != NONE]
+    return torch.unique(space.roots_of(row)).numel() <= 1
+
+
 def along(space: LabelSpace, labels: torch.Tensor, dim: int, site: FreezeSite) -> torch.Tensor:
     """One label per index along `dim` (NONE where none); mixed slices freeze and read as NONE.
 
