@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
-from tests.helpers import assert_exact, prune
+from tests.helpers import assert_exact, prune, run
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -25,6 +25,72 @@ def out_channels(model: nn.Module, prefix: str) -> dict[str, int]:
         for name, m in model.named_modules()
         if name.startswith(prefix) and isinstance(m, nn.Conv2d)
     }
+
+
+# -- 1. FrozenBatchNorm2d: its buffers are read in a traced-through forward -------------------------
+
+
+class FrozenBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        self.c, self.bn, self.d = nn.Conv2d(3, 8, 3, padding=1), FrozenBatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.bn.weight.uniform_(0.5, 1.5)
+        self.bn.bias.normal_()
+        self.bn.running_mean.normal_()
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.bn(self.c(x))))
+
+
+def test_frozen_batch_norm_buffers_are_sliced_in_the_module():
+    torch.manual_seed(0)
+    model, x = FrozenBN().eval(), torch.randn(2, 3, 8, 8)
+    masked, shrunk = prune(model, (x,))
+    assert type(masked) is FrozenBN and type(shrunk) is FrozenBN
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert getattr(shrunk.bn, name).shape == (4,), name
+    assert shrunk.c.out_channels == 4 and shrunk.d.in_channels == 4
+    torch.testing.assert_close(run(shrunk, (x,)), run(masked, (x,)))
+    assert_exact(masked, shrunk, (x,))
+
+
+class BufferDividesMasked(nn.Module):
+    """A parameter (maskable) under rsqrt: a masked entry would be inf, so it is read whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.v = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return self.d(self.c(x) * self.v.reshape(1, -1, 1, 1).rsqrt())
+
+
+def test_rsqrt_of_a_parameter_freezes_instead_of_dividing_by_a_mask():
+    deps = gp.analyze(BufferDividesMasked().eval(), (torch.randn(1, 3, 4, 4),))
+    assert not deps.groups  # c's channels meet 1/sqrt(v) read whole, which cannot be sliced with them
+    assert any(f.site.node == "mul" and f.site.kind == "conflict" for f in deps.frozen)
+
+
+def test_resnet_fpn_backbone_lands_in_its_own_class_and_prunes_every_inner_block():
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    model = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    masked, shrunk = prune(model, (x,))
+    assert type(masked) is BackboneWithFPN and type(shrunk) is BackboneWithFPN
+    assert params(shrunk) < 0.35 * params(model)
+    # FrozenBatchNorm2d's buffers went with their convolution's channels
+    assert shrunk.body.bn1.weight.shape == shrunk.body.bn1.running_var.shape == (32,)
+    assert shrunk.body.layer4[1].bn2.running_mean.shape == (256,)
+    # the top-down adds tie the inner blocks together; the shape read for the upsampling freezes none of them
+    assert set(out_channels(shrunk, "fpn.inner_blocks").values()) == {128}
+    assert set(out_channels(shrunk, "fpn.layer_blocks").values()) == {256}  # the outputs keep their width
+    torch.testing.assert_close(run(shrunk, (x,)), run(masked, (x,)))
 
 
 # -- 2. sizes read off tensors --------------------------------------------------------------------

@@ -36,7 +36,15 @@ from graphprune.ir.masking import is_maskable, resolve
 from graphprune.ir.partial import BOUNDARY, UNTRACED
 from graphprune.ir.weight_ops import weight_ops
 from graphprune.rules import base as rules
-from graphprune.rules.base import OpCall, ParamRef, ParamView, iter_label_tensors, map_tensors, param_view
+from graphprune.rules.base import (
+    DerivedParams,
+    OpCall,
+    ParamRef,
+    ParamView,
+    iter_label_tensors,
+    map_tensors,
+    param_view,
+)
 from graphprune.rules.shape import follow_param
 
 logger = logging.getLogger(__name__)
@@ -258,10 +266,12 @@ class _Propagator(Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         call = OpCall(n, module, args, kwargs, lab_args, lab_kwargs, out, self.space, where, size_labels=size_labels)
         start = len(self.space)
-        view = param_view(lab_args[0]) if lab_args and rule is not None and rule.follows_params else None
-        if view is not None and (followed := follow_param(call, view, rule)) is not None:
-            call.extra["sliced_params"] = {view.ref.name}  # its consumers decide whether it is sliced
-            result = followed
+        first = lab_args[0] if lab_args and rule is not None and rule.follows_params else None
+        views = first.views if isinstance(first, DerivedParams) else tuple(v for v in [param_view(first)] if v)
+        followed = [follow_param(call, v, rule) for v in views]
+        if views and all(f is not None for f in followed):
+            call.extra["sliced_params"] = {v.ref.name for v in views}  # its consumers decide whether it is sliced
+            result = DerivedParams(tuple(followed)) if isinstance(first, DerivedParams) else followed[0]
         elif rule is None:
             if has_labels:
                 untraced = self.module.meta.get(UNTRACED, {}).get(n.target) if n.op == "call_module" else None
@@ -280,10 +290,11 @@ class _Propagator(Interpreter):
                 result = call.out_none()
         # A parameter this op reads whole cannot also be sliced for another op.
         sliced = call.extra.get("sliced_params", set())
-        for ref in _flat_nodes([lab_args, lab_kwargs]):
-            ref = ref.ref if isinstance(ref, ParamView) else ref
-            if isinstance(ref, ParamRef) and ref.name not in sliced:
-                self.whole_params[ref.name] = where
+        for lab in _flat_nodes([lab_args, lab_kwargs]):
+            for ref in [v.ref for v in lab.views] if isinstance(lab, DerivedParams) else [lab]:
+                ref = ref.ref if isinstance(ref, ParamView) else ref
+                if isinstance(ref, ParamRef) and ref.name not in sliced:
+                    self.whole_params[ref.name] = where
         if "reshape_labels" in call.extra:
             labels = call.extra["reshape_labels"]
             self.reshapes[n.name] = (tuple(labels.shape), squeeze_constant(labels), call.extra.get("counted_dims", ()))

@@ -25,6 +25,9 @@ class Tracer(fx.Tracer):
         self.untraced = {} if untraced is None else untraced
         self.prefix = prefix
         self.record_stack_traces = True  # nodes keep the source line they came from (for messages)
+        # buffers read in a traced-through forward (FrozenBatchNorm2d's) stay the module's own tensors,
+        # not copies folded into graph constants that pruning would slice behind the module's back
+        self.proxy_buffer_attributes = True
 
     def model_path(self, qualname: str) -> str:
         if self.prefix is None:

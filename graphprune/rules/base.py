@@ -27,7 +27,9 @@ __all__ = [
     "OpCall",
     "ParamRef",
     "ParamView",
+    "DerivedParams",
     "param_view",
+    "param_views",
     "register_rule",
     "register_table",
     "overloads",
@@ -58,11 +60,29 @@ class ParamView:
     dims: tuple[int | None, ...]
 
 
+@dataclass(frozen=True)
+class DerivedParams:
+    """A value computed element by element from parameters and buffers alone (torchvision's
+    FrozenBatchNorm2d: `w * (rv + eps).rsqrt()`, then `b - rm * scale`): each of `views` is one of
+    them seen from the value's dims (`len(view.dims)` is the value's ndim).  Where the value meets
+    channels, every one of them is sliced with the channels; read any other way, all are read whole."""
+
+    views: tuple[ParamView, ...]
+
+
 def param_view(lab: Any) -> ParamView | None:
     """The view of a parameter a label stands for (a plain parameter is its own identity view)."""
     if isinstance(lab, ParamRef):
         return ParamView(lab, tuple(range(len(lab.shape))))
     return lab if isinstance(lab, ParamView) else None
+
+
+def param_views(lab: Any) -> tuple[ParamView, ...]:
+    """The parameters a label stands for, each seen from the value's dims (none for channel labels)."""
+    if isinstance(lab, DerivedParams):
+        return lab.views
+    view = param_view(lab)
+    return () if view is None else (view,)
 
 
 @dataclass

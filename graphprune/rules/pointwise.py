@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphprune.ir.labels import NONE, channel_dims, compact_together, labeled_dims, none_like
-from graphprune.rules.base import OpCall, Rule, aten, overloads, param_view
+from graphprune.rules.base import DerivedParams, OpCall, ParamView, Rule, aten, overloads, param_views
 
-__all__ = ["Unary", "Elementwise", "Pow", "Clamp", "RULES"]
+__all__ = ["Unary", "Inverse", "Elementwise", "Pow", "Clamp", "RULES"]
 
 
 class Unary(Rule):
@@ -36,8 +36,49 @@ class Unary(Rule):
         return x
 
 
+class Inverse(Rule):
+    """rsqrt/reciprocal: 1/0 is inf, so a masked channel (or masked parameter) going in would make
+    the masked model compute inf * 0 = nan downstream.  Buffers and parameters that are never masked
+    (FrozenBatchNorm2d's running_var) go through as the parameters they are."""
+
+    def propagate(self, call: OpCall):
+        lab = call.labels[0] if call.labels else None
+        views = param_views(lab)
+        if views and isinstance(call.out, torch.Tensor) and tuple(call.out.shape) == tuple(call.args[0].shape):
+            if any(v.ref.maskable for v in views):
+                return call.out_none()  # read whole: it cannot be sliced elsewhere either
+            _pass_on(call, views)
+            return lab
+        x = call.input(0)
+        if bool((x != NONE).any()):
+            call.freeze_inputs("conflict", "divides by pruned channels (a masked channel would give 1/0)")
+        return call.out_none()
+
+
+def _pass_on(call: OpCall, views: tuple[ParamView, ...]) -> None:
+    """The parameters go on in this op's output: its consumers decide whether they are sliced."""
+    call.extra.setdefault("sliced_params", set()).update(v.ref.name for v in views)
+
+
 def _aligned(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return (1,) * (ndim - len(shape)) + tuple(shape)
+
+
+def _derived(call: OpCall, params: list, plain: list, shape: tuple[int, ...]):
+    """Arithmetic on parameters alone: a `DerivedParams` whose every parameter is sliced where the
+    value meets channels, unless a constant that cannot be sliced varies along a dim they vary along."""
+    views = []
+    for view, pshape in params:
+        offset = len(shape) - len(pshape)
+        dims = tuple(
+            pd if pd is not None and pshape[j] == shape[offset + j] else None for j, pd in enumerate(view.dims)
+        )
+        views.append(ParamView(view.ref, (None,) * offset + dims))
+    varying = {d for v in views for d, pd in enumerate(v.dims) if pd is not None and shape[d] > 1}
+    if any(_aligned(other, len(shape))[d] > 1 for other in plain for d in varying):
+        return none_like(shape)  # read whole (the analyzer notes it)
+    _pass_on(call, tuple(views))
+    return DerivedParams(tuple(views))
 
 
 class Elementwise(Rule):
@@ -60,19 +101,18 @@ class Elementwise(Rule):
         for i, (lab, val) in enumerate(pairs):
             if not isinstance(val, torch.Tensor):
                 continue
-            if i == self.divisor and (
-                param_view(lab) is not None or (isinstance(lab, torch.Tensor) and bool((lab != NONE).any()))
-            ):
+            views = param_views(lab)
+            if i == self.divisor and (views or (isinstance(lab, torch.Tensor) and bool((lab != NONE).any()))):
                 call.freeze_inputs("conflict", "divides by pruned channels (a masked channel would give 0/0)")
                 return none_like(shape)
-            if param_view(lab) is not None:
-                params.append((param_view(lab), tuple(val.shape)))
+            if views:
+                params.extend((view, tuple(val.shape)) for view in views)
             elif isinstance(lab, torch.Tensor) and bool((lab != NONE).any()):
                 labeled.append(lab.expand(shape))
             else:
                 plain.append(tuple(val.shape))
         if not labeled:
-            return none_like(shape)
+            return _derived(call, params, plain, shape) if params else none_like(shape)
         space = call.space
         vary = sorted({d for t in labeled for d in channel_dims(t)})
         if not vary:  # channels, but along no dim one per index: nothing could be sliced alongside
@@ -251,7 +291,6 @@ _UNARY = (
         aten.exp,
         aten.erf,
         aten.sqrt,
-        aten.rsqrt,
         aten.hardswish,
         aten.hardswish_,
         aten.hardsigmoid,
@@ -317,6 +356,7 @@ _DIVISION = (
 
 RULES = [
     (_UNARY, Unary()),
+    ((torch.rsqrt, torch.reciprocal, "rsqrt", "reciprocal", *overloads(aten.rsqrt, aten.reciprocal)), Inverse()),
     (_ELEMENTWISE, Elementwise()),
     (_DIVISION, Elementwise(divisor=1)),
     ((operator.pow, torch.pow, "pow", *overloads(aten.pow)), Pow()),
