@@ -156,16 +156,18 @@ def test_reading_the_channel_count_still_freezes_or_is_followed():
     assert_exact(masked, shrunk, (x,))
 
 
-def test_deeplabv3_aspp_pooling_prunes():
-    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+def test_deeplabv3_aspp_pooling_and_lraspp_prune():
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large
 
     torch.manual_seed(0)
-    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
     x = torch.randn(1, 3, 64, 64)
-    deps = gp.analyze(model, (x,))
+    deps = gp.analyze(deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None).eval(), (x,))
     assert deps.frozen_units == 0  # only the 21 classes at the output are kept
     keys = {g.key for g in deps.groups}
     assert {"classifier.0.convs.4.1", "classifier.0.project.0"} <= keys  # ASPP pooling, read with x.shape[-2:]
+    deps = gp.analyze(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None).eval(), (x,))
+    assert deps.frozen_units == 0
+    assert "classifier.cbr.0" in {g.key for g in deps.groups}  # interpolated to the high branch's size
 
 
 # -- 3. functions that fill in their list arguments -----------------------------------------------
