@@ -199,3 +199,26 @@ def test_functions_that_mutate_their_list_arguments_run_in_the_analysis():
     masked, shrunk = prune(model, (x,))
     assert type(shrunk) is MutatesItsList and shrunk.c.out_channels == 4
     assert_exact(masked, shrunk, (x,))
+
+
+# -- 4. RAFT: torch.export at batch 2 specialises away from batch 1, the static export is used ------
+
+
+@pytest.mark.slow  # ~20 s: torch.export twice (the batch-2 dynamic graph is specialised away from batch 1)
+def test_raft_small_prunes_exactly():
+    from torchvision.models.optical_flow import raft_small
+
+    torch.manual_seed(0)
+    model = raft_small(weights=None).eval()
+    # RAFT needs 128x128 at least (its correlation pyramid halves the 1/8 feature map three times)
+    inputs = {"image1": torch.randn(1, 3, 128, 128), "image2": torch.randn(1, 3, 128, 128), "num_flow_updates": 1}
+    masked, shrunk = prune(model, inputs)
+    assert type(masked) is type(shrunk) is type(model)
+    assert params(shrunk) < 0.65 * params(model)
+    for encoder in ("feature_encoder", "context_encoder"):
+        widths = out_channels(shrunk, encoder)
+        assert widths[f"{encoder}.convnormrelu.0"] == 32 // 2
+        assert widths[f"{encoder}.layer3.0.convnormrelu3.0"] == 96 // 2
+    torch.testing.assert_close(run(shrunk, inputs), run(masked, inputs))
+    pair = {"image1": torch.randn(2, 3, 128, 128), "image2": torch.randn(2, 3, 128, 128), "num_flow_updates": 1}
+    assert run(shrunk, pair)[-1].shape == (2, 2, 128, 128)  # RAFT's own forward: any batch
