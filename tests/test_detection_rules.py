@@ -167,7 +167,7 @@ def test_deeplabv3_aspp_pooling_and_lraspp_prune():
     assert {"classifier.0.convs.4.1", "classifier.0.project.0"} <= keys  # ASPP pooling, read with x.shape[-2:]
     deps = gp.analyze(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None).eval(), (x,))
     assert deps.frozen_units == 0
-    assert "classifier.cbr.0" in {g.key for g in deps.groups}  # interpolated to the high branch's size
+    assert "classifier.cbr.0" in {g.key for g in deps.groups}  # interpolated to the low branch's size
 
 
 # -- 3. functions that fill in their list arguments -----------------------------------------------
