@@ -94,7 +94,7 @@ MODELS = {
     "r3d_18": _video(video.r3d_18),
     "mc3_18": _video(video.mc3_18),
     "r2plus1d_18": _video(video.r2plus1d_18),
-    "s3d": _video(video.s3d, frames=16, side=128),
+    "s3d": _video(video.s3d, frames=16, side=224),  # (its last pooling needs 224)
     "swin3d_t": _video(video.swin3d_t, frames=8, side=128),
     "mvit_v2_s": _video(video.mvit_v2_s, frames=16, side=224),
     "raft_small": _raft,
@@ -240,18 +240,27 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--onnx", action="store_true", help="also export dense and pruned to ONNX (slow)")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    parser.add_argument("--no-gp", action="store_true", help="skip graphprune (Torch-Pruning only)")
+    parser.add_argument("--merge", help="a JSON file of rows from an earlier run: its columns are kept")
     parser.add_argument("--json", help="write the rows here (and the table beside it as .md)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    earlier = {r["model"]: r for r in json.load(open(args.merge))} if args.merge else {}
     rows = []
     for name in args.models.split(","):
         try:
             __import__("ultralytics") if name.startswith("yolo") else None
         except ImportError:
             continue
-        row = run_graphprune(name, args.ratio, args.onnx)
+        row = dict(earlier.get(name, {"model": name}))
+        if not args.no_gp:  # (graphprune's columns replaced, Torch-Pruning's kept)
+            row = {
+                **{k: v for k, v in row.items() if k.startswith("tp_")},
+                **run_graphprune(name, args.ratio, args.onnx),
+            }
         if not args.no_tp:
+            row = {k: v for k, v in row.items() if not k.startswith("tp_")}
             row.update(run_torch_pruning(name, args.ratio))
         print(json.dumps(row), flush=True)
         rows.append(row)
