@@ -240,13 +240,19 @@ def channel_dims(labels: torch.Tensor) -> list[int]:
     with every index holding several channels, is not one of them."""
     out = []
     for d in labeled_dims(labels):
-        c = compact(labels).movedim(d, 0)
-        rows = c.reshape(c.shape[0], -1)
-        hi = rows.max(dim=1).values
-        lo = torch.where(rows == NONE, hi.unsqueeze(1), rows).min(dim=1).values
+        _, lo, hi = _index_rows(labels, d)
         if bool((lo == hi).all()):
             out.append(d)
     return out
+
+
+def _index_rows(labels: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The labels at each index of dim `d` (one row per index), and each row's smallest and
+    largest label leaving NONE aside."""
+    c = compact(labels).movedim(d, 0)
+    rows = c.reshape(c.shape[0], -1)
+    hi = rows.max(dim=1).values
+    return rows, torch.where(rows == NONE, hi.unsqueeze(1), rows).min(dim=1).values, hi
 
 
 def compact(labels: torch.Tensor) -> torch.Tensor:
@@ -283,10 +289,7 @@ def unit_dims(space: LabelSpace, labels: torch.Tensor) -> list[int]:
     the dims that Shrink makes shorter.  Unlike `along`, it freezes nothing."""
     out = []
     for d in labeled_dims(labels):
-        c = compact(labels).movedim(d, 0)
-        rows = c.reshape(c.shape[0], -1)
-        hi = rows.max(dim=1).values
-        lo = torch.where(rows == NONE, hi.unsqueeze(1), rows).min(dim=1).values
+        rows, lo, hi = _index_rows(labels, d)
         mixed = torch.nonzero(lo != hi).reshape(-1).tolist()
         if all(_one_unit(space, rows[r]) for r in mixed):
             out.append(d)
