@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import tempfile
 import time
 import traceback
@@ -174,7 +175,26 @@ def _onnx(dense: nn.Module, pruned: nn.Module, x) -> str:
             return f"pruned fails: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
 
 
-def run_torch_pruning(name: str, ratio: float) -> dict:
+class _TimedOut(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _TimedOut
+
+
+def run_torch_pruning(name: str, ratio: float, limit: int) -> dict:
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    try:
+        return _torch_pruning(name, ratio)
+    except _TimedOut:
+        return {"tp_error": f"no result within {limit} s"}
+    finally:
+        signal.alarm(0)
+
+
+def _torch_pruning(name: str, ratio: float) -> dict:
     import torch_pruning as tp
 
     torch.manual_seed(0)
@@ -200,6 +220,8 @@ def run_torch_pruning(name: str, ratio: float) -> dict:
             (a.shape[1:] == b.shape[1:]) if isinstance(a, torch.Tensor) and a.ndim > 1 else True for a, b in zip(la, lb)
         )
         row["tp_outputs"] = "same format" if same else "output format changed"
+    except _TimedOut:
+        raise
     except Exception as exc:
         row["tp_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     return row
@@ -240,6 +262,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--onnx", action="store_true", help="also export dense and pruned to ONNX (slow)")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    parser.add_argument("--tp-limit", type=int, default=120, help="seconds Torch-Pruning gets per model")
     parser.add_argument("--no-gp", action="store_true", help="skip graphprune (Torch-Pruning only)")
     parser.add_argument("--merge", help="a JSON file of rows from an earlier run: its columns are kept")
     parser.add_argument("--json", help="write the rows here (and the table beside it as .md)")
@@ -261,7 +284,7 @@ def main() -> None:
             }
         if not args.no_tp:
             row = {k: v for k, v in row.items() if not k.startswith("tp_")}
-            row.update(run_torch_pruning(name, args.ratio))
+            row.update(run_torch_pruning(name, args.ratio, args.tp_limit))
         print(json.dumps(row), flush=True)
         rows.append(row)
     text = (
