@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from graphprune.analysis.dependency import Dependencies
-from graphprune.ir.partial import BOUNDARY, UNTRACED
+from graphprune.ir.partial import BOUNDARY, UNTRACED, values_of
 from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY
 
 __all__ = ["remember", "recall", "forget"]
@@ -78,9 +78,7 @@ def _key(model: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple |
     code = model.code if isinstance(model, fx.GraphModule) else None  # a graph module is its graph
     inputs = _signature(example_inputs)
     if values:
-        inputs += (
-            tuple(float(t.double().sum()) for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor)),
-        )
+        inputs += (values_of(example_inputs),)
     return structure, config, code, tuple(leaf_modules), inputs
 
 

@@ -181,14 +181,14 @@ def _plain(value: Any) -> bool:
 class CapturedValues(nn.Module):
     """Values the untraced code computed on the example inputs: the graph runs on those inputs only."""
 
-    def __init__(self, inputs: list[torch.Tensor]) -> None:
+    def __init__(self, inputs: Any) -> None:
         super().__init__()
         self.values: list[torch.Tensor] = []
         self.uses: list[tuple[str, int, int]] = []  # where each is used: (module path, call index, argument)
-        self.signature = _signature(inputs)
+        self.signature = values_of(inputs)
 
     def forward(self, key: int, *inputs: Any) -> torch.Tensor:
-        if _signature([t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]) != self.signature:
+        if values_of(inputs) != self.signature:
             raise TraceError(
                 "this graph was traced in regions: it holds values that untraced code computed from the example "
                 "inputs, so it runs on those inputs only (calibrate with the example inputs, or make the model's "
@@ -197,8 +197,11 @@ class CapturedValues(nn.Module):
         return self.values[key]
 
 
-def _signature(inputs: list[torch.Tensor]) -> tuple:
-    return tuple((tuple(t.shape), float(t.double().sum())) for t in inputs)
+def values_of(inputs: Any) -> tuple:
+    """A fingerprint of the tensors' values in a nested structure of inputs (shape and sum of each)."""
+    return tuple(
+        (tuple(t.shape), float(t.double().sum())) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)
+    )
 
 
 def _region_class(arity: int) -> type:

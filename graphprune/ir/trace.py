@@ -228,9 +228,15 @@ def trace(
                 raise _trace_error(model, exc, why, parts) from exc
             _hoist_root_tensors(gm)
             return gm
+    gm = _graph_module(tracer, graph, model)
+    _hoist_root_tensors(gm)
+    return gm
+
+
+def _graph_module(tracer: Tracer, graph: fx.Graph, model: nn.Module) -> fx.GraphModule:
+    """The graph symbolic tracing made, holding the model's own submodules."""
     gm = _with_full_tree(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
     gm.meta[TRACED_BY] = "fx"
-    _hoist_root_tensors(gm)
     return gm
 
 
@@ -251,8 +257,8 @@ def _trace_in_parts(
         except Exception as again:
             exc = again
             continue
-        gm = _with_full_tree(fx.GraphModule(tracer.root, graph, class_name=type(model).__name__), model)
-        gm.meta[TRACED_BY], gm.meta[UNTRACED] = "fx", untraced
+        gm = _graph_module(tracer, graph, model)
+        gm.meta[UNTRACED] = untraced
         return gm
     untraced[""] = f"own code not traced: {untraced_why(exc)}"
     gm = trace_regions(model, leaf, example_inputs, untraced)
