@@ -16,6 +16,7 @@ from graphprune.analysis import (
     count_macs,
     count_params,
 )
+from graphprune.backends import latency as _latency  # noqa: F401  (registers the onnxruntime latency meter)
 from graphprune.compile import analyze, compile
 from graphprune.errors import (
     ArgumentError,

@@ -20,11 +20,23 @@ Every group keeps at least `min_channels` units, rounded up to a multiple of
 
 Instead of a ratio, a `target` for the pruned model's cost: `{"macs": 0.5}` (MACs x0.5 on the
 example inputs) or `{"params": 5e6}` (a value up to 1 is a share of the dense model's, above 1 a
-count).  The one ratio that meets it (within `tolerance` of the dense cost's share) is searched by
-bisection, each candidate shrunk on a copy and counted; with scope="global" the units go where
-the normalised scores are lowest, so the cut falls unevenly across groups:
+count).  The one ratio that meets it (within `tolerance` of the dense cost's share; 0.01 by
+default) is searched by bisection, each candidate shrunk on a meta-device copy and counted; with
+scope="global" the units go where the normalised scores are lowest, so the cut falls unevenly
+across groups:
 
     ChannelMask(target={"macs": 0.5}, scope="global")
+
+A latency target is a share of the dense model's latency on this machine, for a backend
+("torch" or "onnxruntime") at a thread count:
+
+    ChannelMask(target={"latency": 0.5, "backend": "onnxruntime", "threads": 2}, scope="global")
+
+The search runs on a lookup table of op latencies measured on this machine (NetAdapt's:
+`graphprune.analysis.latency`), then times the chosen model against the dense one end to end
+and, while the measured share misses the target by more than `tolerance` of it (5 % by
+default), moves the table's goal by the miss and searches again (at most 3 times).  The pass's
+record holds what was requested, estimated and measured.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphprune.analysis import latency
 from graphprune.analysis.cost import count_macs, count_params
 from graphprune.analysis.dependency import ChannelGroup, Dependencies
 from graphprune.analysis.scores import Scores
@@ -56,7 +69,9 @@ __all__ = ["ChannelMask", "MaskUnits", "apply_units"]
 
 SCOPES = ("local", "global", "joint")
 KINDS = ("channel", "head", "ffn", "hidden")
-TARGETS = ("macs", "params")
+TARGETS = ("macs", "params", "latency")
+LATENCY_KEYS = ("backend", "threads")
+MEASURED_ROUNDS = 3  # end-to-end checks of a latency target
 
 
 class ChannelMask(PassBase):
@@ -66,8 +81,8 @@ class ChannelMask(PassBase):
         self,
         ratio: float | Mapping[str, float] | None = None,
         *,
-        target: Mapping[str, float] | None = None,
-        tolerance: float = 0.01,
+        target: Mapping[str, float | str] | None = None,
+        tolerance: float | None = None,
         scope: str = "local",
         round_to: int = 1,
         min_channels: int = 1,
@@ -75,7 +90,9 @@ class ChannelMask(PassBase):
         max_ratio: float | None = None,
     ) -> None:
         what = "ChannelMask ratio (the share of channels to remove)"
-        self.target = self._check_target(ratio, target)
+        self.target, self.meter = self._check_target(ratio, target)
+        if tolerance is None:
+            tolerance = 0.05 if self.meter is not None else 0.01
         self.tolerance = fraction(tolerance, "ChannelMask tolerance")
         if self.target is not None:
             self.ratio = 0.0  # set by the search
@@ -153,40 +170,87 @@ class ChannelMask(PassBase):
 
     # -- a target cost -----------------------------------------------------------------
     @staticmethod
-    def _check_target(ratio, target) -> dict[str, float] | None:
+    def _check_target(ratio, target) -> tuple[dict[str, float] | None, latency.Meter | None]:
+        """The target as {kind: value}, and the latency meter for a latency target."""
         if target is None:
             if ratio is None:
                 raise ArgumentError(
                     "ChannelMask needs a ratio (e.g. ChannelMask(0.5)) or a target (e.g. ChannelMask(target={'macs': 0.5}))"
                 )
-            return None
+            return None, None
         if ratio is not None:
             raise ArgumentError("ChannelMask takes a ratio or a target, not both: the target sets the ratio")
-        target = mapping(target, "ChannelMask target", f"one of {TARGETS} to a share or a count")
-        if len(target) != 1 or next(iter(target)) not in TARGETS:
+        target = dict(mapping(target, "ChannelMask target", f"one of {TARGETS} to a share or a count"))
+        kinds = [k for k in target if k in TARGETS]
+        extra = sorted(set(target) - set(TARGETS) - (set(LATENCY_KEYS) if kinds == ["latency"] else set()))
+        if len(kinds) != 1 or extra:
             raise ArgumentError(
-                f"ChannelMask target must be one of {TARGETS} with its value, e.g. {{'macs': 0.5}}, got {target!r}"
+                f"ChannelMask target must be one of {TARGETS} with its value, e.g. {{'macs': 0.5}} "
+                f"(a latency target may add {LATENCY_KEYS}), got {target!r}"
             )
-        ((kind, value),) = target.items()
+        (kind,) = kinds
+        value = target[kind]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ArgumentError(
                 f"ChannelMask target {kind!r} must be a positive number (up to 1: a share of the dense model's; "
                 f"above 1: a count), got {value!r}"
             )
-        return {kind: float(value)}
+        if kind != "latency":
+            return {kind: float(value)}, None
+        if not value < 1:
+            raise ArgumentError(
+                f"ChannelMask target 'latency' is a share of the dense model's latency, between 0 and 1 "
+                f"(0.5: twice as fast), got {value!r}"
+            )
+        threads = target.get("threads")
+        if threads is not None:
+            threads = positive_int(threads, "ChannelMask target 'threads'")
+        return {kind: float(value)}, latency.meter(target.get("backend", "torch"), threads)
 
     def _search(self, gm, ctx, deps, groups, scores, done) -> tuple[dict[str, list[int]], dict]:
         """Search the ratio whose shrunk cost meets the target; the plan at that ratio and a report."""
         ((kind, value),) = self.target.items()
-        count = _Counter(gm, ctx.example_inputs, kind)
-        dense = count(lambda trial, inputs: trial)
-        goal = value if value <= 1 else value / max(dense, 1)
+        if kind == "latency":
+            count = _Counter(gm, ctx.example_inputs, lambda model, inputs, meta: self._estimate(model, inputs, meta))
+        else:
+            count = _Counter(gm, ctx.example_inputs, _COUNTS[kind])
+        dense = count(lambda trial, inputs: trial) or 1
+        goal = value if value <= 1 else value / dense
 
         def share(ratio: float) -> tuple[float, dict[str, list[int]]]:
             self.ratio = ratio
             plan = self._plan(gm, groups, scores, done)
-            return count(lambda trial, inputs: _shrunk(trial, deps, plan, inputs)) / max(dense, 1), plan
+            return count(lambda trial, inputs: _shrunk(trial, deps, plan, inputs)) / dense, plan
 
+        if kind == "latency":
+            got, plan, report = self._measured(gm, ctx, deps, share, goal)
+        else:
+            _, self.ratio, got, plan = self._bisect(share, goal, self.tolerance)
+            report = {"kind": kind, "requested": goal, "reached": got, "ratio": self.ratio}
+        limits = "frozen channels, min_channels, round_to or max_ratio limit it"
+        if kind == "latency" and abs(got - goal) > self.tolerance * goal:
+            warnings.warn(
+                f"ChannelMask target latency x{goal:.3f} was missed: the closest measured is x{got:.3f} (at ratio "
+                f"{self.ratio:.3f}, x{report['estimated']:.3f} by the lookup table) after {MEASURED_ROUNDS} "
+                f"end-to-end checks; timings vary with the load on this machine, or {limits}: retry on a quiet "
+                "machine or give a larger tolerance",
+                GraphPruneWarning,
+                stacklevel=3,
+            )
+        elif kind != "latency" and abs(got - goal) > self.tolerance:
+            warnings.warn(
+                f"ChannelMask target {kind} x{goal:.3f} is out of reach: the closest is x{got:.3f} (at ratio "
+                f"{self.ratio:.3f}); {limits}",
+                GraphPruneWarning,
+                stacklevel=3,
+            )
+        logger.info("ChannelMask target %s x%.3f: x%.3f at ratio %.3f", kind, goal, got, self.ratio)
+        return plan, report
+
+    @staticmethod
+    def _bisect(share, goal: float, within: float) -> tuple[float, float, float, dict[str, list[int]]]:
+        """(miss, ratio, share, plan) of the ratio whose share is closest to `goal`, stopping once
+        `within` of it."""
         # the cost falls about as (1 - ratio)^2 (both sides of a layer shrink): interpolate on its
         # square root between a ratio above the goal and one below, bisecting when that stalls
         ends = [(ratio, *share(ratio)) for ratio in (0.0, 0.99)]
@@ -200,21 +264,48 @@ class ChannelMask(PassBase):
             got, plan = share(ratio)
             if abs(got - goal) < best[0]:
                 best = (abs(got - goal), ratio, got, plan)
-            if abs(got - goal) <= self.tolerance or got_low <= goal or got_high >= goal:
+            if abs(got - goal) <= within or got_low <= goal or got_high >= goal:
                 break
             (low, got_low), (high, got_high) = (
                 ((ratio, got), (high, got_high)) if got > goal else ((low, got_low), (ratio, got))
             )
-        _, self.ratio, got, plan = best
-        if abs(got - goal) > self.tolerance:
-            warnings.warn(
-                f"ChannelMask target {kind} x{goal:.3f} is out of reach: the closest is x{got:.3f} (at ratio "
-                f"{self.ratio:.3f}); frozen channels, min_channels, round_to or max_ratio limit it",
-                GraphPruneWarning,
-                stacklevel=3,
-            )
-        logger.info("ChannelMask target %s x%.3f: x%.3f at ratio %.3f", kind, goal, got, self.ratio)
-        return plan, {"kind": kind, "requested": goal, "reached": got, "ratio": self.ratio}
+        return best
+
+    def _estimate(self, model, inputs, meta: bool) -> float:
+        return latency.estimate(self.meter, latency.record_ops(model, inputs, on_meta=meta))
+
+    def _measured(self, gm, ctx, deps, share, goal: float) -> tuple[float, dict[str, list[int]], dict]:
+        """Search on the lookup table, time the result against the dense model end to end, and move
+        the table's goal by the measured miss until the measured share is within tolerance."""
+        asked, tried, best = goal, [], None
+        for _ in range(MEASURED_ROUNDS):
+            _, ratio, estimated, plan = self._bisect(share, asked, 0.25 * self.tolerance * asked)
+            pruned = _shrunk(deepcopy_model(gm), deps, plan, ctx.example_inputs)
+            dense_s, pruned_s = self.meter.models(gm, pruned, ctx.example_inputs)
+            measured = pruned_s / dense_s
+            logger.info("latency target x%.3f: table x%.3f, measured x%.3f", goal, estimated, measured)
+            if best is None or abs(measured - goal) < abs(best[0] - goal):
+                best = (measured, plan, ratio, estimated, dense_s, pruned_s)
+            if abs(measured - goal) <= self.tolerance * goal:
+                break
+            tried.append((estimated, measured))
+            asked = _next_goal(tried, goal)
+        measured, plan, self.ratio, estimated, dense_s, pruned_s = best
+        return (
+            measured,
+            plan,
+            {
+                "kind": "latency",
+                "requested": goal,
+                "reached": measured,
+                "estimated": estimated,
+                "ratio": self.ratio,
+                "backend": getattr(self.meter, "name", type(self.meter).__name__),
+                "threads": getattr(self.meter, "threads", None),
+                "dense_ms": dense_s * 1e3,
+                "pruned_ms": pruned_s * 1e3,
+            },
+        )
 
     def _warn_if_short(self, deps, groups: list[ChannelGroup], report: dict[str, tuple[int, int]]) -> None:
         """Never a silent no-op: say why nothing (or less than asked) was pruned."""
@@ -408,6 +499,18 @@ class MaskUnits(PassBase):
         return PassResult(gm, apply_units(gm, ctx, deps, self.units))
 
 
+def _next_goal(tried: list[tuple[float, float]], goal: float) -> float:
+    """The table share to ask for next, from the (table, measured) shares tried so far: on the line
+    through the last two (the table misses by a roughly constant overhead), else scaled by the miss."""
+    (est, got) = tried[-1]
+    if len(tried) > 1 and abs(got - tried[-2][1]) > 0.02:
+        (est0, got0) = tried[-2]
+        guess = est + (goal - got) * (est - est0) / (got - got0)
+    else:
+        guess = est * goal / got
+    return min(max(guess, 0.01), 1.0)
+
+
 def _on_meta(gm: fx.GraphModule) -> fx.GraphModule:
     """A shadow of `gm` whose tensors are meta tensors of the same shapes (tied ones stay tied)."""
     trial, _ = shadow(gm)
@@ -431,12 +534,18 @@ def _shrunk(trial: fx.GraphModule, deps: Dependencies, plan: dict[str, list[int]
     return Shrink().call(trial, trial_ctx).gm
 
 
-class _Counter:
-    """Counts the MACs or parameters of variants of `gm` built on copies of it: on the meta device
-    (no tensor copied or computed) where the graph runs there, else on real copies."""
+_COUNTS = {
+    "macs": lambda model, inputs, meta: count_macs(model, inputs),
+    "params": lambda model, inputs, meta: count_params(model),
+}
 
-    def __init__(self, gm: fx.GraphModule, example_inputs, kind: str) -> None:
-        self.gm, self.example_inputs, self.kind = gm, example_inputs, kind
+
+class _Counter:
+    """Counts a cost (MACs, parameters, estimated latency) of variants of `gm` built on copies of it:
+    on the meta device (no tensor copied or computed) where the graph runs there, else on real copies."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, cost) -> None:
+        self.gm, self.example_inputs, self.cost = gm, example_inputs, cost
         self.meta = True
         try:
             self(lambda trial, inputs: trial)
@@ -444,10 +553,9 @@ class _Counter:
             logger.debug("counting on real copies: the graph does not run on the meta device", exc_info=True)
             self.meta = False
 
-    def __call__(self, build) -> int:
+    def __call__(self, build) -> float:
         if self.meta:
             model, inputs = _on_meta(self.gm), to_meta(self.example_inputs)
         else:
             model, inputs = deepcopy_model(self.gm), self.example_inputs
-        model = build(model, inputs)
-        return count_macs(model, inputs) if self.kind == "macs" else count_params(model)
+        return self.cost(build(model, inputs), inputs, self.meta)
