@@ -146,8 +146,9 @@ class Meter:
         raise NotImplementedError
 
     def race(self, a: Callable[[], Any], b: Callable[[], Any]) -> tuple[float, float]:
-        """Median seconds of the calls `a` and `b`, run interleaved (twice the table's runs)."""
-        times = interleaved({"a": a, "b": b}, 2 * self.runs, warmup=2)
+        """Median seconds of the calls `a` and `b`, run interleaved (at least 20 rounds, after 5 untimed:
+        a fresh ONNX Runtime session is slow on its first runs)."""
+        times = interleaved({"a": a, "b": b}, max(20, 2 * self.runs), warmup=5)
         return statistics.median(times["a"]), statistics.median(times["b"])
 
 
