@@ -7,11 +7,22 @@ booleans are not numbers here.
 from __future__ import annotations
 
 import numbers
+from fnmatch import fnmatchcase
 from typing import Any, Iterable
 
 from graphprune.errors import ArgumentError
 
-__all__ = ["fraction", "positive_int", "module_names", "choice", "mapping"]
+__all__ = [
+    "fraction",
+    "positive_int",
+    "module_names",
+    "choice",
+    "mapping",
+    "is_glob",
+    "glob_specificity",
+    "in_modules",
+    "unmatched",
+]
 
 
 def _is_number(value: Any) -> bool:
@@ -37,7 +48,8 @@ def positive_int(value: Any, name: str) -> int:
 
 
 def module_names(value: Any, name: str) -> tuple[str, ...]:
-    """A module name or a list of them (as model.named_modules() spells them; '' is not one)."""
+    """A module name or a list of them (as model.named_modules() spells them, or shell-style globs
+    over those names such as 'layer4.*'; '' is not one)."""
     if isinstance(value, str):
         value = [value]
     if value is None or not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
@@ -46,6 +58,35 @@ def module_names(value: Any, name: str) -> tuple[str, ...]:
     if "" in value:
         raise ArgumentError(f"{name} holds '' (the whole model): name the submodules to leave alone")
     return value
+
+
+def is_glob(name: str) -> bool:
+    """Whether a name is a shell-style pattern (`fnmatch`: `*`, `?`, `[...]`) rather than a name."""
+    return any(c in name for c in "*?[")
+
+
+def glob_specificity(pattern: str) -> int:
+    """How much of a name a pattern fixes: its characters other than `*` (`layer1.0.*` beats `layer1.*`,
+    which beats `*`), so that the most specific of several matching patterns can win."""
+    return len(pattern.replace("*", ""))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or (is_glob(pattern) and fnmatchcase(name, pattern))
+
+
+def in_modules(module: str, patterns: Iterable[str]) -> bool:
+    """Whether `module` (a path from named_modules()) is one of `patterns` or inside one: a name
+    covers its submodules, and so does a glob matching the module or one of its parents."""
+    parts = module.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(_matches(p, pattern) for pattern in patterns for p in prefixes)
+
+
+def unmatched(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The names or globs in `patterns` that match none of `names`."""
+    names = set(names)
+    return [p for p in patterns if p not in names and not (is_glob(p) and any(fnmatchcase(n, p) for n in names))]
 
 
 def choice(value: Any, name: str, options: Iterable[Any]) -> Any:
