@@ -6,8 +6,11 @@ booleans are not numbers here.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import numbers
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any, Iterable
 
 from graphprune.errors import ArgumentError
@@ -22,6 +25,8 @@ __all__ = [
     "glob_specificity",
     "in_modules",
     "unmatched",
+    "load_function",
+    "function_spec",
 ]
 
 
@@ -103,3 +108,40 @@ def mapping(value: Any, name: str, what: str) -> dict:
     if not isinstance(value, dict):
         raise ArgumentError(f"{name} must be a dict of {what}, got {type(value).__name__}")
     return dict(value)
+
+
+def function_spec(spec: Any, name: str, base: Path | None = None) -> str:
+    """A `FILE.py:FUNCTION` (the file relative to `base`, else to the working directory, made absolute
+    and checked to exist) or `package.module:FUNCTION` argument, checked without running it."""
+    if not isinstance(spec, str) or spec.count(":") < 1 or not spec.rpartition(":")[2].isidentifier():
+        raise ArgumentError(f"{name} names a function as FILE.py:FUNCTION or package.module:FUNCTION, got {spec!r}")
+    file, _, function = spec.rpartition(":")
+    if not file.endswith(".py"):
+        return spec
+    path = Path(file).expanduser()
+    path = (base / path if base is not None and not path.is_absolute() else path).resolve()
+    if not path.is_file():
+        raise ArgumentError(f"{name}: {path} does not exist")
+    return f"{path}:{function}"
+
+
+def load_function(spec: str) -> Any:
+    """The function `FILE.py:FUNCTION` (or `package.module:FUNCTION`) names."""
+    file, _, function = spec.rpartition(":")
+    if not file or not function:
+        raise ArgumentError(f"name a function as FILE.py:FUNCTION, got {spec!r}")
+    if file.endswith(".py"):
+        if not Path(file).is_file():
+            raise ArgumentError(f"{file} does not exist")
+        module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(file)
+        except ImportError as exc:
+            raise ArgumentError(f"cannot import {file!r} for {spec!r}: {exc}") from exc
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ArgumentError(f"{file} has no function {function!r}")
+    return fn
