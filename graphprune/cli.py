@@ -9,8 +9,10 @@
     graphprune demo
 
 SOURCE is torchvision:NAME, timm:NAME, hf:FOLDER, FILE.py:FUNCTION or a folder written by
-`graphprune prune` (see graphprune.sources).  Exit codes: 0 done, 1 pruning or verification
-failed, 2 bad arguments."""
+`graphprune prune` (see graphprune.sources).  `prune` runs a recipe (graphprune.recipe: passes,
+calibration, fine-tune, schedule) and writes DIR: the model (gp.save), recipe.yaml, the reports,
+and for a Hugging Face model DIR/hf (save_pretrained, loaded back and compared) where its config
+can describe the pruning.  Exit codes: 0 done, 1 pruning or verification failed, 2 bad arguments."""
 
 from __future__ import annotations
 
@@ -173,8 +175,25 @@ def _prune(args: argparse.Namespace) -> int:
     pruned = result.model
     print(f"pruning took {time.perf_counter() - start:.2f}s")
     report = gp.summary(loaded.model, pruned, loaded.example_inputs)  # (before anything is written)
-    hf_model, hf_note = _as_hf(pruned, loaded)
     out = Path(args.out)
+    hf_model, hf_note = _as_hf(pruned, loaded)
+    staged = None
+    if hf_model is not None:  # written and checked beside DIR, moved in once the rest is written
+        staged, hf_note = _save_pretrained(hf_model, pruned, loaded, out.parent)
+    try:
+        _write_pruned(pruned, plan, loaded, report, out, staged)
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+    print(report)
+    wrote = f", {HF_FOLDER}/ (save_pretrained)" if staged is not None else ""
+    print(f"\nwrote {out}/: model (model.safetensors + plan.json), recipe.yaml, report.txt/.json/.html{wrote}")
+    if hf_note:
+        print(f"no {HF_FOLDER}/ folder: {hf_note}")
+    return 0
+
+
+def _write_pruned(pruned, plan: Recipe, loaded, report, out: Path, staged: Path | None) -> None:
     gp.save(pruned, out)  # (replaces the folder, refusing one that holds other files: the rest go in after)
     data = {**plan.data, "inputs": loaded.spec["inputs"]} if loaded.spec["inputs"] else plan.data
     write_recipe(data, out / "recipe.yaml")
@@ -182,16 +201,9 @@ def _prune(args: argparse.Namespace) -> int:
     (out / "report.txt").write_text(str(report) + "\n")
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     (out / "report.html").write_text(report.to_html())
-    if hf_model is not None:
-        hf_note = _save_pretrained(hf_model, pruned, loaded, out / HF_FOLDER)
-    else:
-        shutil.rmtree(out / HF_FOLDER, ignore_errors=True)  # (an earlier run's, which this one does not replace)
-    print(report)
-    wrote = f", {HF_FOLDER}/ (save_pretrained)" if hf_note is None and hf_model is not None else ""
-    print(f"\nwrote {out}/: model (model.safetensors + plan.json), recipe.yaml, report.txt/.json/.html{wrote}")
-    if hf_note:
-        print(f"no {HF_FOLDER}/ folder: {hf_note}")
-    return 0
+    shutil.rmtree(out / HF_FOLDER, ignore_errors=True)  # (an earlier run's)
+    if staged is not None:
+        staged.rename(out / HF_FOLDER)
 
 
 def _has_finetune(recipe_file: str | None) -> bool:
@@ -208,31 +220,41 @@ def _as_hf(pruned, loaded):
         return None, f"save_pretrained cannot describe this pruning ({exc})"
 
 
-def _save_pretrained(hf_model, pruned, loaded, folder: Path) -> str | None:
-    """Write `folder` with save_pretrained (and the source folder's tokenizer files), then load it
-    back with from_pretrained and compare its outputs with the pruned model's; None when it matches,
-    else why not (and the folder is removed)."""
-    staging = folder.with_name(f".{folder.name}.new")
-    shutil.rmtree(staging, ignore_errors=True)
-    hf_model.save_pretrained(staging)
-    kind, _, source = loaded.spec["source"].partition(":")
-    if kind == "hf":
-        for file in Path(source).iterdir():
-            if file.is_file() and any(fnmatch.fnmatchcase(file.name, p) for p in TOKENIZER_FILES):
-                shutil.copy2(file, staging / file.name)
-    back = type(loaded.model).from_pretrained(staging).eval()
-    with torch.no_grad():
-        expected, got = (_tensors(call_with(m.eval(), loaded.example_inputs)) for m in (pruned, back))
-    same = len(expected) == len(got) and all(
-        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(expected, got)
-    )
-    if not same:
+def _save_pretrained(hf_model, pruned, loaded, parent: Path) -> tuple[Path | None, str | None]:
+    """Write the model with save_pretrained (and the source folder's tokenizer files) into a new
+    folder in `parent`, load it back with from_pretrained and compare its outputs with the pruned
+    model's: (the folder, None) when they match, else (None, why not)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{HF_FOLDER}.", dir=parent))
+    try:
+        hf_model.save_pretrained(staging)
+        kind, _, source = loaded.spec["source"].partition(":")
+        if kind == "hf":
+            for file in Path(source).iterdir():
+                if file.is_file() and any(fnmatch.fnmatchcase(file.name, p) for p in TOKENIZER_FILES):
+                    shutil.copy2(file, staging / file.name)
+        try:
+            back = type(loaded.model).from_pretrained(staging).eval()
+        except (OSError, ValueError, RuntimeError) as exc:
+            return _discard(staging, f"from_pretrained cannot load what save_pretrained wrote ({exc})")
+        with torch.no_grad():
+            expected, got = (_tensors(call_with(m.eval(), loaded.example_inputs)) for m in (pruned, back))
+        same = len(expected) == len(got) and all(
+            a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(expected, got)
+        )
+        if not same:
+            return _discard(
+                staging, "from_pretrained on the saved folder does not compute what the pruned model computes"
+            )
+        return staging, None
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        return "from_pretrained on the saved folder does not compute what the pruned model computes"
+        raise
+
+
+def _discard(folder: Path, why: str) -> tuple[None, str]:
     shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return None
+    return None, why
 
 
 def _tensors(output) -> list[torch.Tensor]:
