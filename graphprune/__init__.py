@@ -35,7 +35,7 @@ from graphprune.finetune import finetune
 from graphprune.hf import as_hf_model
 from graphprune.ir.trace import trace
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
-from graphprune.recipe import recipe
+from graphprune.recipe import apply_recipe, recipe, recipe_calibration, recipe_pruner
 from graphprune.regularize import BNScaleL1, GroupLasso, TokenSparsity, harden_tokens, token_rates
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
 from graphprune.saving import apply_plan, load, save
@@ -76,6 +76,9 @@ __all__ = [
     "sparsity_at",
     "sensitivity",
     "recipe",
+    "apply_recipe",
+    "recipe_calibration",
+    "recipe_pruner",
     "finetune",
     "perplexity",
     "GroupLasso",

@@ -9,14 +9,18 @@
     graphprune demo
 
 SOURCE is torchvision:NAME, timm:NAME, hf:FOLDER, FILE.py:FUNCTION or a folder written by
-`graphprune prune` (see graphprune.sources).  Exit codes: 0 done, 1 pruning or verification
-failed, 2 bad arguments."""
+`graphprune prune` (see graphprune.sources).  `prune` runs a recipe (graphprune.recipe: passes,
+calibration, fine-tune, schedule) and writes DIR: the model (gp.save), recipe.yaml, the reports,
+and for a Hugging Face model DIR/hf (save_pretrained, loaded back and compared) where its config
+can describe the pruning.  Exit codes: 0 done, 1 pruning or verification failed, 2 bad arguments."""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,15 +33,17 @@ import torch
 import graphprune as gp
 from graphprune.backends import onnx as gox
 from graphprune.errors import ArgumentError, GraphPruneError
-from graphprune.finetune import logits_of
 from graphprune.groups_graph import write_groups_graph
 from graphprune.ir.inputs import call_with
 from graphprune.passes import ChannelMask, L1Score, L2Score, Shrink
-from graphprune.recipe import read_recipe, recipe, write_recipe
+from graphprune.recipe import Recipe, write_recipe
 from graphprune.sources import SOURCE_FILE, load_function, load_source
 from graphprune.timing import interleaved
 
-__all__ = ["main"]
+__all__ = ["main", "HF_FOLDER"]
+
+HF_FOLDER = "hf"  # in --out, for a Hugging Face model: the pruned model written with save_pretrained
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -111,6 +117,19 @@ def _shape(text: str) -> list[int]:
     return shape
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _recipe_from_flags(args: argparse.Namespace) -> dict:
     given = [f for f in ("ratio", "target_macs", "target_params") if getattr(args, f) is not None]
     if len(given) != 1:
@@ -138,42 +157,112 @@ def _load(args: argparse.Namespace, inputs: dict | None = None):
 def _prune(args: argparse.Namespace) -> int:
     if args.recipe and any(getattr(args, f) is not None for f in ("ratio", "target_macs", "target_params")):
         raise ArgumentError("--recipe already says how to prune: leave out --ratio / --target-macs / --target-params")
-    data = read_recipe(args.recipe)[0] if args.recipe else _recipe_from_flags(args)
-    passes = recipe(args.recipe or data)
-    loaded = _load(args, data.get("inputs"))
+    flags = {"data": args.finetune, "epochs": args.epochs, "lr": args.lr, "distill": args.distill}
+    if args.finetune is None and any(v is not None for v in flags.values()) and not _has_finetune(args.recipe):
+        raise ArgumentError("--epochs / --lr / --distill set up a fine-tune: give --finetune FILE.py:FUNCTION too")
+    plan = Recipe(args.recipe or _recipe_from_flags(args), finetune=flags)
+    plan.check()  # (a bad pass argument is found before the model is built)
+    loaded = _load(args, plan.data.get("inputs"))
     if loaded.original is not None:
         raise ArgumentError(f"{args.source} is already pruned: prune its source again with a new recipe")
-    print(
-        f"pruning {args.source} with {[type(p).__name__ for p in passes]} on inputs {_describe(loaded.example_inputs)}"
-    )
+    names = [p if isinstance(p, str) else next(iter(p)) for p in plan.data["passes"]]
+    how = " while fine-tuning (schedule)" if "schedule" in plan.data else ""
+    print(f"pruning {args.source} with {names}{how} on inputs {_describe(loaded.example_inputs)}")
     start = time.perf_counter()
-    if args.finetune:  # mask, fine-tune with the masks on, then Shrink
-        if not passes or type(passes[-1]).__name__ != "Shrink":
-            raise ArgumentError("--finetune trains between the masks and Shrink: end the recipe with Shrink")
-        masked = gp.compile(loaded.model, passes[:-1], example_inputs=loaded.example_inputs)
-        loader = load_function(args.finetune)()
-        teacher = {"distill_from": loaded.model} if args.distill else {"loss_fn": _cross_entropy}
-        losses = gp.finetune(masked, loader, epochs=args.epochs, lr=args.lr, **teacher)
-        print(f"fine-tuned {args.epochs} epoch(s): loss {losses[0]:.4g} -> {losses[-1]:.4g}")
-        pruned = gp.compile(masked, passes[-1:], example_inputs=loaded.example_inputs)
-    else:
-        pruned = gp.compile(loaded.model, passes, example_inputs=loaded.example_inputs)
+    result = plan.apply(loaded.model, loaded.example_inputs)
+    if result.losses:
+        print(f"fine-tuned {len(result.losses)} epoch(s): loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g}")
+    pruned = result.model
     print(f"pruning took {time.perf_counter() - start:.2f}s")
     report = gp.summary(loaded.model, pruned, loaded.example_inputs)  # (before anything is written)
     out = Path(args.out)
+    hf_model, hf_note = _as_hf(pruned, loaded)
+    staged = None
+    if hf_model is not None:  # written and checked beside DIR, moved in once the rest is written
+        staged, hf_note = _save_pretrained(hf_model, pruned, loaded, out.parent)
+    try:
+        _write_pruned(pruned, plan, loaded, report, out, staged)
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+    print(report)
+    wrote = f", {HF_FOLDER}/ (save_pretrained)" if staged is not None else ""
+    print(f"\nwrote {out}/: model (model.safetensors + plan.json), recipe.yaml, report.txt/.json/.html{wrote}")
+    if hf_note:
+        print(f"no {HF_FOLDER}/ folder: {hf_note}")
+    return 0
+
+
+def _write_pruned(pruned, plan: Recipe, loaded, report, out: Path, staged: Path | None) -> None:
     gp.save(pruned, out)  # (replaces the folder, refusing one that holds other files: the rest go in after)
-    write_recipe({**data, "inputs": loaded.spec["inputs"]} if loaded.spec["inputs"] else data, out / "recipe.yaml")
+    data = {**plan.data, "inputs": loaded.spec["inputs"]} if loaded.spec["inputs"] else plan.data
+    write_recipe(data, out / "recipe.yaml")
     (out / SOURCE_FILE).write_text(json.dumps(loaded.spec, indent=1))
     (out / "report.txt").write_text(str(report) + "\n")
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     (out / "report.html").write_text(report.to_html())
-    print(report)
-    print(f"\nwrote {out}/: model (model.safetensors + plan.json), recipe.yaml, report.txt/.json/.html")
-    return 0
+    shutil.rmtree(out / HF_FOLDER, ignore_errors=True)  # (an earlier run's)
+    if staged is not None:
+        staged.rename(out / HF_FOLDER)
 
 
-def _cross_entropy(output, targets) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits_of(output), targets)
+def _has_finetune(recipe_file: str | None) -> bool:
+    return recipe_file is not None and "finetune" in Recipe(recipe_file).data
+
+
+def _as_hf(pruned, loaded):
+    """The pruned model as its Hugging Face class with a config that describes it, or why not."""
+    if not (hasattr(loaded.model, "config") and hasattr(loaded.model, "save_pretrained")):
+        return None, None
+    try:
+        return gp.as_hf_model(pruned, loaded.model, loaded.example_inputs), None
+    except GraphPruneError as exc:
+        return None, f"save_pretrained cannot describe this pruning ({exc})"
+
+
+def _save_pretrained(hf_model, pruned, loaded, parent: Path) -> tuple[Path | None, str | None]:
+    """Write the model with save_pretrained (and the source folder's tokenizer files) into a new
+    folder in `parent`, load it back with from_pretrained and compare its outputs with the pruned
+    model's: (the folder, None) when they match, else (None, why not)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{HF_FOLDER}.", dir=parent))
+    try:
+        hf_model.save_pretrained(staging)
+        kind, _, source = loaded.spec["source"].partition(":")
+        if kind == "hf":
+            for file in Path(source).iterdir():
+                if file.is_file() and any(fnmatch.fnmatchcase(file.name, p) for p in TOKENIZER_FILES):
+                    shutil.copy2(file, staging / file.name)
+        try:
+            back = type(loaded.model).from_pretrained(staging).eval()
+        except (OSError, ValueError, RuntimeError) as exc:
+            return _discard(staging, f"from_pretrained cannot load what save_pretrained wrote ({exc})")
+        with torch.no_grad():
+            expected, got = (_tensors(call_with(m.eval(), loaded.example_inputs)) for m in (pruned, back))
+        same = len(expected) == len(got) and all(
+            a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(expected, got)
+        )
+        if not same:
+            return _discard(
+                staging, "from_pretrained on the saved folder does not compute what the pruned model computes"
+            )
+        return staging, None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _discard(folder: Path, why: str) -> tuple[None, str]:
+    shutil.rmtree(folder, ignore_errors=True)
+    return None, why
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """Every tensor of a model output (a tensor, a ModelOutput or other mapping, nested tuples)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return [t for v in values for t in _tensors(v)]
 
 
 def _describe(inputs) -> str:
@@ -305,12 +394,19 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--round-to", type=int, default=1)
     prune.add_argument("--weights", help="a state dict (.safetensors, or .pt read with weights_only) to load first")
     prune.add_argument(
-        "--finetune", help="FILE.py:FUNCTION returning batches (inputs, targets) to fine-tune on before Shrink"
+        "--finetune",
+        help="FILE.py:FUNCTION returning batches (inputs, targets) to fine-tune on before Shrink "
+        "(overrides the recipe's finetune.data; with a recipe schedule, the Pruner prunes during it)",
     )
-    prune.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs")
-    prune.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
+    prune.add_argument("--epochs", type=_positive(int), help="fine-tuning epochs (default: the recipe's, else 1)")
     prune.add_argument(
-        "--distill", action="store_true", help="fine-tune on the dense model's logits instead of the targets"
+        "--lr", type=_positive(float), help="fine-tuning learning rate, Adam (default: the recipe's, else 1e-3)"
+    )
+    prune.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune on the dense model's logits instead of the targets (default: the recipe's, else no)",
     )
     prune.set_defaults(func=_prune)
 

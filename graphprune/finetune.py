@@ -6,7 +6,15 @@
     pruned = gp.compile(masked, [Shrink()], example_inputs=(x,))
 
 `loader` yields `(inputs, targets)` (inputs as the model takes them: a tensor, a tuple or a dict;
-`targets` may be None when distilling only).  Masks stay on while training (masked weights get
+`targets` may be None when distilling only).  `callbacks` get the hooks a training loop calls
+(`on_train_begin()`, `on_step_end(step)` after each optimizer step, counted from 0 across
+epochs, `on_epoch_end(epoch)`, `on_train_end()`; each optional), so a `gp.Pruner` prunes
+gradually while the model trains:
+
+    pruner = gp.Pruner(model, example_inputs=(x,), target_sparsity=0.5, end_step=200,
+                       score=L2Score(), mask=lambda s: ChannelMask(s))
+    gp.finetune(pruner.model, loader, F.cross_entropy, epochs=3, callbacks=[pruner])
+    pruned = pruner.finalize()  Masks stay on while training (masked weights get
 no update and stay zero), so the model can be shrunk after.  With a teacher, the loss adds the
 KL divergence between the softened logits (Hinton et al.), scaled by `temperature`².
 """
@@ -14,6 +22,7 @@ KL divergence between the softened logits (Hinton et al.), scaled by `temperatur
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any, Callable, Iterable
 
 import torch
@@ -49,26 +58,44 @@ def finetune(
     temperature: float = 2.0,
     alpha: float = 0.5,
     penalty: Callable[[], torch.Tensor] | None = None,
+    callbacks: Iterable[Any] = (),
 ) -> list[float]:
     """Train `model` in place with Adam; the mean loss of each epoch.  With both a task loss and a
     teacher, the loss is `(1 - alpha) * task + alpha * distillation`; `penalty()` (a regulariser:
-    GroupLasso, BNScaleL1, TokenSparsity) is added every step."""
+    GroupLasso, BNScaleL1, TokenSparsity) is added every step; `callbacks` (e.g. a Pruner) are
+    called at the start, after every step and epoch, and at the end."""
     if loss_fn is None and distill_from is None:
         raise ArgumentError("finetune needs a loss_fn(output, targets), a teacher (distill_from=dense_model), or both")
     if not (isinstance(epochs, int) and epochs > 0) or not lr > 0 or not temperature > 0 or not 0 <= alpha <= 1:
         raise ArgumentError("finetune needs epochs >= 1, lr > 0, temperature > 0 and 0 <= alpha <= 1")
+    callbacks = list(callbacks)
     weight = 1.0 if loss_fn is None else alpha if distill_from is not None else 0.0
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     history: list[float] = []
+    steps = itertools.count()
+    _call(callbacks, "on_train_begin")
     model.train()
     with eval_mode(distill_from) if distill_from is not None else contextlib.nullcontext():
-        for _ in tqdm(range(epochs), desc="finetune", unit="epoch", disable=None):
-            history.append(_epoch(model, loader, loss_fn, distill_from, opt, weight, temperature, penalty))
+        for epoch in tqdm(range(epochs), desc="finetune", unit="epoch", disable=None):
+            history.append(
+                _epoch(model, loader, loss_fn, distill_from, opt, weight, temperature, penalty, callbacks, steps)
+            )
+            _call(callbacks, "on_epoch_end", epoch)
+    _call(callbacks, "on_train_end")
     model.eval()
     return history
 
 
-def _epoch(model, loader, loss_fn, teacher_model, opt, weight: float, temperature: float, penalty) -> float:
+def _call(callbacks: list, hook: str, *args: int) -> None:
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(*args)
+
+
+def _epoch(
+    model, loader, loss_fn, teacher_model, opt, weight: float, temperature: float, penalty, callbacks, steps
+) -> float:
     total, batches = 0.0, 0
     for inputs, targets in loader:
         inputs = inputs if isinstance(inputs, (tuple, dict)) else (inputs,)
@@ -93,6 +120,7 @@ def _epoch(model, loader, loss_fn, teacher_model, opt, weight: float, temperatur
         loss.backward()
         opt.step()
         total, batches = total + float(loss.detach()), batches + 1
+        _call(callbacks, "on_step_end", next(steps))
     if batches == 0:
         raise ArgumentError("finetune: the loader gave no batches")
     return total / batches

@@ -13,7 +13,6 @@ models to 128 tokens.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from graphprune.arguments import load_function
 from graphprune.errors import ArgumentError
 from graphprune.saving import PLAN_FILE, load
 
@@ -90,22 +90,6 @@ def _pruned_folder(path: Path) -> Loaded:
         raise ArgumentError(f"{path} has {SOURCE_FILE} but no {PLAN_FILE}: it was not written completely")
     pruned = load(original.model, path, original.example_inputs)
     return Loaded(pruned.eval(), original.example_inputs, spec, original=original.model)
-
-
-def load_function(spec: str) -> Any:
-    """The function `FILE.py:FUNCTION` names."""
-    file, _, function = spec.rpartition(":")
-    if not file.endswith(".py") or not function:
-        raise ArgumentError(f"name a function as FILE.py:FUNCTION, got {spec!r}")
-    if not Path(file).is_file():
-        raise ArgumentError(f"{file} does not exist")
-    module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise ArgumentError(f"{file} has no function {function!r}")
-    return fn
 
 
 def _factory(file: str, function: str) -> Any:

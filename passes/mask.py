@@ -7,12 +7,23 @@ parameters, every unit of every kind ranked on the scores as they are and
 weighed by the parameters it holds (joint: FLAP's adaptive structure, for scores
 already on one scale such as `FLAPScore`'s standardised ones).  It is one number
 for every group, or a mapping whose keys are kinds of group ("channel", "head",
-"ffn", "hidden"), group keys (local scope) and "*" (every other group); the most
-specific key wins and a group no key names keeps its units:
+"ffn", "hidden"), group keys and shell-style globs over group keys (local scope;
+a group's key is the path of the module that produces its channels, e.g.
+"layer1.0.conv1") and "*" (every other group).  The most specific key wins: a
+group's own key, else the most specific glob that matches it (the one with the
+most characters other than `*`; two equally specific globs with different
+ratios are an error), else its kind, else "*"; a group no key names keeps its
+units.  A key or glob that names no group is an error.
 
     ChannelMask(0.5)                          # half of every group
     ChannelMask({"*": 0.5, "head": 0.0})      # half of every group, no attention head
     ChannelMask({"fc1": 0.3})                 # only group fc1 (e.g. from gp.sensitivity)
+    ChannelMask({"layer1.*": 0.2, "*": 0.5})  # a fifth of layer1's groups, half of the others
+
+`exclude` names modules (as `model.named_modules()` spells them) or globs over
+them (`exclude=["layer4.*", "fc"]`): a group is left alone when a module whose
+width it changes is, or is inside, one of them.  A name or glob that matches no
+module is an error.
 
 Every group keeps at least `min_channels` units, rounded up to a multiple of
 `round_to` so that the widths stay hardware friendly; in global scope
@@ -44,6 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from fnmatch import fnmatchcase
 from typing import Iterable, Mapping
 
 import torch
@@ -54,7 +66,17 @@ from graphprune.analysis import latency
 from graphprune.analysis.cost import count_macs, count_params
 from graphprune.analysis.dependency import ChannelGroup, Dependencies
 from graphprune.analysis.scores import Scores
-from graphprune.arguments import choice, fraction, mapping, module_names, positive_int
+from graphprune.arguments import (
+    choice,
+    fraction,
+    glob_specificity,
+    in_modules,
+    is_glob,
+    mapping,
+    module_names,
+    positive_int,
+    unmatched,
+)
 from graphprune.errors import ArgumentError, GraphPruneWarning, PreconditionError
 from graphprune.ir.inputs import to_meta
 from graphprune.ir.masking import mask_units, refuse_lowered, resolve, unit_mask_state
@@ -338,10 +360,22 @@ class ChannelMask(PassBase):
 
     # -- choosing ----------------------------------------------------------------------
     def _ratio_of(self, g: ChannelGroup) -> float:
-        """The group's own ratio, else its kind's ("head", "ffn", ...), else "*"'s, else 0."""
+        """The group's own ratio, else the most specific matching glob's, else its kind's ("head",
+        "ffn", ...), else "*"'s, else 0."""
         if not isinstance(self.ratio, dict):
             return self.ratio
-        return self.ratio.get(g.key, self.ratio.get(g.kind, self.ratio.get("*", 0.0)))
+        if g.key in self.ratio:
+            return self.ratio[g.key]
+        best = self._globs_for(g.key)
+        if best:
+            return self.ratio[best[0]]
+        return self.ratio.get(g.kind, self.ratio.get("*", 0.0))
+
+    def _globs_for(self, key: str) -> list[str]:
+        """The ratio's globs (not "*") that match a group key and are the most specific that do."""
+        found = [k for k in self.ratio if k != "*" and is_glob(k) and fnmatchcase(key, k)]
+        top = max(map(glob_specificity, found), default=0)
+        return [k for k in found if glob_specificity(k) == top]
 
     def _check_keys(self, deps) -> None:
         if not isinstance(self.ratio, dict):
@@ -353,17 +387,26 @@ class ChannelMask(PassBase):
                 f"ChannelMask ratio keys {ambiguous} are both a kind of group and a group of this model; "
                 "rename the module or set the ratio per group with a key that is not a kind"
             )
-        unknown = sorted(set(self.ratio) - keys - set(KINDS) - {"*"})
+        unknown = sorted(unmatched(set(self.ratio) - set(KINDS) - {"*"}, keys))
         if unknown:
             raise ArgumentError(
                 f"ChannelMask ratio names groups the model does not have: {unknown[:5]}; keys are kinds "
-                f"{KINDS}, '*' or group keys, e.g. {[g.key for g in deps.groups][:10]}"
+                f"{KINDS}, '*', group keys or globs over them (e.g. 'layer1.*'); group keys are "
+                f"{[g.key for g in deps.groups][:10]}"
             )
-        per_group = sorted(set(self.ratio) & keys)
+        globs = sorted(k for k in self.ratio if k != "*" and is_glob(k))
+        per_group = sorted(set(self.ratio) & keys) + globs
         if per_group and self.scope != "local":
             raise ArgumentError(
                 f"ChannelMask ratio sets groups' own ratios ({per_group[:3]}): use it with scope='local'"
             )
+        for g in deps.groups:
+            tied = self._globs_for(g.key) if globs and g.key not in self.ratio else []
+            if len({self.ratio[k] for k in tied}) > 1:
+                raise ArgumentError(
+                    f"ChannelMask ratio globs {tied} match group {g.key} equally specifically with different "
+                    "ratios: name the group itself, or make one glob more specific"
+                )
         absent = sorted(k for k, r in self.ratio.items() if k in KINDS and r > 0 and k not in kinds)
         if absent:
             note = "; a model with no attention has no 'head' groups" if "head" in absent else ""
@@ -427,14 +470,14 @@ class ChannelMask(PassBase):
 
     # -- exclusion ---------------------------------------------------------------------
     def _excluded(self, g: ChannelGroup) -> bool:
-        return any(m == e or m.startswith(e + ".") for m in g.modules for e in self.exclude)
+        return any(in_modules(m, self.exclude) for m in g.modules)
 
     def _check_exclude(self, gm: fx.GraphModule) -> None:
-        names = {n for n, _ in gm.named_modules()}
-        missing = [e for e in self.exclude if e not in names]
+        missing = unmatched(self.exclude, (n for n, _ in gm.named_modules()))
         if missing:
             raise ArgumentError(
-                f"ChannelMask exclude names modules the model does not have: {missing}; use names from model.named_modules()"
+                f"ChannelMask exclude names modules the model does not have: {missing}; use names from "
+                "model.named_modules() or shell-style globs over them (e.g. 'layer4.*')"
             )
 
 

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphprune.analysis import Dependencies, Scores, WeightScores
-from graphprune.arguments import choice, fraction, module_names
+from graphprune.arguments import choice, fraction, in_modules, module_names, unmatched
 from graphprune.errors import ArgumentError
 from graphprune.ir.masking import (
     WeightMaskParametrization,
@@ -81,14 +81,13 @@ class _WeightMaskPass(PassBase):
         self.include_bias = include_bias
 
     def _tensors(self, gm: fx.GraphModule) -> list[tuple[str, nn.Module, str]]:
-        names = {n for n, _ in gm.named_modules()}
-        missing = [e for e in self.exclude if e not in names]
+        missing = unmatched(self.exclude, (n for n, _ in gm.named_modules()))
         if missing:
             raise ArgumentError(f"{self.name} exclude names modules the model does not have: {missing}")
         out = []
         for op in weight_ops(gm).values():  # nn.Linear/nn.ConvNd modules, or aten.linear/conv on parameters
             module = op.weight.rpartition(".")[0]
-            if any(module == e or module.startswith(e + ".") for e in self.exclude):
+            if in_modules(module, self.exclude):
                 continue
             for name in (op.weight, op.bias if self.include_bias else None):
                 if name is not None:

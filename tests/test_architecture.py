@@ -27,6 +27,7 @@ LAYERS = [
         "graphprune.sensitivity",
         "graphprune.recipe",
         "graphprune.regularize",
+        "graphprune.finetune",
     ),
     ("graphprune.sources",),
     ("graphprune", "graphprune.cli"),  # the package's public API and the command line

@@ -144,18 +144,52 @@ def test_prune_a_model_from_a_python_factory(tmp_path, capsys):
     assert load_source(str(out)).model[0].out_channels == 8
 
 
-def test_prune_a_hugging_face_folder(tmp_path):
+def _bert_folder(path):
+    """A tiny random BERT written with save_pretrained (and a vocabulary file, as a real folder has)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
     )
     torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    transformers.BertModel(config).save_pretrained(path)
+    (path / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(100)) + "\n")
+    return path
+
+
+def test_prune_a_hugging_face_folder(tmp_path, capsys):
+    bert = _bert_folder(tmp_path / "bert")
     out = tmp_path / "pruned"
-    assert main(["prune", f"hf:{tmp_path / 'bert'}", "--seq-len", "16", "--ratio", "0.5", "--out", str(out)]) == 0
+    assert main(["prune", f"hf:{bert}", "--seq-len", "16", "--ratio", "0.5", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["macs"][1] < 0.7 * report["macs"][0]
     assert load_source(str(out)).model.encoder.layer[0].intermediate.dense.out_features == 32
+    # BERT's config derives the head size from the hidden size: fewer heads cannot be written with
+    # save_pretrained, and the command says so (the graphprune checkpoint holds the model)
+    assert not (out / "hf").exists()
+    assert "no hf/ folder: save_pretrained cannot describe this pruning" in capsys.readouterr().out
+
+
+def test_prune_writes_a_hugging_face_folder_that_from_pretrained_loads(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    bert = _bert_folder(tmp_path / "bert")
+    (tmp_path / "ffn.yaml").write_text(
+        "passes:\n  - L2Score: {}\n  - ChannelMask: {ratio: {ffn: 0.5}}\n  - Shrink\ninputs: {seq_len: 16}\n"
+    )
+    out = tmp_path / "pruned"
+    assert main(["prune", f"hf:{bert}", "--recipe", str(tmp_path / "ffn.yaml"), "--out", str(out)]) == 0
+    assert "hf/ (save_pretrained)" in capsys.readouterr().out
+    back = transformers.AutoModel.from_pretrained(out / "hf").eval()
+    assert type(back) is transformers.BertModel and back.config.intermediate_size == 32
+    assert (out / "hf" / "vocab.txt").read_text() == (bert / "vocab.txt").read_text()
+    pruned = load_source(str(out))
+    with torch.no_grad():
+        expected = pruned.model(*pruned.example_inputs)
+        got = back(*pruned.example_inputs)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output)
+    # pruning into the same folder again in a way save_pretrained cannot describe removes the old hf/
+    assert main(["prune", f"hf:{bert}", "--seq-len", "16", "--ratio", "0.5", "--out", str(out)]) == 0
+    assert not (out / "hf").exists() and (out / "plan.json").exists()
 
 
 def test_prune_refuses_unknown_sources_and_conflicting_flags(tmp_path, capsys):
