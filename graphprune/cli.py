@@ -1,6 +1,7 @@
 """Command line.
 
-    graphprune prune SOURCE --out DIR (--recipe FILE | --ratio R | --target-macs X | --target-params N)
+    graphprune prune SOURCE --out DIR (--recipe FILE | --ratio R | --target-macs X | --target-params N
+                                       | --target-latency S [--backend onnxruntime|torch] [--threads N])
     graphprune report SOURCE_OR_DIR [--json] [--html FILE]
     graphprune export SOURCE_OR_DIR --onnx FILE
     graphprune bench DENSE PRUNED [--threads N] [--repeats N]
@@ -130,13 +131,21 @@ def _positive(kind):
     return parse
 
 
+HOW = ("ratio", "target_macs", "target_params", "target_latency")
+
+
 def _recipe_from_flags(args: argparse.Namespace) -> dict:
-    given = [f for f in ("ratio", "target_macs", "target_params") if getattr(args, f) is not None]
+    given = [f for f in HOW if getattr(args, f) is not None]
     if len(given) != 1:
-        raise ArgumentError("give one of --recipe, --ratio, --target-macs or --target-params")
+        raise ArgumentError("give one of --recipe, --ratio, --target-macs, --target-params or --target-latency")
+    if (args.backend or args.threads) and args.target_latency is None:
+        raise ArgumentError("--backend and --threads set up a latency target: give --target-latency too")
     mask: dict = {"scope": args.scope, "round_to": args.round_to}
     if args.ratio is not None:
         mask["ratio"] = args.ratio
+    elif args.target_latency is not None:
+        mask["target"] = {"latency": args.target_latency, "backend": args.backend or "onnxruntime"}
+        mask["target"].update({"threads": args.threads} if args.threads else {})
     else:
         mask["target"] = {"macs": args.target_macs} if args.target_macs is not None else {"params": args.target_params}
     score = {"l1": "L1Score", "l2": "L2Score"}[args.criterion]
@@ -155,8 +164,10 @@ def _load(args: argparse.Namespace, inputs: dict | None = None):
 
 
 def _prune(args: argparse.Namespace) -> int:
-    if args.recipe and any(getattr(args, f) is not None for f in ("ratio", "target_macs", "target_params")):
-        raise ArgumentError("--recipe already says how to prune: leave out --ratio / --target-macs / --target-params")
+    if args.recipe and any(getattr(args, f) is not None for f in HOW):
+        raise ArgumentError(
+            "--recipe already says how to prune: leave out --ratio / --target-macs / --target-params / --target-latency"
+        )
     flags = {"data": args.finetune, "epochs": args.epochs, "lr": args.lr, "distill": args.distill}
     if args.finetune is None and any(v is not None for v in flags.values()) and not _has_finetune(args.recipe):
         raise ArgumentError("--epochs / --lr / --distill set up a fine-tune: give --finetune FILE.py:FUNCTION too")
@@ -389,6 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--ratio", type=float, help="share of every channel group to remove")
     prune.add_argument("--target-macs", type=float, help="MACs of the pruned model as a share of the dense one's")
     prune.add_argument("--target-params", type=float, help="parameters to keep: a share (<= 1) or a count")
+    prune.add_argument(
+        "--target-latency",
+        type=float,
+        help="latency of the pruned model as a share of the dense one's on this machine (0.5: twice as fast), "
+        "searched on a lookup table of op latencies and checked end to end",
+    )
+    prune.add_argument(
+        "--backend", choices=["onnxruntime", "torch"], help="where --target-latency is measured (onnxruntime)"
+    )
+    prune.add_argument("--threads", type=_positive(int), help="threads for --target-latency's measurements")
     prune.add_argument("--criterion", choices=["l1", "l2"], default="l2")
     prune.add_argument("--scope", choices=["local", "global"], default="local")
     prune.add_argument("--round-to", type=int, default=1)

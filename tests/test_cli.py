@@ -199,6 +199,22 @@ def test_prune_refuses_unknown_sources_and_conflicting_flags(tmp_path, capsys):
     assert "give one of --recipe" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:ChannelMask target latency")  # timings on a shared machine vary
+def test_prune_to_a_latency_target_writes_it_into_the_recipe(tmp_path, capsys):
+    (tmp_path / "make.py").write_text(FACTORY)
+    source, out = f"{tmp_path / 'make.py'}:build", tmp_path / "pruned"
+    args = ["prune", source, "--target-latency", "0.6", "--backend", "torch", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    written = (out / "recipe.yaml").read_text()
+    assert "latency: 0.6" in written and "backend: torch" in written and "threads: 1" in written
+    assert (
+        json.loads((out / "report.json").read_text())["params"][1]
+        < json.loads((out / "report.json").read_text())["params"][0]
+    )
+    assert main(["prune", source, "--ratio", "0.5", "--backend", "torch", "--out", str(tmp_path / "o")]) == 2
+    assert "give --target-latency too" in capsys.readouterr().err
+
+
 def test_bench_times_dense_and_pruned_interleaved(tmp_path, capsys):
     out = tmp_path / "pruned"
     assert (
