@@ -207,10 +207,8 @@ def test_prune_to_a_latency_target_writes_it_into_the_recipe(tmp_path, capsys):
     assert main(args) == 0
     written = (out / "recipe.yaml").read_text()
     assert "latency: 0.6" in written and "backend: torch" in written and "threads: 1" in written
-    assert (
-        json.loads((out / "report.json").read_text())["params"][1]
-        < json.loads((out / "report.json").read_text())["params"][0]
-    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"][1] < report["params"][0]
     assert main(["prune", source, "--ratio", "0.5", "--backend", "torch", "--out", str(tmp_path / "o")]) == 2
     assert "give --target-latency too" in capsys.readouterr().err
 
