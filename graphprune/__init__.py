@@ -35,7 +35,7 @@ from graphprune.hf import as_hf_model
 from graphprune.ir.trace import trace
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
 from graphprune.recipe import recipe
-from graphprune.regularize import BNScaleL1, GroupLasso, TokenSparsity, harden_tokens, token_rates
+from graphprune.regularize import BNScaleL1, GroupLasso, GrowingReg, TokenSparsity, harden_tokens, token_rates
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
 from graphprune.saving import apply_plan, load, save
 from graphprune.schedule import Pruner, sparsity_at
@@ -78,6 +78,7 @@ __all__ = [
     "finetune",
     "perplexity",
     "GroupLasso",
+    "GrowingReg",
     "TokenSparsity",
     "token_rates",
     "harden_tokens",
