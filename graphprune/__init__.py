@@ -39,6 +39,7 @@ from graphprune.regularize import BNScaleL1, GroupLasso, GrowingReg, TokenSparsi
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
 from graphprune.saving import apply_plan, load, save
 from graphprune.schedule import Pruner, sparsity_at
+from graphprune.search import RatioSearch, search_ratios
 from graphprune.sensitivity import Sensitivity, sensitivity
 from graphprune.summary import Summary, summary
 from graphprune.vocab import prune_vocabulary
@@ -74,6 +75,8 @@ __all__ = [
     "Pruner",
     "sparsity_at",
     "sensitivity",
+    "search_ratios",
+    "RatioSearch",
     "recipe",
     "finetune",
     "perplexity",
