@@ -150,11 +150,17 @@ def search_ratios(
     dense = count(base)
     goal = value if value <= 1 else value / max(dense, 1)
 
+    try:  # costs are counted on graph modules: no landing on the model's class to check each time
+        counted, output = compile(base, [], example_inputs=example_inputs, output="graph"), "graph"
+    except ArgumentError:  # a graph of regions runs on the example inputs only: land as usual
+        counted, output = base, "auto"
+
     def cost(removed: dict[str, int]) -> float:
         """The shrunk model's cost / dense (it depends on the widths only, so it is remembered)."""
         key = tuple(sorted(removed.items()))
         if key not in costs:
-            shrunk = compile(base, [MaskUnits(units(removed)), Shrink()], example_inputs=example_inputs, verify=False)
+            passes = [MaskUnits(units(removed)), Shrink()]
+            shrunk = compile(counted, passes, example_inputs=example_inputs, verify=False, output=output)
             costs[key] = count(shrunk) / max(dense, 1)
         return costs[key]
 
