@@ -144,8 +144,8 @@ class GroupLasso:
 class GrowingReg(GroupLasso):
     """Growing regularisation (Wang et al., "Neural Pruning via Growing Regularization", ICLR 2021,
     GReg-1): the `ratio` lowest-norm units of every group are selected for pruning at the start
-    (their norms as `norms()` counts them, ties by index, as `L2Score` + `ChannelMask(ratio)` would
-    pick them); the penalty is
+    (their norms as `norms()` counts them, ties by index; as many per group as `ChannelMask(ratio)`
+    removes); the penalty is
 
         lam * Σ_selected ||unit||² + kept * Σ_other ||unit||²
 
