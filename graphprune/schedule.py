@@ -17,7 +17,8 @@ and can only add zeros (pattern lock).  Iterative prune -> fine-tune -> prune
 Sparse training: with a regulariser, add `pruner.penalty()` to the loss.  The Pruner
 trains a masked copy of the model, so the regulariser it is given is bound to that copy
 (`reg.bind(pruner.model)`: `pruner.regularizer`; the one passed in is left alone), and
-`on_step_end` steps it (growing regularisation raises its strength there):
+`on_step_end` steps it (growing regularisation raises its strength there; call it every step,
+with `per="epoch"` too):
 
     reg = gp.GrowingReg(model, 0.5, example_inputs=(x,), delta=1e-3, every=10)  # or gp.GroupLasso, gp.BNScaleL1
     pruner = gp.Pruner(model, example_inputs=(x,), target_sparsity=0.5, end_step=1000, frequency=1000,
