@@ -149,3 +149,33 @@ def test_pruner_rejects_a_regulariser_it_cannot_bind():
         gp.Pruner(models.Mlp(), example_inputs=x, target_sparsity=0.5, end_step=10, regularizer=0.1)
     with pytest.raises(gp.ArgumentError, match="fn\\(model\\)"):
         gp.Pruner(models.Mlp(), example_inputs=x, target_sparsity=0.5, end_step=10, regularizer=lambda: 0.0)
+
+
+def test_growing_regularisation_in_a_pruner_zeroes_the_selected_units_and_those_are_pruned():
+    torch.manual_seed(0)
+    model, x = models.Mlp(), torch.randn(64, 10)
+    y = torch.randn(64, 3)
+    reg = gp.GrowingReg(model, 0.5, example_inputs=(x[:2],), delta=0.05, every=1, ceiling=2.0, threshold=1e-2)
+    pruner = gp.Pruner(
+        model,
+        example_inputs=(x[:2],),
+        target_sparsity=0.5,
+        end_step=60,
+        frequency=60,
+        score=L1Score(),
+        mask=lambda s: ChannelMask(s),
+        regularizer=reg,
+    )
+    opt = torch.optim.SGD(pruner.model.parameters(), lr=0.1)
+    for step in range(1, 61):
+        opt.zero_grad()
+        (F.mse_loss(pruner.model(x), y) + pruner.penalty()).backward()
+        opt.step()
+        pruner.on_step_end(step)
+    bound = pruner.regularizer
+    assert bound.done and pruner.history == [(60, 0.5)]
+    for key, units in bound.selected.items():
+        weight = pruner.model.get_submodule(key).weight
+        assert (weight.abs().sum(1) == 0).nonzero().reshape(-1).tolist() == units
+    pruned = pruner.finalize()
+    assert pruned.get_submodule("fc1").out_features == 16 and pruned.get_submodule("fc2").out_features == 8
