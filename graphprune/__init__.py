@@ -36,10 +36,11 @@ from graphprune.hf import as_hf_model
 from graphprune.ir.trace import trace
 from graphprune.pipeline import PassBase, PassContext, PassResult, Pipeline
 from graphprune.recipe import apply_recipe, recipe, recipe_calibration, recipe_pruner
-from graphprune.regularize import BNScaleL1, GroupLasso, TokenSparsity, harden_tokens, token_rates
+from graphprune.regularize import BNScaleL1, GroupLasso, GrowingReg, TokenSparsity, harden_tokens, token_rates
 from graphprune.rules import ChannelwiseRule, OpCall, Rule, register_rule
 from graphprune.saving import apply_plan, load, save
 from graphprune.schedule import Pruner, sparsity_at
+from graphprune.search import RatioSearch, search_ratios
 from graphprune.sensitivity import Sensitivity, sensitivity
 from graphprune.summary import Summary, summary
 from graphprune.vocab import prune_vocabulary
@@ -75,6 +76,8 @@ __all__ = [
     "Pruner",
     "sparsity_at",
     "sensitivity",
+    "search_ratios",
+    "RatioSearch",
     "recipe",
     "apply_recipe",
     "recipe_calibration",
@@ -82,6 +85,7 @@ __all__ = [
     "finetune",
     "perplexity",
     "GroupLasso",
+    "GrowingReg",
     "TokenSparsity",
     "token_rates",
     "harden_tokens",

@@ -13,13 +13,32 @@ Masks are parametrizations, so they stay applied while training and the
 optimizer's parameters never change identity; every pruning step re-scores
 and can only add zeros (pattern lock).  Iterative prune -> fine-tune -> prune
 (Han et al.) is the same object with `per="epoch"` and a linear schedule.
+
+Sparse training: with a regulariser, add `pruner.penalty()` to the loss.  The Pruner
+trains a masked copy of the model, so the regulariser it is given is bound to that copy
+(`reg.bind(pruner.model)`: `pruner.regularizer`; the one passed in is left alone), and
+`on_step_end` steps it (growing regularisation raises its strength there; call it every step,
+with `per="epoch"` too):
+
+    reg = gp.GrowingReg(model, 0.5, example_inputs=(x,), delta=1e-3, every=10)  # or gp.GroupLasso, gp.BNScaleL1
+    pruner = gp.Pruner(model, example_inputs=(x,), target_sparsity=0.5, end_step=1000, frequency=1000,
+                       score=L2Score(), mask=lambda s: ChannelMask(s), regularizer=reg)
+    model = pruner.model
+    for step, (x, y) in enumerate(loader):
+        (loss_fn(model(x), y) + pruner.penalty()).backward(); opt.step(); opt.zero_grad()
+        pruner.on_step_end(step)              # prunes on schedule (here: once, at step 1000)
+    pruned = pruner.finalize()
+
+A plain function works too: `regularizer=lambda m: ...` is called with `pruner.model`.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable
 
+import torch
 from torch import nn
 
 from graphprune.arguments import choice, fraction, positive_int
@@ -56,7 +75,8 @@ class Pruner:
     `score` is a score pass (or None for masks that rank by magnitude);
     `mask` turns a sparsity into a mask pass: by default
     `lambda s: UnstructuredMask(s)`; `lambda s: ChannelMask(s)` prunes channels
-    (with a score such as L1Score()).
+    (with a score such as L1Score()).  `regularizer` (`gp.GroupLasso`, `gp.BNScaleL1`,
+    `gp.GrowingReg`, or a function `fn(model) -> scalar tensor`) gives `penalty()`.
     """
 
     def __init__(
@@ -74,6 +94,7 @@ class Pruner:
         mask: Callable[[float], PassBase] | None = None,
         per: str = "step",
         leaf_modules=(),
+        regularizer: object | None = None,
     ) -> None:
         target_sparsity = fraction(target_sparsity, "Pruner target_sparsity")
         initial_sparsity = fraction(initial_sparsity, "Pruner initial_sparsity")
@@ -99,6 +120,15 @@ class Pruner:
         # Every tensor a mask may touch gets its (all-ones) mask now, so that an optimizer built on
         # pruner.model.parameters() keeps working as masks tighten.
         self.model = compile(model, self._passes(0.0), example_inputs=example_inputs, leaf_modules=leaf_modules)
+        self.regularizer = _bound(regularizer, self.model)
+
+    def penalty(self) -> torch.Tensor:
+        """The regulariser's value on `pruner.model`, to add to the loss (0 without a regulariser)."""
+        if self.regularizer is None:
+            return torch.zeros(())
+        if hasattr(self.regularizer, "bind"):
+            return self.regularizer()
+        return self.regularizer(self.model)
 
     def _passes(self, sparsity: float) -> list:
         return ([self.score] if self.score is not None else []) + [self.make_mask(sparsity)]
@@ -137,6 +167,8 @@ class Pruner:
             self._prune_to(self.initial, 0)
 
     def on_step_end(self, step: int | None = None) -> None:
+        if callable(getattr(self.regularizer, "step", None)):
+            self.regularizer.step()
         if self.per == "step":
             self._tick(step)
 
@@ -152,3 +184,26 @@ class Pruner:
 
         self.on_train_end()
         return compile(self.model, [Shrink()], example_inputs=self.example_inputs)
+
+
+def _bound(regularizer, model: nn.Module):
+    """The regulariser on the masked copy the Pruner trains (never on the caller's model)."""
+    if regularizer is None:
+        return None
+    if callable(getattr(regularizer, "bind", None)):
+        return regularizer.bind(model)
+    if not callable(regularizer):
+        raise ArgumentError(
+            f"Pruner regularizer must be gp.GroupLasso, gp.BNScaleL1, gp.GrowingReg or a function "
+            f"fn(model) -> scalar tensor, got {type(regularizer).__name__}"
+        )
+    try:
+        inspect.signature(regularizer).bind(model)
+    except TypeError:
+        raise ArgumentError(
+            "Pruner regularizer: a function must take the model, fn(model) -> scalar tensor; the Pruner trains "
+            "a masked copy (pruner.model), which a penalty closed over the original model would not reach"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): trust it
+        pass
+    return regularizer

@@ -27,7 +27,7 @@ from graphprune.pipeline import PassBase, PassResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Sensitivity", "sensitivity"]
+__all__ = ["Sensitivity", "sensitivity", "measure"]
 
 
 @dataclass(frozen=True)
@@ -98,17 +98,17 @@ class _GivenScores(PassBase):
         return PassResult(gm, False)
 
 
-def _metric(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str) -> float:
+def measure(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str, who: str = "sensitivity") -> float:
     """evaluate(model) as a finite float: a NaN would make every ratio look harmless."""
     value = evaluate(model)
     try:
         value = float(value)
     except (TypeError, ValueError):
         raise ArgumentError(
-            f"sensitivity: evaluate returned {type(value).__name__} for {what}; return a number (higher is better)"
+            f"{who}: evaluate returned {type(value).__name__} for {what}; return a number (higher is better)"
         ) from None
     if not math.isfinite(value):
-        raise InputError(f"sensitivity: evaluate returned {value} for {what}; it must return a finite number")
+        raise InputError(f"{who}: evaluate returned {value} for {what}; it must return a finite number")
     return value
 
 
@@ -144,14 +144,14 @@ def sensitivity(
     unknown = sorted(set(keys) - set(seen["groups"]))
     if unknown:
         raise ArgumentError(f"sensitivity: no such groups {unknown}; the model has {seen['groups']}")
-    baseline = _metric(evaluate, base, "the unpruned model")
+    baseline = measure(evaluate, base, "the unpruned model")
     rows = []
     with tqdm(total=len(keys) * len(ratios), desc="sensitivity", unit="run", disable=None) as progress:
         for key in keys:
             for r in ratios:
                 given = [_GivenScores(seen["scores"]), ChannelMask({key: r})]
                 masked = compile(base, given, example_inputs=example_inputs)
-                rows.append((key, r, _metric(evaluate, masked, f"group {key} at ratio {r:g}")))
+                rows.append((key, r, measure(evaluate, masked, f"group {key} at ratio {r:g}")))
                 logger.info("sensitivity %s @ %.2f: %.4g", key, r, rows[-1][2])
                 progress.update()
     return Sensitivity(baseline, tuple(rows))

@@ -25,6 +25,7 @@ LAYERS = [
         "graphprune.saving",
         "graphprune.schedule",
         "graphprune.sensitivity",
+        "graphprune.search",
         "graphprune.recipe",
         "graphprune.regularize",
         "graphprune.finetune",
