@@ -1,4 +1,5 @@
-"""Per-group ratios for a cost target, found greedily (NetAdapt, Yang et al., ECCV 2018).
+"""Per-group ratios for a cost target, found greedily (NetAdapt, Yang et al., ECCV 2018) or by
+Bayesian optimisation (Condensa's way).
 
     ratios = gp.search_ratios(model, evaluate, target={"macs": 0.3}, example_inputs=(x,))
     pruned = gp.compile(model, [L1Score(), ChannelMask(ratios), Shrink()], example_inputs=(x,))
@@ -12,6 +13,14 @@ more).  The last proposal is trimmed to the fewest units that reach the target, 
 just under it (or just over, within `tolerance`, where one more unit would land further off).  NetAdapt fine-tunes each proposal briefly before measuring it; `finetune(masked)`
 does that when given (in place, and the chosen proposal's weights carry on), else proposals are
 measured as masked.
+
+`method="bayes"` searches instead in Condensa's spirit (Joseph et al. 2020: Bayesian optimisation
+of sparsity against an accuracy objective): each trial gives every group a weight w in [-1, 1],
+keeps `scale * exp(w)` of its units with the one `scale` that lands just under the target (found
+by bisection on the counted cost, so every trial meets the budget), and a Gaussian-process
+sampler (optuna's `GPSampler`, `pip install "graphprune[search]"`) picks the next weights to
+maximise `evaluate`.  The first trial is the uniform ratio (all weights 0), so the result is never
+worse than uniform on `evaluate`; `trials` bounds the evaluations.
 
 Scores are computed once, on the dense model, so `ChannelMask(ratios)` after the same score pass
 masks exactly the units the search masked.  Every proposal is a `MaskUnits` pass on one traced
@@ -30,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graphprune.analysis import Dependencies, Scores, count_macs, count_params
-from graphprune.arguments import fraction, mapping, positive_int
+from graphprune.arguments import choice, fraction, mapping, positive_int
 from graphprune.compile import compile
 from graphprune.errors import ArgumentError, GraphPruneWarning
 from graphprune.passes.mask import MaskUnits
@@ -44,6 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["RatioSearch", "search_ratios"]
 
 TARGETS = ("macs", "params")
+METHODS = ("greedy", "bayes")
 
 
 class RatioSearch(dict):
@@ -103,17 +113,25 @@ def search_ratios(
     groups: Iterable[str] | None = None,
     min_channels: int = 1,
     leaf_modules=(),
+    method: str = "greedy",
+    trials: int = 30,
+    seed: int = 0,
 ) -> RatioSearch:
     """Per-group ratios whose shrunk model meets `target` (`{"macs": 0.3}`: MACs x0.3 on the example
     inputs; `{"params": 5e6}`: up to 1 a share, above 1 a count) within `tolerance`, chosen greedily
     by `evaluate` (see the module's docstring).  `score` ranks the units inside each group (L1
     magnitude by default); `groups` limits the search to these group keys; every group keeps at
-    least `min_channels` units.  The caller's model is not changed."""
+    least `min_channels` units.  `method="bayes"` runs `trials` trials of Bayesian optimisation
+    (seeded by `seed`) instead of the greedy steps.  The caller's model is not changed."""
 
     kind, value = _target(target)
     step = fraction(step, "search_ratios step (the share of a group's units one proposal removes)", open_low=True)
     tolerance = fraction(tolerance, "search_ratios tolerance")
     min_channels = positive_int(min_channels, "search_ratios min_channels")
+    method = choice(method, "search_ratios method", METHODS)
+    trials = positive_int(trials, "search_ratios trials")
+    if method == "bayes" and finetune is not None:
+        raise ArgumentError("search_ratios finetune fine-tunes greedy proposals: use it with method='greedy'")
     if not callable(evaluate):
         raise ArgumentError(f"search_ratios evaluate must be a function model -> float, got {type(evaluate).__name__}")
     if finetune is not None and not callable(finetune):
@@ -165,6 +183,33 @@ def search_ratios(
         return costs[key]
 
     baseline = measure(evaluate, base, "the unpruned model", "search_ratios")
+
+    def mask(removed: dict[str, int]) -> nn.Module:
+        return compile(base, [MaskUnits(units(removed))], example_inputs=example_inputs)
+
+    def finish(removed, now, metric, history, final=None) -> RatioSearch:
+        if abs(now - goal) > tolerance:
+            warnings.warn(
+                f"search_ratios target {kind} x{goal:.3f} is out of reach: every group is down to min_channels at "
+                f"x{now:.3f}",
+                GraphPruneWarning,
+                stacklevel=3,
+            )
+        return RatioSearch(
+            {k: removed[k] / sizes[k] for k in keys},
+            kind=kind,
+            requested=goal,
+            reached=now,
+            baseline=baseline,
+            metric=metric,
+            history=tuple(history),
+            model=final if final is not None else mask(removed),
+        )
+
+    if method == "bayes":
+        search = _Bayes(keys, sizes, floor, cost, goal, lambda removed, what: measure(evaluate, mask(removed), what))
+        removed, metric, history = search.run(trials, seed)
+        return finish(removed, cost(removed), metric, history)
     removed = {k: 0 for k in keys}
     now, metric, current = 1.0, baseline, base
     history = []
@@ -210,23 +255,66 @@ def search_ratios(
             logger.info(
                 "search_ratios: %d units of %s removed, %s x%.3f, metric %.4g", removed[k], k, kind, now, metric
             )
-    if abs(now - goal) > tolerance:
-        warnings.warn(
-            f"search_ratios target {kind} x{goal:.3f} is out of reach: every group is down to min_channels at "
-            f"x{now:.3f}",
-            GraphPruneWarning,
-            stacklevel=2,
+    return finish(removed, now, metric, history, current if finetune is not None else None)
+
+
+class _Bayes:
+    """Bayesian optimisation over per-group weights; every trial's widths meet the target."""
+
+    def __init__(self, keys, sizes, floor, cost, goal, evaluate) -> None:
+        self.keys, self.sizes, self.floor, self.cost, self.goal, self.evaluate = (
+            keys,
+            sizes,
+            floor,
+            cost,
+            goal,
+            evaluate,
         )
-    final = (
-        current if finetune is not None else compile(base, [MaskUnits(units(removed))], example_inputs=example_inputs)
-    )
-    return RatioSearch(
-        {k: removed[k] / sizes[k] for k in keys},
-        kind=kind,
-        requested=goal,
-        reached=now,
-        baseline=baseline,
-        metric=metric,
-        history=tuple(history),
-        model=final,
-    )
+
+    def removed(self, weights: dict[str, float], scale: float) -> dict[str, int]:
+        """Units removed per group when group k keeps scale * exp(weights[k]) of its units."""
+        out = {}
+        for k in self.keys:
+            keep = round(self.sizes[k] * min(1.0, scale * math.exp(weights[k])))
+            out[k] = self.sizes[k] - min(max(keep, self.floor[k]), self.sizes[k])
+        return out
+
+    def fit(self, weights: dict[str, float]) -> dict[str, int]:
+        """The widths at the largest scale whose cost is within the target (bisection)."""
+        low, high = 0.0, math.exp(1.0)  # at `high` every group keeps all its units
+        if self.cost(self.removed(weights, high)) <= self.goal:
+            return self.removed(weights, high)
+        for _ in range(24):
+            mid = (low + high) / 2
+            low, high = (mid, high) if self.cost(self.removed(weights, mid)) <= self.goal else (low, mid)
+        return self.removed(weights, low)
+
+    def run(self, trials: int, seed: int) -> tuple[dict[str, int], float, list]:
+        optuna = _optuna()
+        history = []
+
+        def objective(trial) -> float:
+            weights = {k: trial.suggest_float(k, -1.0, 1.0) for k in self.keys}
+            removed = self.fit(weights)
+            trial.set_user_attr("removed", removed)
+            metric = self.evaluate(removed, f"trial {trial.number}'s widths")
+            history.append((f"trial {trial.number}", sum(removed.values()), self.cost(removed), metric))
+            progress.update()
+            progress.set_postfix({"best": f"{max(h[3] for h in history):.4g}"})
+            return metric
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.GPSampler(seed=seed))
+        study.enqueue_trial({k: 0.0 for k in self.keys})  # the uniform ratio first
+        with tqdm(desc="search_ratios (bayes)", unit="trial", total=trials, disable=None) as progress:
+            study.optimize(objective, n_trials=trials)
+        best = study.best_trial
+        return best.user_attrs["removed"], best.value, history
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError('search_ratios(method="bayes") needs optuna: pip install "graphprune[search]"') from exc
+    return optuna

@@ -33,7 +33,7 @@ LAYERS = [
     ("graphprune.sources",),
     ("graphprune", "graphprune.cli"),  # the package's public API and the command line
 ]
-LAZY_OK = {"onnx", "onnxruntime", "tokenizers", "matplotlib", "torchvision", "transformers", "timm"}
+LAZY_OK = {"onnx", "onnxruntime", "tokenizers", "matplotlib", "torchvision", "transformers", "timm", "optuna"}
 
 
 def _module_name(path: Path) -> str:

@@ -100,3 +100,29 @@ def test_an_unreachable_target_warns_and_stops_at_the_floor():
             model, evaluate, target={"macs": 0.01}, example_inputs=(x,), step=0.5, groups=["conv_b"]
         )
     assert found == {"conv_b": 15 / 16} and found.reached > 0.5
+
+
+def test_bayesian_search_meets_the_target_and_beats_the_uniform_ratio_it_starts_from():
+    pytest.importorskip("optuna")
+    model, x, evaluate = _setup()
+    found = gp.search_ratios(model, evaluate, target={"macs": 0.5}, example_inputs=(x,), method="bayes", trials=12)
+    assert found.reached <= 0.5 and abs(found.reached - 0.5) <= 0.02
+    assert len(found.history) == 12 and found.history[0][0] == "trial 0"
+    uniform = found.history[0][3]  # the first trial is every group at one ratio
+    assert found.metric == max(h[3] for h in found.history) and found.metric > uniform
+    assert found["conv_b"] > found["conv_a"]  # the budget went where the metric does not look
+    pruned = gp.compile(model, [L1Score(), ChannelMask(found), Shrink()], example_inputs=(x,))
+    assert gp.count_macs(pruned, (x,)) / gp.count_macs(model, (x,)) == pytest.approx(found.reached, abs=1e-9)
+    assert evaluate(pruned) == pytest.approx(found.metric, abs=1e-6)
+
+
+def test_bayesian_search_names_its_bad_arguments():
+    model, x, evaluate = _setup()
+    with pytest.raises(gp.ArgumentError, match="method"):
+        gp.search_ratios(model, evaluate, target={"macs": 0.5}, example_inputs=(x,), method="annealing")
+    with pytest.raises(gp.ArgumentError, match="trials"):
+        gp.search_ratios(model, evaluate, target={"macs": 0.5}, example_inputs=(x,), method="bayes", trials=0)
+    with pytest.raises(gp.ArgumentError, match="method='greedy'"):
+        gp.search_ratios(
+            model, evaluate, target={"macs": 0.5}, example_inputs=(x,), method="bayes", finetune=lambda m: None
+        )
