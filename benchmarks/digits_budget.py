@@ -13,6 +13,8 @@ ways (L2 scores), each meeting the budget:
                scaled by bisection over the allowed drop until the budget is met
   netadapt     gp.search_ratios: NetAdapt's greedy allocation, validation accuracy lost per MAC
                saved, one chunk (5 % of a group) at a time, no fine-tune inside the search
+  bayes        gp.search_ratios(method="bayes"): 20 trials of Bayesian optimisation (optuna's GP
+               sampler) of per-group weights, validation accuracy, the uniform ratio its first trial
   lasso+global the dense model trained 3 more epochs with gp.GroupLasso, then "global"
   growing-reg  a gp.Pruner with gp.GrowingReg: the units "uniform" would remove are selected and
                get an L2 penalty growing by 0.02 a step to 1 (or until their norms are all < 1e-3)
@@ -147,6 +149,13 @@ def _one_seed(seed: int, budgets: list[float], data) -> tuple[list[dict], dict]:
             facts[f"netadapt {budget:g}"] = {"ratios": dict(found), "validation": found.metric}
             return found.model
 
+        def bayes():
+            found = gp.search_ratios(
+                dense, val, target={"macs": budget}, example_inputs=x, score=L2Score(), method="bayes", trials=20
+            )
+            facts[f"bayes {budget:g}"] = {"ratios": dict(found), "validation": found.metric}
+            return found.model
+
         def growing():
             model, info = _growing(dense, ratio, tx, ty, x)
             facts[f"growing-reg {budget:g}"] = info
@@ -164,6 +173,7 @@ def _one_seed(seed: int, budgets: list[float], data) -> tuple[list[dict], dict]:
             ),
             "sensitivity": lambda: _by_sensitivity(dense, sens, budget, x),
             "netadapt": netadapt,
+            "bayes": bayes,
             "lasso+global": lambda: gp.compile(
                 lasso, [L2Score(), ChannelMask(target={"macs": budget}, scope="global")], example_inputs=x
             ),
@@ -216,8 +226,8 @@ def main() -> None:
         rows += seed_rows
     dense_test = [f["dense_test"] for f in facts.values()]
     print(
-        f"\nDigitsCNN trained 8 epochs on 1,097 scikit-learn digits; 300 validation images (what sensitivity and "
-        f"netadapt measure), 400 test images (the accuracies below); seeds {seeds} (the dense model's init and data "
+        f"\nDigitsCNN trained 8 epochs on 1,097 scikit-learn digits; 300 validation images (what sensitivity, "
+        f"netadapt and bayes measure), 400 test images (the accuracies below); seeds {seeds} (the dense model's init and data "
         f"order), mean over seeds [min-max]; dense test accuracy {_mean(dense_test):.3f} "
         f"[{min(dense_test):.3f}-{max(dense_test):.3f}]; GroupLasso model: {EPOCHS_REG} more epochs with lam 2e-3; "
         f"growing-reg: {EPOCHS_REG} epochs of a Pruner with GrowingReg; uniform+3ep: uniform's masks trained "

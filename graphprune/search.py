@@ -284,7 +284,7 @@ class _Bayes:
         low, high = 0.0, math.exp(1.0)  # at `high` every group keeps all its units
         if self.cost(self.removed(weights, high)) <= self.goal:
             return self.removed(weights, high)
-        for _ in range(24):
+        for _ in range(14):  # the scale to e/16000: finer than one unit of any group
             mid = (low + high) / 2
             low, high = (mid, high) if self.cost(self.removed(weights, mid)) <= self.goal else (low, mid)
         return self.removed(weights, low)

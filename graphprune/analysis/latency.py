@@ -146,10 +146,14 @@ class Meter:
         raise NotImplementedError
 
     def race(self, a: Callable[[], Any], b: Callable[[], Any]) -> tuple[float, float]:
-        """Median seconds of the calls `a` and `b`, run interleaved (at least 20 rounds, after 5 untimed:
-        a fresh ONNX Runtime session is slow on its first runs)."""
+        """Seconds of the calls `a` and `b`, run interleaved (at least 20 rounds, after 5 untimed: a
+        fresh ONNX Runtime session is slow on its first runs): `a`'s median, and `b`'s as that times
+        the median of the rounds' b/a ratios, which a machine whose speed drifts during the
+        measurement moves less than a ratio of two medians."""
         times = interleaved({"a": a, "b": b}, max(20, 2 * self.runs), warmup=5)
-        return statistics.median(times["a"]), statistics.median(times["b"])
+        ratio = statistics.median(tb / ta for ta, tb in zip(times["a"], times["b"]))
+        dense = statistics.median(times["a"])
+        return dense, dense * ratio
 
 
 class TorchMeter(Meter):
