@@ -60,10 +60,7 @@ from typing import Iterable, Mapping
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from graphprune.analysis import latency
-from graphprune.analysis.cost import count_macs, count_params
 from graphprune.analysis.dependency import ChannelGroup, Dependencies
 from graphprune.analysis.scores import Scores
 from graphprune.arguments import (
@@ -78,11 +75,10 @@ from graphprune.arguments import (
     unmatched,
 )
 from graphprune.errors import ArgumentError, GraphPruneWarning, PreconditionError
-from graphprune.ir.inputs import to_meta
 from graphprune.ir.masking import mask_units, refuse_lowered, resolve, unit_mask_state
 from graphprune.ir.norms import sync_masked_ops
-from graphprune.ir.shadow import deepcopy_model, shadow
 from graphprune.passes.shrink import Shrink
+from graphprune.passes.target import TargetSearch
 from graphprune.pipeline import PassBase, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -91,9 +87,6 @@ __all__ = ["ChannelMask", "MaskUnits", "apply_units"]
 
 SCOPES = ("local", "global", "joint")
 KINDS = ("channel", "head", "ffn", "hidden")
-TARGETS = ("macs", "params", "latency")
-LATENCY_KEYS = ("backend", "threads")
-MEASURED_ROUNDS = 4  # end-to-end checks of a latency target
 
 
 class ChannelMask(PassBase):
@@ -112,9 +105,15 @@ class ChannelMask(PassBase):
         max_ratio: float | None = None,
     ) -> None:
         what = "ChannelMask ratio (the share of channels to remove)"
-        self.target, self.meter = self._check_target(ratio, target)
+        if (ratio is None) == (target is None):
+            raise ArgumentError(
+                "ChannelMask takes a ratio or a target, not both: the target sets the ratio"
+                if target is not None
+                else "ChannelMask needs a ratio (e.g. ChannelMask(0.5)) or a target (e.g. ChannelMask(target={'macs': 0.5}))"
+            )
+        self.target = TargetSearch(target) if target is not None else None
         if tolerance is None:
-            tolerance = 0.05 if self.meter is not None else 0.01
+            tolerance = 0.05 if self.target is not None and self.target.kind == "latency" else 0.01
         self.tolerance = fraction(tolerance, "ChannelMask tolerance")
         if self.target is not None:
             self.ratio = 0.0  # set by the search
@@ -163,7 +162,15 @@ class ChannelMask(PassBase):
             )
         done = {g.key: unit_mask_state(gm, g)[0] for g in groups}
         if self.target is not None:
-            plan, reached = self._search(gm, ctx, deps, groups, scores, done)
+
+            def plan_at(ratio: float) -> dict[str, list[int]]:
+                self.ratio = ratio
+                return self._plan(gm, groups, scores, done)
+
+            def shrunk(trial, plan, inputs):
+                return _shrunk(trial, deps, plan, inputs)
+
+            self.ratio, plan, reached = self.target.search(gm, ctx.example_inputs, plan_at, shrunk, self.tolerance)
         else:
             plan, reached = self._plan(gm, groups, scores, done), None
         modified = apply_units(gm, ctx, deps, plan)
@@ -189,145 +196,6 @@ class ChannelMask(PassBase):
             same = [g for g in groups if g.kind == kind]
             plan.update(self._global(same, scores, done, floor, self._ratio_of(same[0])))
         return plan
-
-    # -- a target cost -----------------------------------------------------------------
-    @staticmethod
-    def _check_target(ratio, target) -> tuple[dict[str, float] | None, latency.Meter | None]:
-        """The target as {kind: value}, and the latency meter for a latency target."""
-        if target is None:
-            if ratio is None:
-                raise ArgumentError(
-                    "ChannelMask needs a ratio (e.g. ChannelMask(0.5)) or a target (e.g. ChannelMask(target={'macs': 0.5}))"
-                )
-            return None, None
-        if ratio is not None:
-            raise ArgumentError("ChannelMask takes a ratio or a target, not both: the target sets the ratio")
-        target = dict(mapping(target, "ChannelMask target", f"one of {TARGETS} to a share or a count"))
-        kinds = [k for k in target if k in TARGETS]
-        extra = sorted(set(target) - set(TARGETS) - (set(LATENCY_KEYS) if kinds == ["latency"] else set()))
-        if len(kinds) != 1 or extra:
-            raise ArgumentError(
-                f"ChannelMask target must be one of {TARGETS} with its value, e.g. {{'macs': 0.5}} "
-                f"(a latency target may add {LATENCY_KEYS}), got {target!r}"
-            )
-        (kind,) = kinds
-        value = target[kind]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ArgumentError(
-                f"ChannelMask target {kind!r} must be a positive number (up to 1: a share of the dense model's; "
-                f"above 1: a count), got {value!r}"
-            )
-        if kind != "latency":
-            return {kind: float(value)}, None
-        if not value < 1:
-            raise ArgumentError(
-                f"ChannelMask target 'latency' is a share of the dense model's latency, between 0 and 1 "
-                f"(0.5: twice as fast), got {value!r}"
-            )
-        threads = target.get("threads")
-        if threads is not None:
-            threads = positive_int(threads, "ChannelMask target 'threads'")
-        return {kind: float(value)}, latency.meter(target.get("backend", "torch"), threads)
-
-    def _search(self, gm, ctx, deps, groups, scores, done) -> tuple[dict[str, list[int]], dict]:
-        """Search the ratio whose shrunk cost meets the target; the plan at that ratio and a report."""
-        ((kind, value),) = self.target.items()
-        if kind == "latency":
-            count = _Counter(gm, ctx.example_inputs, lambda model, inputs, meta: self._estimate(model, inputs, meta))
-        else:
-            count = _Counter(gm, ctx.example_inputs, _COUNTS[kind])
-        dense = count(lambda trial, inputs: trial) or 1
-        goal = value if value <= 1 else value / dense
-
-        def share(ratio: float) -> tuple[float, dict[str, list[int]]]:
-            self.ratio = ratio
-            plan = self._plan(gm, groups, scores, done)
-            return count(lambda trial, inputs: _shrunk(trial, deps, plan, inputs)) / dense, plan
-
-        if kind == "latency":
-            got, plan, report = self._measured(gm, ctx, deps, share, goal)
-        else:
-            _, self.ratio, got, plan = self._bisect(share, goal, self.tolerance)
-            report = {"kind": kind, "requested": goal, "reached": got, "ratio": self.ratio}
-        limits = "frozen channels, min_channels, round_to or max_ratio limit it"
-        if kind == "latency" and abs(got - goal) > self.tolerance * goal:
-            warnings.warn(
-                f"ChannelMask target latency x{goal:.3f} was missed: the closest measured is x{got:.3f} (at ratio "
-                f"{self.ratio:.3f}, x{report['estimated']:.3f} by the lookup table) after {MEASURED_ROUNDS} "
-                f"end-to-end checks; timings vary with the load on this machine, or {limits}: retry on a quiet "
-                "machine or give a larger tolerance",
-                GraphPruneWarning,
-                stacklevel=3,
-            )
-        elif kind != "latency" and abs(got - goal) > self.tolerance:
-            warnings.warn(
-                f"ChannelMask target {kind} x{goal:.3f} is out of reach: the closest is x{got:.3f} (at ratio "
-                f"{self.ratio:.3f}); {limits}",
-                GraphPruneWarning,
-                stacklevel=3,
-            )
-        logger.info("ChannelMask target %s x%.3f: x%.3f at ratio %.3f", kind, goal, got, self.ratio)
-        return plan, report
-
-    @staticmethod
-    def _bisect(share, goal: float, within: float) -> tuple[float, float, float, dict[str, list[int]]]:
-        """(miss, ratio, share, plan) of the ratio whose share is closest to `goal`, stopping once
-        `within` of it."""
-        # the cost falls about as (1 - ratio)^2 (both sides of a layer shrink): interpolate on its
-        # square root between a ratio above the goal and one below, bisecting when that stalls
-        ends = [(ratio, *share(ratio)) for ratio in (0.0, 0.99)]
-        best = min((abs(got - goal), ratio, got, plan) for ratio, got, plan in ends)
-        (low, got_low, _), (high, got_high, _) = ends
-        for step in range(14):
-            root = math.sqrt(max(got_low, 0)) - math.sqrt(max(got_high, 0))
-            guess = low + (high - low) * (math.sqrt(got_low) - math.sqrt(goal)) / root if root > 0 else math.nan
-            edge = 0.1 * (high - low)
-            ratio = guess if step % 3 != 2 and low + edge <= guess <= high - edge else (low + high) / 2
-            got, plan = share(ratio)
-            if abs(got - goal) < best[0]:
-                best = (abs(got - goal), ratio, got, plan)
-            if abs(got - goal) <= within or got_low <= goal or got_high >= goal:
-                break
-            (low, got_low), (high, got_high) = (
-                ((ratio, got), (high, got_high)) if got > goal else ((low, got_low), (ratio, got))
-            )
-        return best
-
-    def _estimate(self, model, inputs, meta: bool) -> float:
-        return latency.estimate(self.meter, latency.record_ops(model, inputs, on_meta=meta))
-
-    def _measured(self, gm, ctx, deps, share, goal: float) -> tuple[float, dict[str, list[int]], dict]:
-        """Search on the lookup table, time the result against the dense model end to end, and move
-        the table's goal by the measured miss until the measured share is within tolerance."""
-        asked, tried, best = goal, [], None
-        for _ in range(MEASURED_ROUNDS):
-            _, ratio, estimated, plan = self._bisect(share, asked, 0.25 * self.tolerance * asked)
-            pruned = _shrunk(deepcopy_model(gm), deps, plan, ctx.example_inputs)
-            dense_s, pruned_s = self.meter.models(gm, pruned, ctx.example_inputs)
-            measured = pruned_s / dense_s
-            logger.info("latency target x%.3f: table x%.3f, measured x%.3f", goal, estimated, measured)
-            if best is None or abs(measured - goal) < abs(best[0] - goal):
-                best = (measured, plan, ratio, estimated, dense_s, pruned_s)
-            if abs(measured - goal) <= self.tolerance * goal:
-                break
-            tried.append((estimated, measured))
-            asked = _next_goal(tried, goal)
-        measured, plan, self.ratio, estimated, dense_s, pruned_s = best
-        return (
-            measured,
-            plan,
-            {
-                "kind": "latency",
-                "requested": goal,
-                "reached": measured,
-                "estimated": estimated,
-                "ratio": self.ratio,
-                "backend": getattr(self.meter, "name", type(self.meter).__name__),
-                "threads": getattr(self.meter, "threads", None),
-                "dense_ms": dense_s * 1e3,
-                "pruned_ms": pruned_s * 1e3,
-            },
-        )
 
     def _warn_if_short(self, deps, groups: list[ChannelGroup], report: dict[str, tuple[int, int]]) -> None:
         """Never a silent no-op: say why nothing (or less than asked) was pruned."""
@@ -542,59 +410,9 @@ class MaskUnits(PassBase):
         return PassResult(gm, apply_units(gm, ctx, deps, self.units))
 
 
-def _next_goal(tried: list[tuple[float, float]], goal: float) -> float:
-    """The table share to ask for next, from the (table, measured) shares tried so far: the last
-    table share scaled by the measured miss (a slope fitted through two noisy measurements
-    overshoots), by at most a factor 1.5 either way."""
-    est, got = tried[-1]
-    return min(max(est * min(max(goal / got, 1 / 1.5), 1.5), 0.01), 1.0)
-
-
-def _on_meta(gm: fx.GraphModule) -> fx.GraphModule:
-    """A shadow of `gm` whose tensors are meta tensors of the same shapes (tied ones stay tied)."""
-    trial, _ = shadow(gm)
-    metas: dict[int, torch.Tensor] = {}
-    for m in {id(m): m for m in trial.modules()}.values():
-        for table in (m._parameters, m._buffers):
-            for k, t in table.items():
-                if t is not None and id(t) not in metas:
-                    meta = t.to("meta")
-                    metas[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-                if t is not None:
-                    table[k] = metas[id(t)]
-    return trial
-
-
 def _shrunk(trial: fx.GraphModule, deps: Dependencies, plan: dict[str, list[int]], inputs) -> fx.GraphModule:
     """`trial` (a copy) with `plan` masked and shrunk."""
     trial_ctx = PassContext(inputs, verify=False)
     trial_ctx.put(deps)
     apply_units(trial, trial_ctx, deps, plan)
     return Shrink().call(trial, trial_ctx).gm
-
-
-_COUNTS = {
-    "macs": lambda model, inputs, meta: count_macs(model, inputs),
-    "params": lambda model, inputs, meta: count_params(model),
-}
-
-
-class _Counter:
-    """Counts a cost (MACs, parameters, estimated latency) of variants of `gm` built on copies of it:
-    on the meta device (no tensor copied or computed) where the graph runs there, else on real copies."""
-
-    def __init__(self, gm: fx.GraphModule, example_inputs, cost) -> None:
-        self.gm, self.example_inputs, self.cost = gm, example_inputs, cost
-        self.meta = True
-        try:
-            self(lambda trial, inputs: trial)
-        except RuntimeError:  # e.g. a constant made on the CPU inside the graph
-            logger.debug("counting on real copies: the graph does not run on the meta device", exc_info=True)
-            self.meta = False
-
-    def __call__(self, build) -> float:
-        if self.meta:
-            model, inputs = _on_meta(self.gm), to_meta(self.example_inputs)
-        else:
-            model, inputs = deepcopy_model(self.gm), self.example_inputs
-        return self.cost(build(model, inputs), inputs, self.meta)

@@ -225,5 +225,5 @@ def test_a_latency_target_for_onnxruntime_times_the_exported_models():
     masked = gp.compile(model, [L2Score(), mask], example_inputs=x)
     target = next(r for r in masked.graphprune_report if r.name == "ChannelMask").details["target"]
     assert target["backend"] == "onnxruntime" and target["pruned_ms"] > 0
-    assert isinstance(mask.meter, OrtMeter) and any(mask.meter.table.values())  # convolutions were timed
+    assert isinstance(mask.target.meter, OrtMeter) and any(mask.target.meter.table.values())  # convolutions were timed
     assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
