@@ -27,6 +27,7 @@ LAYERS = [
         "graphprune.sensitivity",
         "graphprune.search",
         "graphprune.recipe",
+        "graphprune.recipe_schema",
         "graphprune.regularize",
         "graphprune.finetune",
     ),
