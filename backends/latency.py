@@ -5,7 +5,9 @@ model in ONNX Runtime (Conv, Gemm, MatMul, MaxPool with the recorded shapes and 
 ONNX Runtime fuses the batch norms, activations and bias adds around them into those kernels,
 so the other ops get no entry and the end-to-end check (the exported models, timed
 interleaved) corrects for what the table leaves out.  Registered as the "onnxruntime" meter of
-`graphprune.analysis.latency` when graphprune is imported.
+`graphprune.analysis.latency` when graphprune is imported.  Sessions are timed with idle worker
+threads sleeping, not spinning (see `graphprune.backends.onnx.session`): spinning threads make
+the timings on a machine with shared cores slower and noisier than the model.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class OrtMeter(Meter):
         return max(self._time(*built) - self._call_overhead, 0.0)
 
     def _time(self, proto, feeds) -> float:
-        sess = session(proto.SerializeToString(), self.threads)
+        sess = session(proto.SerializeToString(), self.threads, spinning=False)
         return median_seconds(partial(sess.run, None, feeds), self.runs)
 
     @staticmethod
@@ -122,7 +124,7 @@ class OrtMeter(Meter):
         if self._dense is None or self._dense[0]() is not a:  # the dense side is exported once per search
             self._dense = (weakref.ref(a), self._export(a, example_inputs, "dense"))
         paths = {"a": self._dense[1], "b": self._export(b, example_inputs, "pruned")}
-        sessions = {k: session(path, self.threads) for k, path in paths.items()}
+        sessions = {k: session(path, self.threads, spinning=False) for k, path in paths.items()}
         feeds = {k: _feed(s, example_inputs) for k, s in sessions.items()}
         return self.race(*(partial(s.run, None, feeds[k]) for k, s in sessions.items()))
 

@@ -209,11 +209,16 @@ def _compare(expected: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, 
     return max_abs, max_rel
 
 
-def session(path_or_bytes: str | bytes, threads: int | None = None):
-    """An ONNX Runtime CPU session (threads: intra-op threads; None = ORT's default)."""
+def session(path_or_bytes: str | bytes, threads: int | None = None, *, spinning: bool = True):
+    """An ONNX Runtime CPU session (threads: intra-op threads; None = ORT's default).  `spinning=False`
+    lets idle worker threads sleep instead of spinning: on a machine whose cores are shared,
+    spinning threads compete with the work (ResNet-18 at 2 threads on this project's 2-core VM:
+    about 2x slower, and noisier)."""
     _, ort = _import_onnx()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
