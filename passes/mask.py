@@ -218,7 +218,7 @@ class ChannelMask(PassBase):
         whole = [
             g.key for g in groups if report[g.key][1] == g.size and math.floor(self._ratio_of(g) * g.size + 1e-9) > 0
         ]
-        if whole and self.scope == "local":
+        if whole and self.scope == "local" and self.target is None:  # (a target's search mixes ratios)
             warnings.warn(
                 f"ChannelMask: {len(whole)} group(s) keep every unit because round_to={self.round_to} / "
                 f"min_channels={self.min_channels} / max_ratio leave nothing to remove: {whole[:5]}",

@@ -89,15 +89,18 @@ class TargetSearch:
         dense = count(lambda trial, inputs: trial) or 1
         goal = self.value if self.value <= 1 else self.value / dense
 
+        def cost(plan: Plan) -> float:
+            return count(lambda trial, inputs: shrunk(trial, plan, inputs)) / dense
+
         def share(ratio: float) -> tuple[float, Plan]:
             plan = plan_at(ratio)
-            return count(lambda trial, inputs: shrunk(trial, plan, inputs)) / dense, plan
+            return cost(plan), plan
 
         if self.kind == "latency":
-            ratio, got, plan, report = self._measured(gm, example_inputs, share, shrunk, goal, tolerance)
+            ratio, got, plan, report = self._measured(gm, example_inputs, share, cost, shrunk, goal, tolerance)
             missed = abs(got - goal) > tolerance * goal
         else:
-            _, ratio, got, plan = _bisect(share, goal, tolerance)
+            _, ratio, got, plan = _bisect(share, cost, goal, tolerance)
             report = {"kind": self.kind, "requested": goal, "reached": got, "ratio": ratio}
             missed = abs(got - goal) > tolerance
         if missed:
@@ -119,12 +122,12 @@ class TargetSearch:
     def _estimate(self, model, inputs, meta: bool) -> float:
         return latency.estimate(self.meter, latency.record_ops(model, inputs, on_meta=meta))
 
-    def _measured(self, gm, example_inputs, share, shrunk, goal: float, tolerance: float):
+    def _measured(self, gm, example_inputs, share, cost, shrunk, goal: float, tolerance: float):
         """Search on the lookup table, time the result against the dense model end to end, and move
         the table's goal by the measured miss until the measured share is within tolerance."""
         asked, best = goal, None
         for _ in range(MEASURED_ROUNDS):
-            _, ratio, estimated, plan = _bisect(share, asked, 0.25 * tolerance * asked)
+            _, ratio, estimated, plan = _bisect(share, cost, asked, 0.25 * tolerance * asked)
             pruned = shrunk(deepcopy_model(gm), plan, example_inputs)
             dense_s, pruned_s = self.meter.models(gm, pruned, example_inputs)
             measured = pruned_s / dense_s
@@ -151,14 +154,16 @@ class TargetSearch:
         return ratio, measured, plan, report
 
 
-def _bisect(share, goal: float, within: float) -> tuple[float, float, float, Plan]:
-    """(miss, ratio, share, plan) of the ratio whose share is closest to `goal`, stopping once
-    `within` of it."""
+def _bisect(share, cost, goal: float, within: float) -> tuple[float, float, float, Plan]:
+    """(miss, ratio, share, plan) of the plan whose share is closest to `goal`, stopping once `within`
+    of it: the one ratio is searched first; where rounding leaves no ratio close enough (round_to,
+    small groups), the plans at the two ratios around the goal are mixed, group by group, so that
+    the step is one group's instead of every group's at once."""
     # the cost falls about as (1 - ratio)^2 (both sides of a layer shrink): interpolate on its
     # square root between a ratio above the goal and one below, bisecting when that stalls
     ends = [(ratio, *share(ratio)) for ratio in (0.0, 0.99)]
     best = min((abs(got - goal), ratio, got, plan) for ratio, got, plan in ends)
-    (low, got_low, _), (high, got_high, _) = ends
+    (low, got_low, plan_low), (high, got_high, plan_high) = ends
     for step in range(14):
         root = math.sqrt(max(got_low, 0)) - math.sqrt(max(got_high, 0))
         guess = low + (high - low) * (math.sqrt(got_low) - math.sqrt(goal)) / root if root > 0 else math.nan
@@ -169,9 +174,29 @@ def _bisect(share, goal: float, within: float) -> tuple[float, float, float, Pla
             best = (abs(got - goal), ratio, got, plan)
         if abs(got - goal) <= within or got_low <= goal or got_high >= goal:
             break
-        (low, got_low), (high, got_high) = (
-            ((ratio, got), (high, got_high)) if got > goal else ((low, got_low), (ratio, got))
-        )
+        if got > goal:
+            low, got_low, plan_low = ratio, got, plan
+        else:
+            high, got_high, plan_high = ratio, got, plan
+    if best[0] <= within or not got_low > goal > got_high:
+        return best
+    keys = [k for k in plan_low if plan_low[k] != plan_high.get(k)]
+    fewer, more = 0, len(keys)  # how many groups take the higher ratio's units
+    while more - fewer > 1:
+        mid = (fewer + more) // 2
+        plan = {**plan_low, **{k: plan_high[k] for k in keys[:mid]}}
+        got = cost(plan)
+        if abs(got - goal) < best[0]:
+            best = (abs(got - goal), low + (high - low) * mid / len(keys), got, plan)
+        if abs(got - goal) <= within:
+            break
+        fewer, more = (mid, more) if got > goal else (fewer, mid)
+    else:  # the step at the crossing is one group's: try instead each other group's step alone
+        for k in keys[fewer + 1 : fewer + 33]:
+            plan = {**plan_low, **{j: plan_high[j] for j in keys[:fewer]}, k: plan_high[k]}
+            got = cost(plan)
+            if abs(got - goal) < best[0]:
+                best = (abs(got - goal), low + (high - low) * (fewer + 1) / len(keys), got, plan)
     return best
 
 
