@@ -68,7 +68,7 @@ class OrtMeter(Meter):
         super().__init__(threads, runs)
         self._dense: tuple[weakref.ref, str] | None = None
         self._call_overhead: float | None = None
-        self._folder = tempfile.TemporaryDirectory(prefix="graphprune-latency-")
+        self._folder: tempfile.TemporaryDirectory | None = None  # made on the first export
 
     def measure_op(self, func, args, kwargs) -> float:
         built = self.one_node(func, args)
@@ -116,6 +116,8 @@ class OrtMeter(Meter):
         return proto, feeds
 
     def _export(self, model, example_inputs, name: str) -> str:
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="graphprune-latency-")
         path = os.path.join(self._folder.name, f"{name}.onnx")
         export(model, path, example_inputs=example_inputs, dynamic_batch=False)
         return path
