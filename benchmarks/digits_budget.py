@@ -35,7 +35,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -91,18 +90,9 @@ def _growing(dense, ratio: float, tx, ty, x, epochs: int = EPOCHS_REG):
         mask=lambda s: ChannelMask(s),
         regularizer=reg,
     )
-    model, g, step = pruner.model, torch.Generator().manual_seed(1), 0
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(ty), generator=g)
-        for i in range(0, len(ty), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            (F.cross_entropy(model(tx[idx]), ty[idx]) + pruner.penalty()).backward()
-            opt.step()
-            step += 1
-            pruner.on_step_end(step)
+    model = digits.train(
+        pruner.model, tx, ty, epochs=epochs, lr=1e-3, seed=1, penalty=pruner.penalty, on_step=pruner.on_step_end
+    )
     pruner.on_train_end()
     model.eval()
     bound = pruner.regularizer

@@ -35,11 +35,15 @@ def load(seed: int = 0):
     return x[400:], y[400:], x[:400], y[:400]
 
 
-def train(model: nn.Module, x, y, epochs: int, lr: float = 2e-3, seed: int = 0, penalty=None) -> nn.Module:
-    """Adam on cross-entropy (plus `penalty()`, e.g. a gp.GroupLasso, when given), batches of 64."""
+def train(
+    model: nn.Module, x, y, epochs: int, lr: float = 2e-3, seed: int = 0, penalty=None, on_step=None
+) -> nn.Module:
+    """Adam on cross-entropy (plus `penalty()`, e.g. a gp.GroupLasso, when given), batches of 64;
+    `on_step(step)` after each optimizer step (counted from 1), e.g. a gp.Pruner's `on_step_end`."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
+    step = 0
     for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 64):
@@ -48,6 +52,9 @@ def train(model: nn.Module, x, y, epochs: int, lr: float = 2e-3, seed: int = 0, 
             loss = F.cross_entropy(model(x[idx]), y[idx])
             (loss if penalty is None else loss + penalty()).backward()
             opt.step()
+            step += 1
+            if on_step is not None:
+                on_step(step)
     model.eval()
     return model
 
