@@ -403,13 +403,15 @@ def benchmark(
     threads: int | None = None,
     warmup: int = 3,
     repeats: int = 20,
+    spinning: bool = True,
 ) -> list[LatencyRow]:
     """ONNX Runtime CPU latency of several ONNX files on the same inputs, runs interleaved
-    (one run of each model per round) so that machine noise hits all alike; medians reported."""
+    (one run of each model per round) so that machine noise hits all alike; medians reported.
+    `spinning=False`: idle worker threads sleep (see `session`)."""
     positive_int(repeats, "repeats")
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
         raise ArgumentError(f"warmup must be an int >= 0, got {warmup!r}")
-    sessions = {name: session(str(p), threads) for name, p in models.items()}
+    sessions = {name: session(str(p), threads, spinning=spinning) for name, p in models.items()}
     feeds = {name: _feed(s, example_inputs) for name, s in sessions.items()}
     times = interleaved({name: partial(s.run, None, feeds[name]) for name, s in sessions.items()}, repeats, warmup)
     batch = batch_of(example_inputs) or 1

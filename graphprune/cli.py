@@ -4,7 +4,7 @@
                                        | --target-latency S [--backend onnxruntime|torch] [--threads N])
     graphprune report SOURCE_OR_DIR [--json] [--html FILE]
     graphprune export SOURCE_OR_DIR --onnx FILE
-    graphprune bench DENSE PRUNED [--threads N] [--repeats N]
+    graphprune bench DENSE PRUNED [--threads N] [--repeats N] [--no-spinning]
     graphprune sensitivity SOURCE --eval FILE.py:FUNCTION [--plot out.png] [--json]
     graphprune graph SOURCE --out groups.html | groups.graphml | groups.dot
     graphprune demo
@@ -307,11 +307,14 @@ def _export_checked(model, path, example_inputs, label: str = "") -> Path:
     return r.path
 
 
-def _ort_latency(models: dict, example_inputs, folder: Path, prefix: str, threads: int, repeats: int):
+def _ort_latency(
+    models: dict, example_inputs, folder: Path, prefix: str, threads: int, repeats: int, spinning: bool = True
+):
     """Export the dense and pruned models into `folder` and time them in ONNX Runtime, interleaved:
     their latency rows (dense, pruned)."""
     files = {k: _export_checked(m, folder / f"{prefix}{k}.onnx", example_inputs, f"{k}: ") for k, m in models.items()}
-    rows = {r.name: r for r in gox.benchmark(files, example_inputs, threads=threads, warmup=3, repeats=repeats)}
+    rows = gox.benchmark(files, example_inputs, threads=threads, warmup=3, repeats=repeats, spinning=spinning)
+    rows = {r.name: r for r in rows}
     return rows["dense"], rows["pruned"]
 
 
@@ -334,9 +337,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.no_onnx:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        d, p = _ort_latency(models, x, Path(tmp), "", threads, args.repeats)
+        d, p = _ort_latency(models, x, Path(tmp), "", threads, args.repeats, spinning=not args.no_spinning)
     print(
-        f"  ONNX Runtime   dense {d.median_ms:8.2f} ms   pruned {p.median_ms:8.2f} ms   speedup "
+        f"  ONNX Runtime{' (idle threads sleep)' if args.no_spinning else ''}   dense {d.median_ms:8.2f} ms   pruned {p.median_ms:8.2f} ms   speedup "
         f"{d.median_ms / p.median_ms:.2f}x (files {d.file_bytes / 1e6:.1f} MB -> {p.file_bytes / 1e6:.1f} MB)"
     )
     return 0
@@ -451,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=0, help="threads (default: torch's count)")
     bench.add_argument("--repeats", type=int, default=20)
     bench.add_argument("--no-onnx", action="store_true", help="time torch only")
+    bench.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="ONNX Runtime's idle threads sleep instead of spinning: steadier (and on shared cores faster) timings",
+    )
     bench.set_defaults(func=_bench)
 
     sens = sub.add_parser("sensitivity", help="metric of the model with each channel group pruned alone, per ratio")
