@@ -38,13 +38,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from graphprune.analysis import Dependencies, Scores, count_macs, count_params
-from graphprune.arguments import choice, fraction, mapping, positive_int
+from graphprune.analysis import Dependencies, Scores, count_macs, count_params, latency
+from graphprune.arguments import choice, fraction, positive_int
 from graphprune.compile import compile
 from graphprune.errors import ArgumentError, GraphPruneWarning
 from graphprune.passes.mask import MaskUnits
 from graphprune.passes.scores.magnitude import L1Score
 from graphprune.passes.shrink import Shrink
+from graphprune.passes.target import TargetSearch
 from graphprune.pipeline import PassBase, PassResult
 from graphprune.sensitivity import measure
 
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RatioSearch", "search_ratios"]
 
-TARGETS = ("macs", "params")
 METHODS = ("greedy", "bayes")
 
 
@@ -85,21 +85,6 @@ class RatioSearch(dict):
         return "\n".join(lines)
 
 
-def _target(target) -> tuple[str, float]:
-    target = mapping(target, "search_ratios target", f"one of {TARGETS} to a share or a count")
-    if len(target) != 1 or next(iter(target)) not in TARGETS:
-        raise ArgumentError(
-            f"search_ratios target must be one of {TARGETS} with its value, e.g. {{'macs': 0.3}}, got {target!r}"
-        )
-    ((kind, value),) = target.items()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ArgumentError(
-            f"search_ratios target {kind!r} must be a positive number (up to 1: a share of the dense model's; "
-            f"above 1: a count), got {value!r}"
-        )
-    return kind, float(value)
-
-
 def search_ratios(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
@@ -118,13 +103,16 @@ def search_ratios(
     seed: int = 0,
 ) -> RatioSearch:
     """Per-group ratios whose shrunk model meets `target` (`{"macs": 0.3}`: MACs x0.3 on the example
-    inputs; `{"params": 5e6}`: up to 1 a share, above 1 a count) within `tolerance`, chosen greedily
+    inputs; `{"params": 5e6}`: up to 1 a share, above 1 a count; `{"latency": 0.5, "backend":
+    "onnxruntime" | "torch", "threads": n}`: the latency lookup table's estimate, as NetAdapt counts
+    it (see `ChannelMask`'s target; no end-to-end check here)) within `tolerance`, chosen greedily
     by `evaluate` (see the module's docstring).  `score` ranks the units inside each group (L1
     magnitude by default); `groups` limits the search to these group keys; every group keeps at
     least `min_channels` units.  `method="bayes"` runs `trials` trials of Bayesian optimisation
     (seeded by `seed`) instead of the greedy steps.  The caller's model is not changed."""
 
-    kind, value = _target(target)
+    cost_of = TargetSearch(target, "search_ratios")
+    kind, value = cost_of.kind, cost_of.value
     step = fraction(step, "search_ratios step (the share of a group's units one proposal removes)", open_low=True)
     tolerance = fraction(tolerance, "search_ratios tolerance")
     min_channels = positive_int(min_channels, "search_ratios min_channels")
@@ -162,11 +150,13 @@ def search_ratios(
 
     costs: dict[tuple, float] = {}
 
-    def count(m: nn.Module) -> int:
+    def count(m: nn.Module) -> float:
+        if kind == "latency":  # the lookup table's estimate (NetAdapt's own cost)
+            return latency.estimate(cost_of.meter, latency.record_ops(m, example_inputs, on_meta=False))
         return count_macs(m, example_inputs) if kind == "macs" else count_params(m)
 
-    dense = count(base)
-    goal = value if value <= 1 else value / max(dense, 1)
+    dense = count(base) or 1
+    goal = value if value <= 1 else value / dense
 
     try:  # costs are counted on graph modules: no landing on the model's class to check each time
         counted, output = compile(base, [], example_inputs=example_inputs, output="graph"), "graph"
@@ -179,7 +169,7 @@ def search_ratios(
         if key not in costs:
             passes = [MaskUnits(units(removed)), Shrink()]
             shrunk = compile(counted, passes, example_inputs=example_inputs, verify=False, output=output)
-            costs[key] = count(shrunk) / max(dense, 1)
+            costs[key] = count(shrunk) / dense
         return costs[key]
 
     baseline = measure(evaluate, base, "the unpruned model", "search_ratios")

@@ -78,7 +78,7 @@ def test_search_ratios_names_bad_arguments():
     model, x, evaluate = _setup()
     kw = dict(example_inputs=(x,))
     with pytest.raises(gp.ArgumentError, match="target"):
-        gp.search_ratios(model, evaluate, target={"latency": 0.5}, **kw)
+        gp.search_ratios(model, evaluate, target={"flops": 0.5}, **kw)
     with pytest.raises(gp.ArgumentError, match="target"):
         gp.search_ratios(model, evaluate, target={"macs": -1}, **kw)
     with pytest.raises(gp.ArgumentError, match="step"):
@@ -126,3 +126,29 @@ def test_bayesian_search_names_its_bad_arguments():
         gp.search_ratios(
             model, evaluate, target={"macs": 0.5}, example_inputs=(x,), method="bayes", finetune=lambda m: None
         )
+
+
+def test_a_latency_target_is_searched_on_the_lookup_table():
+    """NetAdapt's own cost: the latency table's estimate (a counting meter here, not timed)."""
+    from graphprune.analysis import latency
+
+    class ConvElements(latency.Meter):  # an op costs the products its convolution computes
+        def measure_op(self, func, args, kwargs):
+            if func is not torch.ops.aten.convolution.default:
+                return 0.0
+            x, w = args[0], args[1]
+            return float(x.shape[2] * x.shape[3] * w.shape[0] * w.shape[1])
+
+        def models(self, a, b, example_inputs):  # pragma: no cover - search_ratios uses the table only
+            raise AssertionError("no end-to-end timing in search_ratios")
+
+    model, x, evaluate = _setup()
+    meter = ConvElements()
+    found = gp.search_ratios(
+        model, evaluate, target={"latency": 0.5, "backend": meter}, example_inputs=(x,), step=0.125
+    )
+    assert found.kind == "latency" and abs(found.reached - 0.5) <= 0.02
+    assert found["conv_b"] > found["conv_a"] and meter.table  # the table was filled and read
+    pruned = gp.compile(model, [L1Score(), ChannelMask(found), Shrink()], example_inputs=(x,))
+    table = [latency.estimate(meter, latency.record_ops(m, (x,), on_meta=False)) for m in (model, pruned)]
+    assert table[1] / table[0] == pytest.approx(found.reached, abs=1e-9)
