@@ -55,7 +55,7 @@ class TargetSearch:
             )
         (kind,) = kinds
         value = target[kind]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ArgumentError(
                 f"{who} target {kind!r} must be a positive number (up to 1: a share of the dense model's; "
                 f"above 1: a count), got {value!r}"

@@ -84,6 +84,7 @@ def test_an_unreachable_target_warns_with_the_closest():
         (dict(ratio=0.5, target={"macs": 0.5}), "not both"),
         (dict(target={"flops": 0.5}), "one of"),
         (dict(target={"macs": -1}), "positive number"),
+        (dict(target={"params": float("inf")}), "positive number"),
         (dict(target={"macs": 0.5, "params": 0.5}), "one of"),
         (dict(), "needs a ratio"),
         (dict(target={"latency": 1.5}), "between 0 and 1"),
