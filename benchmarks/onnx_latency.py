@@ -44,7 +44,16 @@ def torch_pruning(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torc
     return model
 
 
-def run(name: str, ratio: float, size: int, threads: int, repeats: int, folder: str, round_to: int = 1) -> dict:
+def run(
+    name: str,
+    ratio: float,
+    size: int,
+    threads: int,
+    repeats: int,
+    folder: str,
+    round_to: int = 1,
+    spinning: bool = True,
+) -> dict:
     torch.manual_seed(0)
     model = build(name)
     x = example_inputs(name, size)
@@ -77,7 +86,7 @@ def run(name: str, ratio: float, size: int, threads: int, repeats: int, folder: 
         row["tp_mb"] = r.file_bytes / 1e6
     except Exception as exc:  # Torch-Pruning cannot prune or export every model
         row["tp_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-    lat = {r.name: r for r in gox.benchmark(files, x, threads=threads, warmup=3, repeats=repeats)}
+    lat = {r.name: r for r in gox.benchmark(files, x, threads=threads, warmup=3, repeats=repeats, spinning=spinning)}
     for key, r in lat.items():
         row[f"{key}_ms"] = r.median_ms
     row["gp_speedup"] = lat["dense"].median_ms / lat["graphprune"].median_ms
@@ -96,18 +105,26 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS + TRANSFORMERS), help=f"any of {MODELS + TRANSFORMERS}")
     parser.add_argument("--round-to", type=int, default=1, help="graphprune keeps widths that are multiples of this")
     parser.add_argument("--json")
+    parser.add_argument(
+        "--no-spinning", action="store_true", help="ONNX Runtime's idle threads sleep (steadier where cores are shared)"
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            rows.append(run(name, args.ratio, args.size, args.threads, args.repeats, folder, args.round_to))
+            rows.append(
+                run(
+                    name, args.ratio, args.size, args.threads, args.repeats, folder, args.round_to, not args.no_spinning
+                )
+            )
             print(f"done {name}", flush=True, file=__import__("sys").stderr)
     import onnxruntime
 
     print(
         f"graphprune {gp.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"{platform.machine()} with {os.cpu_count()} cores; ONNX Runtime CPU with {args.threads} thread(s), batch 1, "
-        f"median of {args.repeats} interleaved runs; ratio {args.ratio}, L2, local scope, graphprune round_to={args.round_to}; "
+        f"median of {args.repeats} interleaved runs{', idle threads sleeping' if args.no_spinning else ''}; ratio "
+        f"{args.ratio}, L2, local scope, graphprune round_to={args.round_to}; "
         f"random-init weights\n"
     )
     print(
