@@ -14,9 +14,11 @@ gradually while the model trains:
     pruner = gp.Pruner(model, example_inputs=(x,), target_sparsity=0.5, end_step=200,
                        score=L2Score(), mask=lambda s: ChannelMask(s))
     gp.finetune(pruner.model, loader, F.cross_entropy, epochs=3, callbacks=[pruner])
-    pruned = pruner.finalize()  Masks stay on while training (masked weights get
-no update and stay zero), so the model can be shrunk after.  With a teacher, the loss adds the
-KL divergence between the softened logits (Hinton et al.), scaled by `temperature`².
+    pruned = pruner.finalize()
+
+Masks stay on while training (masked weights get no update and stay zero), so the model can be
+shrunk after.  With a teacher, the loss adds the KL divergence between the softened logits
+(Hinton et al.), scaled by `temperature`².
 """
 
 from __future__ import annotations

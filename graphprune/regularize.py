@@ -58,8 +58,9 @@ def _positive(value, name: str) -> float:
 
 
 def _strength(lam, name: str) -> float:
+    """A penalty strength: a number >= 0 (`name` says which)."""
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not lam >= 0:
-        raise ArgumentError(f"{name} lam must be a number >= 0, got {lam!r}")
+        raise ArgumentError(f"{name} must be a number >= 0, got {lam!r}")
     return float(lam)
 
 
@@ -70,7 +71,7 @@ class GroupLasso:
     def __init__(
         self, model: nn.Module, lam: float, example_inputs: tuple | dict, *, leaf_modules: Iterable[type] = ()
     ) -> None:
-        self.lam = _strength(lam, type(self).__name__)
+        self.lam = _strength(lam, f"{type(self).__name__} lam")
         who = type(self).__name__
         trained = {n for n, _ in model.named_parameters()}
         kept = {n for n, _ in model.named_buffers()}
@@ -180,11 +181,7 @@ class GrowingReg(GroupLasso):
         if self.delta > self.ceiling:
             raise ArgumentError(f"GrowingReg delta ({delta!r}) must not exceed ceiling ({ceiling!r})")
         self.threshold = None if threshold is None else _positive(threshold, "GrowingReg threshold (a unit norm)")
-        if isinstance(kept, bool) or not isinstance(kept, numbers.Real) or not kept >= 0:
-            raise ArgumentError(
-                f"GrowingReg kept (the fixed strength on the other units) must be a number >= 0, got {kept!r}"
-            )
-        self.kept = float(kept)
+        self.kept = _strength(kept, "GrowingReg kept (the fixed strength on the other units)")
         min_channels = positive_int(min_channels, "GrowingReg min_channels")
         super().__init__(model, 0.0, example_inputs, leaf_modules=leaf_modules)
         self.selected: dict[str, list[int]] = {}
@@ -250,7 +247,7 @@ class BNScaleL1:
     `BNScaleScore` afterwards."""
 
     def __init__(self, model: nn.Module, lam: float) -> None:
-        self.lam = _strength(lam, "BNScaleL1")
+        self.lam = _strength(lam, "BNScaleL1 lam")
         self._bind(model)
 
     def _bind(self, model: nn.Module) -> None:
@@ -283,7 +280,7 @@ class TokenSparsity:
     task loss; the learned thresholds rise where tokens can go)."""
 
     def __init__(self, model: nn.Module, lam: float) -> None:
-        self.masks, self.lam = _soft_masks(model, "TokenSparsity"), _strength(lam, "TokenSparsity")
+        self.masks, self.lam = _soft_masks(model, "TokenSparsity"), _strength(lam, "TokenSparsity lam")
 
     def __call__(self) -> torch.Tensor:
         if any(m.mean is None for m in self.masks):
