@@ -161,7 +161,7 @@ class ChannelMask(PassBase):
                 f"no scores for groups {missing[:5]}: run the score pass after any pass that changes the graph"
             )
         done = {g.key: unit_mask_state(gm, g)[0] for g in groups}
-        if self.target is not None:
+        if self.target is not None and groups:  # (with nothing to prune there is nothing to search)
 
             def plan_at(ratio: float) -> dict[str, list[int]]:
                 self.ratio = ratio

@@ -197,6 +197,10 @@ def test_prune_refuses_unknown_sources_and_conflicting_flags(tmp_path, capsys):
     assert "unknown model source" in capsys.readouterr().err
     assert main(["prune", "torchvision:resnet18", "--out", str(tmp_path / "o")]) == 2
     assert "give one of --recipe" in capsys.readouterr().err
+    latency = ["prune", "torchvision:resnet18", *SMALL, "--target-latency", "1.5", "--out", str(tmp_path / "o")]
+    assert main(latency) == 2
+    assert "target 'latency' is a share" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written on a refused command
 
 
 @pytest.mark.filterwarnings("ignore:ChannelMask target latency")  # timings on a shared machine vary

@@ -228,3 +228,29 @@ def test_a_latency_target_for_onnxruntime_times_the_exported_models():
     assert target["backend"] == "onnxruntime" and target["pruned_ms"] > 0
     assert isinstance(mask.target.meter, OrtMeter) and any(mask.target.meter.table.values())  # convolutions were timed
     assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
+
+
+def test_a_latency_target_on_a_model_with_nothing_prunable_says_why_without_timing_anything():
+    model, x = torch.nn.Linear(8, 3), (torch.randn(2, 8),)  # its only channels reach the output
+    meter = CountingMeter(0.0)
+    with pytest.warns(gp.GraphPruneWarning, match="no channel group can be pruned"):
+        out = gp.compile(model, [L2Score(), ChannelMask(target={"latency": 0.5, "backend": meter})], example_inputs=x)
+    assert meter.checks == 0 and not meter.table
+    torch.testing.assert_close(out(*x), model(*x))
+
+
+class FailingMeter(CountingMeter):
+    def models(self, a, b, example_inputs):
+        raise RuntimeError("the runtime is gone")
+
+
+def test_a_latency_search_that_fails_leaves_the_callers_model_as_it_was():
+    torch.manual_seed(0)
+    model, x = _vision("resnet18")()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = ChannelMask(target={"latency": 0.5, "backend": FailingMeter(0.0)})
+    with pytest.raises(gp.PassError, match="ChannelMask failed.*the runtime is gone"):
+        gp.compile(model, [L2Score(), mask, Shrink()], example_inputs=x)
+    assert type(model) is torchvision.models.ResNet and not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
