@@ -178,6 +178,16 @@ def _switchable_modes(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _reads_where_used(gm: fx.GraphModule) -> None:
+    """torch.export reads every weight at the top of the graph; each read moves to just before the
+    op that first uses it.  A masked weight is computed when it is read, so read all at the top,
+    the masked copies of every weight would be alive at once (twice an LLM's size)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.users]:
+        min(node.users, key=order.__getitem__).prepend(node)
+    gm.recompile()
+
+
 def _with_full_tree(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     """Make the graph module hold the model's own submodules (not the plain stand-ins fx builds for
     the path to each one used), so a qualified name means the same module in both."""
@@ -216,6 +226,7 @@ def trace(
             if exported is not None:
                 logger.info("symbolic tracing failed (%s); using torch.export's graph", exc)
                 _hoist_root_tensors(exported)
+                _reads_where_used(exported)
                 _switchable_modes(exported)
                 exported.train(model.training)
                 return exported

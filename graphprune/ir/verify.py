@@ -53,6 +53,8 @@ class _Fingerprinter(Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         out = super().run_node(n)
+        if n.op == "get_attr":  # a weight, not an activation: the ops reading it are fingerprinted
+            return out
         if isinstance(out, torch.Tensor) and out.is_floating_point() and out.device.type != "meta":
             self.prints[n.name] = _fingerprint(out)
         return out

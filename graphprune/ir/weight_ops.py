@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,6 +38,7 @@ __all__ = [
     "outer_product",
     "RunningMeans",
     "op_inputs",
+    "input_sq_norms",
 ]
 
 aten = torch.ops.aten
@@ -58,6 +60,17 @@ class WeightOp:
 
     def channel_dim(self, x: torch.Tensor) -> int:
         return x.ndim - 1 if self.kind == "linear" else (1 if x.ndim > 2 else 0)
+
+
+def input_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Per input index j of a linear/conv weight (dim 1): the sum of W[:, j, ...]^2, in float64.
+    A few rows at a time, so no float64 copy of the whole weight is made (an LLM's output head
+    in float64 is four times its bfloat16 size)."""
+    out = torch.zeros(weight.shape[1], dtype=torch.float64)
+    others = [d for d in range(weight.ndim) if d != 1]
+    for rows in weight.detach().split(max(1, (1 << 22) // max(1, weight[0].numel()))):
+        out += rows.double().pow(2).sum(others)
+    return out
 
 
 def node_arg(node: fx.Node, i: int, name: str, default=None):
@@ -178,7 +191,7 @@ def _mean_over_calibration(
 ) -> dict[str, torch.Tensor]:
     """`means` of each op's inputs over every calibration batch, run in eval mode."""
     with tapped(gm, {n: means.tap(op) for op in ops.values() for n in op.nodes}), eval_mode(gm), torch.no_grad():
-        for inputs, _ in batches:
+        for inputs, _ in tqdm(batches, desc=what, unit="batch", disable=None, leave=False):
             call_with(gm, inputs)
     return means.means(what)
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
+from tqdm.auto import tqdm
 
 from graphprune.analysis.dependency import ChannelGroup
 from graphprune.analysis.scores import WeightScores
@@ -27,7 +28,7 @@ from graphprune.errors import ArgumentError, PreconditionError
 from graphprune.ir.distributed import sum_over_ranks
 from graphprune.ir.inputs import calibration_batches, call_with, eval_mode
 from graphprune.ir.masking import raw_tensor, resolve
-from graphprune.ir.weight_ops import WeightOp, input_channel_stats, weight_ops
+from graphprune.ir.weight_ops import WeightOp, input_channel_stats, input_sq_norms, weight_ops
 from graphprune.passes.scores.magnitude import ScorePass
 from graphprune.pipeline import PassContext
 
@@ -63,7 +64,7 @@ class TaylorScore(ScorePass):
         grads = [(p, p.grad) for p in gm.parameters()]  # the caller's gradients, put back afterwards
         try:
             with eval_mode(gm):
-                for inputs, targets in batches:
+                for inputs, targets in tqdm(batches, desc=self.name, unit="batch", disable=None, leave=False):
                     gm.zero_grad(set_to_none=True)
                     self.loss_fn(call_with(gm, inputs), targets).backward()
                     for name, p in params.items():
@@ -219,8 +220,7 @@ class WandaScore(_ActivationStats):
     def combine(self, gm, g, rows):
         scores = []
         for op, s, rms in rows:
-            w = _tensor(gm, op.weight).double()
-            col = w.movedim(1, 0).reshape(w.shape[1], -1).pow(2).sum(1)
+            col = input_sq_norms(_tensor(gm, op.weight))
             index, unit = g.flat[s]
             norm = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, col[index]).sqrt()
             scores.append(norm * rms)
@@ -239,8 +239,7 @@ class FLAPScore(_ActivationStats):
     summed = True
 
     def per_channel(self, gm, op, variance):
-        w = _tensor(gm, op.weight).double()
-        return variance * w.movedim(1, 0).reshape(w.shape[1], -1).pow(2).sum(1)
+        return variance * input_sq_norms(_tensor(gm, op.weight))
 
     def combine(self, gm, g, rows):
         s = torch.stack([r for _, _, r in rows]).sum(0)
