@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch.fx as fx
 from torch import nn
@@ -24,6 +25,7 @@ from graphprune.ir.masking import attach_masks, channel_masked, detach_masks, ma
 from graphprune.ir.norms import sync_masked_ops
 from graphprune.ir.partial import UNTRACED, untraced_note
 from graphprune.ir.shadow import deepcopy_model, shadow
+from graphprune.ir.spill import SPILL_BYTES, Spill, return_freed_memory, tensor_bytes
 from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY, trace
 from graphprune.ir.verify import check_runs, run_outputs
 from graphprune.memo import forget, recall, remember
@@ -98,11 +100,36 @@ def _compile(
     output: str,
 ) -> nn.Module | None:
     """compile() once; None when a remembered graph was used and the result does not land."""
-    pipeline = Pipeline(list(passes), verify_each=verify_each)
     source = getattr(model, ORIGIN_ATTR, None)  # the user's model, if `model` is a graph returned earlier
     work = model if inplace else deepcopy_model(model, share=(source,))
-    ahead, origin = shadow(work)
     ctx = PassContext(example_inputs, verify=verify)
+    with _spilling(ctx, work if inplace else None):
+        return _passes_and_landing(
+            model, work, source, ctx, passes, example_inputs, leaf_modules, recall_graph, verify_each, output
+        )
+
+
+@contextmanager
+def _spilling(ctx: PassContext, model: nn.Module | None) -> Iterator[None]:
+    """A big model pruned in place never holds two copies of a weight: Shrink's old tensors go to
+    disk (`graphprune.ir.spill`); what the model still holds at the end (it failed, or the result
+    is a graph) comes back into memory."""
+    if model is None or tensor_bytes(model) < SPILL_BYTES:
+        yield
+        return
+    return_freed_memory()
+    spill = ctx.spill = Spill()
+    try:
+        yield
+    finally:
+        spill.close(model)
+
+
+def _passes_and_landing(
+    model, work, source, ctx, passes, example_inputs, leaf_modules, recall_graph, verify_each, output
+) -> nn.Module | None:
+    pipeline = Pipeline(list(passes), verify_each=verify_each)
+    ahead, origin = shadow(work)
     recalled, deps = (recall(model, ahead, leaf_modules, example_inputs) if recall_graph else None) or (None, None)
     gm, outputs = _trace(ahead, leaf_modules, example_inputs, recalled=recalled)
     partial = gm.meta.get(TRACED_BY) == "partial"

@@ -70,6 +70,7 @@ class PassContext:
         self._reference: tuple[int, Reference] | None = None
         self.checked_version = 0  # the last version known to run (verified or checked)
         self.outputs: tuple[int, Any] | None = None  # (version, the graph's outputs on the example inputs)
+        self.spill: Callable[[Any], None] | None = None  # takes a tensor a pass replaced out of memory (Spill)
 
     def reference(self, gm: fx.GraphModule) -> Reference:
         """What the graph computes now on the example inputs (cached until a pass modifies it)."""

@@ -70,7 +70,7 @@ class Shrink(PassBase):
                 if (id(owner), attr) in touched_attrs:  # one module reached under two names (a shared module)
                     continue
                 touched_attrs.add((id(owner), attr))
-                self._slice(owner, attr, {d: sorted(s) for d, s in dims.items() if s}, sliced, name)
+                self._slice(owner, attr, {d: sorted(s) for d, s in dims.items() if s}, sliced, name, ctx.spill)
                 touched[id(owner)] = owner
         revert_masked_ops(gm)  # masked LayerNorms and means become plain ones over the channels left
         self._strip_unused_masks(gm)
@@ -96,7 +96,7 @@ class Shrink(PassBase):
         return PassResult(gm, bool(pruned_roots))
 
     @staticmethod
-    def _slice(owner: nn.Module, attr: str, dims: dict[int, list[int]], sliced: dict, name: str) -> None:
+    def _slice(owner: nn.Module, attr: str, dims: dict[int, list[int]], sliced: dict, name: str, spill) -> None:
         weight_masks = take_masks(owner, attr, name)
         if hasattr(owner, "graphprune_shrink"):
             owner.graphprune_shrink({attr: {d: torch.tensor(i, dtype=torch.long) for d, i in dims.items()}})
@@ -111,6 +111,8 @@ class Shrink(PassBase):
             new = new.clone() if not dims else new
             new = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
             sliced[id(t)] = (dims, new)
+            if spill is not None and dims:  # compile(inplace=True) of a big model: the old values to disk
+                spill(t)
         if isinstance(new, nn.Parameter):
             setattr(owner, attr, new)
         else:

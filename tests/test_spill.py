@@ -1,0 +1,131 @@
+"""A big model pruned in place never holds two copies of a weight: Shrink's old tensors go to disk
+(graphprune.ir.spill), and come back into memory wherever the model still holds them at the end."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import graphprune as gp
+from graphprune.ir.spill import Spill
+from graphprune.passes import ChannelMask, L2Score, Shrink
+from tests import models
+from tests.helpers import assert_same_state, run, state
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+
+
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose map holds `t`'s data, if any (None: anonymous memory)."""
+    address = t.data_ptr()
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split(maxsplit=5)
+            begin, end = (int(a, 16) for a in fields[0].split("-"))
+            if begin <= address < end:
+                return fields[5].strip() if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.fixture
+def spill_everything(monkeypatch):
+    """Every model pruned in place counts as big; the spilled tensors are collected."""
+    monkeypatch.setattr(sys.modules["graphprune.compile"], "SPILL_BYTES", 0)
+    spilled = []
+    call = Spill.__call__
+
+    def record(self, t):
+        call(self, t)
+        if id(t) in self._spilled:
+            spilled.append((t, mapped_file(t)))
+
+    monkeypatch.setattr(Spill, "__call__", record)
+    return spilled
+
+
+def test_spill_keeps_values_and_close_brings_held_tensors_back():
+    model = nn.Linear(64, 32)
+    weight, bias = model.weight, model.bias
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spill = Spill()
+    spill(weight)
+    spill(bias[:8])  # a view does not own its storage: left alone
+    assert "graphprune-spill-" in mapped_file(weight) and mapped_file(bias) is None
+    torch.testing.assert_close(model.weight, before["weight"], rtol=0, atol=0)
+    folder = spill._dir
+    spill.close(model)
+    assert model.weight is weight and mapped_file(weight) is None and not os.path.exists(folder)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_pruned_in_place_with_spill_equals_pruned_without(spill_everything):
+    x = (torch.randn(3, 10),)
+    torch.manual_seed(0)
+    reference = gp.compile(models.Mlp(), [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    torch.manual_seed(0)
+    model = models.Mlp()
+    old = {name: p for name, p in model.named_parameters()}
+    out = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x, inplace=True)
+    assert out is model and model.fc1.out_features == 16
+    resized = {id(p) for name, p in old.items() if p.shape != model.get_parameter(name).shape}
+    assert len(resized) == 5 and {id(t) for t, _ in spill_everything} == resized
+    assert all("graphprune-spill-" in where for _, where in spill_everything)  # mapped while the compile ran
+    assert all(mapped_file(p) is None for p in model.parameters())
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    torch.testing.assert_close(run(model, x), run(reference, x), rtol=0, atol=0)
+
+
+def test_exported_llama_pruned_in_place_with_spill(spill_everything):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = (torch.randint(0, 64, (1, 12)),)
+    passes = [L2Score(), ChannelMask({"ffn": 0.5, "head": 0.5}), Shrink()]
+    reference = gp.compile(model, passes, example_inputs=ids)
+    out = gp.compile(model, passes, example_inputs=ids, inplace=True)
+    assert out is model and len(spill_everything) >= 10
+    assert all(mapped_file(p) is None for p in model.parameters())
+    torch.testing.assert_close(run(model, ids).logits, run(reference, ids).logits, rtol=0, atol=0)
+
+
+def test_a_failure_after_shrink_leaves_the_model_as_it_was_in_memory(spill_everything):
+    torch.manual_seed(0)
+    model = models.Mlp()
+    before = state(model)
+
+    def boom(gm, ctx):
+        raise gp.PassError("kaput")
+
+    with pytest.raises(gp.PassError, match="kaput"):
+        gp.compile(
+            model, [L2Score(), ChannelMask(0.5), Shrink(), boom], example_inputs=(torch.randn(2, 10),), inplace=True
+        )
+    assert spill_everything  # Shrink ran and spilled
+    assert_same_state(before, model)
+    assert model.fc1.out_features == 32 and all(mapped_file(p) is None for p in model.parameters())
+
+
+def test_a_graph_result_leaves_the_model_as_it_was_in_memory(spill_everything):
+    torch.manual_seed(0)
+    model = models.Mlp()
+    before, x = state(model), (torch.randn(2, 10),)
+    gm = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x, inplace=True, output="graph")
+    assert spill_everything and gm is not model
+    assert_same_state(before, model)
+    assert all(mapped_file(p) is None for p in model.parameters())
+    assert gm.fc1.weight.shape[0] == 16
