@@ -102,7 +102,7 @@ class CompensateBias(PassBase):
                 if slot not in g.consumers:
                     continue
                 op = ops.get(slot.tensor)
-                if op is not None and slot.dim == 1 and op.groups == 1 and _bias_slot_free(gm, op):
+                if op is not None and slot.dim == op.in_dim and op.groups == 1 and _bias_slot_free(gm, op):
                     targets.setdefault(op.weight, (op, set()))[1].update(idx)
                 else:
                     skipped.append(slot.tensor)
@@ -114,7 +114,7 @@ class CompensateBias(PassBase):
         new_biases = []
         for name, (op, indices) in targets.items():
             idx = torch.tensor(sorted(indices), dtype=torch.long)
-            w = raw_tensor(*resolve(gm, name)).detach().double()
+            w = raw_tensor(*resolve(gm, name)).detach().movedim(op.in_dim, 1).double()
             cols = (
                 w.index_select(1, idx).reshape(w.shape[0], len(idx), -1).sum(2)
             )  # a constant input meets every kernel tap

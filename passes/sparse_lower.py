@@ -149,6 +149,8 @@ class SparseLower(PassBase):
     @staticmethod
     def _unsupported(gm: fx.GraphModule, op: WeightOp) -> str | None:
         """Why a layer cannot be lowered, or None."""
+        if op.transposed:
+            return "its weight is stored (in, out) (addmm, Hugging Face's Conv1D), which no sparse kernel here takes"
         owner_path = op.weight.rpartition(".")[0]
         owner = gm.get_submodule(owner_path)
         own = {n for n, _ in owner.named_parameters(recurse=False)} | {n for n, _ in owner.named_buffers(recurse=False)}

@@ -80,7 +80,8 @@ class _WeightMaskPass(PassBase):
         self.exclude = module_names(exclude, f"{type(self).__name__} exclude")
         self.include_bias = include_bias
 
-    def _tensors(self, gm: fx.GraphModule) -> list[tuple[str, nn.Module, str]]:
+    def _tensors(self, gm: fx.GraphModule) -> list[tuple[str, nn.Module, str, bool]]:
+        """(qualified name, owner, attribute, stored (in, out)) of each tensor to mask."""
         missing = unmatched(self.exclude, (n for n, _ in gm.named_modules()))
         if missing:
             raise ArgumentError(f"{self.name} exclude names modules the model does not have: {missing}")
@@ -89,33 +90,37 @@ class _WeightMaskPass(PassBase):
             module = op.weight.rpartition(".")[0]
             if in_modules(module, self.exclude):
                 continue
-            for name in (op.weight, op.bias if self.include_bias else None):
-                if name is not None:
-                    out.append((name, *resolve(gm, name)))
+            out.append((op.weight, *resolve(gm, op.weight), op.transposed))
+            if op.bias is not None and self.include_bias:
+                out.append((op.bias, *resolve(gm, op.bias), False))
         return out
 
     @staticmethod
-    def _score(ctx: PassContext, qualified: str, owner: nn.Module, attr: str) -> torch.Tensor:
+    def _score(ctx: PassContext, qualified: str, owner: nn.Module, attr: str, transposed: bool) -> torch.Tensor:
+        """The tensor's scores, a weight stored (in, out) as (out, in): rows are outputs in every pattern."""
         given = (ctx.cached(WeightScores) or WeightScores()).score(qualified)
         if given is not None:
-            return given.double() * (getattr(owner, attr).detach() != 0)
-        return getattr(owner, attr).detach().abs().double()
+            score = given.double() * (getattr(owner, attr).detach() != 0)
+        else:
+            score = getattr(owner, attr).detach().abs().double()
+        return score.T if transposed else score
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         refuse_lowered(gm, self.name)
         tensors = self._tensors(gm)
         keeps = self.keep_masks(gm, ctx, tensors)
         newly, report = 0, {}
-        for (qualified, owner, attr), keep in zip(tensors, keeps):
+        for (qualified, owner, attr, transposed), keep in zip(tensors, keeps):
             if keep is None:
                 continue
-            newly += _apply(owner, attr, keep)
+            newly += _apply(owner, attr, keep.T if transposed else keep)
             mask = weight_mask(owner, attr).mask
             report[qualified] = 1.0 - float(mask.float().mean())
         ctx.record(sparsity=report, plan={"op": "weight_mask", "tensors": sorted(report)})
         return PassResult(gm, newly > 0)
 
     def keep_masks(self, gm, ctx, tensors) -> list[torch.Tensor | None]:
+        """Per tensor, the weights to keep, shaped like its score (None: left as it is)."""
         raise NotImplementedError
 
 
@@ -133,7 +138,7 @@ class UnstructuredMask(_WeightMaskPass):
         self.sparsity, self.scope = float(sparsity), scope
 
     def keep_masks(self, gm, ctx, tensors):
-        scores = [self._score(ctx, q, o, a) for q, o, a in tensors]
+        scores = [self._score(ctx, *t) for t in tensors]
         if self.scope == "layer":
             return [_keep_top(s, self.sparsity) for s in scores]
         if self.scope == "row":
@@ -185,16 +190,17 @@ class NMMask(_WeightMaskPass):
 
     def keep_masks(self, gm, ctx, tensors):
         keeps, skipped = [], []
-        for q, o, a in tensors:
-            s = _as_rows(self._score(ctx, q, o, a))
+        for t in tensors:
+            score = self._score(ctx, *t)
+            s = _as_rows(score)
             if s.shape[1] % self.m:
-                skipped.append(q)
+                skipped.append(t[0])
                 keeps.append(None)
                 continue
             blocks = s.reshape(-1, self.m)
             keep = torch.zeros_like(blocks, dtype=torch.bool)
             keep.scatter_(1, torch.topk(blocks, self.n, dim=1).indices, True)
-            keeps.append(keep.reshape(getattr(o, a).shape))
+            keeps.append(keep.reshape(score.shape))
         if skipped:
             logger.info(
                 "NMMask left %d tensor(s) dense (row length not a multiple of %d): %s", len(skipped), self.m, skipped
@@ -217,17 +223,18 @@ class BlockMask(_WeightMaskPass):
     def keep_masks(self, gm, ctx, tensors):
         keeps, skipped = [], []
         bh, bw = self.block
-        for q, o, a in tensors:
-            s = _as_rows(self._score(ctx, q, o, a))
+        for t in tensors:
+            score = self._score(ctx, *t)
+            s = _as_rows(score)
             rows, cols = s.shape
             if rows % bh or cols % bw:
-                skipped.append(q)
+                skipped.append(t[0])
                 keeps.append(None)
                 continue
             blocks = s.reshape(rows // bh, bh, cols // bw, bw).sum((1, 3))
             keep_blocks = _keep_top(blocks, self.sparsity)
             keep = keep_blocks.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
-            keeps.append(keep.reshape(getattr(o, a).shape))
+            keeps.append(keep.reshape(score.shape))
         if skipped:
             logger.info(
                 "BlockMask left %d tensor(s) dense (shape not a multiple of %s): %s", len(skipped), self.block, skipped

@@ -129,7 +129,7 @@ class SparseGPTMask(_WeightMaskPass):
 
     def keep_masks(self, gm, ctx, tensors):
         batches = calibration_batches(self.calibration, self.name)
-        where = {q: (owner, attr) for q, owner, attr in tensors}
+        where = {q: (owner, attr) for q, owner, attr, _ in tensors}
         uses: dict[int, int] = {}
         for _, t in gm.named_parameters(remove_duplicate=False):
             uses[id(t)] = uses.get(id(t), 0) + 1
@@ -140,7 +140,7 @@ class SparseGPTMask(_WeightMaskPass):
             if k in where
             and op.kind == "linear"
             and raw_tensor(*where[k]).ndim == 2
-            and not (self.nm and raw_tensor(*where[k]).shape[1] % self.nm[1])
+            and not (self.nm and raw_tensor(*where[k]).shape[op.in_dim] % self.nm[1])
             and id(raw_tensor(*where[k])) not in tied
         }
         keeps: dict[str, torch.Tensor] = {}
@@ -148,18 +148,18 @@ class SparseGPTMask(_WeightMaskPass):
             self._block_by_block(gm, ops, batches, where, keeps)
         else:
             for q, h in input_hessians(gm, ops, batches).items():
-                keeps[q] = self._prune(*where[q], h)
-        skipped = [q for q, _, _ in tensors if q not in keeps]
+                keeps[q] = self._prune(*where[q], h, ops[q].transposed)
+        skipped = [t[0] for t in tensors if t[0] not in keeps]
         if skipped:
             ctx.record(skipped=skipped)
         if not keeps:
             warnings.warn(
                 f"{self.name} pruned no layer: it prunes the weights of linear layers (nn.Linear, F.linear, "
-                f"aten.linear; not GPT-2's Conv1D) that are not tied or excluded; left as they were: {skipped[:5]}",
+                f"aten.linear, GPT-2's Conv1D) that are not tied or excluded; left as they were: {skipped[:5]}",
                 GraphPruneWarning,
                 stacklevel=2,
             )
-        return [keeps.get(q) for q, _, _ in tensors]
+        return [keeps.get(t[0]) for t in tensors]
 
     def _block_by_block(self, gm, ops, batches, where, keeps) -> None:
         """Prune each part's layers on the inputs the pruned parts before it give, then run it again."""
@@ -176,23 +176,27 @@ class SparseGPTMask(_WeightMaskPass):
                     continue
                 runner.run(i, taps, last=False)
                 for q, h in hessians.means(f"{self.name} Hessians", due[i]).items():
-                    keeps[q] = self._prune(*where[q], h)
+                    keeps[q] = self._prune(*where[q], h, ops[q].transposed)
                     for n in ops[q].nodes:
                         taps.pop(n, None)
                 runner.run(i)  # again, with the pruned weights: the next part sees their outputs
 
-    def _prune(self, owner, attr: str, hessian: torch.Tensor) -> torch.Tensor:
+    def _prune(self, owner, attr: str, hessian: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """The layer pruned and its weights reconstructed; the keep mask as (out, in)."""
         existing = weight_mask(owner, attr)
+        weight = getattr(owner, attr)  # the weight as the forward reads it (any mask applied)
+        pruned = None if existing is None else ~existing.mask
         new, keep = sparsegpt_prune(
-            getattr(owner, attr),  # the weight as the forward reads it (any mask applied)
+            weight.T if transposed else weight,  # (out, in), as a stored (in, out) weight computes
             hessian,
             sparsity=self.sparsity,
             nm=self.nm,
             blocksize=self.blocksize,
             percdamp=self.percdamp,
-            pruned=None if existing is None else ~existing.mask,
+            pruned=None if pruned is None else (pruned.T if transposed else pruned),
         )
-        replace_tensor(owner, attr, new)  # a new tensor: the caller's model keeps its weights
+        # a new tensor: the caller's model keeps its weights
+        replace_tensor(owner, attr, new.T.contiguous() if transposed else new)
         return keep
 
 

@@ -378,9 +378,6 @@ def _name_ffn_groups(gm: fx.GraphModule, groups: tuple[ChannelGroup, ...]) -> tu
     """Kind "ffn": channels that only linear layers touch (the neurons between the projections of
     a transformer's MLP, gated or not), so that ratios can name them apart from conv channels."""
     linear = {t for op in weight_ops(gm).values() if op.kind == "linear" for t in (op.weight, op.bias) if t}
-    for n in gm.graph.nodes:  # addmm(bias, x, weight): Hugging Face's Conv1D
-        if n.op == "call_function" and n.target is torch.ops.aten.addmm.default:
-            linear.update(a.target for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr")
     return tuple(
         replace(g, kind="ffn") if g.kind == "channel" and all(s.tensor in linear for s in g.slots) else g
         for g in groups

@@ -23,6 +23,7 @@ from graphprune.errors import InputError
 from graphprune.ir.blocks import residual_blocks
 from graphprune.ir.inputs import clone_inputs, eval_mode
 from graphprune.ir.interpret import Interpreter
+from graphprune.ir.weight_ops import op_input
 
 __all__ = ["Blockwise"]
 
@@ -94,7 +95,7 @@ class Blockwise:
                     if tensor.op == "get_attr":
                         env[tensor] = self.interpreter.fetch_attr(tensor.target)
                 if node.name in taps:
-                    taps[node.name](env[node.args[0]].detach())
+                    taps[node.name](env[op_input(node)].detach())
                 env[node] = self.interpreter.run_node(node)
             if last:
                 for node in [n for n in env if self.last.get(n, -1) <= part]:

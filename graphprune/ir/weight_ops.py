@@ -2,7 +2,8 @@
 
 Both graph levels are covered by one scan: a symbolically traced graph calls
 `nn.Linear` / `nn.ConvNd` modules, an exported one calls `aten.linear` /
-`aten.conv2d` (or `F.linear`) on parameters read with get_attr.  Each such op
+`aten.conv2d` (or `F.linear`) on parameters read with get_attr, and
+`addmm(bias, x, W)` with W stored (in, out) (Hugging Face's `Conv1D`: GPT-2).  Each such op
 becomes a `WeightOp` named by its weight tensor, so data-driven scores,
 CompensateBias and SparseLower read activations the same way on both.
 
@@ -20,9 +21,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
-from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from graphprune.ir.distributed import sum_over_ranks
 from graphprune.ir.inputs import call_with, eval_mode
@@ -38,6 +39,7 @@ __all__ = [
     "outer_product",
     "RunningMeans",
     "op_inputs",
+    "op_input",
     "input_sq_norms",
 ]
 
@@ -45,6 +47,7 @@ aten = torch.ops.aten
 _LINEAR = {F.linear, aten.linear.default}
 _CONV = {F.conv1d, F.conv2d, F.conv3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ADDMM = {torch.addmm, aten.addmm.default}  # addmm(bias, x, W): W stored (in, out)
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,27 @@ class WeightOp:
     kind: str  # "linear" or "conv"
     groups: int = 1
     module: str | None = None  # the nn.Linear / nn.ConvNd that the graph calls, if any
+    transposed: bool = False  # the weight is stored (in, out): addmm(bias, x, W), Hugging Face's Conv1D
+
+    @property
+    def in_dim(self) -> int:
+        """The weight's dim that runs over the op's input channels."""
+        return 0 if self.transposed else 1
 
     def channel_dim(self, x: torch.Tensor) -> int:
         return x.ndim - 1 if self.kind == "linear" else (1 if x.ndim > 2 else 0)
 
 
-def input_sq_norms(weight: torch.Tensor) -> torch.Tensor:
-    """Per input index j of a linear/conv weight (dim 1): the sum of W[:, j, ...]^2, in float64.
-    A few rows at a time, so no float64 copy of the whole weight is made (an LLM's output head
-    in float64 is four times its bfloat16 size)."""
+def op_input(node: fx.Node):
+    """The argument of a linear/conv node that carries its input activations."""
+    return node_arg(node, 1, "mat1") if node.target in _ADDMM else node_arg(node, 0, "input")
+
+
+def input_sq_norms(weight: torch.Tensor, in_dim: int = 1) -> torch.Tensor:
+    """Per input index j of a linear/conv weight (its dim `in_dim`): the sum of W[:, j, ...]^2, in
+    float64.  A few rows at a time, so no float64 copy of the whole weight is made (an LLM's
+    output head in float64 is four times its bfloat16 size)."""
+    weight = weight.movedim(in_dim, 1)
     out = torch.zeros(weight.shape[1], dtype=torch.float64)
     others = [d for d in range(weight.ndim) if d != 1]
     for rows in weight.detach().split(max(1, (1 << 22) // max(1, weight[0].numel()))):
@@ -102,6 +117,14 @@ def _weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:
             bias = f"{node.target}.bias" if m.bias is not None else None
             return WeightOp((node.name,), f"{node.target}.weight", bias, kind, getattr(m, "groups", 1), node.target)
         return None
+    if node.op == "call_function" and node.target in _ADDMM:
+        weight, bias = _attr(node_arg(node, 2, "mat2")), _attr(node_arg(node, 0, "input"))
+        scaled = any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha"))
+        return (
+            None
+            if weight is None or bias is None or scaled
+            else WeightOp((node.name,), weight, bias, "linear", transposed=True)
+        )
     if node.op != "call_function" or node.target not in _LINEAR | _CONV:
         return None
     weight, bias = _attr(node_arg(node, 1, "weight")), node_arg(node, 2, "bias")
@@ -137,7 +160,7 @@ def tapped(gm: fx.GraphModule, taps: dict[str, Callable[[torch.Tensor], None]]) 
         for node in list(gm.graph.nodes):
             if node.name in taps:
                 with gm.graph.inserting_before(node):
-                    inserted.append(gm.graph.call_function(taps[node.name], (node_arg(node, 0, "input"),)))
+                    inserted.append(gm.graph.call_function(taps[node.name], (op_input(node),)))
         gm.recompile()
         yield gm
     finally:

@@ -123,7 +123,7 @@ class _ActivationStats(ScorePass):
         return [
             (s, ops[slot.tensor])
             for s, slot in enumerate(g.slots)
-            if slot in g.consumers and slot.dim == 1 and slot.tensor in ops
+            if slot in g.consumers and slot.tensor in ops and slot.dim == ops[slot.tensor].in_dim
         ]
 
     def _collect(self, gm: fx.GraphModule, ops: dict[str, WeightOp]) -> dict[str, torch.Tensor]:
@@ -220,7 +220,7 @@ class WandaScore(_ActivationStats):
     def combine(self, gm, g, rows):
         scores = []
         for op, s, rms in rows:
-            col = input_sq_norms(_tensor(gm, op.weight))
+            col = input_sq_norms(_tensor(gm, op.weight), op.in_dim)
             index, unit = g.flat[s]
             norm = torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, col[index]).sqrt()
             scores.append(norm * rms)
@@ -239,7 +239,7 @@ class FLAPScore(_ActivationStats):
     summed = True
 
     def per_channel(self, gm, op, variance):
-        return variance * input_sq_norms(_tensor(gm, op.weight))
+        return variance * input_sq_norms(_tensor(gm, op.weight), op.in_dim)
 
     def combine(self, gm, g, rows):
         s = torch.stack([r for _, _, r in rows]).sum(0)
@@ -252,7 +252,7 @@ def _wanda(gm: nn.Module, op: WeightOp, norms: torch.Tensor) -> torch.Tensor:
     reads input channel g * (in / groups) + j)."""
     w = _tensor(gm, op.weight).abs().double()
     if op.kind == "linear":
-        return w * norms.reshape(1, -1)
+        return w * (norms.reshape(-1, 1) if op.transposed else norms.reshape(1, -1))
     cog, cig = w.shape[0] // op.groups, w.shape[1]
     channel = (torch.arange(w.shape[0]) // cog).unsqueeze(1) * cig + torch.arange(cig).unsqueeze(0)
     return w * norms[channel].reshape(*channel.shape, *([1] * (w.ndim - 2)))
