@@ -1,12 +1,17 @@
-"""Pruning a 1.1 B-parameter Llama-shaped model on this machine: wall time and peak memory.
+"""Pruning a 1-8 B-parameter Llama-shaped model on this machine: wall time and peak memory.
 
-TinyLlama-1.1B's shape (22 layers, width 2048, 32 query / 4 key-value heads, FFN 5632, vocabulary
-32000), random init, built directly in bfloat16.  Wanda-sp scores heads and FFN neurons on
-calibration tokens, `ChannelMask` removes 20 % of each, `Shrink` removes them, all in one
+The shape of TinyLlama-1.1B (22 layers, width 2048, 32 query / 4 key-value heads, FFN 5632,
+vocabulary 32000; the default), Llama-3.2-3B or Llama-3-8B, random init, built directly in
+bfloat16.  Wanda-sp scores heads and FFN neurons on calibration tokens, `ChannelMask` removes a
+quarter of the key-value groups (with their query heads) and 20 % of the FFN neurons of every
+layer, `Shrink` removes them, all in one
 `compile(..., inplace=True)`.  Peak resident memory is read from the process's high-water mark,
-which is reset once the model is built, so the figure is what pruning added on top of it.
+which is reset once the model is built; it is compared with the weights' size after taking away
+what the process held before the model was built (Python, torch, transformers).
 
-    python benchmarks/llm_memory.py [--batches 8] [--seq-len 512]
+    python benchmarks/llm_memory.py [--shape tinyllama-1.1b] [--batches 32] [--seq-len 512] [--layers N]
+
+Results go to results/llm_memory.md (TinyLlama) or results/llm_memory_<shape>.md.
 """
 
 from __future__ import annotations
@@ -25,16 +30,33 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import graphprune as gp  # noqa: E402
 from graphprune.passes import ChannelMask, Shrink, WandaScore  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    use_cache=False,
-)
+SHAPES = {  # Llama-architecture shapes: the published models' sizes, random weights
+    "tinyllama-1.1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    ),
+    "llama-3.2-3b": dict(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "llama-3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+}
 
 
 def _status_gib(field: str) -> float:
@@ -55,21 +77,29 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "llm_memory.json"))
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
+    parser.add_argument("--layers", type=int, default=None, help="fewer than the shape has, to try it quickly")
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.json is None:
+        stem = "llm_memory" if args.shape == "tinyllama-1.1b" else f"llm_memory_{args.shape}"
+        args.json = os.path.join(os.path.dirname(__file__), "results", f"{stem}.json")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    runtime = _status_gib("VmRSS")  # the process without a model: Python, torch, transformers
     torch.manual_seed(0)
     start = time.time()
     torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    shape = dict(SHAPES[args.shape], max_position_embeddings=2048, use_cache=False)
+    shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
+    model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
     torch.set_default_dtype(torch.float32)
     built = time.time() - start
     params = gp.count_params(model)
     model_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     g = torch.Generator().manual_seed(0)
-    calibration = [torch.randint(0, 32000, (1, args.seq_len), generator=g) for _ in range(args.batches)]
+    calibration = [torch.randint(0, shape["vocab_size"], (1, args.seq_len), generator=g) for _ in range(args.batches)]
     example = (calibration[0][:, :32],)
     base = _status_gib("VmRSS")
     _reset_peak()
@@ -122,23 +152,30 @@ def main() -> None:
         "model_gib": model_gib,
         "build_seconds": built,
         "calibration_tokens": args.batches * args.seq_len,
+        "rss_runtime_gib": runtime,
         "rss_before_gib": base,
         "peak_during_prune_gib": peak,
         "peak_over_model": peak / model_gib,
+        "peak_above_runtime_over_model": (peak - runtime) / model_gib,
         "prune_seconds": seconds,
         "params_after": after,
         "same_class": type(pruned) is type(model),
         "passes": [(r.name, round(r.seconds, 1)) for r in pruned.graphprune_report if not r.name.startswith("mark_")],
         "peak_by_step_gib": phases,
     }
+    calibration = phases.get("WandaScore", float("nan"))
     text = (
         "# Pruning a 1.1 B Llama-shaped model (benchmarks/llm_memory.py)\n\n"
-        f"TinyLlama-1.1B shape, random init, bfloat16: {params / 1e9:.3f} B params, {model_gib:.2f} GiB of weights "
-        f"(built in {built:.0f} s). Wanda-sp on {args.batches} x {args.seq_len} calibration tokens, 1 of 4 kv groups "
+        f"{args.shape} shape ({shape['num_hidden_layers']} layers), random init, bfloat16: {params / 1e9:.3f} B params, "
+        f"{model_gib:.2f} GiB of weights (built in {built:.0f} s). Wanda-sp on {args.batches} x {args.seq_len} "
+        f"calibration tokens, {shape['num_key_value_heads'] // 4} of {shape['num_key_value_heads']} kv groups "
         "(25 % of heads) and 20 % of FFN neurons per layer, Shrink, `compile(inplace=True)`:\n\n"
         "| | value |\n|---|---:|\n"
+        f"| resident memory of the process before the model was built (Python, torch, transformers) | {runtime:.2f} GiB |\n"
         f"| resident memory before pruning | {base:.2f} GiB |\n"
-        f"| peak resident memory while pruning | {peak:.2f} GiB ({peak / model_gib:.2f} x the weights) |\n"
+        f"| peak resident memory while pruning | {peak:.2f} GiB |\n"
+        f"| peak above the process's own, over the weights | **{(peak - runtime) / model_gib:.2f} x** |\n"
+        f"| calibration (WandaScore) peak above the process's own, over the weights | {(calibration - runtime) / model_gib:.2f} x |\n"
         f"| wall time | {seconds:.0f} s |\n"
         f"| params after | {after / 1e9:.3f} B ({after / params:.3f} of dense) |\n"
         f"| result is a {type(pruned).__name__} | {type(pruned) is type(model)} |\n\n"
