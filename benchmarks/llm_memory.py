@@ -165,7 +165,7 @@ def main() -> None:
     }
     calibration = phases.get("WandaScore", float("nan"))
     text = (
-        "# Pruning a 1.1 B Llama-shaped model (benchmarks/llm_memory.py)\n\n"
+        f"# Pruning a {params / 1e9:.1f} B Llama-shaped model (benchmarks/llm_memory.py)\n\n"
         f"{args.shape} shape ({shape['num_hidden_layers']} layers), random init, bfloat16: {params / 1e9:.3f} B params, "
         f"{model_gib:.2f} GiB of weights (built in {built:.0f} s). Wanda-sp on {args.batches} x {args.seq_len} "
         f"calibration tokens, {shape['num_key_value_heads'] // 4} of {shape['num_key_value_heads']} kv groups "
