@@ -12,6 +12,7 @@ weight masked once stays masked (a second mask can only add zeros).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Iterable
 
 import torch
@@ -80,19 +81,27 @@ class _WeightMaskPass(PassBase):
         self.exclude = module_names(exclude, f"{type(self).__name__} exclude")
         self.include_bias = include_bias
 
-    def _tensors(self, gm: fx.GraphModule) -> list[tuple[str, nn.Module, str, bool]]:
-        """(qualified name, owner, attribute, stored (in, out)) of each tensor to mask."""
+    def _tensors(self, gm: fx.GraphModule, ctx: PassContext) -> list[tuple[str, nn.Module, str, bool]]:
+        """(qualified name, owner, attribute, stored (in, out)) of each tensor to mask.  A weight
+        read under two names (an LM head tied to the embedding) is left dense and recorded: masked
+        in one place only, it would no longer be one tensor."""
         missing = unmatched(self.exclude, (n for n, _ in gm.named_modules()))
         if missing:
             raise ArgumentError(f"{self.name} exclude names modules the model does not have: {missing}")
-        out = []
+        uses = Counter(id(t) for _, t in gm.named_parameters(remove_duplicate=False))
+        out, tied = [], []
         for op in weight_ops(gm).values():  # nn.Linear/nn.ConvNd modules, or aten.linear/conv on parameters
             module = op.weight.rpartition(".")[0]
             if in_modules(module, self.exclude):
                 continue
+            if uses[id(raw_tensor(*resolve(gm, op.weight)))] > 1:
+                tied.append(op.weight)
+                continue
             out.append((op.weight, *resolve(gm, op.weight), op.transposed))
             if op.bias is not None and self.include_bias:
                 out.append((op.bias, *resolve(gm, op.bias), False))
+        if tied:
+            ctx.record(tied_left_dense=tied)
         return out
 
     @staticmethod
@@ -107,7 +116,7 @@ class _WeightMaskPass(PassBase):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         refuse_lowered(gm, self.name)
-        tensors = self._tensors(gm)
+        tensors = self._tensors(gm, ctx)
         keeps = self.keep_masks(gm, ctx, tensors)
         newly, report = 0, {}
         for (qualified, owner, attr, transposed), keep in zip(tensors, keeps):

@@ -130,10 +130,6 @@ class SparseGPTMask(_WeightMaskPass):
     def keep_masks(self, gm, ctx, tensors):
         batches = calibration_batches(self.calibration, self.name)
         where = {q: (owner, attr) for q, owner, attr, _ in tensors}
-        uses: dict[int, int] = {}
-        for _, t in gm.named_parameters(remove_duplicate=False):
-            uses[id(t)] = uses.get(id(t), 0) + 1
-        tied = {i for i, n in uses.items() if n > 1}  # updating a tensor read under two names would untie them
         ops = {
             k: op
             for k, op in weight_ops(gm).items()
@@ -141,7 +137,6 @@ class SparseGPTMask(_WeightMaskPass):
             and op.kind == "linear"
             and raw_tensor(*where[k]).ndim == 2
             and not (self.nm and raw_tensor(*where[k]).shape[op.in_dim] % self.nm[1])
-            and id(raw_tensor(*where[k])) not in tied
         }
         keeps: dict[str, torch.Tensor] = {}
         if self.sequential:

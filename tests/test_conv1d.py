@@ -113,3 +113,15 @@ def test_sparsegpt_prunes_conv1d_and_lowers_its_output_error_below_magnitude():
         assert float((w == 0).double().mean()) == pytest.approx(0.5)
         err[name] = float((xin @ w - xin @ dense).pow(2).sum())
     assert err["sparsegpt"] < 0.8 * err["magnitude"]  # (0.69 here: random-init inputs are near isotropic)
+
+
+def test_a_tied_lm_head_is_left_dense_and_the_model_comes_back_as_its_own_class():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32, use_cache=False)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    x = (torch.randint(0, 64, (2, 8)),)
+    pruned = gp.compile(model, [UnstructuredMask(0.5, scope="row")], example_inputs=x)
+    assert type(pruned) is type(model) and pruned.lm_head.weight is pruned.transformer.wte.weight
+    assert not torch.any(pruned.lm_head.weight == 0) and torch.any(pruned.transformer.h[0].mlp.c_fc.weight == 0)
+    record = next(r for r in pruned.graphprune_report if r.name == "UnstructuredMask")
+    assert record.details["tied_left_dense"] == ["lm_head.weight"]

@@ -148,7 +148,7 @@ def test_tied_weights_stay_tied_and_a_model_with_nothing_to_prune_is_told():
     ids = torch.randint(0, 100, (1, 8))
     pruned = gp.compile(model, [SparseGPTMask(0.5, calibration=[torch.randint(0, 100, (2, 8))])], example_inputs=(ids,))
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight  # the LM head is the embedding: left dense
-    assert pruned.graphprune_report[0].details["skipped"] == ["lm_head.weight"]
+    assert pruned.graphprune_report[0].details["tied_left_dense"] == ["lm_head.weight"]
     assert float((pruned.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
     with pytest.warns(gp.GraphPruneWarning, match="pruned no layer"):
         gp.compile(model, [SparseGPTMask(0.5, calibration=[ids], exclude=["model"])], example_inputs=(ids,))
