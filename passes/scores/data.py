@@ -48,8 +48,10 @@ class TaylorScore(ScorePass):
     def __init__(self, calibration: Iterable | None = None, loss_fn: Callable | None = None) -> None:
         self.calibration, self.loss_fn = calibration, loss_fn
 
-    def _weight_times_gradient(self, gm, groups) -> dict[str, torch.Tensor]:
-        """Per parameter of the groups: w * dL/dw summed over the calibration batches (signed)."""
+    def _weight_times_gradient(self, gm, groups) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per parameter of the groups: (w, dL/dw summed over the calibration batches).  Autograd
+        sums the gradients over the batches, and w * (sum of gradients) is the sum of w * dL/dw:
+        one gradient per weight is held, not a float64 copy of every weight (LLM-Pruner does the same)."""
         batches = calibration_batches(self.calibration, self.name)
         if self.loss_fn is None:
             raise ArgumentError(f"{self.name} needs loss_fn=, called as loss_fn(model_output, targets)")
@@ -60,31 +62,34 @@ class TaylorScore(ScorePass):
                 t = raw_tensor(owner, attr)
                 if isinstance(t, nn.Parameter):
                     params[slot.tensor] = t
-        acc = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
         grads = [(p, p.grad) for p in gm.parameters()]  # the caller's gradients, put back afterwards
         try:
+            gm.zero_grad(set_to_none=True)
             with eval_mode(gm):
                 for inputs, targets in tqdm(batches, desc=self.name, unit="batch", disable=None, leave=False):
-                    gm.zero_grad(set_to_none=True)
                     self.loss_fn(call_with(gm, inputs), targets).backward()
-                    for name, p in params.items():
-                        if p.grad is not None:
-                            acc[name] += (p.detach() * p.grad.detach()).double()
+            summed = {name: p.grad.detach() for name, p in params.items() if p.grad is not None}
         finally:
             for p, grad in grads:
                 p.grad = grad
-        return sum_over_ranks(acc, self.name)  # under torch.distributed: summed over every rank's batches
+        summed = sum_over_ranks(summed, self.name)  # under torch.distributed: summed over every rank's batches
+        return {name: (params[name].detach(), grad) for name, grad in summed.items()}
 
     @staticmethod
-    def _per_unit(g: ChannelGroup, s: int, values: torch.Tensor) -> torch.Tensor:
-        """Sum of a slot's per-index values over each unit's indices."""
+    def _per_unit(g: ChannelGroup, s: int, acc: dict, absolute: bool) -> torch.Tensor:
+        """Sum of w * dL/dw (or of its magnitude) over each unit's indices of slot s, in float64."""
         slot = g.slots[s]
-        rows = values.movedim(slot.dim, 0).reshape(values.shape[slot.dim], -1).sum(1)
+        w, grad = (t.movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1) for t in acc[slot.tensor])
+        rows = torch.zeros(w.shape[0], dtype=torch.float64)
+        step = max(1, (1 << 22) // w.shape[0])  # a few columns at a time: no float64 copy of a whole weight
+        for a, b in zip(w.split(step, 1), grad.split(step, 1)):
+            product = a.double() * b.double()
+            rows += (product.abs() if absolute else product).sum(1)
         index, unit = g.flat[s]
         return torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, rows[index])
 
-    def _taylor(self, g: ChannelGroup, acc: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self._per_unit(g, s, acc[slot.tensor].abs()) for s, slot in enumerate(g.slots) if slot.tensor in acc]
+    def _taylor(self, g: ChannelGroup, acc: dict) -> torch.Tensor:
+        parts = [self._per_unit(g, s, acc, True) for s, slot in enumerate(g.slots) if slot.tensor in acc]
         return torch.stack(parts).mean(0) if parts else torch.zeros(g.size, dtype=torch.float64)
 
     def scores(self, gm, groups, ctx):
@@ -104,7 +109,7 @@ class HeadSensitivityScore(TaylorScore):
         for g in groups:
             gate = [s for s, slot in enumerate(g.slots) if slot in g.consumers and slot.tensor in acc]
             if g.kind == "head" and gate:
-                out[g.key] = torch.stack([self._per_unit(g, s, acc[g.slots[s].tensor]) for s in gate]).sum(0).abs()
+                out[g.key] = torch.stack([self._per_unit(g, s, acc, False) for s in gate]).sum(0).abs()
             else:
                 out[g.key] = self._taylor(g, acc)
         return out
