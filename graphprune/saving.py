@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 import graphprune.passes  # noqa: F401  (the built-in passes register the plan steps they replay)
@@ -172,33 +172,56 @@ def apply_plan(
 
 
 def load(
-    model: nn.Module, directory: str | os.PathLike, example_inputs: tuple | dict, *, leaf_modules: Iterable[type] = ()
+    model: nn.Module,
+    directory: str | os.PathLike,
+    example_inputs: tuple | dict,
+    *,
+    inplace: bool = False,
+    leaf_modules: Iterable[type] = (),
 ) -> nn.Module:
     """Rebuild what `save` wrote: replay its plan on a copy of the original `model` (not changed),
-    traced on the same kind of example inputs, then load the weights; every tensor must fit."""
+    traced on the same kind of example inputs, then load the weights; every tensor must fit.
+
+    The weights are read one tensor at a time.  `inplace=True` rebuilds `model` itself, with no
+    copy (a big model, held once): if its plan does not replay, the model is left as it was; if
+    the weights then do not fit the rebuilt model (a damaged checkpoint), the error says so and the
+    model has the plan's structure, its weights partly loaded."""
     directory = Path(directory)
     plan = _read_plan(directory)
+    weights = directory / WEIGHTS_FILE
     try:
-        tensors = load_file(str(directory / WEIGHTS_FILE))
+        with safe_open(str(weights), framework="pt") as f:
+            names = set(f.keys())
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE} cannot be read: {exc}") from exc
-    for name, source in plan.get("tied", {}).items():
-        if source not in tensors:
+        raise CheckpointError(f"{weights} cannot be read: {exc}") from exc
+    tied = plan.get("tied", {})
+    for name, source in tied.items():
+        if source not in names:
             raise CheckpointError(f"{directory / PLAN_FILE} ties {name} to {source}, which the weights do not hold")
-        tensors[name] = tensors[source]
     advice = "pass the original model and example inputs of the same shapes as when it was pruned"
     try:
         rebuilt = compile(
-            model, [replay(s) for s in plan["steps"]], example_inputs=example_inputs, leaf_modules=leaf_modules
+            model,
+            [replay(s) for s in plan["steps"]],
+            example_inputs=example_inputs,
+            inplace=inplace,
+            leaf_modules=leaf_modules,
         )
     except (KeyError, IndexError, TypeError, ValueError, GraphPruneError) as exc:
         raise CheckpointError(f"{directory} does not fit this model ({type(exc).__name__}: {exc}): {advice}") from exc
-    try:
-        missing, unexpected = rebuilt.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{directory} does not fit the rebuilt model: {advice}\n{exc}") from exc
+    expected = set(rebuilt.state_dict())
+    missing, unexpected = sorted(expected - names - set(tied)), sorted(names - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"{directory} does not fit the rebuilt model (missing {missing[:5]}, unexpected {unexpected[:5]}): {advice}"
         )
+    with safe_open(str(weights), framework="pt") as f:
+        for name in sorted(names):
+            tensor = f.get_tensor(name)
+            try:
+                rebuilt.load_state_dict(
+                    {name: tensor, **{t: tensor for t, source in tied.items() if source == name}}, strict=False
+                )
+            except RuntimeError as exc:
+                raise CheckpointError(f"{directory} does not fit the rebuilt model: {advice}\n{exc}") from exc
     return rebuilt

@@ -109,6 +109,23 @@ def test_a_saved_model_loads_back_in_its_class_and_its_state_dict_fits_a_loaded_
     assert_exact(pruned, skeleton, x)
 
 
+def test_load_in_place_rebuilds_the_given_model_and_a_plan_that_does_not_replay_leaves_it_as_it_was(tmp_path):
+    model = models.randomize_bn(models.Grouped()).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    pruned = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    gp.save(pruned, tmp_path / "ckpt")
+    fresh = models.Grouped().eval()  # other weights: the loaded ones must replace them
+    loaded = gp.load(fresh, tmp_path / "ckpt", example_inputs=x, inplace=True)
+    assert loaded is fresh
+    assert_exact(pruned, loaded, x)
+    other = models.Mlp()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(gp.CheckpointError, match="does not fit"):
+        gp.load(other, tmp_path / "ckpt", example_inputs=(torch.randn(2, 10),), inplace=True)
+    assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in before.items()}
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+
+
 def _causal_lm(name):
     torch.manual_seed(0)
     T = transformers
