@@ -65,12 +65,15 @@ class Shrink(PassBase):
         sliced: dict[int, tuple[dict, torch.Tensor]] = {}
         touched_attrs: set[tuple[int, str]] = set()
         for tensor, dims in removed.items():
+            dims = {d: sorted(s) for d, s in dims.items() if s}
+            if not dims:  # nothing of it goes (its masks, all kept, are stripped below): no copy of it
+                continue
             for name in (tensor, *deps.aliases.get(tensor, ())):  # a tied tensor is sliced once, everywhere
                 owner, attr = resolve(gm, name)
                 if (id(owner), attr) in touched_attrs:  # one module reached under two names (a shared module)
                     continue
                 touched_attrs.add((id(owner), attr))
-                self._slice(owner, attr, {d: sorted(s) for d, s in dims.items() if s}, sliced, name, ctx.spill)
+                self._slice(owner, attr, dims, sliced, name, ctx.spill)
                 touched[id(owner)] = owner
         revert_masked_ops(gm)  # masked LayerNorms and means become plain ones over the channels left
         self._strip_unused_masks(gm)
@@ -108,10 +111,9 @@ class Shrink(PassBase):
                 raise PassError(f"{name} is shared with another module but would lose different channels there")
         else:
             new = _keep_slices(t.detach(), dims)
-            new = new.clone() if not dims else new
             new = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
             sliced[id(t)] = (dims, new)
-            if spill is not None and dims:  # compile(inplace=True) of a big model: the old values to disk
+            if spill is not None:  # compile(inplace=True) of a big model: the old values to disk
                 spill(t)
         if isinstance(new, nn.Parameter):
             setattr(owner, attr, new)
