@@ -140,10 +140,10 @@ class SparseGPTMask(_WeightMaskPass):
         }
         keeps: dict[str, torch.Tensor] = {}
         if self.sequential:
-            self._block_by_block(gm, ops, batches, where, keeps)
+            self._block_by_block(gm, ops, batches, where, keeps, ctx.spill)
         else:
             for q, h in input_hessians(gm, ops, batches).items():
-                keeps[q] = self._prune(*where[q], h, ops[q].transposed)
+                keeps[q] = self._prune(*where[q], h, ops[q].transposed, ctx.spill)
         skipped = [t[0] for t in tensors if t[0] not in keeps]
         if skipped:
             ctx.record(skipped=skipped)
@@ -156,7 +156,7 @@ class SparseGPTMask(_WeightMaskPass):
             )
         return [keeps.get(t[0]) for t in tensors]
 
-    def _block_by_block(self, gm, ops, batches, where, keeps) -> None:
+    def _block_by_block(self, gm, ops, batches, where, keeps, spill) -> None:
         """Prune each part's layers on the inputs the pruned parts before it give, then run it again."""
         with Blockwise(gm, batches) as runner:
             part_of = {name: i for i in runner for name in runner.ops_in(i)}
@@ -171,13 +171,14 @@ class SparseGPTMask(_WeightMaskPass):
                     continue
                 runner.run(i, taps, last=False)
                 for q, h in hessians.means(f"{self.name} Hessians", due[i]).items():
-                    keeps[q] = self._prune(*where[q], h, ops[q].transposed)
+                    keeps[q] = self._prune(*where[q], h, ops[q].transposed, spill)
                     for n in ops[q].nodes:
                         taps.pop(n, None)
                 runner.run(i)  # again, with the pruned weights: the next part sees their outputs
 
-    def _prune(self, owner, attr: str, hessian: torch.Tensor, transposed: bool) -> torch.Tensor:
-        """The layer pruned and its weights reconstructed; the keep mask as (out, in)."""
+    def _prune(self, owner, attr: str, hessian: torch.Tensor, transposed: bool, spill) -> torch.Tensor:
+        """The layer pruned and its weights reconstructed; the keep mask as (out, in).  `spill`
+        (compile(inplace=True) of a big model) takes the old weight out of memory."""
         existing = weight_mask(owner, attr)
         weight = getattr(owner, attr)  # the weight as the forward reads it (any mask applied)
         pruned = None if existing is None else ~existing.mask
@@ -191,7 +192,9 @@ class SparseGPTMask(_WeightMaskPass):
             pruned=None if pruned is None else (pruned.T if transposed else pruned),
         )
         # a new tensor: the caller's model keeps its weights
-        replace_tensor(owner, attr, new.T.contiguous() if transposed else new)
+        old = replace_tensor(owner, attr, new.T.contiguous() if transposed else new)
+        if spill is not None:
+            spill(old)
         return keep
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import graphprune as gp
 from graphprune.ir.spill import Spill
-from graphprune.passes import ChannelMask, L2Score, Shrink
+from graphprune.passes import ChannelMask, L2Score, Shrink, SparseGPTMask
 from tests import models
 from tests.helpers import assert_same_state, run, state
 
@@ -81,7 +81,7 @@ def test_pruned_in_place_with_spill_equals_pruned_without(spill_everything):
     torch.testing.assert_close(run(model, x), run(reference, x), rtol=0, atol=0)
 
 
-def test_exported_llama_pruned_in_place_with_spill(spill_everything):
+def _llama():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=64,
@@ -93,8 +93,11 @@ def test_exported_llama_pruned_in_place_with_spill(spill_everything):
         use_cache=False,
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    ids = (torch.randint(0, 64, (1, 12)),)
+    return transformers.LlamaForCausalLM(config).eval(), (torch.randint(0, 64, (1, 12)),)
+
+
+def test_exported_llama_pruned_in_place_with_spill(spill_everything):
+    model, ids = _llama()
     passes = [L2Score(), ChannelMask({"ffn": 0.5, "head": 0.5}), Shrink()]
     reference = gp.compile(model, passes, example_inputs=ids)
     out = gp.compile(model, passes, example_inputs=ids, inplace=True)
@@ -129,3 +132,16 @@ def test_a_graph_result_leaves_the_model_as_it_was_in_memory(spill_everything):
     assert_same_state(before, model)
     assert all(mapped_file(p) is None for p in model.parameters())
     assert gm.fc1.weight.shape[0] == 16
+
+
+def test_sparsegpt_in_place_spills_the_weights_it_rewrites(spill_everything):
+    model, ids = _llama()
+    calibration = [torch.randint(0, 64, (2, 12)) for _ in range(2)]
+    reference = gp.compile(model, [SparseGPTMask(0.5, calibration=calibration)], example_inputs=ids)
+    old = {name: p for name, p in model.named_parameters()}
+    out = gp.compile(model, [SparseGPTMask(0.5, calibration=calibration)], example_inputs=ids, inplace=True)
+    assert out is model
+    rewritten = {id(p) for name, p in old.items() if name.startswith("model.layers") and "proj" in name}
+    assert len(rewritten) == 14 and rewritten <= {id(t) for t, _ in spill_everything}
+    assert all(mapped_file(p) is None for p in model.parameters())
+    torch.testing.assert_close(run(model, ids).logits, run(reference, ids).logits, rtol=0, atol=0)

@@ -138,10 +138,10 @@ def raw_tensor(owner: nn.Module, attr: str) -> torch.Tensor:
     return getattr(owner, attr)
 
 
-def replace_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
+def replace_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> torch.Tensor:
     """Store a new tensor under `attr` (the original under any parametrization), of the same kind
-    (parameter or buffer).  A new object, not an edit: the old one may be shared with the model a
-    compile() started from."""
+    (parameter or buffer), and return the old one.  A new object, not an edit: the old one may be
+    shared with the model a compile() started from."""
     holder, name = (
         (owner.parametrizations[attr], "original") if parametrize.is_parametrized(owner, attr) else (owner, attr)
     )
@@ -152,6 +152,7 @@ def replace_tensor(owner: nn.Module, attr: str, value: torch.Tensor) -> None:
         holder.register_buffer(
             name, value.detach().to(old.dtype), persistent=name not in holder._non_persistent_buffers_set
         )
+    return old
 
 
 def is_maskable(owner: nn.Module, attr: str) -> bool:
