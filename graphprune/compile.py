@@ -111,9 +111,9 @@ def _compile(
 
 @contextmanager
 def _spilling(ctx: PassContext, model: nn.Module | None) -> Iterator[None]:
-    """A big model pruned in place never holds two copies of a weight: Shrink's old tensors go to
-    disk (`graphprune.ir.spill`); what the model still holds at the end (it failed, or the result
-    is a graph) comes back into memory."""
+    """A big model pruned in place never holds two copies of a weight: the tensors Shrink and
+    SparseGPT replace go to disk (`graphprune.ir.spill`), mapped back into the model, which keeps
+    them so if the compile fails."""
     if model is None or tensor_bytes(model) < SPILL_BYTES:
         yield
         return
@@ -122,7 +122,7 @@ def _spilling(ctx: PassContext, model: nn.Module | None) -> Iterator[None]:
     try:
         yield
     finally:
-        spill.close(model)
+        spill.close()
 
 
 def _passes_and_landing(

@@ -1,8 +1,10 @@
-"""A big model pruned in place never holds two copies of a weight: Shrink's old tensors go to disk
-(graphprune.ir.spill), and come back into memory wherever the model still holds them at the end."""
+"""A big model pruned in place never holds two copies of a weight: the tensors Shrink and SparseGPT
+replace go to disk (graphprune.ir.spill), mapped back; a model that keeps them (a failure, a graph
+result) has its values, read from the file."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -47,7 +49,7 @@ def spill_everything(monkeypatch):
     return spilled
 
 
-def test_spill_keeps_values_and_close_brings_held_tensors_back():
+def test_spilled_tensors_keep_their_values_and_outlive_the_folder():
     model = nn.Linear(64, 32)
     weight, bias = model.weight, model.bias
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -55,12 +57,16 @@ def test_spill_keeps_values_and_close_brings_held_tensors_back():
     spill(weight)
     spill(bias[:8])  # a view does not own its storage: left alone
     assert "graphprune-spill-" in mapped_file(weight) and mapped_file(bias) is None
-    torch.testing.assert_close(model.weight, before["weight"], rtol=0, atol=0)
     folder = spill._dir
-    spill.close(model)
-    assert model.weight is weight and mapped_file(weight) is None and not os.path.exists(folder)
+    spill.close()
+    assert not os.path.exists(folder) and model.weight is weight and "graphprune-spill-" in mapped_file(weight)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    out = model(torch.ones(2, 64))  # still a working model, and trainable (written pages are copied)
+    with torch.no_grad():
+        model.weight.mul_(2)
+    torch.testing.assert_close(model.weight, 2 * before["weight"], rtol=0, atol=0)
+    assert out.shape == (2, 32)
 
 
 def test_pruned_in_place_with_spill_equals_pruned_without(spill_everything):
@@ -106,10 +112,10 @@ def test_exported_llama_pruned_in_place_with_spill(spill_everything):
     torch.testing.assert_close(run(model, ids).logits, run(reference, ids).logits, rtol=0, atol=0)
 
 
-def test_a_failure_after_shrink_leaves_the_model_as_it_was_in_memory(spill_everything):
+def test_a_failure_after_shrink_leaves_the_model_as_it_was(spill_everything):
     torch.manual_seed(0)
     model = models.Mlp()
-    before = state(model)
+    before, reference = state(model), copy.deepcopy(model)
 
     def boom(gm, ctx):
         raise gp.PassError("kaput")
@@ -118,20 +124,21 @@ def test_a_failure_after_shrink_leaves_the_model_as_it_was_in_memory(spill_every
         gp.compile(
             model, [L2Score(), ChannelMask(0.5), Shrink(), boom], example_inputs=(torch.randn(2, 10),), inplace=True
         )
-    assert spill_everything  # Shrink ran and spilled
+    assert spill_everything  # Shrink ran and spilled: those tensors are read from the (removed) file now
     assert_same_state(before, model)
-    assert model.fc1.out_features == 32 and all(mapped_file(p) is None for p in model.parameters())
+    assert model.fc1.out_features == 32 and "graphprune-spill-" in mapped_file(model.fc1.weight)
+    x = (torch.randn(3, 10),)
+    torch.testing.assert_close(run(model, x), run(reference, x), rtol=0, atol=0)
 
 
-def test_a_graph_result_leaves_the_model_as_it_was_in_memory(spill_everything):
+def test_a_graph_result_leaves_the_model_as_it_was(spill_everything):
     torch.manual_seed(0)
     model = models.Mlp()
     before, x = state(model), (torch.randn(2, 10),)
     gm = gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x, inplace=True, output="graph")
     assert spill_everything and gm is not model
     assert_same_state(before, model)
-    assert all(mapped_file(p) is None for p in model.parameters())
-    assert gm.fc1.weight.shape[0] == 16
+    assert gm.fc1.weight.shape[0] == 16 and mapped_file(gm.fc1.weight) is None
 
 
 def test_sparsegpt_in_place_spills_the_weights_it_rewrites(spill_everything):

@@ -5,10 +5,13 @@ user's model and been verified, the model still holds the old tensor, so that a 
 as it was; pruned in place, that is two copies of the weights at once.  A `Spill` writes each
 old tensor to a temporary file once its smaller copy exists and points the tensor at a
 copy-on-write map of that file: the model computes what it did, but the old values live in the
-file (the operating system's cache), not in the process's memory.  When the compile is over,
-`close(model)` reads back into memory whatever the model still holds (it failed, or the result
-went to a graph) and removes the files.  The folder is `tempfile`'s (`TMPDIR`), and the files
-are unlinked as soon as they are mapped.
+file (the operating system's cache), not in the process's memory.  If the compile fails (or its
+result goes to a graph), the model still holds them there: its values are what they were, read
+from the file as they are used (and copied into memory where written).  Reading them back into
+memory at once would need the old and the new tensors together, which is what a big model cannot
+afford, the more so while a failure's traceback still holds the new ones.  The folder is
+`tempfile`'s (`TMPDIR`); the files are unlinked as soon as they are mapped (the space is freed
+when the last tensor mapping one goes), and the folder is removed when the compile ends.
 
 `return_freed_memory()`: glibc's malloc raises its mmap threshold to the largest block freed so
 far, after which activations of up to 32 MiB come from the heap, where freed ones stay resident
@@ -82,11 +85,7 @@ class Spill:
         self._spilled[id(t)] = t
         self.bytes += t.numel() * t.element_size()
 
-    def close(self, model: nn.Module) -> None:
-        """Read back into memory the spilled tensors `model` still holds, and remove the files."""
-        held = {id(t) for t in (*model.parameters(), *model.buffers())}
-        for key, t in self._spilled.items():
-            if key in held:
-                t.data = t.data.clone()
+    def close(self) -> None:
+        """Forget the spilled tensors (whoever holds them keeps their maps) and remove the folder."""
         self._spilled.clear()
         shutil.rmtree(self._dir, ignore_errors=True)
