@@ -115,6 +115,13 @@ def main() -> None:
 
     def mark(name):
         def record(gm, ctx):
+            last, t0 = marks[-1]
+            high = max((r for t, r in samples if t >= t0), default=float("nan"))
+            print(
+                f"  {last} done: highest {high:.2f} GiB; now {_status_gib('VmRSS'):.2f} GiB",
+                file=sys.stderr,
+                flush=True,
+            )
             marks.append((name, time.time()))
 
         record.__name__ = f"mark_{name}"

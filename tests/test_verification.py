@@ -178,3 +178,25 @@ def test_exported_convolutions_and_norms_prune_exactly():
     assert type(shrunk) is ExportedCnn and shrunk.dw.groups == shrunk.dw.out_channels == 4
     assert shrunk.gn.num_groups == 2 and shrunk.a.out_channels == 4
     assert_exact(masked, shrunk, x)
+
+
+def test_half_precision_rounding_with_no_node_to_blame_is_kept_with_a_warning():
+    from graphprune.ir.verify import Reference, check_keeps_outputs
+
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x * 1.0
+
+    gm = torch.fx.symbolic_trace(Identity())
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for dtype, off, kept in ((torch.bfloat16, 0.04, True), (torch.bfloat16, 0.2, False), (torch.float32, 0.04, False)):
+        inputs = (x.to(dtype),)
+        expected = inputs[0].clone()
+        expected[0, 0] += off * float(expected.abs().max())  # what the graph computed before the pass
+        ref = Reference(expected, {})  # (no fingerprints: no node differs)
+        if kept:
+            with pytest.warns(gp.GraphPruneWarning, match="taken as rounding"):
+                check_keeps_outputs("Shrink", gm, ref, inputs)
+        else:
+            with pytest.raises(gp.VerificationError, match="must keep the model's outputs"):
+                check_keeps_outputs("Shrink", gm, ref, inputs)

@@ -13,6 +13,7 @@ never a second analysis.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -20,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from graphprune.errors import VerificationError
+from graphprune.errors import GraphPruneWarning, VerificationError
 from graphprune.ir.inputs import call_with, clone_inputs, eval_mode, positional_inputs
 from graphprune.ir.interpret import Interpreter
 
@@ -178,7 +179,13 @@ def check_keeps_outputs(
     groups: Iterable[Any] = (),
     history: str = "",
 ) -> Any:
-    """`gm`'s outputs; a VerificationError naming the first diverging node when they are not `ref`'s."""
+    """`gm`'s outputs; a VerificationError naming the first diverging node when they are not `ref`'s.
+    Half precision through many layers rounds more than the outputs' tolerance allows (a random
+    Llama-3-8B in bfloat16: 4 % of the largest logit after Shrink, while the same Shrink agrees to
+    3e-6 in float32 and bfloat16 itself is 3 % off float32 at a quarter of the depth): there, when
+    no node's fingerprint differs and no output is off by more than 10 %, the result is kept with
+    a warning that says so."""
+    got = None
     try:
         got = run_outputs(gm, example_inputs)
         problem = mismatch(ref.outputs, got)
@@ -187,6 +194,14 @@ def check_keeps_outputs(
     if problem is None:
         return got
     node, what = _divergence(gm, ref, example_inputs)
+    if node is None and got is not None and _half_precision_rounding(ref.outputs, got):
+        warnings.warn(
+            f"{name}{history}: {problem}, in half precision, with no node whose values changed: taken as rounding "
+            "(half precision through many layers rounds this much); to check exactly, verify a float32 copy",
+            GraphPruneWarning,
+            stacklevel=4,
+        )
+        return got
     where = f"; first divergence at node {_location(node)}, which {what}" if node is not None else f"; {what}"
     hit = _groups_at(node, groups)
     involved = f"; channel groups there: {hit[:6]}" if hit else ""
@@ -194,6 +209,20 @@ def check_keeps_outputs(
         f"{name}{history} must keep the model's outputs but changed them: {problem}{where}{involved}. "
         "This is a bug in a rule or pass (please report it with the model); the result was not returned. "
         "verify=False skips this check."
+    )
+
+
+def _half_precision_rounding(expected: Any, got: Any) -> bool:
+    """Every floating output is float16/bfloat16 and within 10 % of its largest magnitude."""
+    pairs = [
+        (e, g)
+        for e, g in zip(pytree.tree_leaves(expected), pytree.tree_leaves(got))
+        if isinstance(e, torch.Tensor) and e.is_floating_point()
+    ]
+    return bool(pairs) and all(
+        e.dtype in (torch.float16, torch.bfloat16)
+        and float((e.double() - g.double()).abs().max()) <= 0.1 * float(e.double().abs().max())
+        for e, g in pairs
     )
 
 
