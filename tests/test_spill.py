@@ -88,18 +88,8 @@ def test_pruned_in_place_with_spill_equals_pruned_without(spill_everything):
 
 
 def _llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval(), (torch.randint(0, 64, (1, 12)),)
+    pytest.importorskip("transformers")
+    return models.tiny_decoder("llama", layers=2), (torch.randint(0, 100, (1, 12)),)
 
 
 def test_exported_llama_pruned_in_place_with_spill(spill_everything):
@@ -143,7 +133,7 @@ def test_a_graph_result_leaves_the_model_as_it_was(spill_everything):
 
 def test_sparsegpt_in_place_spills_the_weights_it_rewrites(spill_everything):
     model, ids = _llama()
-    calibration = [torch.randint(0, 64, (2, 12)) for _ in range(2)]
+    calibration = [torch.randint(0, 100, (2, 12)) for _ in range(2)]
     reference = gp.compile(model, [SparseGPTMask(0.5, calibration=calibration)], example_inputs=ids)
     old = {name: p for name, p in model.named_parameters()}
     out = gp.compile(model, [SparseGPTMask(0.5, calibration=calibration)], example_inputs=ids, inplace=True)
