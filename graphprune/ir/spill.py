@@ -63,7 +63,6 @@ class Spill:
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="graphprune-spill-")
         self._spilled: dict[int, torch.Tensor] = {}
-        self.bytes = 0
 
     def __call__(self, t: torch.Tensor) -> None:
         """Put `t`'s values in a file, mapped back into `t`.  Tensors that are not plain CPU
@@ -83,7 +82,6 @@ class Spill:
             pass
         t.data = mapped
         self._spilled[id(t)] = t
-        self.bytes += t.numel() * t.element_size()
 
     def close(self) -> None:
         """Forget the spilled tensors (whoever holds them keeps their maps) and remove the folder."""
