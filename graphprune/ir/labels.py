@@ -226,8 +226,7 @@ def varies_along(labels: torch.Tensor, dim: int) -> bool:
     """True when the label tensor is not constant along `dim`."""
     if labels.shape[dim] <= 1 or labels.stride(dim) == 0:
         return False
-    head = labels.narrow(dim, 0, 1)
-    return bool((labels != head).any())
+    return not torch.equal(labels, labels.narrow(dim, 0, 1).expand_as(labels))  # (stops at the first difference)
 
 
 def labeled_dims(labels: torch.Tensor) -> list[int]:
