@@ -94,10 +94,11 @@ class _WeightMaskPass(PassBase):
             module = op.weight.rpartition(".")[0]
             if in_modules(module, self.exclude):
                 continue
-            if uses[id(raw_tensor(*resolve(gm, op.weight)))] > 1:
+            owner, attr = resolve(gm, op.weight)
+            if uses[id(raw_tensor(owner, attr))] > 1:
                 tied.append(op.weight)
                 continue
-            out.append((op.weight, *resolve(gm, op.weight), op.transposed))
+            out.append((op.weight, owner, attr, op.transposed))
             if op.bias is not None and self.include_bias:
                 out.append((op.bias, *resolve(gm, op.bias), False))
         if tied:

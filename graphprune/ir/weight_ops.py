@@ -41,6 +41,7 @@ __all__ = [
     "op_inputs",
     "op_input",
     "input_sq_norms",
+    "per_index_sums",
 ]
 
 aten = torch.ops.aten
@@ -76,16 +77,25 @@ def op_input(node: fx.Node):
     return node_arg(node, 1, "mat1") if node.target in _ADDMM else node_arg(node, 0, "input")
 
 
-def input_sq_norms(weight: torch.Tensor, in_dim: int = 1) -> torch.Tensor:
-    """Per input index j of a linear/conv weight (its dim `in_dim`): the sum of W[:, j, ...]^2, in
-    float64.  A few rows at a time, so no float64 copy of the whole weight is made (an LLM's
+def per_index_sums(dim: int, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """Per index of `dim`: fn(*tensors), elementwise, summed over every other dim, in float64.
+    A block of another dim at a time, so no float64 copy of a whole tensor is made (an LLM's
     output head in float64 is four times its bfloat16 size)."""
-    weight = weight.movedim(in_dim, 1)
-    out = torch.zeros(weight.shape[1], dtype=torch.float64)
-    others = [d for d in range(weight.ndim) if d != 1]
-    for rows in weight.detach().split(max(1, (1 << 22) // max(1, weight[0].numel()))):
-        out += rows.double().pow(2).sum(others)
+    first = tensors[0]
+    others = [d for d in range(first.ndim) if d != dim]
+    if not others:
+        return fn(*(t.detach().double() for t in tensors))
+    along = others[0]
+    step = max(1, (1 << 22) // max(1, first.numel() // max(1, first.shape[along])))
+    out = torch.zeros(first.shape[dim], dtype=torch.float64)
+    for blocks in zip(*(t.detach().split(step, along) for t in tensors)):
+        out += fn(*(b.double() for b in blocks)).sum(others)
     return out
+
+
+def input_sq_norms(weight: torch.Tensor, in_dim: int = 1) -> torch.Tensor:
+    """Per input index j of a linear/conv weight (its dim `in_dim`): the sum of W[:, j, ...]^2."""
+    return per_index_sums(in_dim, torch.square, weight)
 
 
 def node_arg(node: fx.Node, i: int, name: str, default=None):

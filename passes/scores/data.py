@@ -28,7 +28,7 @@ from graphprune.errors import ArgumentError, PreconditionError
 from graphprune.ir.distributed import sum_over_ranks
 from graphprune.ir.inputs import calibration_batches, call_with, eval_mode
 from graphprune.ir.masking import raw_tensor, resolve
-from graphprune.ir.weight_ops import WeightOp, input_channel_stats, input_sq_norms, weight_ops
+from graphprune.ir.weight_ops import WeightOp, input_channel_stats, input_sq_norms, per_index_sums, weight_ops
 from graphprune.passes.scores.magnitude import ScorePass
 from graphprune.pipeline import PassContext
 
@@ -79,12 +79,8 @@ class TaylorScore(ScorePass):
     def _per_unit(g: ChannelGroup, s: int, acc: dict, absolute: bool) -> torch.Tensor:
         """Sum of w * dL/dw (or of its magnitude) over each unit's indices of slot s, in float64."""
         slot = g.slots[s]
-        w, grad = (t.movedim(slot.dim, 0).reshape(t.shape[slot.dim], -1) for t in acc[slot.tensor])
-        rows = torch.zeros(w.shape[0], dtype=torch.float64)
-        step = max(1, (1 << 22) // w.shape[0])  # a few columns at a time: no float64 copy of a whole weight
-        for a, b in zip(w.split(step, 1), grad.split(step, 1)):
-            product = a.double() * b.double()
-            rows += (product.abs() if absolute else product).sum(1)
+        product = (lambda w, grad: (w * grad).abs()) if absolute else torch.mul
+        rows = per_index_sums(slot.dim, product, *acc[slot.tensor])
         index, unit = g.flat[s]
         return torch.zeros(g.size, dtype=torch.float64).index_add_(0, unit, rows[index])
 
