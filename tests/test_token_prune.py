@@ -142,6 +142,15 @@ def test_merge_is_identity_at_rate_zero_and_conserves_mass():
     torch.testing.assert_close((merged * size[..., None]).sum(1), x.sum(1))  # sizes weight the means
     assert (idx[:, 0] == 0).all() and torch.equal(merged[:, 0], x[:, 0])  # the first token is never merged
     assert (idx.diff(dim=1) > 0).all()  # order kept
+    # each kept token is the size-weighted mean of the tokens whose mass went to it (a second merge,
+    # with sizes already above 1, checked against a loop over the tokens)
+    again, idx2, size2, dest2 = merge_tokens(merged, merged, size, score.gather(1, idx), PPM // 4, (0,))
+    for b in range(2):
+        for k, p in enumerate(idx2[b].tolist()):
+            members = [t for t in range(7) if dest2[b, t] == p]
+            weights = size[b, members]
+            assert size2[b, k] == weights.sum()
+            torch.testing.assert_close(again[b, k], (merged[b, members] * weights[:, None]).sum(0) / weights.sum())
     # a per-token weight (a pooling mask) adds up over merged tokens: a mean pooled with it is size-weighted
     assert torch.equal(gather_tokens(torch.ones(2, 9), idx, (1,), dest), size)
     assert torch.equal(
