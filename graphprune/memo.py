@@ -96,6 +96,11 @@ def remember(
         with _LOCK:
             _MEMOS[model] = memo
         return memo
+    stale = _called_not_traced(model, gm, tuple(leaf_modules))
+    if stale is not None:  # a fresh trace would go inside it, so the next compile() traces afresh
+        logger.debug("not remembering the graph of %s: it calls %s whole", type(model).__name__, stale)
+        forget(model)
+        return None
     holder = getattr(gm, ROOT_HOLDER, None)
     root_tensors = {} if holder is None else {k: t for k, t in holder.named_buffers() if "." not in k}
     root_tensors.update({} if holder is None else {k: t for k, t in holder.named_parameters() if "." not in k})
@@ -112,6 +117,25 @@ def remember(
     with _LOCK:
         _MEMOS[model] = memo
     return memo
+
+
+def _called_not_traced(model: nn.Module, gm: fx.GraphModule, leaf_modules: tuple[type, ...]) -> str | None:
+    """A module the graph calls whole that a trace of `model` would go inside: the graph of a
+    masked model calls a masked LayerNorm as a module (graphprune's class mixed into the user's);
+    once Shrink takes the mix out, the user's class may be one whose own forward a trace reads
+    (timm's LayerNorm), and no rule knows that class as a whole."""
+    untraced = gm.meta.get(UNTRACED, {})  # kept as calls on purpose (their forward breaks tracing)
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in untraced:
+            continue
+        try:
+            m = model.get_submodule(node.target)
+        except AttributeError:
+            continue
+        if type(m).__module__.startswith(("torch.nn.", "torch.ao.nn.", "graphprune.")) or isinstance(m, leaf_modules):
+            continue
+        return f"{node.target} ({type(m).__name__})"
+    return None
 
 
 def forget(model: nn.Module) -> None:
@@ -138,14 +162,18 @@ def recall(
     source._modules.update(memo.root_modules)
     source._modules.update(shadow._modules)
     holder = nn.Module()
-    for name, t in memo.root_tensors.items():
-        masked = getattr(shadow, "parametrizations", {})
+    # the root's tensors the graph reads: the model's own (a model returned by compile() holds them
+    # itself, so only their names are in the graph), else the ones only the graph held
+    prefix = ROOT_HOLDER + "."
+    read = [n.target[len(prefix) :] for n in memo.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)]
+    read = [name for name in read if "." not in name]  # (a mask's own tensors come with the masks)
+    masked = getattr(shadow, "parametrizations", {})
+    for name in dict.fromkeys([*memo.root_tensors, *read]):
         own = masked[name].original if name in masked else getattr(shadow, name, None)  # (the stored tensor)
-        if isinstance(own, torch.Tensor):
-            t = own
+        t = own if isinstance(own, torch.Tensor) else memo.root_tensors.get(name)
         if isinstance(t, nn.Parameter):
             holder.register_parameter(name, t)
-        else:
+        elif isinstance(t, torch.Tensor):
             holder.register_buffer(name, t)
     source._modules[ROOT_HOLDER] = holder
     try:
@@ -158,7 +186,7 @@ def recall(
         setattr(gm, name, child)
     for name, child in memo.root_modules.items():
         setattr(gm, name, child)
-    if memo.root_tensors:
+    if holder._parameters or holder._buffers:
         setattr(gm, ROOT_HOLDER, holder)
     gm.meta[TRACED_BY] = memo.traced_by
     gm.meta.update(memo.meta)

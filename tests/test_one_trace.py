@@ -137,3 +137,32 @@ def test_a_pruner_traces_once_over_all_its_steps(counts):
     pruned = pruner.finalize()
     assert counts["traces"] == 1
     assert_exact(pruner.model, pruned, x)
+
+
+def test_a_vit_with_root_parameters_is_traced_once_and_its_layer_norms_prune_again(counts):
+    # timm's ViT holds cls_token and pos_embed on its root, and its LayerNorm class has its own forward
+    timm = pytest.importorskip("timm")
+    from graphprune.memo import forget
+
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5
+    ).eval()
+    x = (torch.randn(2, 3, 16, 16),)
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert counts["traces"] == 1 and shrunk.patch_embed.proj.out_channels == 16
+    assert_exact(masked, shrunk, x)
+    assert type(shrunk.blocks[0].norm1) is timm.layers.LayerNorm
+    assert not [f for f in gp.summary(model, shrunk, x).frozen if f.site.kind != "output"]
+    again = gp.compile(shrunk, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    assert counts["traces"] == 1 and again.patch_embed.proj.out_channels == 8
+    # traced afresh (nothing remembered, as after loading a checkpoint), the masked model calls its
+    # LayerNorms whole (graphprune's masked class mixed into timm's); once Shrink restores timm's
+    # class that graph is not a trace of the result, so the next compile traces it again, through
+    # timm's forward, and the hidden width still prunes
+    forget(masked)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    again = gp.compile(shrunk, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    assert counts["traces"] == 3 and again.patch_embed.proj.out_channels == 8
+    assert again.blocks[0].norm1.weight.shape == (8,)
