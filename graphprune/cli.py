@@ -36,6 +36,7 @@ from graphprune.backends import onnx as gox
 from graphprune.errors import ArgumentError, GraphPruneError
 from graphprune.groups_graph import write_groups_graph
 from graphprune.ir.inputs import call_with
+from graphprune.ir.verify import mismatch
 from graphprune.passes import ChannelMask, L1Score, L2Score, Shrink
 from graphprune.recipe import Recipe, write_recipe
 from graphprune.sources import SOURCE_FILE, load_function, load_source
@@ -250,12 +251,11 @@ def _save_pretrained(hf_model, pruned, loaded, parent: Path) -> tuple[Path | Non
             return _discard(staging, f"from_pretrained cannot load what save_pretrained wrote ({exc})")
         with torch.no_grad():
             expected, got = (_tensors(call_with(m.eval(), loaded.example_inputs)) for m in (pruned, back))
-        same = len(expected) == len(got) and all(
-            a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(expected, got)
-        )
-        if not same:
+        problem = mismatch(expected, got)  # (the tolerance every other check uses)
+        if problem is not None:
             return _discard(
-                staging, "from_pretrained on the saved folder does not compute what the pruned model computes"
+                staging,
+                f"from_pretrained on the saved folder does not compute what the pruned model computes: {problem}",
             )
         return staging, None
     except BaseException:

@@ -194,6 +194,28 @@ def test_prune_writes_a_hugging_face_folder_that_from_pretrained_loads(tmp_path,
     assert not (out / "hf").exists() and (out / "plan.json").exists()
 
 
+def test_a_hugging_face_folder_that_reloads_to_other_outputs_is_not_written(tmp_path, capsys, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    bert = _bert_folder(tmp_path / "bert")
+    (tmp_path / "ffn.yaml").write_text(
+        "passes:\n  - L2Score: {}\n  - ChannelMask: {ratio: {ffn: 0.5}}\n  - Shrink\ninputs: {seq_len: 16}\n"
+    )
+    loads = transformers.BertModel.from_pretrained.__func__
+
+    def off(cls, *args, **kwargs):  # a reload that computes something else (a save_pretrained that drops something)
+        model = loads(cls, *args, **kwargs)
+        with torch.no_grad():
+            model.pooler.dense.bias.add_(0.1)
+        return model
+
+    out = tmp_path / "pruned"
+    monkeypatch.setattr(transformers.BertModel, "from_pretrained", classmethod(off))
+    assert main(["prune", f"hf:{bert}", "--recipe", str(tmp_path / "ffn.yaml"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "does not compute what the pruned model computes: output" in printed
+    assert not (out / "hf").exists() and not list(out.glob(".hf*")) and (out / "plan.json").exists()
+
+
 def test_prune_refuses_unknown_sources_and_conflicting_flags(tmp_path, capsys):
     assert main(["prune", "keras:resnet", "--ratio", "0.5", "--out", str(tmp_path / "o")]) == 2
     assert "unknown model source" in capsys.readouterr().err
