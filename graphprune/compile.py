@@ -30,6 +30,7 @@ from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY, trace
 from graphprune.ir.verify import check_runs, run_outputs
 from graphprune.memo import forget, recall, remember
 from graphprune.pipeline import PassContext, PassRecord, Pipeline
+from graphprune.rules.attention import GQA_QUERY_HEADS
 from graphprune.writeback import land
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def _passes_and_landing(
         return gm
     del gm.__dict__[ORIGIN_ATTR]
     if not any(masks_of(m) for m in landing.model.modules()):
+        gm.meta.pop(GQA_QUERY_HEADS, None)  # (a choice the next compile keeps only to shrink masks it made)
         reason = express_config(landing.model)  # Hugging Face: sizes into the config, or save_pretrained refused
         if reason is not None:
             records.append(PassRecord("write-back", details={"note": f"{reason}: save with graphprune.save"}))

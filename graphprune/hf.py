@@ -97,6 +97,17 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
     return None, best
 
 
+def _with_head_dim(config):
+    """The config with the head size it derives from its hidden size written out, for classes that
+    read `config.head_dim` when it is there (Qwen2): fewer heads keep their size (None otherwise)."""
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if "head_dim" in config.to_dict() or not (isinstance(heads, int) and isinstance(hidden, int) and heads):
+        return None
+    pinned = copy.deepcopy(config)
+    pinned.head_dim = hidden // heads
+    return pinned
+
+
 def _refuse_save_pretrained(reason: str):
     def save_pretrained(*args, **kwargs):
         raise GraphPruneError(
@@ -129,6 +140,9 @@ def express_config(model: nn.Module) -> str | None:
         if _misfits(cls, model.config, target) == []:
             return None
         found, misfits = _search(cls, model.config, target, accept=lambda cfg: True)
+        pinned = _with_head_dim(model.config)
+        if found is None and pinned is not None:  # fewer heads of the same size
+            found, _ = _search(cls, pinned, target, accept=lambda cfg: True)
         if found is not None:
             for attr, value in found.to_dict().items():
                 if getattr(model.config, attr, None) != value and not isinstance(value, dict):

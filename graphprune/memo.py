@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 from graphprune.analysis.dependency import Dependencies
 from graphprune.ir.partial import BOUNDARY, UNTRACED, values_of
 from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY
+from graphprune.rules.attention import GQA_QUERY_HEADS
 
 __all__ = ["remember", "recall", "forget"]
 
@@ -112,7 +113,7 @@ def remember(
         root_tensors,
         {k: m for k, m in gm.named_children() if k not in model._modules and k != ROOT_HOLDER},
         dependencies,
-        {k: gm.meta[k] for k in (BOUNDARY, UNTRACED) if k in gm.meta},
+        {k: gm.meta[k] for k in (BOUNDARY, UNTRACED, GQA_QUERY_HEADS) if k in gm.meta},
     )
     with _LOCK:
         _MEMOS[model] = memo

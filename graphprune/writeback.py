@@ -208,6 +208,21 @@ def _head_width(work: nn.Module) -> None:
         work.num_features = head.in_features
 
 
+def _kv_groups(work: nn.Module) -> None:
+    """Hugging Face attention keeps its query heads per kv head in `num_key_value_groups` (its eager
+    attention repeats the kv heads by it): the projections' widths after pruning (GQAQueryHeads)."""
+    for m in work.modules():
+        q, k = getattr(m, "q_proj", None), getattr(m, "k_proj", None)
+        if (
+            type(getattr(m, "num_key_value_groups", None)) is int
+            and isinstance(q, nn.Linear)
+            and isinstance(k, nn.Linear)
+            and k.out_features
+            and q.out_features % k.out_features == 0
+        ):
+            m.num_key_value_groups = q.out_features // k.out_features
+
+
 def _second_inputs(example_inputs: tuple | dict) -> tuple | dict | None:
     batch = batch_of(example_inputs)
     return with_batch(example_inputs, batch + 1) if batch else None
@@ -271,6 +286,7 @@ def land(
             _by_name(work, gm)
         _mask_layer_norms(work, gm)
         _head_width(work)
+        _kv_groups(work)
         problem = _compare(work, gm, example_inputs, expected)
         if problem is not None and _set_attributes(work, gm):  # sizes the source reads from module attributes
             problem = _compare(work, gm, example_inputs, expected)

@@ -3,6 +3,7 @@
 from graphprune.passes.compensate import CompensateBias
 from graphprune.passes.drop_blocks import DropBlocks
 from graphprune.passes.mask import ChannelMask, MaskUnits
+from graphprune.passes.query_heads import GQAQueryHeads
 from graphprune.passes.reinsert_zeros import ReinsertZeros
 from graphprune.passes.scores.criteria import BNScaleScore, FPGMScore
 from graphprune.passes.scores.data import (
@@ -36,6 +37,7 @@ __all__ = [
     "FLAPScore",
     "ChannelMask",
     "MaskUnits",
+    "GQAQueryHeads",
     "UnstructuredMask",
     "NMMask",
     "BlockMask",

@@ -277,7 +277,14 @@ class ChannelMask(PassBase):
                 )
         absent = sorted(k for k, r in self.ratio.items() if k in KINDS and r > 0 and k not in kinds)
         if absent:
-            note = "; a model with no attention has no 'head' groups" if "head" in absent else ""
+            frozen = [f.site for f in deps.frozen if f.site.kind == "attention"]
+            note = (
+                ""
+                if "head" not in absent
+                else f"; its attention heads are frozen: {frozen[0].reason} ({frozen[0].location or frozen[0].node})"
+                if frozen
+                else "; a model with no attention has no 'head' groups"
+            )
             raise PreconditionError(
                 f"ChannelMask ratio names kinds of groups this model does not have: {absent} (it has {sorted(kinds)}){note}"
             )

@@ -298,6 +298,9 @@ class _Propagator(Interpreter):
         if "reshape_labels" in call.extra:
             labels = call.extra["reshape_labels"]
             self.reshapes[n.name] = (tuple(labels.shape), squeeze_constant(labels), call.extra.get("counted_dims", ()))
+        for name, labels in call.extra.get("reshape_overrides", {}).items():  # sizes an earlier op set
+            counted = self.reshapes[name][2] if name in self.reshapes else ()
+            self.reshapes[name] = (tuple(labels.shape), squeeze_constant(labels), counted)
         if "reduce_labels" in call.extra:
             self.reductions[n.name] = call.extra["reduce_labels"]
         if "squeeze_dims" in call.extra:

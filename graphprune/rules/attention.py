@@ -18,6 +18,7 @@ elsewhere the heads are frozen, with the reason.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,16 @@ from graphprune.ir.modules import PrunedMultiheadAttention
 from graphprune.rules.base import OpCall, Rule, aten, overloads, place
 from graphprune.rules.shape import dim_arg
 
-__all__ = ["MultiheadAttentionRule", "AttentionRule", "MatMulRule", "RULES"]
+__all__ = [
+    "MultiheadAttentionRule",
+    "AttentionRule",
+    "MatMulRule",
+    "RULES",
+    "GQA_QUERY_HEADS",
+    "query_heads_within_groups",
+]
+
+GQA_QUERY_HEADS = "graphprune_gqa_query_heads"  # gm.meta: under grouped-query attention, query heads are the units
 
 
 def _weights_used(node: fx.Node) -> bool:
@@ -125,6 +135,8 @@ class AttentionRule(Rule):
             )  # NONE beside a head freezes it
             per_head.append(rows[:, 0])
         call.space.tag(per_head[0], "head")
+        if query_heads_within_groups(call.node):
+            return _query_heads(call, per_head, hdim, biases, v)
         call.space.unify(per_head[0], per_head[1], call.site("attention", "q and k heads"))
         call.space.unify(per_head[0], per_head[2], call.site("attention", "q and v heads"))
         for bias in biases:  # a bias that is not sliceable per head (a constant) freezes the heads
@@ -135,6 +147,88 @@ class AttentionRule(Rule):
             call.freeze_inputs("attention", "attention whose batch or token dims carry channels")
             return call.out_none()
         return v.expand(call.out.shape) if v.shape == call.out.shape else v.narrow(-2, 0, 1).expand(call.out.shape)
+
+
+def query_heads_within_groups(node: fx.Node) -> bool:
+    """Whether the graph asks for query heads within their kv groups as units (GQAQueryHeads)."""
+    gm = node.graph.owning_module
+    return bool(gm is not None and gm.meta.get(GQA_QUERY_HEADS))
+
+
+_EXPANDS = (aten.expand.default, "expand")
+_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default, "reshape", "view")
+_PASSING = (aten.slice.Tensor, aten.contiguous.default, aten.clone.default, "contiguous")
+
+
+def _repeated(node: Any, heads: int) -> tuple[fx.Node, fx.Node, int] | None:
+    """(reshape, expand, dim) of `repeat_kv`: kv (b, G, s, d) unsqueezed, expanded along a new dim
+    `dim` to (b, G, R, s, d) and reshaped to (b, G * R, s, d) = `heads` heads; else None."""
+    if not (isinstance(node, fx.Node) and node.target in _RESHAPES):
+        return None
+    src = node.args[0]
+    while isinstance(src, fx.Node) and src.target in _PASSING and src.args[0] is not None:
+        if src.target is aten.slice.Tensor and not (len(src.args) > 3 and src.args[2] == 0):
+            return None  # (only the no-op slices export writes)
+        src = src.args[0]
+    if not (isinstance(src, fx.Node) and src.target in _EXPANDS):
+        return None
+    shape = src.meta.get("graphprune_shape") or getattr(src.meta.get("val"), "shape", None)
+    out = node.meta.get("graphprune_shape") or getattr(node.meta.get("val"), "shape", None)
+    if shape is None or out is None or len(shape) != len(out) + 1:
+        return None
+    for d in range(1, len(shape) - 1):
+        if shape[d - 1] * shape[d] == heads and tuple(shape[: d - 1]) + (heads,) + tuple(shape[d + 1 :]) == tuple(out):
+            return node, src, d
+    return None
+
+
+def _query_heads(call: OpCall, per_head: list[torch.Tensor], hdim: int, biases: list, v: torch.Tensor):
+    """GQAQueryHeads: under grouped-query attention (kv heads repeated R times by `repeat_kv`), the
+    kv heads are kept and the query heads are the units, R of them per kv group: unit j is the
+    j-th query head of every group (the same number goes from each group, as the repeat needs), so
+    removing it removes those q projection rows and output projection columns, and the repeat
+    count R (a literal of the expand, and G * R of the reshape) becomes what is kept."""
+    q_heads, k_heads, v_heads = per_head
+    heads = len(q_heads)
+    repeats = [_repeated(call.node.args[i], heads) for i in (1, 2)]
+    groups = per_group = 0
+    if repeats[0] is not None:  # (b, G, R, s, d): G kv heads, each read by R query heads
+        _, expand, d = repeats[0]
+        groups, per_group = expand.meta["graphprune_shape"][d - 1 : d + 1]
+    reason = None
+    if k_heads.unique().numel() == heads:
+        reason = "no grouped-query attention here (as many kv heads as query heads)"
+    elif None in repeats:
+        reason = "kv heads repeated by something other than repeat_kv's expand and reshape"
+    elif (k_heads == 0).any() or any(
+        not torch.equal(t.view(groups, per_group), t.view(groups, per_group)[:, :1].expand(groups, per_group))
+        for t in (k_heads, v_heads)
+    ):
+        reason = "kv heads that carry no channels or are not repeated in blocks"
+    elif biases:
+        reason = "a per-head attention bias"
+    if reason is not None:
+        call.freeze_inputs("attention", f"GQAQueryHeads: {reason}")
+        return call.out_none()
+    site = call.site("attention", "kv heads kept: GQAQueryHeads prunes the query heads within their groups")
+    call.space.freeze(k_heads, site)
+    call.space.freeze(v_heads, site)
+    slots = q_heads.view(groups, per_group)  # (kv group, query head within it)
+    call.space.unify(slots[:1].expand_as(slots), slots, call.site("attention", "query head j of every kv group"))
+    overrides = {}
+    for reshape, expand, d in repeats:
+        shape = tuple(expand.meta["graphprune_shape"])
+        view = [1] * len(shape)
+        view[d] = per_group
+        overrides[expand.name] = slots[0].reshape(view).expand(shape)
+        shape = tuple(reshape.meta["graphprune_shape"])
+        view = [1] * len(shape)
+        view[d - 1] = heads
+        overrides[reshape.name] = q_heads.reshape(view).expand(shape)
+    call.extra["reshape_overrides"] = overrides
+    view = [1] * v.ndim
+    view[hdim] = heads
+    return q_heads.reshape(view).expand(call.out.shape).contiguous()
 
 
 class MatMulRule(Rule):
@@ -175,6 +269,13 @@ class MatMulRule(Rule):
             call.space.freeze(other, call.site("no_rule", "heads of a matrix product beside channels of the other"))
             labels = a[..., :, :1] if a_rows else b[..., :1, :]
             return labels.expand(out.shape).contiguous()  # (a view of it follows: `.view(B, C, H, W)`)
+        if query_heads_within_groups(call.node) and a_batch.unique().numel() != b_batch.unique().numel():
+            call.freeze_inputs(
+                "attention",
+                "GQAQueryHeads: grouped-query attention written as matrix products (eager attention) is not "
+                "handled; use scaled_dot_product_attention (Hugging Face: attn_implementation='sdpa')",
+            )
+            return call.out_none()
         call.space.unify(a_batch, b_batch, call.site("attention", "heads of a matrix product"))
         labels = torch.where(a_batch != 0, a_batch, b_batch)
         return labels.reshape(*batch, 1, 1).expand(out.shape).contiguous()
