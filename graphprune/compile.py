@@ -43,6 +43,16 @@ ORIGIN_ATTR = "graphprune_origin"  # a graph result keeps the model it came from
 OUTPUTS = ("auto", "module", "graph")
 
 
+def refuse_meta(model: nn.Module) -> None:
+    """A model without weights (on the meta device) is analysed, not pruned: say so."""
+    if on_meta(model):
+        raise ArgumentError(
+            f"model: {type(model).__name__} has tensors on the meta device (no weights) and cannot be pruned; "
+            "graphprune.analyze(model, example_inputs) finds its groups, and MaskUnits applies masks chosen "
+            "from them to a real instance"
+        )
+
+
 def compile(
     model: nn.Module,
     passes: Sequence[Any],
@@ -70,12 +80,7 @@ def compile(
         raise ArgumentError("passes must be a list of passes, e.g. [L2Score(), ChannelMask(0.5), Shrink()]")
     if output not in OUTPUTS:
         raise ArgumentError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if on_meta(model):
-        raise ArgumentError(
-            f"model: {type(model).__name__} has tensors on the meta device (no weights) and cannot be pruned; "
-            "graphprune.analyze(model, example_inputs) finds its groups, and MaskUnits applies masks chosen "
-            "from them to a real instance"
-        )
+    refuse_meta(model)
     example_inputs = check_example_inputs(example_inputs)
     check_fits(model, example_inputs)
     leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import graphprune.passes  # noqa: F401  (the built-in passes register the plan steps they replay)
-from graphprune.compile import REPORT_ATTR, compile
+from graphprune.compile import REPORT_ATTR, compile, refuse_meta
 from graphprune.errors import ArgumentError, CheckpointError, GraphPruneError
 from graphprune.pipeline import replay, replayable_ops
 
@@ -160,6 +160,7 @@ def apply_plan(
             f"apply_plan: source must be a pruned model, a plan dict or a checkpoint folder, got {type(source).__name__}"
         )
     steps = [s for s in plan.get("steps", []) if s.get("op") not in _VALUE_STEPS]
+    refuse_meta(model)  # (what is wrong is the model, not the plan)
     try:
         return compile(
             model, [replay(s) for s in steps], example_inputs=example_inputs, inplace=inplace, leaf_modules=leaf_modules

@@ -77,4 +77,6 @@ def test_compile_refuses_a_meta_model_and_says_what_to_use():
     _, meta, x = _pair("resnet")
     with pytest.raises(gp.ArgumentError, match="meta device.*analyze"):
         gp.compile(meta, [L2Score(), Shrink()], example_inputs=x)
+    with pytest.raises(gp.ArgumentError, match="meta device.*analyze"):  # not "the plan does not fit"
+        gp.apply_plan(meta, {"steps": [{"op": "shrink"}]}, x)
     assert all(p.is_meta for p in meta.parameters())
