@@ -16,6 +16,9 @@ in the total, as in the papers):
                 weighed by their parameters (scope="joint", FLAP's own adaptive structure)
   depth         DropBlocks: whole decoder layers by block influence (ShortGPT), as many as come
                 closest to the share
+  ..., query heads  Wanda-sp and FLAP with GQAQueryHeads: the query heads within kv groups are the
+                units of attention (the same ones from each group; the kv heads kept) instead of
+                whole kv groups
 unstructured 50 % and 2:4 on every linear layer of the decoder (lm_head kept):
   magnitude     |w|, per output row
   Wanda         |w| * ||x||, per output row
@@ -47,6 +50,7 @@ from graphprune.passes import (  # noqa: E402
     CompensateBias,
     DropBlocks,
     FLAPScore,
+    GQAQueryHeads,
     L2Score,
     NMMask,
     Shrink,
@@ -77,6 +81,13 @@ def _structured(name: str, share_kept: float, calibration, n_blocks: int):
         "FLAP, same ratio per layer": [FLAPScore(calibration), ChannelMask(**mask), CompensateBias(calibration)],
         "FLAP, joint": [FLAPScore(calibration), ChannelMask(**mask, scope="joint"), CompensateBias(calibration)],
         "depth (block influence)": [DropBlocks(n_blocks, calibration=calibration)],
+        "Wanda-sp, query heads": [GQAQueryHeads(), WandaScore(calibration), ChannelMask(**mask)],
+        "FLAP, query heads": [
+            GQAQueryHeads(),
+            FLAPScore(calibration),
+            ChannelMask(**mask, scope="global"),
+            CompensateBias(calibration),
+        ],
     }[name] + [Shrink()]
 
 
@@ -149,6 +160,8 @@ def main() -> None:
             "FLAP, same ratio per layer",
             "FLAP, joint",
             "depth (block influence)",
+            "Wanda-sp, query heads",
+            "FLAP, query heads",
         ):
             run("structured", name, f"{share:.0%}", _structured(name, 1 - share, calibration, n_blocks))
     for sparsity in (0.5, "2:4"):
