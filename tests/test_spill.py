@@ -145,3 +145,19 @@ def test_sparsegpt_in_place_spills_the_weights_it_rewrites(spill_everything):
     assert len(rewritten) == 14 and rewritten <= {id(t) for t, _ in spill_everything}
     assert all(mapped_file(p) is None for p in model.parameters())
     torch.testing.assert_close(run(model, ids).logits, run(reference, ids).logits, rtol=0, atol=0)
+
+
+def test_a_plan_lands_in_place_on_a_model_loaded_from_safetensors_shards(spill_everything, tmp_path):
+    """The way to a big model: the plan decided on one instance, the big one loaded once from its
+    shards (from_pretrained reads them one by one), then pruned in place with its own weights."""
+    model, ids = _llama()
+    decided = gp.compile(model, [L2Score(), ChannelMask({"ffn": 0.5, "head": 0.5}), Shrink()], example_inputs=ids)
+    other = models.tiny_decoder("llama", layers=2, seed=1)  # the same architecture, other weights
+    other.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    loaded = type(other).from_pretrained(tmp_path).eval()
+    expected = gp.apply_plan(other, decided, ids)
+    out = gp.apply_plan(loaded, decided, ids, inplace=True)
+    assert out is loaded and spill_everything  # pruned in place, the replaced tensors spilled
+    assert {k: v.shape for k, v in out.state_dict().items()} == {k: v.shape for k, v in decided.state_dict().items()}
+    torch.testing.assert_close(run(out, ids).logits, run(expected, ids).logits, rtol=0, atol=0)
