@@ -44,7 +44,7 @@ def _attentions(model):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_query_heads_within_kv_groups_prune_exactly_and_the_model_keeps_its_class(kind):
+def test_query_heads_within_kv_groups_prune_exactly_and_the_model_keeps_its_class(kind, tmp_path):
     model, x = _model(kind)
     masked = gp.compile(model, [GQAQueryHeads(), L2Score(), ChannelMask({"head": 0.25})], example_inputs=x)
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)  # a second compile: the choice holds
@@ -58,6 +58,9 @@ def test_query_heads_within_kv_groups_prune_exactly_and_the_model_keeps_its_clas
     # any length and batch: the new repeat count is not tied to the traced shapes
     other = {"input_ids": torch.randint(0, 100, (3, 7))}
     torch.testing.assert_close(run(shrunk, other).logits, run(masked, other).logits, rtol=1e-4, atol=1e-5)
+    shrunk.save_pretrained(tmp_path)  # the config says it all: from_pretrained builds the pruned model
+    back = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(run(back, other).logits, run(shrunk, other).logits, rtol=0, atol=0)
 
 
 def test_the_same_query_heads_go_from_every_group_and_the_kv_heads_are_frozen():
