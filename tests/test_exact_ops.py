@@ -301,3 +301,52 @@ def test_a_norm_that_counts_zeros_freezes_its_channels():
     deps = gp.analyze(NormAsFeature(ord=0), (torch.randn(3, 8),))
     assert any("counts zeros" in f.site.reason for f in deps.frozen)
     assert all(g.key != "a" for g in deps.groups)
+
+
+class SpatialRms(nn.Module):
+    """Each channel divided by its own root mean square over the positions (Qwen3 does this per
+    head with q_norm/k_norm): rsqrt(mean(h²) + eps) is never 1/0 when eps > 0."""
+
+    def __init__(self, eps: float, square: bool = True):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.eps, self.square = eps, square
+
+    def forward(self, x):
+        h = self.c(x)
+        energy = (h.pow(2) if self.square else h).mean(dim=(2, 3), keepdim=True)
+        return self.d(h * torch.rsqrt(energy + self.eps))
+
+
+def test_a_per_channel_rms_with_a_positive_epsilon_prunes_exactly():
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 5, 5),)
+    masked, shrunk = prune(SpatialRms(1e-5).eval(), x, 0.5)
+    assert shrunk.c.out_channels == 4 and not torch.isnan(run(masked, x)).any()
+    assert_exact(masked, shrunk, x)
+    # without the epsilon a masked channel is 0 * rsqrt(0); a mean that is not of squares can be -eps
+    for model in (SpatialRms(0.0), SpatialRms(1e-5, square=False)):
+        deps = gp.analyze(model.eval(), x)
+        assert any("1/0" in f.site.reason for f in deps.frozen)
+        assert all("c" not in g.modules for g in deps.groups)
+
+
+class CatEmpty(nn.Module):
+    """A part of size 0 concatenated with channels (Phi-3's rotary pass-through at full rotary)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.c(x)
+        return self.d(torch.cat([h, h[..., :0]], dim=-1))  # channels along dim 1, nothing along the last
+
+
+def test_an_empty_part_of_a_concat_holds_no_channels():
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 5, 5),)
+    assert not [f for f in gp.analyze(CatEmpty().eval(), x).frozen if f.site.kind == "no_rule"]
+    masked, shrunk = prune(CatEmpty().eval(), x, 0.5)
+    assert shrunk.c.out_channels == 4
+    assert_exact(masked, shrunk, x)

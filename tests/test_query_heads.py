@@ -20,6 +20,7 @@ def _model(kind: str = "llama", heads: int = 8, kv: int = 2):
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),  # (q and k normalised per head)
     }[kind]
     # head_dim 12, so that no module attribute equals a head count by chance
     config = config_cls(
@@ -31,6 +32,7 @@ def _model(kind: str = "llama", heads: int = 8, kv: int = 2):
         num_key_value_heads=kv,
         max_position_embeddings=64,
         use_cache=False,
+        **({"head_dim": 12} if kind == "qwen3" else {}),  # (Qwen3's own default is 128)
     )
     return model_cls(config).eval(), {"input_ids": torch.randint(0, 100, (2, 12))}
 
@@ -43,7 +45,7 @@ def _attentions(model):
     return [layer.self_attn for layer in model.model.layers]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_query_heads_within_kv_groups_prune_exactly_and_the_model_keeps_its_class(kind, tmp_path):
     model, x = _model(kind)
     masked = gp.compile(model, [GQAQueryHeads(), L2Score(), ChannelMask({"head": 0.25})], example_inputs=x)

@@ -136,6 +136,17 @@ def _hf(name):
                 **small,
             )
         ),
+        "qwen3": lambda: T.Qwen3Model(  # q and k normalised per head (RMSNorm over head_dim)
+            T.Qwen3Config(
+                hidden_size=64,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                head_dim=8,
+                intermediate_size=128,
+                use_cache=False,
+                **small,
+            )
+        ),
         "t5": lambda: T.T5Model(
             T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)
         ),
@@ -157,6 +168,7 @@ HF = {
     "gpt2": {"ffn", "head"},
     "llama": {"ffn", "head"},
     "qwen2": {"ffn", "head"},
+    "qwen3": {"ffn", "head"},
     "t5": {"ffn", "head"},
 }
 
@@ -166,7 +178,7 @@ def test_hugging_face_models_prune_with_no_hints(name):
     model, inputs = _hf(name)
     deps = gp.analyze_dependencies(gp.trace(model, example_inputs=inputs), inputs)
     assert {g.kind for g in deps.groups} == HF[name]
-    if name in ("llama", "qwen2"):
+    if name in ("llama", "qwen2", "qwen3"):
         assert all(g.size == 2 for g in deps.groups if g.kind == "head")  # 8 q heads over 2 kv heads
     if name == "t5":  # encoder and decoder self-attention: one group each, over both layers
         heads = [g for g in deps.groups if g.kind == "head"]

@@ -51,8 +51,34 @@ class Inverse(Rule):
             return lab
         x = call.input(0)
         if bool((x != NONE).any()):
+            if _at_least_a_constant(call.node.args[0]) and tuple(x.shape) == tuple(call.out.shape):
+                return x  # rsqrt(mean(h²) + eps) per unit (Qwen3's per-head q/k norms): never 1/0
             call.freeze_inputs("conflict", "divides by pruned channels (a masked channel would give 1/0)")
         return call.out_none()
+
+
+_ADDS = (operator.add, torch.add, "add", *overloads(aten.add))
+_SQUARE_MEANS = (torch.mean, torch.sum, "mean", "sum", *overloads(aten.mean, aten.sum))
+_POWS = (operator.pow, torch.pow, "pow", *overloads(aten.pow))
+
+
+def _at_least_a_constant(node) -> bool:
+    """Whether `node` is `t + c` with a number c > 0 and t a mean or sum of squares: a value no
+    mask can bring to 0 (a masked unit's is c), so 1/sqrt of it stays finite, unit by unit."""
+    if not (isinstance(node, torch.fx.Node) and node.target in _ADDS and len(node.args) == 2 and not node.kwargs):
+        return False
+    t, c = node.args if isinstance(node.args[1], (int, float)) else node.args[::-1]
+    if isinstance(c, bool) or not (isinstance(c, (int, float)) and c > 0):
+        return False
+    if not (isinstance(t, torch.fx.Node) and t.target in _SQUARE_MEANS and t.args):
+        return False
+    square = t.args[0]
+    return isinstance(square, torch.fx.Node) and (
+        (square.target in _POWS and len(square.args) == 2 and square.args[1] == 2)
+        or (
+            square.target in (operator.mul, torch.mul, "mul", *overloads(aten.mul)) and square.args[0] is square.args[1]
+        )
+    )
 
 
 def _pass_on(call: OpCall, views: tuple[ParamView, ...]) -> None:

@@ -301,7 +301,8 @@ class Concat(Rule):
                 v is not None and v.dims[d] is not None and v.ref.shape[v.dims[d]] == t.shape[d]
                 for v, t in zip(views, labs)
             ]
-            channels = [call.along(t, d) for t, s in zip(labs, sliceable) if not s]
+            # (an empty part, like Phi-3's pass-through of a full rotary embedding, holds no channels)
+            channels = [call.along(t, d) for t, s in zip(labs, sliceable) if not s and t.numel()]
             for c in channels[1:]:
                 call.space.unify(channels[0], c, site)
             for i, (v, s) in enumerate(zip(views, sliceable)):
