@@ -172,8 +172,7 @@ def _repeated(node: Any, heads: int) -> tuple[fx.Node, fx.Node, int] | None:
         src = src.args[0]
     if not (isinstance(src, fx.Node) and src.target in _EXPANDS):
         return None
-    shape = src.meta.get("graphprune_shape") or getattr(src.meta.get("val"), "shape", None)
-    out = node.meta.get("graphprune_shape") or getattr(node.meta.get("val"), "shape", None)
+    shape, out = src.meta.get("graphprune_shape"), node.meta.get("graphprune_shape")  # (the analyzer's run set them)
     if shape is None or out is None or len(shape) != len(out) + 1:
         return None
     for d in range(1, len(shape) - 1):

@@ -60,6 +60,7 @@ class Inverse(Rule):
 _ADDS = (operator.add, torch.add, "add", *overloads(aten.add))
 _SQUARE_MEANS = (torch.mean, torch.sum, "mean", "sum", *overloads(aten.mean, aten.sum))
 _POWS = (operator.pow, torch.pow, "pow", *overloads(aten.pow))
+_MULS = (operator.mul, torch.mul, "mul", *overloads(aten.mul))
 
 
 def _at_least_a_constant(node) -> bool:
@@ -75,9 +76,7 @@ def _at_least_a_constant(node) -> bool:
     square = t.args[0]
     return isinstance(square, torch.fx.Node) and (
         (square.target in _POWS and len(square.args) == 2 and square.args[1] == 2)
-        or (
-            square.target in (operator.mul, torch.mul, "mul", *overloads(aten.mul)) and square.args[0] is square.args[1]
-        )
+        or (square.target in _MULS and square.args[0] is square.args[1])
     )
 
 
