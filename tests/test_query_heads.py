@@ -10,7 +10,7 @@ import torch
 
 import graphprune as gp
 from graphprune.passes import ChannelMask, GQAQueryHeads, L2Score, Shrink
-from tests.helpers import assert_exact, run
+from tests.helpers import assert_exact, assert_same_state, run, state
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,8 +99,13 @@ def test_without_grouped_query_attention_the_heads_are_frozen_with_the_reason():
     assert _heads(pruned) == [(4, 4), (4, 4)]
     summary = gp.summary(model, pruned, x)
     assert summary.params[1] < summary.params[0]
-    with pytest.raises(gp.GraphPruneError, match="heads are frozen: GQAQueryHeads: no grouped-query attention"):
-        gp.compile(model, [GQAQueryHeads(), L2Score(), ChannelMask({"head": 0.5})], example_inputs=x)
+    before, config = state(model), model.config.to_dict()
+    with pytest.raises(
+        gp.GraphPruneError, match=r"ratio names .*\['head'\].*heads are frozen: GQAQueryHeads: no grouped"
+    ):
+        gp.compile(model, [GQAQueryHeads(), L2Score(), ChannelMask({"head": 0.5})], example_inputs=x, inplace=True)
+    assert_same_state(before, model)  # refused: the model (even in place) is as it was
+    assert model.config.to_dict() == config and all(a.num_key_value_groups == 1 for a in _attentions(model))
 
 
 def test_eager_attention_is_frozen_with_the_reason_not_pruned_by_groups():
