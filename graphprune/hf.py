@@ -28,9 +28,21 @@ from graphprune.ir.modules import SkippedBlock
 __all__ = ["as_hf_model", "express_config"]
 
 
+# Per-head sizes that attention modules keep as attributes: shapes alone cannot tell fewer heads from
+# smaller heads (the q projection has heads x head_dim rows either way), these can.
+_HEAD_SIZES = ("head_dim", "attention_head_size", "num_key_value_groups")
+
+
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, and the per-head sizes of the modules that hold them (as 'path#attr')."""
     named = list(model.named_parameters()) + list(model.named_buffers())
-    return {k: tuple(v.shape) for k, v in named}
+    sizes = {
+        f"{path}#{attr}": (value,)
+        for path, m in model.named_modules()
+        for attr in _HEAD_SIZES
+        if type(value := getattr(m, attr, None)) is int
+    }
+    return {k: tuple(v.shape) for k, v in named} | sizes
 
 
 def _build(cls, config) -> nn.Module | None:
@@ -41,20 +53,30 @@ def _build(cls, config) -> nn.Module | None:
         return None
 
 
-def _misfits(cls, config, target: dict[str, tuple[int, ...]]) -> list[str] | None:
+def _misfits(cls, config, target: dict[str, tuple[int, ...]], kept: frozenset[str] = frozenset()) -> list[str] | None:
+    """What of `cls(config)` differs from `target`: tensors of other shapes or not in it, head sizes it
+    holds otherwise, and the tensors of `kept` that it lacks (None: the class rejects the config)."""
     model = _build(cls, config)
     if model is None:
         return None
     shapes = _shapes(model)
-    return sorted(k for k in shapes if target.get(k) != shapes[k])
+    return sorted(
+        {k for k in shapes if target.get(k) != shapes[k] and ("#" not in k or k in target)} | (kept - shapes.keys())
+    )
+
+
+_BEAM = 4  # configs kept per step of the search (each step changes one more value)
 
 
 def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[object | None, list[str]]:
     """Config values under which `cls` has exactly the shapes of `target`: integers of the config are
     changed to values the pruned shapes suggest, keeping changes after which more tensors fit; a
     config with every shape right is offered to `accept` (which may verify more).  Returns the
-    config (None if none fits) and the tensors that fit least badly."""
+    config (None if none fits) and the tensors that fit least badly.  Every trial builds the class
+    on the meta device: the search keeps the `_BEAM` trials that fit best at each step and stops at
+    the first config that fits."""
     before = _shapes(_build(cls, config) or nn.Module())
+    kept = frozenset(before.keys() & target.keys())  # (a config with fewer layers fits no better)
     changes = {
         (before[k][d], target[k][d])
         for k in before
@@ -63,38 +85,61 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
         if before[k][d] != target[k][d]
     }
 
+    held = {attr: {size[0] for k, size in target.items() if k.endswith(f"#{attr}")} for attr in _HEAD_SIZES}
+
     def moves(cfg) -> list[tuple[str, int]]:
         out = []
         for attr, value in cfg.to_dict().items():
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if held.get(attr):  # a head size is what the pruned modules hold
+                candidates = held[attr] if len(held[attr]) == 1 else set()
+            elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 candidates = {new for old, new in changes if old == value} | {
-                    value * new // old for old, new in changes if value * new % old == 0
+                    value * new // old  # a count that divides a width (heads of the hidden size)
+                    for old, new in changes
+                    if old % value == 0 and value * new % old == 0
                 }
-                out += [(attr, c) for c in sorted(candidates - {value, 0})]
+            else:
+                continue
+            out += [(attr, c) for c in sorted(candidates - {value, 0})]
         return out
 
-    best = _misfits(cls, config, target)
+    best = _misfits(cls, config, target, kept)
     if best is None:
         return None, []
-    frontier, seen = [(copy.deepcopy(config), best)], set()
-    for changed in range(5):  # up to four config values change (heads, kv heads, FFN width, hidden size)
-        next_frontier = []
+    if not best and accept(config):
+        return config, []
+    frontier, seen = [(config, best)], set()
+    for _ in range(4):  # up to four config values change (heads, kv heads, FFN width, hidden size)
+        trials = []
         for cfg, misfits in frontier:
-            if not misfits and accept(cfg):
-                return cfg, []
-            for attr, value in moves(cfg) if changed < 4 else ():
+            for attr, value in moves(cfg):
                 trial = copy.deepcopy(cfg)
                 setattr(trial, attr, value)
                 key = json.dumps(trial.to_dict(), sort_keys=True, default=str)
                 if key in seen:
                     continue
                 seen.add(key)
-                fits = _misfits(cls, trial, target)
+                fits = _misfits(cls, trial, target, kept)
+                if fits == [] and accept(trial):
+                    return trial, []
                 if fits is not None and len(fits) < len(misfits):
-                    next_frontier.append((trial, fits))
+                    trials.append(((attr, value), trial, fits))
                     best = min(best, fits, key=len)
-        frontier = next_frontier
+        joint = _joint(config, [move for move, _, _ in sorted(trials, key=lambda t: len(t[2]))])
+        if joint is not None and joint[1] not in seen:  # every value that helped, changed at once
+            seen.add(joint[1])
+            if _misfits(cls, joint[0], target, kept) == [] and accept(joint[0]):
+                return joint[0], []
+        frontier = [(trial, fits) for _, trial, fits in sorted(trials, key=lambda t: len(t[2]))[:_BEAM]]
     return None, best
+
+
+def _joint(config, moves: list[tuple[str, int]]):
+    """`config` with the first (best) value of each attribute among `moves` set, and its key."""
+    joint = copy.deepcopy(config)
+    for attr, value in reversed(moves):
+        setattr(joint, attr, value)
+    return (joint, json.dumps(joint.to_dict(), sort_keys=True, default=str)) if moves else None
 
 
 def _with_head_dim(config):
