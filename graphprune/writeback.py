@@ -6,8 +6,8 @@ state (sliced tensors, masks, new attributes, swapped sparse layers), so the
 result keeps the user's class, methods and module objects.  Graphs from
 torch.export have modules of their own: there the tensors are written back by
 qualified name and module attributes are fixed by the ops' rules.  The landed
-model must compute what the graph computes, on the example inputs and on
-another batch size; where it does not (the source holds a constant the module
+model must compute what the graph computes, on the example inputs and, when
+sizes changed, on another batch size; where it does not (the source holds a constant the module
 tree cannot change), everything is rolled back and the reason names the line.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from graphprune.ir import tokens
 from graphprune.ir.inputs import batch_of, with_batch
@@ -276,7 +277,7 @@ def land(
     reason = _graph_only(gm, work)
     if reason is not None:
         return Landing(None, reason)
-    snapshot = Snapshot(work)
+    snapshot, before = Snapshot(work), _structure(work)
     try:
         if id(gm) in origin or (
             origin and gm.meta.get(TRACED_BY) in ("fx", "partial")
@@ -287,9 +288,10 @@ def land(
         _mask_layer_norms(work, gm)
         _head_width(work)
         _kv_groups(work)
-        problem = _compare(work, gm, example_inputs, expected)
+        resized = _structure(work) != before or bool(_rewritten_lines(gm))
+        problem = _compare(work, gm, example_inputs, expected, resized)
         if problem is not None and _set_attributes(work, gm):  # sizes the source reads from module attributes
-            problem = _compare(work, gm, example_inputs, expected)
+            problem = _compare(work, gm, example_inputs, expected, resized)
     except Exception as exc:  # landing itself failed: the model stays as it was
         logger.debug("landing failed", exc_info=True)
         problem = _why(exc)
@@ -305,14 +307,35 @@ def land(
     )
 
 
-def _compare(work: nn.Module, gm: fx.GraphModule, example_inputs: tuple | dict, known: Any = None) -> str | None:
+def _structure(model: nn.Module) -> dict[str, Any]:
+    """Every tensor's shape and every module's class, by name, masks left out (a masked weight is
+    named as the weight): what decides whether the result may compute differently at other sizes."""
+    out: dict[str, Any] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        if ".parametrizations" in f".{path}":
+            continue
+        out[path] = type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            out[f"{path}.{name}"] = tuple(t.shape)
+        for name in getattr(m, "parametrizations", {}):
+            out[f"{path}.{name}"] = tuple(getattr(m, "parametrizations")[name].original.shape)
+    return out
+
+
+def _compare(
+    work: nn.Module, gm: fx.GraphModule, example_inputs: tuple | dict, known: Any = None, resized: bool = True
+) -> str | None:
+    """None when `work` computes what `gm` computes on the example inputs, and on another batch
+    size if `resized` (sizes or classes changed, or the graph rewrote literals: the source may hold
+    one the graph does not); else what differs."""
     if BOUNDARY in gm.meta:  # a graph of regions: their outputs in the model, on the example inputs
         try:
             expected, got = boundary_values(work, gm, example_inputs)
         except Exception as exc:
             return _why(exc)
         return mismatch(list(expected), got)
-    for inputs, expected in ((example_inputs, known), (_second_inputs(example_inputs), None)):
+    second = _second_inputs(example_inputs) if resized else None
+    for inputs, expected in ((example_inputs, known), (second, None)):
         if inputs is None:
             continue
         try:

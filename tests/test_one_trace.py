@@ -166,3 +166,17 @@ def test_a_vit_with_root_parameters_is_traced_once_and_its_layer_norms_prune_aga
     again = gp.compile(shrunk, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
     assert counts["traces"] == 3 and again.patch_embed.proj.out_channels == 8
     assert again.blocks[0].norm1.weight.shape == (8,)
+
+
+def test_the_landing_tries_another_batch_size_only_where_sizes_changed():
+    # masks change no size: the model computes what the graph computes at the example batch, and
+    # another batch cannot differ where the dense model did not; Shrink's sizes are checked at two
+    torch.manual_seed(0)
+    model, x = models.Residual().eval(), (torch.randn(2, 3, 8, 8),)
+    batches = []
+    model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    assert batches == [2]
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert batches == [2, 2, 3]
+    assert_exact(masked, shrunk, x)
