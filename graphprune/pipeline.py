@@ -75,7 +75,8 @@ class PassContext:
     def reference(self, gm: fx.GraphModule) -> Reference:
         """What the graph computes now on the example inputs (cached until a pass modifies it)."""
         if self._reference is None or self._reference[0] != self.version:
-            self._reference = (self.version, reference(gm, self.example_inputs))
+            known = self.outputs[1] if self.outputs is not None and self.outputs[0] == self.version else None
+            self._reference = (self.version, reference(gm, self.example_inputs, known))
         return self._reference[1]
 
     # -- analyses ----------------------------------------------------------------------

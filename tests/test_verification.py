@@ -200,3 +200,51 @@ def test_half_precision_rounding_with_no_node_to_blame_is_kept_with_a_warning():
         else:
             with pytest.raises(gp.VerificationError, match="must keep the model's outputs"):
                 check_keeps_outputs("Shrink", gm, ref, inputs)
+
+
+class _ScaleInPlace(gp.PassBase):
+    """Claims to keep the outputs but doubles a weight in place."""
+
+    keeps_outputs = True
+
+    def call(self, gm, ctx):
+        with torch.no_grad():
+            gm.get_submodule("b").weight.mul_(2)
+        return gp.PassResult(gm, True)
+
+
+class _Rewire(gp.PassBase):
+    """Claims to keep the outputs but makes the second conv read the input's relu instead."""
+
+    keeps_outputs = True
+
+    def call(self, gm, ctx):
+        node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "b")
+        node.args = (node.args[0].args[0],)  # b(relu(a(x))) -> b(a(x))
+        return gp.PassResult(gm, True)
+
+
+class _Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_the_diverging_node_is_found_after_a_check_fails_from_the_graph_as_it_was():
+    # node fingerprints are taken only when a check fails, from the graph put back as it was before
+    # the pass; a pass that changed a tensor in place leaves nothing to compare nodes with, and says so
+    x = (torch.randn(2, 3, 4, 4),)
+    model = _Chain().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        gp.VerificationError,
+        match=r"_Rewire \(after L2Score, ChannelMask, Shrink\) must keep.*first divergence at node b \[b\]",
+    ):
+        gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink(), _Rewire()], example_inputs=x)
+    with pytest.raises(gp.VerificationError, match="changed in place, so the node .* cannot be named"):
+        gp.compile(model, [_ScaleInPlace()], example_inputs=x)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)

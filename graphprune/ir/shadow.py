@@ -91,7 +91,9 @@ def shadow(model: nn.Module) -> tuple[nn.Module, dict[int, nn.Module]]:
 
 
 class Snapshot:
-    """The tables and class of every module of a tree, to put them back after a failed landing."""
+    """The tables and class of every module of a tree, to put them back after a failed landing
+    (or to look at a graph as it was before a pass).  A parametrized module's class is made per
+    instance and loses a tensor's property when its parametrization is removed: those are kept too."""
 
     def __init__(self, root: nn.Module) -> None:
         self.saved = []
@@ -99,10 +101,14 @@ class Snapshot:
             tables = {
                 name: copy.copy(m.__dict__[name]) for name in _TABLES if isinstance(m.__dict__.get(name), (dict, set))
             }
-            self.saved.append((m, type(m), dict(m.__dict__), tables))
+            cls = type(m)
+            held = {k: cls.__dict__[k] for k in getattr(m, "parametrizations", {}) if k in cls.__dict__}
+            self.saved.append((m, cls, dict(m.__dict__), tables, held))
 
     def restore(self) -> None:
-        for m, cls, attrs, tables in self.saved:
+        for m, cls, attrs, tables, held in self.saved:
+            for name, prop in held.items():
+                setattr(cls, name, prop)
             m.__class__ = cls
             m.__dict__.clear()
             m.__dict__.update(attrs)

@@ -1,17 +1,20 @@
 """Verification: passes that claim to keep what the model computes are checked, by default.
 
-Before such a pass runs, the graph is run once on the example inputs and every
-node's output is fingerprinted (shape, sum, sum of magnitudes: a few numbers,
-not the activations).  After it, the model runs again and its outputs must
-match.  When they do not (or the model no longer runs), the new graph is run
-node by node and the first node whose output has the shape it had but other
-values, or that raises, is named with its module path, together with the
-channel groups that touch it.  It costs two forwards per verified pass and
-never a second analysis.
+Before such a pass runs, the graph's outputs on the example inputs are taken
+(or re-used, when the graph ran since it last changed) and the graph is
+recorded as it was (a copy of the graph, the tables of its modules: no
+tensors).  After the pass, the model runs again and its outputs must match.
+When they do not (or the model no longer runs), the old graph is put back for
+a moment and every node's output fingerprinted (shape, sum, sum of
+magnitudes), then the new graph is run node by node and the first node whose
+output has the shape it had but other values, or that raises, is named with its
+module path, together with the channel groups that touch it.  A passing check
+costs at most two forwards and never a second analysis.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from torch.utils import _pytree as pytree
 from graphprune.errors import GraphPruneWarning, VerificationError
 from graphprune.ir.inputs import call_with, clone_inputs, eval_mode, positional_inputs
 from graphprune.ir.interpret import Interpreter
+from graphprune.ir.shadow import Snapshot
 
 __all__ = ["module_of", "Reference", "reference", "run_outputs", "mismatch", "check_keeps_outputs", "check_runs"]
 
@@ -34,10 +38,41 @@ _RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 2e-2, torch.bf
 
 @dataclass(frozen=True)
 class Reference:
-    """What a graph computed on the example inputs: its outputs and a fingerprint of every node."""
+    """What a graph computed on the example inputs: its outputs, and either a fingerprint of every
+    node or the graph as it was (`Before`), fingerprinted only if a check fails."""
 
     outputs: Any
-    fingerprints: dict[str, tuple[tuple[int, ...], float, float]]
+    fingerprints: dict[str, tuple[tuple[int, ...], float, float]] | None = None
+    before: Before | None = None
+
+    def node_prints(self, gm: fx.GraphModule, example_inputs: tuple | dict) -> dict | None:
+        """The fingerprints of the graph before the pass (None: not knowable)."""
+        if self.fingerprints is not None:
+            return self.fingerprints
+        return self.before.fingerprints(gm, example_inputs) if self.before is not None else None
+
+
+class Before:
+    """A graph module as it was before a pass (its graph copied, its modules' tables recorded: no
+    tensor is copied), so that the node fingerprints of that graph are taken only when the pass
+    fails its check.  A tensor the pass changed in place makes them unknowable (None)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.graph = copy.deepcopy(gm.graph)
+        self.snapshot = Snapshot(gm)
+        self.versions = [(t, t._version) for t in [*gm.parameters(), *gm.buffers()]]
+
+    def fingerprints(self, gm: fx.GraphModule, example_inputs: tuple | dict) -> dict | None:
+        if any(t._version != v for t, v in self.versions):
+            return None
+        after_graph, after = gm.graph, Snapshot(gm)
+        self.snapshot.restore()
+        gm.graph = self.graph
+        try:
+            return _fingerprints(gm, example_inputs)[1]
+        finally:
+            after.restore()
+            gm.graph = after_graph
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[tuple[int, ...], float, float]:
@@ -71,11 +106,17 @@ def run_outputs(model: torch.nn.Module, example_inputs: tuple | dict) -> Any:
         return _detach(call_with(model, example_inputs))
 
 
-def reference(gm: fx.GraphModule, example_inputs: tuple | dict) -> Reference:
+def _fingerprints(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple[Any, dict]:
     interp = _Fingerprinter(gm)
     with eval_mode(gm), torch.no_grad():
         out = interp.run(*positional_inputs(gm, clone_inputs(example_inputs)))
-    return Reference(_detach(out), interp.prints)
+    return _detach(out), interp.prints
+
+
+def reference(gm: fx.GraphModule, example_inputs: tuple | dict, outputs: Any = None) -> Reference:
+    """What `gm` computes now (`outputs`, if the caller has them), with what it takes to find the
+    node where a pass that follows changed it."""
+    return Reference(run_outputs(gm, example_inputs) if outputs is None else outputs, before=Before(gm))
 
 
 def mismatch(expected: Any, got: Any) -> str | None:
@@ -140,6 +181,7 @@ def module_of(n: fx.Node) -> str:
 
 def _divergence(gm: fx.GraphModule, ref: Reference, example_inputs: tuple | dict) -> tuple[fx.Node | None, str]:
     """The first node that raises, or whose output kept its shape but changed its values."""
+    prints = ref.node_prints(gm, example_inputs)
     interp = _Fingerprinter(gm)
     try:
         with eval_mode(gm), torch.no_grad():
@@ -149,14 +191,19 @@ def _divergence(gm: fx.GraphModule, ref: Reference, example_inputs: tuple | dict
             interp.current,
             f"raises {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
         )
+    if prints is None:
+        return None, "a tensor was changed in place, so the node where the values first differ cannot be named"
     for node in gm.graph.nodes:
-        before, after = ref.fingerprints.get(node.name), interp.prints.get(node.name)
+        before, after = prints.get(node.name), interp.prints.get(node.name)
         if before is None or after is None or before[0] != after[0]:
             continue
         scale = max(abs(before[2]), 1e-6)
         if abs(before[1] - after[1]) > 1e-3 * scale or abs(before[2] - after[2]) > 1e-3 * scale:
             return node, f"computes other values (sum {after[1]:.6g} instead of {before[1]:.6g})"
-    return None, "the outputs differ, but no single node could be blamed"
+    return None, _UNBLAMED
+
+
+_UNBLAMED = "the outputs differ, but no single node could be blamed"
 
 
 def _groups_at(node: fx.Node | None, groups: Iterable[Any]) -> list[str]:
@@ -194,7 +241,7 @@ def check_keeps_outputs(
     if problem is None:
         return got
     node, what = _divergence(gm, ref, example_inputs)
-    if node is None and got is not None and _half_precision_rounding(ref.outputs, got):
+    if what == _UNBLAMED and got is not None and _half_precision_rounding(ref.outputs, got):
         warnings.warn(
             f"{name}{history}: {problem}, in half precision, with no node whose values changed: taken as rounding "
             "(half precision through many layers rounds this much); to check exactly, verify a float32 copy",
