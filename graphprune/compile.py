@@ -28,7 +28,7 @@ from graphprune.ir.shadow import deepcopy_model, shadow
 from graphprune.ir.spill import SPILL_BYTES, Spill, return_freed_memory, tensor_bytes
 from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY, trace
 from graphprune.ir.verify import check_runs, run_outputs
-from graphprune.memo import forget, recall, remember
+from graphprune.memo import forget, known_outputs, recall, remember
 from graphprune.pipeline import PassContext, PassRecord, Pipeline
 from graphprune.rules.attention import GQA_QUERY_HEADS
 from graphprune.writeback import land
@@ -153,6 +153,8 @@ def _passes_and_landing(
         sync_masked_ops(gm, ctx.get(Dependencies, gm))  # masked channels reduce over the kept ones, as they did
     elif outputs is not None:
         ctx.outputs = (0, outputs)
+    if recalled is not None and (known := known_outputs(model, example_inputs)) is not None:
+        ctx.outputs = (0, known)  # what the model computed when its graph was remembered: it still does
     memo = remember(model, gm, leaf_modules, example_inputs) if recalled is None and gm is not ahead else None
     gm = pipeline.call(gm, ctx).gm
     if memo is not None:  # the analysis of the graph as traced, if a pass made it before changing the graph
@@ -190,7 +192,7 @@ def _passes_and_landing(
         if reason is not None:
             records.append(PassRecord("write-back", details={"note": f"{reason}: save with graphprune.save"}))
     landing.model.__dict__[REPORT_ATTR], landing.model.__dict__[LEAF_ATTR] = records, leaf_modules
-    remember(landing.model, gm, leaf_modules, example_inputs, ctx.cached(Dependencies))
+    remember(landing.model, gm, leaf_modules, example_inputs, ctx.cached(Dependencies), ctx.outputs[1])
     return landing.model
 
 

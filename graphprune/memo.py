@@ -33,7 +33,7 @@ from graphprune.ir.partial import BOUNDARY, UNTRACED, values_of
 from graphprune.ir.trace import ROOT_HOLDER, TRACED_BY
 from graphprune.rules.attention import GQA_QUERY_HEADS
 
-__all__ = ["remember", "recall", "forget"]
+__all__ = ["remember", "recall", "known_outputs", "forget"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class _Memo:
     root_modules: dict[str, nn.Module]  # modules only the graph holds (torch.export's input guards)
     dependencies: Dependencies | None
     meta: dict = field(default_factory=dict)  # a graph of regions: its boundary and what is not traced
+    outputs: tuple | None = None  # (what the model computed on the example inputs, the tensors it held)
 
 
 _MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
@@ -89,9 +90,11 @@ def remember(
     leaf_modules: Iterable[type],
     example_inputs: tuple | dict,
     dependencies: Dependencies | None = None,
+    outputs=None,
 ) -> _Memo | None:
     """Remember `gm`'s graph (copied) as the graph of `model`, whose structure it was traced from,
-    and its analysis (only the analysis for a graph module: compile() uses its graph as it is)."""
+    and its analysis (only the analysis for a graph module: compile() uses its graph as it is), and
+    `outputs`, what `model` computes on `example_inputs` as it is now, if given."""
     if isinstance(model, fx.GraphModule):
         memo = _Memo(_key(model, leaf_modules, example_inputs), None, "", None, {}, {}, dependencies)
         with _LOCK:
@@ -114,6 +117,7 @@ def remember(
         {k: m for k, m in gm.named_children() if k not in model._modules and k != ROOT_HOLDER},
         dependencies,
         {k: gm.meta[k] for k in (BOUNDARY, UNTRACED, GQA_QUERY_HEADS) if k in gm.meta},
+        None if outputs is None else (outputs, _contents(model, example_inputs)),
     )
     with _LOCK:
         _MEMOS[model] = memo
@@ -137,6 +141,28 @@ def _called_not_traced(model: nn.Module, gm: fx.GraphModule, leaf_modules: tuple
             continue
         return f"{node.target} ({type(m).__name__})"
     return None
+
+
+def _contents(model: nn.Module, example_inputs: tuple | dict) -> list[tuple[weakref.ref, int]]:
+    """Every tensor of the model and of the inputs, weakly, with its version counter: the same objects
+    at the same versions hold the same values (an optimizer step or an in-place edit bumps them)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    tensors = [t for _, t in named]
+    tensors += [t for t in pytree.tree_leaves(example_inputs) if isinstance(t, torch.Tensor)]
+    return [(weakref.ref(t), t._version) for t in tensors]
+
+
+def known_outputs(model: nn.Module, example_inputs: tuple | dict):
+    """What `model` computed on these very inputs when it was remembered, if neither its tensors nor
+    the inputs changed since (None otherwise); call after `recall` found its graph valid."""
+    with _LOCK:
+        memo = _MEMOS.get(model)
+    if memo is None or memo.outputs is None:
+        return None
+    outputs, then = memo.outputs
+    now = _contents(model, example_inputs)
+    same = len(now) == len(then) and all(a() is b() and va == vb for (a, va), (b, vb) in zip(then, now))
+    return outputs if same else None
 
 
 def forget(model: nn.Module) -> None:

@@ -180,3 +180,17 @@ def test_the_landing_tries_another_batch_size_only_where_sizes_changed():
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert batches == [2, 2, 3]
     assert_exact(masked, shrunk, x)
+
+
+def test_a_masked_model_edited_in_place_between_compiles_is_checked_against_what_it_computes_now():
+    # the second compile re-uses what the masked model computed only while its tensors and the
+    # inputs are the ones it computed that from (a stale value would fail Shrink's check here)
+    torch.manual_seed(0)
+    model, x = models.Residual().eval(), (torch.randn(2, 3, 8, 8),)
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    with torch.no_grad():
+        for p in masked.parameters():
+            p.mul_(1.5)  # a training step, in place
+    assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
+    x[0].mul_(2)  # the inputs edited in place
+    assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
