@@ -64,7 +64,7 @@ def _copy_tables(module: nn.Module) -> None:
     for name in _TABLES:
         table = module.__dict__.get(name)
         if isinstance(table, (dict, set)):
-            module.__dict__[name] = copy.copy(table)
+            module.__dict__[name] = table.copy()  # (dict, OrderedDict and set copy themselves; copy.copy pickles)
 
 
 def shadow(model: nn.Module) -> tuple[nn.Module, dict[int, nn.Module]]:
@@ -99,7 +99,7 @@ class Snapshot:
         self.saved = []
         for m in {id(m): m for m in root.modules()}.values():
             tables = {
-                name: copy.copy(m.__dict__[name]) for name in _TABLES if isinstance(m.__dict__.get(name), (dict, set))
+                name: m.__dict__[name].copy() for name in _TABLES if isinstance(m.__dict__.get(name), (dict, set))
             }
             cls = type(m)
             held = {k: cls.__dict__[k] for k in getattr(m, "parametrizations", {}) if k in cls.__dict__}
