@@ -148,6 +148,7 @@ def _passes_and_landing(
     if note and all(r.details.get("note") != note for r in getattr(model, REPORT_ATTR, [])):
         ctx.records.append(PassRecord("tracing", details={"note": note, "untraced": dict(gm.meta[UNTRACED])}))
     if deps is not None:
+        deps.mark_shapes(gm)
         ctx.put(deps)
     if any(masks_of(m) for m in gm.modules()):  # masks from an earlier compile: LayerNorms and means over
         sync_masked_ops(gm, ctx.get(Dependencies, gm))  # masked channels reduce over the kept ones, as they did

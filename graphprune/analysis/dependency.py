@@ -144,11 +144,18 @@ class Dependencies:
     )  # mean/sum over channels -> (dim, label roots)
     # arguments that count channels (a depthwise conv's groups) -> [(position, name, label roots)]; Shrink sets the kept count
     counts: dict[str, list[tuple[int, str, torch.Tensor]]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # node -> its output's shape, as analysed
 
     @classmethod
     def compute(cls, gm: fx.GraphModule, ctx) -> Dependencies:
         """As an analysis of a pipeline: `ctx.get(Dependencies, gm)`."""
         return analyze_dependencies(gm, ctx.example_inputs)
+
+    def mark_shapes(self, gm: fx.GraphModule) -> None:
+        """Put the shapes the analysis saw on the nodes of `gm` (a graph it was made for, built again)."""
+        for n in gm.graph.nodes:
+            if n.name in self.shapes:
+                n.meta.setdefault("graphprune_shape", self.shapes[n.name])
 
     def group(self, key: str) -> ChannelGroup:
         for g in self.groups:
@@ -371,6 +378,7 @@ def analyze_dependencies(gm: fx.GraphModule, example_inputs: tuple | dict) -> De
         prop.squeezes,
         reductions,
         counts,
+        {n.name: n.meta["graphprune_shape"] for n in gm.graph.nodes if "graphprune_shape" in n.meta},
     )
 
 
