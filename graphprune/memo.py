@@ -5,7 +5,8 @@ the slow part of compile().  A pipeline compiles the same model again and again:
 Shrink; a Pruner's steps; sensitivity() and target searches.  So compile() remembers, per model
 object (weakly: the memo goes when the model does), the graph it found for it and its
 channel analysis: for the model it was given (the graph as traced) and for the model it returns
-(the graph after the passes, which the landing verified that model computes).
+(the graph after the passes, which the landing verified that model computes).  The last few
+are also kept by structure, for other instances of the same architecture.
 
 A memo is used only while the model still has the structure it was made for: the same
 module paths and classes, tensor shapes and dtypes, train/eval modes, Hugging Face config,
@@ -20,6 +21,7 @@ import copy
 import logging
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -52,6 +54,10 @@ class _Memo:
 
 
 _MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
+# the last graphs remembered, by structure: another instance of the same architecture (a checkpoint
+# loaded again, a fresh copy) finds its graph here; what its key cannot see, the landing checks
+_BY_STRUCTURE: OrderedDict[tuple, _Memo] = OrderedDict()
+_STRUCTURES = 4
 _LOCK = threading.Lock()  # compile() may run in several threads
 
 
@@ -121,6 +127,11 @@ def remember(
     )
     with _LOCK:
         _MEMOS[model] = memo
+        if memo.traced_by != "partial":  # (a graph of regions holds values of the inputs it ran on)
+            _BY_STRUCTURE[memo.key] = memo
+            _BY_STRUCTURE.move_to_end(memo.key)
+            while len(_BY_STRUCTURE) > _STRUCTURES:
+                _BY_STRUCTURE.popitem(last=False)
     return memo
 
 
@@ -166,9 +177,12 @@ def known_outputs(model: nn.Module, example_inputs: tuple | dict):
 
 
 def forget(model: nn.Module) -> None:
-    """Drop what compile() remembers about `model` (its next compile() traces it afresh)."""
+    """Drop what compile() remembers about `model` (its next compile() traces it afresh), also for
+    other instances of its structure."""
     with _LOCK:
-        _MEMOS.pop(model, None)
+        memo = _MEMOS.pop(model, None)
+        if memo is not None and _BY_STRUCTURE.get(memo.key) is memo:
+            del _BY_STRUCTURE[memo.key]
 
 
 def recall(
@@ -178,6 +192,11 @@ def recall(
     paths; None for a graph module) and its analysis, or None when nothing valid is remembered."""
     with _LOCK:
         memo = _MEMOS.get(model)
+    if memo is None and not isinstance(model, fx.GraphModule):
+        with _LOCK:  # another instance of the same structure was compiled
+            memo = _BY_STRUCTURE.get(_key(model, leaf_modules, example_inputs))
+            if memo is not None:
+                _MEMOS[model] = memo
     if memo is None:
         return None
     if memo.key != _key(model, leaf_modules, example_inputs, values=memo.traced_by == "partial"):

@@ -13,6 +13,7 @@ from torch import nn
 
 import graphprune as gp
 import graphprune.analysis.dependency as dependency
+import graphprune.memo as memo
 from graphprune.passes import ChannelMask, L2Score, Shrink
 from tests import models
 from tests.helpers import assert_exact, run
@@ -39,6 +40,7 @@ def counts(monkeypatch):
 
     monkeypatch.setattr(compile_module, "trace", counting_trace)
     monkeypatch.setattr(dependency, "analyze_dependencies", counting_analysis)
+    monkeypatch.setattr(memo, "_BY_STRUCTURE", type(memo._BY_STRUCTURE)())  # (nothing from other tests)
     return seen
 
 
@@ -162,6 +164,7 @@ def test_a_vit_with_root_parameters_is_traced_once_and_its_layer_norms_prune_aga
     # class that graph is not a trace of the result, so the next compile traces it again, through
     # timm's forward, and the hidden width still prunes
     forget(masked)
+    memo._BY_STRUCTURE.clear()
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     again = gp.compile(shrunk, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
     assert counts["traces"] == 3 and again.patch_embed.proj.out_channels == 8
@@ -194,3 +197,38 @@ def test_a_masked_model_edited_in_place_between_compiles_is_checked_against_what
     assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
     x[0].mul_(2)  # the inputs edited in place
     assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
+
+
+def test_another_instance_of_an_architecture_reuses_its_graph_and_one_that_computes_otherwise_is_traced(counts):
+    # a checkpoint loaded again or a fresh copy has the structure the memo is keyed by: its graph is
+    # re-used over the new instance's tensors; a forward that differs where the key cannot see
+    # (a plain attribute) is caught by the landing, and that model is traced afresh
+    torch.manual_seed(0)
+    x = (torch.randn(2, 8),)
+    first = _Switchable().eval()
+    gp.compile(first, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    second = _Switchable().eval()  # other weights
+    pruned = gp.compile(second, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    assert counts["traces"] == 1
+    expected = gp.compile(second, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    assert_exact(expected, pruned, x)
+    third = _Switchable().eval()
+    third.scaled = True
+    masked = gp.compile(third, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    assert counts["traces"] == 2
+    assert type(masked) is _Switchable
+    torch.testing.assert_close(run(masked, x), 2 * masked.b(torch.relu(masked.a(x[0]))).detach())
+
+
+def test_a_remembered_graph_carries_the_shapes_the_analysis_saw(counts):
+    # ReinsertZeros reads the width of what it pads from the analysed shapes: a graph built again
+    # from the memo (the same model, or another instance) gets them with the analysis
+    from graphprune.passes import ReinsertZeros
+
+    torch.manual_seed(0)
+    model, x = models.Residual().eval(), (torch.randn(2, 3, 8, 8),)
+    passes = [ReinsertZeros(), L2Score(), ChannelMask(0.5), Shrink()]
+    first = gp.compile(model, passes, example_inputs=x)
+    again = gp.compile(model, passes, example_inputs=x)
+    assert counts["traces"] == 1
+    assert_exact(first, again, x)
