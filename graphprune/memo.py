@@ -50,7 +50,6 @@ class _Memo:
     root_modules: dict[str, nn.Module]  # modules only the graph holds (torch.export's input guards)
     dependencies: Dependencies | None
     meta: dict = field(default_factory=dict)  # a graph of regions: its boundary and what is not traced
-    outputs: tuple | None = None  # (what the model computed on the example inputs, the tensors it held)
 
 
 _MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
@@ -58,6 +57,8 @@ _MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary(
 # loaded again, a fresh copy) finds its graph here; what its key cannot see, the landing checks
 _BY_STRUCTURE: OrderedDict[tuple, _Memo] = OrderedDict()
 _STRUCTURES = 4
+# what a model returned by compile() computed on the example inputs, and the tensors it computed it from
+_OUTPUTS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()  # compile() may run in several threads
 
 
@@ -123,10 +124,12 @@ def remember(
         {k: m for k, m in gm.named_children() if k not in model._modules and k != ROOT_HOLDER},
         dependencies,
         {k: gm.meta[k] for k in (BOUNDARY, UNTRACED, GQA_QUERY_HEADS) if k in gm.meta},
-        None if outputs is None else (outputs, _contents(model, example_inputs)),
     )
     with _LOCK:
         _MEMOS[model] = memo
+        _OUTPUTS.pop(model, None)
+        if outputs is not None:
+            _OUTPUTS[model] = (outputs, _contents(model, example_inputs))
         if memo.traced_by != "partial":  # (a graph of regions holds values of the inputs it ran on)
             _BY_STRUCTURE[memo.key] = memo
             _BY_STRUCTURE.move_to_end(memo.key)
@@ -167,10 +170,10 @@ def known_outputs(model: nn.Module, example_inputs: tuple | dict):
     """What `model` computed on these very inputs when it was remembered, if neither its tensors nor
     the inputs changed since (None otherwise); call after `recall` found its graph valid."""
     with _LOCK:
-        memo = _MEMOS.get(model)
-    if memo is None or memo.outputs is None:
+        known = _OUTPUTS.get(model)
+    if known is None:
         return None
-    outputs, then = memo.outputs
+    outputs, then = known
     now = _contents(model, example_inputs)
     same = len(now) == len(then) and all(a() is b() and va == vb for (a, va), (b, vb) in zip(then, now))
     return outputs if same else None
@@ -181,6 +184,7 @@ def forget(model: nn.Module) -> None:
     other instances of its structure."""
     with _LOCK:
         memo = _MEMOS.pop(model, None)
+        _OUTPUTS.pop(model, None)
         if memo is not None and _BY_STRUCTURE.get(memo.key) is memo:
             del _BY_STRUCTURE[memo.key]
 
