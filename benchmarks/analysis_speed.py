@@ -5,7 +5,10 @@
    default) against Torch-Pruning's MetaPruner (L2 magnitude, ratio 0.5, the classifier ignored), in the
    same process, alternating, median of --repeats runs each; the model is built before the clock starts,
    and one untimed round of both on ResNet-18 first takes the one-off costs (imports, caches) out.
-   graphprune is also timed with verify=False (Shrink's own output check off; write-back is still checked).
+   graphprune cold: nothing remembered (`graphprune.memo.forget()` first), what a new architecture
+   costs; warm: a fresh instance of an architecture compiled before in the process (a checkpoint
+   loaded again, a copy: its graph and analysis are re-used, its weights are not); unverified: cold,
+   verify=False (Shrink's own output check off; write-back is still checked).
 2. `gp.analyze` of Llama-3-8B-, Qwen2.5-7B- and Mistral-7B-shaped models built on the meta device (no
    weights), full depth, 128 tokens, each in its own process: seconds and peak RSS (VmHWM).
 
@@ -30,6 +33,7 @@ import torch_pruning as tp
 import torchvision
 
 import graphprune as gp
+from graphprune.memo import forget
 from graphprune.passes import ChannelMask, L2Score, Shrink
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -78,7 +82,9 @@ LLMS = {  # published shapes (config.json of each model); random init on the met
 }
 
 
-def graphprune_prune(model, x, verify=True):
+def graphprune_prune(model, x, verify=True, warm=False):
+    if not warm:
+        forget()
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x, verify=verify)
     return gp.compile(masked, [Shrink()], example_inputs=x, verify=verify)
 
@@ -95,10 +101,11 @@ def torch_pruning_prune(model, x):
 
 def compare(name: str, make, repeats: int) -> dict:
     """make() -> (model, example inputs), fresh each run."""
-    times: dict[str, list[float]] = {"gp": [], "gp_unverified": [], "tp": []}
+    times: dict[str, list[float]] = {"gp": [], "gp_warm": [], "gp_unverified": [], "tp": []}
     errors: dict[str, str] = {}
     runs = {
         "gp": graphprune_prune,
+        "gp_warm": lambda m, x: graphprune_prune(m, x, warm=True),  # (after "gp": this architecture is known)
         "gp_unverified": lambda m, x: graphprune_prune(m, x, verify=False),
         "tp": torch_pruning_prune,
     }
@@ -121,6 +128,7 @@ def compare(name: str, make, repeats: int) -> dict:
         row["ratio"] = med["gp"] / med["tp"]
         row["ratio_range"] = (min(times["gp"]) / max(times["tp"]), max(times["gp"]) / min(times["tp"]))
         row["ratio_unverified"] = med["gp_unverified"] / med["tp"] if med["gp_unverified"] else None
+        row["ratio_warm"] = med["gp_warm"] / med["tp"] if med["gp_warm"] else None
     return row
 
 
@@ -173,25 +181,30 @@ def markdown(rows: list[dict], llms: list[dict]) -> str:
         f"graphprune {gp.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"torch-pruning {tp.__version__}; {platform.machine()}, {torch.get_num_threads()} threads, shared VM.\n",
         "Seconds for score + mask + shrink (median of the runs; graphprune: two compile() calls with their "
-        "verification; gp unverified: verify=False) and for Torch-Pruning's MetaPruner step, alternating in one "
-        "process. ratio = graphprune / Torch-Pruning (min-max over the runs in brackets).\n",
-        "| model | graphprune s | gp unverified s | Torch-Pruning s | ratio | ratio unverified | errors |",
-        "|---|---|---|---|---|---|---|",
+        "verification, cold: nothing remembered; warm: a fresh instance of an architecture compiled before, whose "
+        "graph and analysis are re-used; unverified: cold, verify=False) and for Torch-Pruning's MetaPruner step, "
+        "alternating in one process. ratio = graphprune cold / Torch-Pruning (min-max over the runs in brackets).\n",
+        "| model | graphprune cold s | warm s | unverified s | Torch-Pruning s | ratio | ratio warm | ratio unverified "
+        "| errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rng = r.get("ratio_range")
         ratio = f"{fmt(r.get('ratio'))} [{rng[0]:.2f}-{rng[1]:.2f}]" if rng else "-"
         errors = "; ".join(f"{k}: {v}" for k, v in r["errors"].items()).replace("|", "\\|")
         lines.append(
-            f"| {r['model']} | {fmt(r['gp_s'])} | {fmt(r['gp_unverified_s'])} | {fmt(r['tp_s'])} | {ratio} | "
-            f"{fmt(r.get('ratio_unverified'))} | {errors} |"
+            f"| {r['model']} | {fmt(r['gp_s'])} | {fmt(r.get('gp_warm_s'))} | {fmt(r['gp_unverified_s'])} | "
+            f"{fmt(r['tp_s'])} | {ratio} | {fmt(r.get('ratio_warm'))} | {fmt(r.get('ratio_unverified'))} | {errors} |"
         )
-    ratios = sorted(r["ratio"] for r in rows if r.get("ratio"))
-    if ratios:
-        lines.append(
-            f"\nmedian ratio {statistics.median(ratios):.2f} over {len(ratios)} models (min {ratios[0]:.2f}, "
-            f"max {ratios[-1]:.2f})"
-        )
+    for label, keep in (("torchvision", lambda r: not r["model"].startswith("hf/")), ("Hugging Face", None)):
+        chosen = [r for r in rows if (keep(r) if keep else r["model"].startswith("hf/"))]
+        for key in ("ratio", "ratio_warm"):
+            ratios = sorted(r[key] for r in chosen if r.get(key))
+            if ratios:
+                lines.append(
+                    f"\n{label}: median {key.replace('_', ' ')} {statistics.median(ratios):.2f} over {len(ratios)} "
+                    f"models (min {ratios[0]:.2f}, max {ratios[-1]:.2f})"
+                )
     if llms:
         lines += [
             "\n## Meta-device analysis at LLM size (128 tokens, full depth, no weights)\n",

@@ -179,10 +179,15 @@ def known_outputs(model: nn.Module, example_inputs: tuple | dict):
     return outputs if same else None
 
 
-def forget(model: nn.Module) -> None:
+def forget(model: nn.Module | None = None) -> None:
     """Drop what compile() remembers about `model` (its next compile() traces it afresh), also for
-    other instances of its structure."""
+    other instances of its structure; with no model, everything it remembers."""
     with _LOCK:
+        if model is None:
+            _MEMOS.clear()
+            _OUTPUTS.clear()
+            _BY_STRUCTURE.clear()
+            return
         memo = _MEMOS.pop(model, None)
         _OUTPUTS.pop(model, None)
         if memo is not None and _BY_STRUCTURE.get(memo.key) is memo:
