@@ -73,8 +73,9 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
     changed to values the pruned shapes suggest, keeping changes after which more tensors fit; a
     config with every shape right is offered to `accept` (which may verify more).  Returns the
     config (None if none fits) and the tensors that fit least badly.  Every trial builds the class
-    on the meta device: the search keeps the `_BEAM` trials that fit best at each step and stops at
-    the first config that fits."""
+    on the meta device: each step also tries every value that helped at once (the common case:
+    FFN width, heads and kv heads all changed), keeps the `_BEAM` trials that fit best, and the
+    search stops at the first config that fits."""
     before = _shapes(_build(cls, config) or nn.Module())
     kept = frozenset(before.keys() & target.keys())  # (a config with fewer layers fits no better)
     changes = {
@@ -110,6 +111,8 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
         return config, []
     frontier, seen = [(config, best)], set()
     for _ in range(4):  # up to four config values change (heads, kv heads, FFN width, hidden size)
+        if not frontier:
+            break
         trials = []
         for cfg, misfits in frontier:
             for attr, value in moves(cfg):
@@ -125,8 +128,9 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
                 if fits is not None and len(fits) < len(misfits):
                     trials.append(((attr, value), trial, fits))
                     best = min(best, fits, key=len)
-        joint = _joint(config, [move for move, _, _ in sorted(trials, key=lambda t: len(t[2]))])
-        if joint is not None and joint[1] not in seen:  # every value that helped, changed at once
+        ranked = [move for move, _, _ in sorted(trials, key=lambda t: len(t[2]))]
+        joint = _joint(frontier[0][0], ranked)  # the best config so far, every value that helped changed at once
+        if joint is not None and joint[1] not in seen:
             seen.add(joint[1])
             if _misfits(cls, joint[0], target, kept) == [] and accept(joint[0]):
                 return joint[0], []
