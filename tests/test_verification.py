@@ -181,7 +181,7 @@ def test_exported_convolutions_and_norms_prune_exactly():
 
 
 def test_half_precision_rounding_with_no_node_to_blame_is_kept_with_a_warning():
-    from graphprune.ir.verify import Reference, check_keeps_outputs
+    from graphprune.ir.verify import Before, Reference, check_keeps_outputs
 
     class Identity(nn.Module):
         def forward(self, x):
@@ -193,7 +193,7 @@ def test_half_precision_rounding_with_no_node_to_blame_is_kept_with_a_warning():
         inputs = (x.to(dtype),)
         expected = inputs[0].clone()
         expected[0, 0] += off * float(expected.abs().max())  # what the graph computed before the pass
-        ref = Reference(expected, {})  # (no fingerprints: no node differs)
+        ref = Reference(expected, Before(gm))  # (the graph itself: no node differs)
         if kept:
             with pytest.warns(gp.GraphPruneWarning, match="taken as rounding"):
                 check_keeps_outputs("Shrink", gm, ref, inputs)

@@ -29,7 +29,16 @@ from graphprune.ir.inputs import call_with, clone_inputs, eval_mode, positional_
 from graphprune.ir.interpret import Interpreter
 from graphprune.ir.shadow import Snapshot
 
-__all__ = ["module_of", "Reference", "reference", "run_outputs", "mismatch", "check_keeps_outputs", "check_runs"]
+__all__ = [
+    "module_of",
+    "Before",
+    "Reference",
+    "reference",
+    "run_outputs",
+    "mismatch",
+    "check_keeps_outputs",
+    "check_runs",
+]
 
 # allowed error relative to the largest magnitude of each output, by dtype (summation order
 # changes when channels go; half precision rounds every partial sum)
@@ -38,18 +47,11 @@ _RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 2e-2, torch.bf
 
 @dataclass(frozen=True)
 class Reference:
-    """What a graph computed on the example inputs: its outputs, and either a fingerprint of every
-    node or the graph as it was (`Before`), fingerprinted only if a check fails."""
+    """What a graph computed on the example inputs: its outputs, and the graph as it was
+    (`Before`), whose nodes are fingerprinted only if a check fails."""
 
     outputs: Any
-    fingerprints: dict[str, tuple[tuple[int, ...], float, float]] | None = None
-    before: Before | None = None
-
-    def node_prints(self, gm: fx.GraphModule, example_inputs: tuple | dict) -> dict | None:
-        """The fingerprints of the graph before the pass (None: not knowable)."""
-        if self.fingerprints is not None:
-            return self.fingerprints
-        return self.before.fingerprints(gm, example_inputs) if self.before is not None else None
+    before: Before
 
 
 class Before:
@@ -69,7 +71,7 @@ class Before:
         self.snapshot.restore()
         gm.graph = self.graph
         try:
-            return _fingerprints(gm, example_inputs)[1]
+            return _fingerprints(gm, example_inputs)
         finally:
             after.restore()
             gm.graph = after_graph
@@ -106,11 +108,11 @@ def run_outputs(model: torch.nn.Module, example_inputs: tuple | dict) -> Any:
         return _detach(call_with(model, example_inputs))
 
 
-def _fingerprints(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple[Any, dict]:
+def _fingerprints(gm: fx.GraphModule, example_inputs: tuple | dict) -> dict:
     interp = _Fingerprinter(gm)
     with eval_mode(gm), torch.no_grad():
-        out = interp.run(*positional_inputs(gm, clone_inputs(example_inputs)))
-    return _detach(out), interp.prints
+        interp.run(*positional_inputs(gm, clone_inputs(example_inputs)))
+    return interp.prints
 
 
 def reference(gm: fx.GraphModule, example_inputs: tuple | dict, outputs: Any = None) -> Reference:
@@ -181,7 +183,7 @@ def module_of(n: fx.Node) -> str:
 
 def _divergence(gm: fx.GraphModule, ref: Reference, example_inputs: tuple | dict) -> tuple[fx.Node | None, str]:
     """The first node that raises, or whose output kept its shape but changed its values."""
-    prints = ref.node_prints(gm, example_inputs)
+    prints = ref.before.fingerprints(gm, example_inputs)
     interp = _Fingerprinter(gm)
     try:
         with eval_mode(gm), torch.no_grad():
