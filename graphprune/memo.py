@@ -201,16 +201,19 @@ def recall(
     paths; None for a graph module) and its analysis, or None when nothing valid is remembered."""
     with _LOCK:
         memo = _MEMOS.get(model)
-    if memo is None and not isinstance(model, fx.GraphModule):
-        with _LOCK:  # another instance of the same structure was compiled
-            memo = _BY_STRUCTURE.get(_key(model, leaf_modules, example_inputs))
-            if memo is not None:
-                _MEMOS[model] = memo
-    if memo is None:
+    if memo is not None:
+        if memo.key != _key(model, leaf_modules, example_inputs, values=memo.traced_by == "partial"):
+            forget(model)
+            return None
+    elif isinstance(model, fx.GraphModule):
         return None
-    if memo.key != _key(model, leaf_modules, example_inputs, values=memo.traced_by == "partial"):
-        forget(model)
-        return None
+    else:  # another instance of the same structure was compiled (kept by structure: found by its key)
+        key = _key(model, leaf_modules, example_inputs)
+        with _LOCK:
+            memo = _BY_STRUCTURE.get(key)
+            if memo is None:
+                return None
+            _MEMOS[model] = memo
     if memo.graph is None:
         return None, memo.dependencies
     source = nn.Module()  # the shadow's children, and the graph's own tensors where the model has none
