@@ -54,12 +54,14 @@ def _build(cls, config) -> nn.Module | None:
 
 
 def _misfits(cls, config, target: dict[str, tuple[int, ...]], kept: frozenset[str] = frozenset()) -> list[str] | None:
-    """What of `cls(config)` differs from `target`: tensors of other shapes or not in it, head sizes it
-    holds otherwise, and the tensors of `kept` that it lacks (None: the class rejects the config)."""
+    """What of `cls(config)` differs from `target` (`_diff`; None: the class rejects the config)."""
     model = _build(cls, config)
-    if model is None:
-        return None
-    shapes = _shapes(model)
+    return None if model is None else _diff(_shapes(model), target, kept)
+
+
+def _diff(shapes: dict, target: dict, kept: frozenset[str]) -> list[str]:
+    """Tensors of other shapes than in `target` or not in it, head sizes held otherwise, and the
+    tensors of `kept` that `shapes` lacks."""
     return sorted(
         {k for k in shapes if target.get(k) != shapes[k] and ("#" not in k or k in target)} | (kept - shapes.keys())
     )
@@ -76,7 +78,10 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
     on the meta device: each step also tries every value that helped at once (the common case:
     FFN width, heads and kv heads all changed), keeps the `_BEAM` trials that fit best, and the
     search stops at the first config that fits."""
-    before = _shapes(_build(cls, config) or nn.Module())
+    base = _build(cls, config)
+    if base is None:
+        return None, []
+    before = _shapes(base)
     kept = frozenset(before.keys() & target.keys())  # (a config with fewer layers fits no better)
     changes = {
         (before[k][d], target[k][d])
@@ -104,46 +109,48 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
             out += [(attr, c) for c in sorted(candidates - {value, 0})]
         return out
 
-    best = _misfits(cls, config, target, kept)
-    if best is None:
-        return None, []
+    seen: set[str] = set()
+
+    def tried(cfg) -> list[str] | None:
+        """`cfg`'s misfits, the first time it is tried (None after, or if the class rejects it)."""
+        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        if key in seen:
+            return None
+        seen.add(key)
+        return _misfits(cls, cfg, target, kept)
+
+    best = _diff(before, target, kept)
     if not best and accept(config):
         return config, []
-    frontier, seen = [(config, best)], set()
+    frontier = [(config, best)]
     for _ in range(4):  # up to four config values change (heads, kv heads, FFN width, hidden size)
         if not frontier:
             break
         trials = []
         for cfg, misfits in frontier:
             for attr, value in moves(cfg):
-                trial = copy.deepcopy(cfg)
-                setattr(trial, attr, value)
-                key = json.dumps(trial.to_dict(), sort_keys=True, default=str)
-                if key in seen:
-                    continue
-                seen.add(key)
-                fits = _misfits(cls, trial, target, kept)
+                trial = _changed(cfg, [(attr, value)])
+                fits = tried(trial)
                 if fits == [] and accept(trial):
                     return trial, []
                 if fits is not None and len(fits) < len(misfits):
                     trials.append(((attr, value), trial, fits))
                     best = min(best, fits, key=len)
-        ranked = [move for move, _, _ in sorted(trials, key=lambda t: len(t[2]))]
-        joint = _joint(frontier[0][0], ranked)  # the best config so far, every value that helped changed at once
-        if joint is not None and joint[1] not in seen:
-            seen.add(joint[1])
-            if _misfits(cls, joint[0], target, kept) == [] and accept(joint[0]):
-                return joint[0], []
-        frontier = [(trial, fits) for _, trial, fits in sorted(trials, key=lambda t: len(t[2]))[:_BEAM]]
+        trials.sort(key=lambda t: len(t[2]))
+        if trials:  # the best config so far, with every value that helped changed at once
+            joint = _changed(frontier[0][0], [move for move, _, _ in reversed(trials)])
+            if tried(joint) == [] and accept(joint):
+                return joint, []
+        frontier = [(trial, fits) for _, trial, fits in trials[:_BEAM]]
     return None, best
 
 
-def _joint(config, moves: list[tuple[str, int]]):
-    """`config` with the first (best) value of each attribute among `moves` set, and its key."""
-    joint = copy.deepcopy(config)
-    for attr, value in reversed(moves):
-        setattr(joint, attr, value)
-    return (joint, json.dumps(joint.to_dict(), sort_keys=True, default=str)) if moves else None
+def _changed(config, moves: list[tuple[str, int]]):
+    """A copy of `config` with the moves made in order (a later value of an attribute wins)."""
+    changed = copy.deepcopy(config)
+    for attr, value in moves:
+        setattr(changed, attr, value)
+    return changed
 
 
 def _with_head_dim(config):
