@@ -87,7 +87,7 @@ def compile(
     passes, run = list(passes), dict(inplace=inplace, verify=verify, verify_each=verify_each, output=output)
     recall_graph = output != "graph" or isinstance(model, fx.GraphModule)  # (a graph returned is not checked)
     result = _compile(model, passes, example_inputs, leaf_modules, recall_graph=recall_graph, **run)
-    if result is None:  # built on a remembered graph that the model no longer computes: trace afresh
+    if result is None:  # built on a remembered graph that did not land or that a pass failed on: trace afresh
         forget(model)
         result = _compile(model, passes, example_inputs, leaf_modules, recall_graph=False, **run)
     return result
@@ -105,7 +105,7 @@ def _compile(
     verify_each: bool,
     output: str,
 ) -> nn.Module | None:
-    """compile() once; None when a remembered graph was used and the result does not land."""
+    """compile() once; None when a remembered graph was used and a pass failed on it or the result does not land."""
     source = getattr(model, ORIGIN_ATTR, None)  # the user's model, if `model` is a graph returned earlier
     work = model if inplace else deepcopy_model(model, share=(source,))
     ctx = PassContext(example_inputs, verify=verify)
@@ -157,7 +157,13 @@ def _passes_and_landing(
     if recalled is not None and (known := known_outputs(model, example_inputs)) is not None:
         ctx.outputs = (0, known)  # what the model computed when its graph was remembered: it still does
     memo = remember(model, gm, leaf_modules, example_inputs) if recalled is None and gm is not ahead else None
-    gm = pipeline.call(gm, ctx).gm
+    try:
+        gm = pipeline.call(gm, ctx).gm
+    except GraphPruneError as exc:  # perhaps the forward changed since the graph was traced (out of the key's
+        if recalled is None or isinstance(exc, ArgumentError):  # sight): believe an error from a fresh trace only
+            raise
+        logger.debug("a pass failed on the remembered graph of %s: tracing afresh", type(model).__name__, exc_info=True)
+        return None
     if memo is not None:  # the analysis of the graph as traced, if a pass made it before changing the graph
         memo.dependencies = ctx.initial.get(Dependencies)
     gm.graph.lint()

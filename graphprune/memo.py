@@ -9,15 +9,17 @@ channel analysis: for the model it was given (the graph as traced) and for the m
 are also kept by structure, for other instances of the same architecture.
 
 A memo is used only while the model still has the structure it was made for: the same
-module paths and classes, tensor shapes and dtypes, train/eval modes, Hugging Face config,
-leaf modules and example input shapes (`_key`).  Anything else about a forward that changes
-later (a monkeypatched method) is caught by the landing: compile() traces afresh when a result
-built on a remembered graph does not land (see graphprune.compile).
+module paths and classes, tensor shapes and dtypes, train/eval modes, the modules' own
+attributes (a head count, a list of what to call in which order), Hugging Face config, leaf
+modules and example input shapes (`_key`).  Anything else a forward reads that changes later
+(a class attribute, a global flag) is caught by compile(): it traces afresh when a result built
+on a remembered graph does not land, or when a pass fails on it (see graphprune.compile).
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 import logging
 import threading
 import weakref
@@ -69,8 +71,40 @@ def _signature(value) -> tuple:
     )
 
 
+_TORCH_OWN = frozenset(nn.Module().__dict__)  # what nn.Module keeps in every module (hooks, tables, mode)
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, slice, range)
+
+
+def _value(v, seen: dict, depth: int = 0):
+    """A module attribute as the key holds it: plain data by value, a config by its contents, a
+    small tensor by its values, anything else by identity (another instance then has other objects,
+    so it is not taken for the same structure)."""
+    if isinstance(v, _PLAIN) or isinstance(v, enum.Enum):
+        return v
+    if isinstance(v, (list, tuple, set, frozenset, dict)) and depth < 4:
+        items = sorted(v.items(), key=repr) if isinstance(v, dict) else v
+        items = sorted(items, key=repr) if isinstance(v, (set, frozenset)) else items
+        return type(v).__name__, tuple(_value(x, seen, depth + 1) for x in items)
+    if id(v) not in seen:  # (a config is held by many modules: read once)
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided and (v.is_meta or v.numel() <= 4096):
+            data = None if v.is_meta else v.detach().reshape(-1).cpu().contiguous().view(torch.uint8)  # (as bytes)
+            seen[id(v)] = ("tensor", tuple(v.shape), v.dtype, None if data is None else hash(data.numpy().tobytes()))
+        elif hasattr(v, "to_dict") and not isinstance(v, type):
+            seen[id(v)] = (type(v).__qualname__, repr(v.to_dict()))
+        else:
+            seen[id(v)] = (type(v).__qualname__, id(v))
+    return seen[id(v)]
+
+
+def _attributes(m: nn.Module, seen: dict) -> tuple:
+    """The module's own attributes (graphprune's records left out: they do not change a forward)."""
+    own = (k for k in m.__dict__ if k not in _TORCH_OWN and not k.startswith("graphprune"))
+    return tuple((k, _value(m.__dict__[k], seen)) for k in sorted(own))
+
+
 def _key(model: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple | dict, values: bool = False) -> tuple:
     """`values`: the example inputs' values count too (a graph of regions holds values computed from them)."""
+    seen: dict = {}
     structure = tuple(
         (
             path,
@@ -79,6 +113,7 @@ def _key(model: nn.Module, leaf_modules: Iterable[type], example_inputs: tuple |
             m.training,
             tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in m._parameters.items()),
             tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in m._buffers.items()),
+            _attributes(m, seen),
         )
         for path, m in model.named_modules(remove_duplicate=False)
     )

@@ -5,10 +5,12 @@ that graph no longer describes the model."""
 from __future__ import annotations
 
 import importlib
+import operator
 
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 import graphprune as gp
@@ -106,25 +108,85 @@ def test_a_changed_model_is_traced_again(counts):
 
 
 class _Switchable(nn.Module):
+    scaled = False  # read from the class unless an instance sets its own
+
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
-        self.scaled = False
 
     def forward(self, x):
         y = self.b(torch.relu(self.a(x)))
         return y * 2 if self.scaled else y
 
 
-def test_a_forward_that_changed_unseen_is_caught_by_the_landing_and_traced_again(counts):
+def test_a_forward_that_changed_unseen_is_caught_by_the_landing_and_traced_again(counts, monkeypatch):
     torch.manual_seed(0)
     model, x = _Switchable().eval(), (torch.randn(2, 8),)
     masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
-    masked.scaled = True  # a plain attribute the memo's key does not see: the remembered graph is stale
+    monkeypatch.setattr(_Switchable, "scaled", True)  # a class attribute the memo's key does not see
     shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
     assert counts["traces"] == 2
     assert type(shrunk) is _Switchable and shrunk.b.in_features < 16
     assert_exact(masked, shrunk, x)
+
+
+class _RefusesScaling(gp.PassBase):
+    def call(self, gm, ctx):
+        if any(n.target in (torch.mul, operator.mul, torch.ops.aten.mul.Tensor) for n in gm.graph.nodes):
+            raise gp.PassError("this pass cannot handle a scaled output")
+        return gp.PassResult(gm, False)
+
+
+def test_a_pass_that_fails_on_a_remembered_graph_is_run_again_on_a_fresh_trace(counts, monkeypatch):
+    # a failure on a graph remembered for another instance (or for the model, before a change the key
+    # cannot see) may be the stale graph's: only a fresh trace's failure is the model's
+    torch.manual_seed(0)
+    x = (torch.randn(2, 8),)
+    monkeypatch.setattr(_Switchable, "scaled", True)
+    gp.compile(_Switchable().eval(), [L2Score()], example_inputs=x)
+    monkeypatch.setattr(_Switchable, "scaled", False)
+    model = _Switchable().eval()
+    result = gp.compile(model, [_RefusesScaling()], example_inputs=x)
+    assert counts["traces"] == 2
+    assert_exact(model, result, x)
+    monkeypatch.setattr(_Switchable, "scaled", True)  # an error a fresh trace also meets is raised
+    with pytest.raises(gp.PassError, match="scaled output"):
+        gp.compile(model, [_RefusesScaling()], example_inputs=x)
+    assert counts["traces"] == 3
+
+
+class _Heads(nn.Module):
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, 8 // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_instances_that_differ_in_a_plain_attribute_are_other_structures(counts):
+    # the same tensors, another head count: the graph of one is never the other's (its heads
+    # differ), and the memo's key tells them apart before any pass runs on the wrong graph
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 8),)
+    runs = []
+
+    class Counting(gp.PassBase):
+        def call(self, gm, ctx):
+            runs.append(gm)
+            return gp.PassResult(gm, False)
+
+    passes = [L2Score(), ChannelMask({"head": 0.5}), Counting()]
+    two = gp.compile(_Heads(2).eval(), passes, example_inputs=x)
+    four = gp.compile(_Heads(4).eval(), passes, example_inputs=x)
+    assert counts["traces"] == 2 and counts["analyses"] == 2 and len(runs) == 2  # (no run on the other graph)
+    assert two.graphprune_report[1].details["groups"] == {"q": (2, 1)}  # (ChannelMask's record: heads, kept)
+    assert four.graphprune_report[1].details["groups"] == {"q": (4, 2)}
+    gp.compile(_Heads(4).eval(), passes, example_inputs=x)  # the same structure: the same graph
+    assert counts["traces"] == 2 and len(runs) == 3
 
 
 def test_a_pruner_traces_once_over_all_its_steps(counts):
@@ -199,10 +261,12 @@ def test_a_masked_model_edited_in_place_between_compiles_is_checked_against_what
     assert_exact(masked, gp.compile(masked, [Shrink()], example_inputs=x), x)
 
 
-def test_another_instance_of_an_architecture_reuses_its_graph_and_one_that_computes_otherwise_is_traced(counts):
+def test_another_instance_of_an_architecture_reuses_its_graph_and_one_that_computes_otherwise_is_traced(
+    counts, monkeypatch
+):
     # a checkpoint loaded again or a fresh copy has the structure the memo is keyed by: its graph is
     # re-used over the new instance's tensors; a forward that differs where the key cannot see
-    # (a plain attribute) is caught by the landing, and that model is traced afresh
+    # (a class attribute) is caught by the landing, and that model is traced afresh
     torch.manual_seed(0)
     x = (torch.randn(2, 8),)
     first = _Switchable().eval()
@@ -213,7 +277,7 @@ def test_another_instance_of_an_architecture_reuses_its_graph_and_one_that_compu
     expected = gp.compile(second, [L2Score(), ChannelMask(0.5)], example_inputs=x)
     assert_exact(expected, pruned, x)
     third = _Switchable().eval()
-    third.scaled = True
+    monkeypatch.setattr(_Switchable, "scaled", True)  # (a class attribute: the key does not see it)
     masked = gp.compile(third, [L2Score(), ChannelMask(0.5)], example_inputs=x)
     assert counts["traces"] == 2
     assert type(masked) is _Switchable

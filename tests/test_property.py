@@ -3,6 +3,8 @@ convs, group norms, squeeze-excite, linear heads); shrink of mask is exact on ev
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +14,8 @@ from torch import nn
 import graphprune as gp
 from graphprune.passes import ChannelMask, RandomScore, Shrink
 from tests.helpers import assert_exact, run
+
+EXAMPLES = int(os.environ.get("GRAPHPRUNE_EXAMPLES", 40))  # more for a longer hunt
 
 
 class RandomNet(nn.Module):
@@ -116,7 +120,7 @@ def _randomize_norms(model: nn.Module, seed: int) -> None:
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_nets(), st.sampled_from([0.25, 0.5, 0.75]), st.sampled_from(["local", "global"]))
 def test_shrink_is_exact_on_random_architectures(net_and_seed, ratio, scope):
     net, seed = net_and_seed
