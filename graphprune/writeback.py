@@ -261,7 +261,7 @@ def _set_attributes(work: nn.Module, gm: fx.GraphModule) -> bool:
 
 
 def _rewritten_lines(gm: fx.GraphModule) -> list[str]:
-    return [_line(n) for n in gm.graph.nodes if n.meta.get("graphprune_rewritten")]
+    return list(dict.fromkeys(_line(n) for n in gm.graph.nodes if n.meta.get("graphprune_rewritten")))  # (once a line)
 
 
 def land(

@@ -91,6 +91,8 @@ def test_a_literal_in_the_source_falls_back_to_the_graph_and_the_summary_names_t
     assert isinstance(pruned, torch.fx.GraphModule) and pruned.q.out_features == 16
     text = str(gp.summary(model, pruned, x))
     assert "returned as a graph module" in text and "test_own_class.py" in text and "view(b, t, 8, 4)" in text
+    rewritten = pruned.graphprune_report[-1].details["note"].split("rewrote constants at")[1]
+    assert rewritten.count("view(b, t, 8, 4)") == 1  # the line of q, k and v's views, named once
     with pytest.raises(gp.GraphPruneError, match="cannot be written back into LiteralHeads"):
         gp.compile(model, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x, output="module")
 
