@@ -8,6 +8,7 @@ For every model, shrink(mask(m))(x) == mask(m)(x) up to float rounding.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 
 import torch
@@ -30,6 +31,7 @@ from graphprune.ir.modules import set_layer_norm_class
 from graphprune.ir.norms import revert_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.rules.base import rule_for_module
+from graphprune.rules.shape import index_dims
 
 __all__ = ["Shrink"]
 
@@ -189,6 +191,47 @@ def _rewrite_split(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) 
     node.kwargs = {}
 
 
+def _moved(bound: int | None, kept: torch.Tensor) -> int | None:
+    """A slice bound over channels some of which go: the number of channels kept before it."""
+    size = kept.numel()
+    if bound is None or bound >= size:  # (to the end, as before)
+        return bound
+    return int(kept[: max(bound + size if bound < 0 else bound, 0)].sum())
+
+
+def _rewrite_slice(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) -> None:
+    """x[..., a:b] / aten.slice(x, dim, a, b) at literal bounds (see rules.shape.Slice): each bound
+    on a dim that loses channels becomes the number of channels kept before it."""
+
+    def kept(dim: int) -> torch.Tensor:
+        return ~pruned.expand(shape).movedim(dim, 0).reshape(shape[dim], -1).all(1)
+
+    rewritten = []
+    if node.target is torch.ops.aten.slice.Tensor:
+        args = list(node.args) + [None] * (4 - len(node.args))
+        dim = (args[1] if args[1] is not None else node.kwargs.get("dim", 0)) % len(shape)
+        new = [_moved(b, kept(dim)) for b in args[2:4]]
+        rewritten = [(b, n) for b, n in zip(args[2:4], new) if b != n]
+        node.args = (args[0], dim, *new, *args[4:])
+    else:  # getitem
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        items = list(index)
+        for pos, dim, item in index_dims(index, len(shape)):
+            if isinstance(item, slice) and dim < len(shape):
+                k = kept(dim)
+                items[pos] = slice(_moved(item.start, k), _moved(item.stop, k), item.step)
+                rewritten += [
+                    (b, n) for b, n in ((item.start, items[pos].start), (item.stop, items[pos].stop)) if b != n
+                ]
+        node.args = (node.args[0], tuple(items) if isinstance(node.args[1], tuple) else items[0])
+    if rewritten:  # literals the user's source may hold in a module attribute (`self.out_chs`)
+        node.meta["graphprune_rewritten"] = rewritten
+
+
+def _is_slice(node: fx.Node) -> bool:
+    return node.target in (torch.ops.aten.slice.Tensor, operator.getitem)
+
+
 def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[int]) -> None:
     """Sizes in reshapes that count pruned channels become what is kept: literals that carry the old
     width, and sizes the graph computes from a channel count (possibly another tensor's)."""
@@ -202,6 +245,9 @@ def _rewrite_reshapes(gm: fx.GraphModule, deps: Dependencies, pruned_roots: set[
         pruned = torch.isin(roots, pruned_set)
         if _is_split(node):
             _rewrite_split(node, shape, pruned)
+            continue
+        if _is_slice(node):
+            _rewrite_slice(node, shape, pruned)
             continue
         new_shape = []
         for d, size in enumerate(shape):

@@ -1,7 +1,9 @@
-"""Small models around one op each (division by a parameter, rsqrt, splits and chunks, unflatten,
+"""Small models around one op each (division by a parameter, rsqrt, splits and chunks, slices, unflatten,
 group norms, clamp, expand, tied weights, squeeze, functional batch norm): masked and shrunk agree."""
 
 from __future__ import annotations
+
+import operator
 
 import pytest
 import torch
@@ -164,8 +166,38 @@ class FunctionalBatchNorm(nn.Module):
         return self.d(F.relu(y))
 
 
+class GhostSlice(nn.Module):
+    """GhostNet: a primary conv and a cheap depthwise one concatenated, then cut to `out_chs` (a literal
+    slice: its bound counts channels some of which go)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out_chs = 6
+        self.primary, self.cheap = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.d = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.primary(x))
+        return self.d(torch.cat([y, self.cheap(y)], 1)[:, : self.out_chs])
+
+
+class SlicesComputed(nn.Module):
+    """Slices at bounds read off the tensor (nodes of the graph): they would cut elsewhere once channels
+    go, so those channels stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        return self.d(y[:, : y.shape[1] // 2 - 1])
+
+
 CASES = [
     FunctionalBatchNorm,
+    GhostSlice,
+    SlicesComputed,
     DivideByParam,
     Rsqrt,
     SplitInt,
@@ -197,6 +229,24 @@ def test_split_sections_are_rewritten_to_what_each_part_keeps():
     _, shrunk = prune(SplitSections(), (torch.randn(2, 3, 5, 5),), 0.5)
     (split,) = [n for n in shrunk.graph.nodes if n.op == "call_function" and n.target is torch.split]
     assert split.args[1] == [2, 4] and shrunk.get_submodule("c").out_channels == 6
+
+
+def test_a_literal_slice_moves_to_the_kept_channels_and_lands_in_the_attribute_it_came_from():
+    torch.manual_seed(0)
+    model, x = GhostSlice().eval(), (torch.randn(2, 3, 5, 5),)
+    masked, shrunk = prune(model, x, 0.5)
+    assert type(shrunk) is GhostSlice  # the user's class: its `out_chs` now counts the kept channels
+    assert shrunk.primary.out_channels == 2 and shrunk.out_chs == shrunk.d.in_channels < 6
+    graph = gp.compile(masked, [Shrink()], example_inputs=x, output="graph")
+    (cut,) = [n for n in graph.graph.nodes if n.target is operator.getitem]
+    assert cut.args[1][1] == slice(None, shrunk.out_chs, None)
+    assert_exact(masked, graph, x)
+
+
+def test_a_slice_at_bounds_the_graph_computes_freezes_the_channels_it_cuts():
+    model, x = SlicesComputed(), (torch.randn(2, 3, 5, 5),)
+    (cut,) = [f for f in gp.analyze(model, example_inputs=x).frozen if f.site.source == "c"]
+    assert cut.site.kind == "indexing" and cut.channels == 8
 
 
 def test_functional_batch_norm_still_prunes():

@@ -1,4 +1,4 @@
-"""Property test: random architectures (residual adds, concats, splits, grouped and depthwise
+"""Property test: random architectures (residual adds, concats, splits, literal slices, grouped and depthwise
 convs, group norms, squeeze-excite, linear heads); shrink of mask is exact on every one."""
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class RandomNet(nn.Module):
                 feats.append(feats[src] * s)
             elif op == "relu":
                 feats.append(F.relu(feats[args[0]]))
+            elif op == "slice":  # GhostNet's cut to a literal width
+                src, start, stop = args
+                feats.append(feats[src][:, start:stop])
         y = feats[-1]
         y = torch.flatten(F.adaptive_avg_pool2d(y, 2), 1) if self.flatten else y.mean((2, 3))
         return self.head(y)
@@ -67,7 +70,8 @@ def random_nets(draw):
     add_layer(nn.Conv2d(3, draw(st.sampled_from([4, 6, 8])), 3, padding=1), 0, None)
     channels[-1] = layers["l0"].out_channels
     for _ in range(draw(st.integers(2, 7))):
-        kind = draw(st.sampled_from(["conv", "grouped", "dw", "bn", "gn", "add", "cat", "chunk", "se", "relu"]))
+        kinds = ["conv", "grouped", "dw", "bn", "gn", "add", "cat", "chunk", "se", "relu", "slice"]
+        kind = draw(st.sampled_from(kinds))
         src = draw(st.integers(1, len(channels) - 1))
         c = channels[src]
         if kind == "conv":
@@ -102,6 +106,11 @@ def random_nets(draw):
             layers[name] = nn.Conv2d(c, c, 1)
             recipe.append(("se", src, name))
             channels.append(c)
+        elif kind == "slice" and c > 1:
+            start = draw(st.integers(0, c - 1))
+            stop = draw(st.integers(start + 1, c))
+            recipe.append(("slice", src, start, stop))
+            channels.append(stop - start)
         elif kind == "relu":
             recipe.append(("relu", src))
             channels.append(c)

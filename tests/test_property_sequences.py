@@ -1,6 +1,6 @@
 """Property test for sequence models: random stacks of attention blocks (heads through view and
 transpose, grouped-query attention with repeat_interleave, fused q/k/v taken apart with unbind),
-tied weights, reshapes (unflatten/flatten, sizes read off tensors), cat/split/chunk, LayerNorms and
+tied weights, reshapes (unflatten/flatten, sizes read off tensors), cat/split/chunk, literal slices, LayerNorms and
 residual adds, called with keyword inputs.  Shrink of mask is exact on every one, or the channels
 that cannot be pruned are frozen: never a broken model."""
 
@@ -75,6 +75,8 @@ class RandomSeqNet(nn.Module):
             elif op == "chunk":
                 a, b = src.chunk(2, dim=-1)
                 h.append(F.gelu(a) + b)
+            elif op == "slice":  # q, k and v cut out of one projection at literal bounds (Phi-3)
+                h.append(src[..., args[1] : args[2]])
             elif op == "unflatten":
                 h.append(src.unflatten(-1, (2, src.shape[-1] // 2)).flatten(-2))
         return self.head(h[-1].mean(1))
@@ -92,7 +94,8 @@ def random_seq_nets(draw):
         widths.append(out)
 
     for _ in range(draw(st.integers(2, 6))):
-        kind = draw(st.sampled_from(["attn", "linear", "tied", "ln", "cat", "split", "chunk", "unflatten", "mlp"]))
+        kinds = ["attn", "linear", "tied", "ln", "cat", "split", "chunk", "unflatten", "mlp", "slice"]
+        kind = draw(st.sampled_from(kinds))
         src = draw(st.integers(0, len(widths) - 1))
         c = widths[src]
         if kind == "attn":
@@ -117,6 +120,11 @@ def random_seq_nets(draw):
             other = draw(st.integers(0, len(widths) - 1))
             recipe.append(("cat", src, other))
             widths.append(c + widths[other])
+        elif kind == "slice" and c > 1:
+            start = draw(st.integers(0, c - 1))
+            stop = draw(st.integers(start + 1, c))
+            recipe.append(("slice", src, start, stop))
+            widths.append(stop - start)
         elif kind in ("split", "chunk", "unflatten") and c % 2 == 0:
             recipe.append((kind, src))
             widths.append(c if kind in ("chunk", "unflatten") else c // 2)

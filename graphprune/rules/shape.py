@@ -10,8 +10,9 @@ some ops put on *which* channels may go together:
   graph computes (or -1) is the one that shrinks; a literal there is
   rewritten by Shrink;
 * `chunk`/`split` into equal parts needs every part to lose the same channels;
-* indexing or slicing a pruned dim with constants would read the wrong
-  channels after pruning, so those channels are frozen.
+* a slice of a pruned dim at literal bounds keeps the channels between them (Shrink moves the
+  bounds); any other index of a pruned dim with constants would read the wrong channels after
+  pruning, so those channels are frozen.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ __all__ = [
     "Concat",
     "SplitChunk",
     "GetItem",
+    "Slice",
     "FreezeAlongDim",
     "Squeeze",
     "NewTensor",
     "dim_arg",
     "follow_param",
+    "index_dims",
     "RULES",
 ]
 
@@ -364,8 +367,9 @@ class SplitChunk(Rule):
         return parts
 
 
-def _index_dims(index: Any, ndim: int) -> list[tuple[int, Any]]:
-    """Pair each component of a tensor index with the input dim it applies to."""
+def index_dims(index: Any, ndim: int) -> list[tuple[int, int, Any]]:
+    """Each component of a tensor index as (its position in the index, the input dim it applies
+    to, the component)."""
     index = index if isinstance(index, tuple) else (index,)
 
     def width(item: Any) -> int:
@@ -373,15 +377,20 @@ def _index_dims(index: Any, ndim: int) -> list[tuple[int, Any]]:
 
     consumed = sum(width(i) for i in index if not (i is None or i is Ellipsis))
     out, d = [], 0
-    for item in index:
+    for pos, item in enumerate(index):
         if item is Ellipsis:
             d += ndim - consumed
         elif item is None:
             continue
         else:
-            out.extend((d + k, item) for k in range(width(item)))  # a boolean mask covers several dims
+            out.extend((pos, d + k, item) for k in range(width(item)))  # a boolean mask covers several dims
             d += width(item)
     return out
+
+
+def _literal_slice(start: Any, stop: Any, step: Any) -> bool:
+    """A slice the graph holds as literals, step 1: Shrink can move its bounds (see `Slice`)."""
+    return all(b is None or (type(b) is int) for b in (start, stop)) and step in (None, 1)
 
 
 def _is_full(item: Any, size: int) -> bool:
@@ -394,7 +403,8 @@ def _is_full(item: Any, size: int) -> bool:
 
 
 class GetItem(Rule):
-    """Indexing: picking from a tuple is free; indexing a pruned dim with constants freezes it."""
+    """Indexing: picking from a tuple is free; a literal slice of a pruned dim is a `Slice`; any
+    other index of a pruned dim with constants freezes it."""
 
     follows_params = True
 
@@ -405,15 +415,46 @@ class GetItem(Rule):
         if not isinstance(call.args[0], torch.Tensor):
             return None
         x = call.input(0)
-        for d, item in _index_dims(index, x.ndim):
-            if d < x.ndim and varies_along(x, d) and not _is_full(item, x.shape[d]):
+        computed: list[fx.Node] = []
+        fx.node.map_arg(call.node.args[1], computed.append)  # (bounds the graph computes)
+        for _, d, item in index_dims(index, x.ndim):
+            if d >= x.ndim or not varies_along(x, d) or _is_full(item, x.shape[d]):
+                continue
+            if isinstance(item, slice) and not computed and _literal_slice(item.start, item.stop, item.step):
+                call.extra["reshape_labels"] = x  # Shrink moves the bounds
+                continue
+            call.space.freeze(
+                x,
+                call.site("indexing", "indexes pruned channels with constants", source=call.node.args[0].name, dim=d),
+            )
+        return x[index]
+
+
+class Slice(Rule):
+    """aten.slice along pruned channels at literal bounds, step 1 (Phi-3's fused qkv cut at
+    `[..., :q]` and `[..., q:q + kv]`, GhostNet's `[:, :oup]`): the part holds the channels between
+    the bounds, and Shrink moves each bound to the number of channels kept before it.  Bounds the
+    graph computes, or a step, freeze the channels."""
+
+    def propagate(self, call: OpCall):
+        x = call.input(0)
+        dim = dim_arg(call, 0, "dim", 0) % x.ndim
+        node = call.node
+        bounds = [_node_arg(node, pos, name) for pos, name in ((2, "start"), (3, "end"), (4, "step"))]
+        if varies_along(x, dim):
+            if _literal_slice(*bounds):
+                call.extra["reshape_labels"] = x
+            else:
                 call.space.freeze(
                     x,
                     call.site(
-                        "indexing", "indexes pruned channels with constants", source=call.node.args[0].name, dim=d
+                        "indexing",
+                        "slices pruned channels at bounds computed at run time, or with a step",
+                        source=node.args[0].name,
+                        dim=dim,
                     ),
                 )
-        return x[index]
+        return execute(call)
 
 
 class FreezeAlongDim(Rule):
@@ -546,10 +587,11 @@ RULES = [
             torch.select,
             "index_select",
             torch.index_select,
-            *overloads(aten.slice, aten.select, aten.narrow, aten.index_select),
+            *overloads(aten.select, aten.narrow, aten.index_select),
         ),
         FreezeAlongDim(0, "dim"),
     ),
+    ((aten.slice.Tensor,), Slice()),
     (("unbind", torch.unbind, *overloads(aten.unbind)), FreezeAlongDim(0, "dim", default=0)),
     (("roll", torch.roll, *overloads(aten.roll)), FreezeAlongDim(1, "dims")),
     ((nn.ChannelShuffle,), ChannelShuffleRule()),
