@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from graphprune.errors import GraphPruneError
 from graphprune.ir.inputs import call_with, check_example_inputs, eval_mode
 from graphprune.ir.modules import SkippedBlock
 
-__all__ = ["as_hf_model", "express_config"]
+__all__ = ["as_hf_model", "express_config", "with_heads"]
 
 
 # Per-head sizes that attention modules keep as attributes: shapes alone cannot tell fewer heads from
@@ -93,9 +94,12 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
 
     held = {attr: {size[0] for k, size in target.items() if k.endswith(f"#{attr}")} for attr in _HEAD_SIZES}
 
-    def moves(cfg) -> list[tuple[str, int]]:
+    groups = held["num_key_value_groups"]  # query heads per kv head, as the pruned layers hold them
+
+    def moves(cfg) -> list[list[tuple[str, int]]]:
         out = []
-        for attr, value in cfg.to_dict().items():
+        values = cfg.to_dict()
+        for attr, value in values.items():
             if held.get(attr):  # a head size is what the pruned modules hold
                 candidates = held[attr] if len(held[attr]) == 1 else set()
             elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -106,7 +110,12 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
                 }
             else:
                 continue
-            out += [(attr, c) for c in sorted(candidates - {value, 0})]
+            for c in sorted(candidates - {value, 0}):
+                move = [(attr, c)]
+                if attr == "num_attention_heads" and len(groups) == 1 and "num_key_value_heads" in values:
+                    g = next(iter(groups))  # (fewer query heads with as many per kv head: fewer kv heads)
+                    move += [("num_key_value_heads", c // g)] if c % g == 0 else []
+                out.append(move)
         return out
 
     seen: set[str] = set()
@@ -128,17 +137,17 @@ def _search(cls, config, target: dict[str, tuple[int, ...]], accept) -> tuple[ob
             break
         trials = []
         for cfg, misfits in frontier:
-            for attr, value in moves(cfg):
-                trial = _changed(cfg, [(attr, value)])
+            for move in moves(cfg):
+                trial = _changed(cfg, move)
                 fits = tried(trial)
                 if fits == [] and accept(trial):
                     return trial, []
                 if fits is not None and len(fits) < len(misfits):
-                    trials.append(((attr, value), trial, fits))
+                    trials.append((move, trial, fits))
                     best = min(best, fits, key=len)
         trials.sort(key=lambda t: len(t[2]))
         if trials:  # the best config so far, with every value that helped changed at once
-            joint = _changed(frontier[0][0], [move for move, _, _ in reversed(trials)])
+            joint = _changed(frontier[0][0], [change for move, _, _ in reversed(trials) for change in move])
             if tried(joint) == [] and accept(joint):
                 return joint, []
         frontier = [(trial, fits) for _, trial, fits in trials[:_BEAM]]
@@ -175,6 +184,29 @@ def _refuse_save_pretrained(reason: str):
     return save_pretrained
 
 
+# copies of a config that hold one layer's head count (`with_heads`), by id, while they are in use
+_HEAD_COPIES: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+
+
+def with_heads(config, heads: int):
+    """A copy of `config` with `num_attention_heads` = `heads`, for attention that reads its head count
+    from the config at run time (Phi-3 cuts its fused qkv there) and lost heads."""
+    changed = copy.copy(config)
+    changed.num_attention_heads = heads
+    _HEAD_COPIES[id(changed)] = changed
+    return changed
+
+
+def _share_config(model: nn.Module) -> None:
+    """Modules that hold a `with_heads` copy hold the model's config again where it now says their
+    head count: one config, as from_pretrained builds it."""
+    for m in model.modules():
+        other = getattr(m, "config", None)
+        if other is not None and _HEAD_COPIES.get(id(other)) is other:
+            if other.num_attention_heads == model.config.num_attention_heads:
+                m.config = model.config
+
+
 def express_config(model: nn.Module) -> str | None:
     """After a Hugging Face model was pruned in place: write the sizes into its config where the config
     can express them (every layer alike: intermediate_size, num_key_value_heads, ...), so that
@@ -203,6 +235,7 @@ def express_config(model: nn.Module) -> str | None:
             for attr, value in found.to_dict().items():
                 if getattr(model.config, attr, None) != value and not isinstance(value, dict):
                     setattr(model.config, attr, value)
+            _share_config(model)
             return None
         reason = (
             f"{cls.__name__}'s config cannot express these sizes (tensors that do not fit: "

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from graphprune.hf import with_heads
 from graphprune.ir import tokens
 from graphprune.ir.inputs import batch_of, with_batch
 from graphprune.ir.masking import channel_masked, masks_of, register_mask, sync_recurrent, unregister_masks
@@ -210,18 +211,35 @@ def _head_width(work: nn.Module) -> None:
 
 
 def _kv_groups(work: nn.Module) -> None:
-    """Hugging Face attention keeps its query heads per kv head in `num_key_value_groups` (its eager
-    attention repeats the kv heads by it): the projections' widths after pruning (GQAQueryHeads)."""
+    """Hugging Face attention keeps head counts its forward reads, set here from the projections'
+    widths after pruning: `num_key_value_groups` (its eager attention repeats the kv heads by it,
+    GQAQueryHeads), and where q, k and v come out of one fused projection cut at head counts
+    (Phi-3's `qkv[..., :config.num_attention_heads * head_dim]`), `num_key_value_heads` and the
+    config's `num_attention_heads`: a copy of the config, shared by the layers that keep as many
+    heads (hf.express_config puts the model's own config back where it can say them)."""
+    copies: dict[tuple[int, int], Any] = {}
     for m in work.modules():
-        q, k = getattr(m, "q_proj", None), getattr(m, "k_proj", None)
-        if (
-            type(getattr(m, "num_key_value_groups", None)) is int
-            and isinstance(q, nn.Linear)
-            and isinstance(k, nn.Linear)
-            and k.out_features
-            and q.out_features % k.out_features == 0
-        ):
-            m.num_key_value_groups = q.out_features // k.out_features
+        q, k, qkv, o = (getattr(m, name, None) for name in ("q_proj", "k_proj", "qkv_proj", "o_proj"))
+        head_dim = getattr(m, "head_dim", None)
+        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+            q_width, kv_width = q.out_features, k.out_features
+        elif isinstance(qkv, nn.Linear) and isinstance(o, nn.Linear) and type(head_dim) is int:
+            q_width, kv_width = o.in_features, (qkv.out_features - o.in_features) // 2
+        else:
+            continue
+        if not kv_width or q_width % kv_width:
+            continue
+        if type(getattr(m, "num_key_value_groups", None)) is int:
+            m.num_key_value_groups = q_width // kv_width
+        if qkv is None or q is not None or q_width % head_dim or kv_width % head_dim:
+            continue
+        if type(getattr(m, "num_key_value_heads", None)) is int:
+            m.num_key_value_heads = kv_width // head_dim
+        config, heads = getattr(m, "config", None), q_width // head_dim
+        if type(getattr(config, "num_attention_heads", None)) is int and config.num_attention_heads != heads:
+            if (id(config), heads) not in copies:
+                copies[id(config), heads] = with_heads(config, heads)
+            m.config = copies[id(config), heads]
 
 
 def _second_inputs(example_inputs: tuple | dict) -> tuple | dict | None:

@@ -229,9 +229,12 @@ def tiny_decoder(family: str = "llama", layers: int = 2, seed: int = 0, **overri
     config_class, model_class = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),  # (q, k and v in one projection)
     }[family]
+    tokens = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2} if family == "phi3" else {}
     config = config_class(
         **{
+            **tokens,
             "vocab_size": 100,
             "hidden_size": 32,
             "intermediate_size": 64,

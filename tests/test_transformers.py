@@ -17,6 +17,7 @@ from graphprune.analysis import Scores
 from graphprune.ir import norms
 from graphprune.ir.modules import MaskedLayerNorm
 from graphprune.passes import ChannelMask, L2Score, ReinsertZeros, Shrink
+from tests import models
 from tests.helpers import assert_exact, prune, run
 
 transformers = pytest.importorskip("transformers")
@@ -430,6 +431,25 @@ def test_fewer_kv_groups_become_fewer_heads_in_the_config_and_bert_heads_cannot(
     heads = gp.compile(bert, [L2Score(), ChannelMask({"head": 0.5}), Shrink()], example_inputs=x)
     with pytest.raises(gp.GraphPruneError, match="cannot express"):
         gp.as_hf_model(heads, bert, x)
+
+
+def test_phi3_fused_qkv_cut_at_head_counts_prunes_whole_kv_groups_and_round_trips(tmp_path):
+    # Phi-3 cuts q, k and v out of one projection at bounds it computes from head counts
+    # (`qkv[..., :num_heads * head_dim]`): Shrink moves the bounds, the landing sets the counts its
+    # forward reads, and the config says the pruned sizes
+    model = models.tiny_decoder("phi3")
+    x = {"input_ids": torch.randint(3, 100, (2, 8))}
+    masked = gp.compile(model, [L2Score(), ChannelMask(0.5)], example_inputs=x)
+    shrunk = gp.compile(masked, [Shrink()], example_inputs=x)
+    assert type(shrunk) is transformers.Phi3ForCausalLM
+    attention = shrunk.model.layers[0].self_attn
+    assert attention.qkv_proj.out_features == (2 + 2 * 1) * 8 and attention.num_key_value_heads == 1
+    assert (shrunk.config.num_attention_heads, shrunk.config.num_key_value_heads) == (2, 1)
+    assert attention.config is shrunk.config and model.config.num_attention_heads == 4
+    torch.testing.assert_close(run(shrunk, x).logits, run(masked, x).logits, rtol=1e-4, atol=1e-5)
+    shrunk.save_pretrained(tmp_path)
+    again = transformers.Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(run(again, x).logits, run(shrunk, x).logits)
 
 
 class MhaBlock(nn.Module):
