@@ -89,6 +89,19 @@ def hf_model(name: str) -> tuple[torch.nn.Module, dict]:
                 **common,
             )
         ),
+        "phi3": lambda: T.Phi3Model(  # q, k and v out of one projection, cut at head counts
+            T.Phi3Config(
+                hidden_size=256,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                intermediate_size=704,
+                use_cache=False,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                **common,
+            )
+        ),
         "t5": lambda: T.T5Model(
             T.T5Config(vocab_size=1000, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4, use_cache=False)
         ),
@@ -103,7 +116,7 @@ def hf_model(name: str) -> tuple[torch.nn.Module, dict]:
     return model, {"input_ids": ids}
 
 
-HF_MODELS = ["bert", "roberta", "distilbert", "vit", "gpt2", "llama", "qwen2", "t5"]
+HF_MODELS = ["bert", "roberta", "distilbert", "vit", "gpt2", "llama", "qwen2", "phi3", "t5"]
 
 
 def input_side(name: str, size: int) -> int:

@@ -210,7 +210,7 @@ def _head_width(work: nn.Module) -> None:
         work.num_features = head.in_features
 
 
-def _kv_groups(work: nn.Module) -> None:
+def _head_counts(work: nn.Module) -> None:
     """Hugging Face attention keeps head counts its forward reads, set here from the projections'
     widths after pruning: `num_key_value_groups` (its eager attention repeats the kv heads by it,
     GQAQueryHeads), and where q, k and v come out of one fused projection cut at head counts
@@ -305,7 +305,7 @@ def land(
             _by_name(work, gm)
         _mask_layer_norms(work, gm)
         _head_width(work)
-        _kv_groups(work)
+        _head_counts(work)
         resized = _structure(work) != before or bool(_rewritten_lines(gm))
         problem = _compare(work, gm, example_inputs, expected, resized)
         if problem is not None and _set_attributes(work, gm):  # sizes the source reads from module attributes
