@@ -18,7 +18,14 @@ import torch.fx as fx
 from torch import nn
 
 from graphprune.analysis.dependency import Dependencies, analyze_dependencies
-from graphprune.errors import ArgumentError, GraphPruneError, GraphPruneWarning, InputError
+from graphprune.errors import (
+    ArgumentError,
+    GraphPruneError,
+    GraphPruneWarning,
+    InputError,
+    PassError,
+    UnsupportedOpError,
+)
 from graphprune.hf import express_config
 from graphprune.ir.inputs import check_example_inputs, check_fits, on_meta, to_meta
 from graphprune.ir.masking import attach_masks, channel_masked, detach_masks, masks_of
@@ -86,11 +93,27 @@ def compile(
     leaf_modules = tuple(dict.fromkeys((*getattr(model, LEAF_ATTR, ()), *leaf_modules)))
     passes, run = list(passes), dict(inplace=inplace, verify=verify, verify_each=verify_each, output=output)
     recall_graph = output != "graph" or isinstance(model, fx.GraphModule)  # (a graph returned is not checked)
-    result = _compile(model, passes, example_inputs, leaf_modules, recall_graph=recall_graph, **run)
+    first = None
+    try:
+        result = _compile(model, passes, example_inputs, leaf_modules, recall_graph=recall_graph, **run)
+    except _FailedOnRecalled as failed:
+        result, first = None, failed.__cause__
+        logger.debug(
+            "a pass failed on the remembered graph of %s: tracing afresh", type(model).__name__, exc_info=first
+        )
     if result is None:  # built on a remembered graph that did not land or that a pass failed on: trace afresh
         forget(model)
-        result = _compile(model, passes, example_inputs, leaf_modules, recall_graph=False, **run)
+        try:
+            result = _compile(model, passes, example_inputs, leaf_modules, recall_graph=False, **run)
+        except GraphPruneError as exc:  # (a pass that read one-shot data the first time may fail otherwise now)
+            if first is not None and str(first) != str(exc) and hasattr(exc, "add_note"):
+                exc.add_note(f"on the graph remembered from an earlier compile it failed first with: {first}")
+            raise
     return result
+
+
+class _FailedOnRecalled(Exception):
+    """A pass failed on a remembered graph (the error is the cause): compile() traces afresh."""
 
 
 def _compile(
@@ -159,11 +182,10 @@ def _passes_and_landing(
     memo = remember(model, gm, leaf_modules, example_inputs) if recalled is None and gm is not ahead else None
     try:
         gm = pipeline.call(gm, ctx).gm
-    except GraphPruneError as exc:  # perhaps the forward changed since the graph was traced (out of the key's
-        if recalled is None or isinstance(exc, ArgumentError):  # sight): believe an error from a fresh trace only
+    except (PassError, UnsupportedOpError) as exc:  # what a graph the model no longer computes (a change out
+        if recalled is None:  # of the key's sight) can make a pass meet: believe it from a fresh trace only
             raise
-        logger.debug("a pass failed on the remembered graph of %s: tracing afresh", type(model).__name__, exc_info=True)
-        return None
+        raise _FailedOnRecalled() from exc
     if memo is not None:  # the analysis of the graph as traced, if a pass made it before changing the graph
         memo.dependencies = ctx.initial.get(Dependencies)
     gm.graph.lint()

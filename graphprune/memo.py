@@ -72,28 +72,38 @@ def _signature(value) -> tuple:
 
 
 _TORCH_OWN = frozenset(nn.Module().__dict__)  # what nn.Module keeps in every module (hooks, tables, mode)
-_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, slice, range)
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, range)
 
 
 def _value(v, seen: dict, depth: int = 0):
-    """A module attribute as the key holds it: plain data by value, a config by its contents, a
-    small tensor by its values, anything else by identity (another instance then has other objects,
-    so it is not taken for the same structure)."""
+    """A module attribute as the key holds it (hashable): plain data by type and value, a config by
+    its contents, a small tensor by its values, anything else by identity (another instance then
+    has other objects, so it is not taken for the same structure)."""
     if isinstance(v, _PLAIN) or isinstance(v, enum.Enum):
-        return v
+        return type(v).__name__, v  # (True and 1 are other values)
+    if isinstance(v, slice):  # (not hashable before Python 3.12)
+        return "slice", _value(v.start, seen), _value(v.stop, seen), _value(v.step, seen)
     if isinstance(v, (list, tuple, set, frozenset, dict)) and depth < 4:
         items = sorted(v.items(), key=repr) if isinstance(v, dict) else v
         items = sorted(items, key=repr) if isinstance(v, (set, frozenset)) else items
         return type(v).__name__, tuple(_value(x, seen, depth + 1) for x in items)
     if id(v) not in seen:  # (a config is held by many modules: read once)
-        if isinstance(v, torch.Tensor) and v.layout == torch.strided and (v.is_meta or v.numel() <= 4096):
-            data = None if v.is_meta else v.detach().reshape(-1).cpu().contiguous().view(torch.uint8)  # (as bytes)
-            seen[id(v)] = ("tensor", tuple(v.shape), v.dtype, None if data is None else hash(data.numpy().tobytes()))
-        elif hasattr(v, "to_dict") and not isinstance(v, type):
-            seen[id(v)] = (type(v).__qualname__, repr(v.to_dict()))
-        else:
-            seen[id(v)] = (type(v).__qualname__, id(v))
+        seen[id(v)] = _contents_of(v)
     return seen[id(v)]
+
+
+def _contents_of(v) -> tuple:
+    """A tensor or config by what it holds; by identity where that cannot be read."""
+    try:
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided and (v.is_meta or v.numel() <= 4096):
+            data = None if v.is_meta else v.detach().resolve_conj().resolve_neg().reshape(-1).cpu().contiguous()
+            values = None if data is None else hash(data.view(torch.uint8).numpy().tobytes())  # (as bytes)
+            return "tensor", tuple(v.shape), v.dtype, values
+        if hasattr(v, "to_dict") and not isinstance(v, type):
+            return type(v).__qualname__, repr(v.to_dict())
+    except Exception:  # (a view that cannot be read as bytes, a to_dict that wants arguments)
+        pass
+    return type(v).__qualname__, id(v)
 
 
 def _attributes(m: nn.Module, seen: dict) -> tuple:

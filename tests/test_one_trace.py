@@ -155,6 +155,40 @@ def test_a_pass_that_fails_on_a_remembered_graph_is_run_again_on_a_fresh_trace(c
     assert counts["traces"] == 3
 
 
+def test_an_error_a_stale_graph_cannot_cause_is_raised_without_a_fresh_trace(counts):
+    model, x = _Switchable().eval(), (torch.randn(2, 8),)
+    gp.compile(model, [L2Score()], example_inputs=x)
+    with pytest.raises(gp.PreconditionError, match="needs scores"):  # (the passes' order, not the graph)
+        gp.compile(model, [ChannelMask(0.5)], example_inputs=x)
+    assert counts["traces"] == 1
+
+
+class _Kept(nn.Module):
+    keep = slice(None)
+
+    def __init__(self, keep: slice) -> None:
+        super().__init__()
+        self.a, self.b, self.keep = nn.Linear(8, 8), nn.Linear(4, 2), keep
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, self.keep])
+
+
+def test_a_module_attribute_of_any_kind_keys_the_memo():
+    # a slice (not hashable before Python 3.12), True against 1, a conjugated tensor
+    x = (torch.randn(2, 8),)
+    first, second = _Kept(slice(0, 4)).eval(), _Kept(slice(4, 8)).eval()
+    a = gp.compile(first, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    b = gp.compile(second, [L2Score(), ChannelMask(0.5), Shrink()], example_inputs=x)
+    assert type(a) is type(b) is _Kept and a.a.out_features == b.a.out_features == 4  # (half read, half not)
+    assert (a.keep, b.keep) == (slice(0, 2), slice(2, 8))  # the slice attribute moved with the channels
+    assert memo._key(first, (), x) != memo._key(second, (), x)
+    flags = [_Kept(slice(0, 4)) for _ in range(2)]
+    flags[0].flag, flags[1].flag = True, 1
+    flags[0].phase = torch.randn(2, dtype=torch.cfloat).conj()
+    assert memo._key(flags[0], (), x) != memo._key(flags[1], (), x)
+
+
 class _Heads(nn.Module):
     def __init__(self, heads: int) -> None:
         super().__init__()
