@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import weakref
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from graphprune.errors import GraphPruneError
 from graphprune.ir.inputs import call_with, check_example_inputs, eval_mode
 from graphprune.ir.modules import SkippedBlock
 
-__all__ = ["as_hf_model", "express_config", "with_heads"]
+__all__ = ["HEAD_CONFIG", "as_hf_model", "express_config", "with_heads"]
 
 
 # Per-head sizes that attention modules keep as attributes: shapes alone cannot tell fewer heads from
@@ -184,27 +183,32 @@ def _refuse_save_pretrained(reason: str):
     return save_pretrained
 
 
-# copies of a config that hold one layer's head count (`with_heads`), by id, while they are in use
-_HEAD_COPIES: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+HEAD_CONFIG = "graphprune_own_head_config"  # set on a module that holds a `with_heads` copy (survives copies)
 
 
-def with_heads(config, heads: int):
-    """A copy of `config` with `num_attention_heads` = `heads`, for attention that reads its head count
-    from the config at run time (Phi-3 cuts its fused qkv there) and lost heads."""
-    changed = copy.copy(config)
-    changed.num_attention_heads = heads
-    _HEAD_COPIES[id(changed)] = changed
-    return changed
+def with_heads(module: nn.Module, config, heads: int, kv_heads: int):
+    """Give `module` `config` with `num_attention_heads` = `heads` and `num_key_value_heads` =
+    `kv_heads` (a copy, unless it says them already), for attention that reads its head count from
+    the config at run time (Phi-3 cuts its fused qkv there) and lost heads; returns the config."""
+    if (config.num_attention_heads, getattr(config, "num_key_value_heads", kv_heads)) != (heads, kv_heads):
+        config = copy.copy(config)
+        config.num_attention_heads = heads
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = kv_heads
+    module.config = config
+    module.__dict__[HEAD_CONFIG] = True
+    return config
 
 
 def _share_config(model: nn.Module) -> None:
     """Modules that hold a `with_heads` copy hold the model's config again where it now says their
-    head count: one config, as from_pretrained builds it."""
+    head counts: one config, as from_pretrained builds it."""
+    counts = ("num_attention_heads", "num_key_value_heads")
     for m in model.modules():
-        other = getattr(m, "config", None)
-        if other is not None and _HEAD_COPIES.get(id(other)) is other:
-            if other.num_attention_heads == model.config.num_attention_heads:
+        if m.__dict__.get(HEAD_CONFIG):
+            if all(getattr(m.config, a, None) == getattr(model.config, a, None) for a in counts):
                 m.config = model.config
+                del m.__dict__[HEAD_CONFIG]
 
 
 def express_config(model: nn.Module) -> str | None:

@@ -215,9 +215,9 @@ def _head_counts(work: nn.Module) -> None:
     widths after pruning: `num_key_value_groups` (its eager attention repeats the kv heads by it,
     GQAQueryHeads), and where q, k and v come out of one fused projection cut at head counts
     (Phi-3's `qkv[..., :config.num_attention_heads * head_dim]`), `num_key_value_heads` and the
-    config's `num_attention_heads`: a copy of the config, shared by the layers that keep as many
-    heads (hf.express_config puts the model's own config back where it can say them)."""
-    copies: dict[tuple[int, int], Any] = {}
+    config's head counts: a copy of the config, shared by the layers that keep as many heads
+    (hf.express_config puts the model's own config back where it can say them)."""
+    copies: dict[tuple[int, int, int], Any] = {}
     for m in work.modules():
         q, k, qkv, o = (getattr(m, name, None) for name in ("q_proj", "k_proj", "qkv_proj", "o_proj"))
         head_dim = getattr(m, "head_dim", None)
@@ -233,13 +233,14 @@ def _head_counts(work: nn.Module) -> None:
             m.num_key_value_groups = q_width // kv_width
         if qkv is None or q is not None or q_width % head_dim or kv_width % head_dim:
             continue
+        heads, kv_heads = q_width // head_dim, kv_width // head_dim
         if type(getattr(m, "num_key_value_heads", None)) is int:
-            m.num_key_value_heads = kv_width // head_dim
-        config, heads = getattr(m, "config", None), q_width // head_dim
-        if type(getattr(config, "num_attention_heads", None)) is int and config.num_attention_heads != heads:
-            if (id(config), heads) not in copies:
-                copies[id(config), heads] = with_heads(config, heads)
-            m.config = copies[id(config), heads]
+            m.num_key_value_heads = kv_heads
+        config = getattr(m, "config", None)
+        said = (getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", kv_heads))
+        if type(said[0]) is int and said != (heads, kv_heads):
+            key = (id(config), heads, kv_heads)
+            copies[key] = with_heads(m, copies.get(key, config), heads, kv_heads)
 
 
 def _second_inputs(example_inputs: tuple | dict) -> tuple | dict | None:
@@ -259,22 +260,36 @@ def _why(exc: BaseException) -> str:
 
 def _set_attributes(work: nn.Module, gm: fx.GraphModule) -> bool:
     """Where Shrink rewrote a literal size in the graph (a head count, a hidden width), the source
-    most often reads it from an int attribute of the module it runs in (`self.num_heads`): set those
-    attributes to the new value.  A guess, so the caller verifies it (and rolls back if wrong)."""
+    most often reads it from an int attribute of the module it runs in (`self.num_heads`), or a slice
+    (`x[:, self.keep]`): set those attributes to the new value.  A guess, so the caller verifies it
+    (and rolls back if wrong)."""
     modules = dict(work.named_modules())
     changed = False
     for node in gm.graph.nodes:
+        moved: dict[int, int] = {}
         for old, new in node.meta.get("graphprune_rewritten") or ():
-            path = module_of(node)
-            while path not in modules:
-                path = path.rpartition(".")[0]
-            module = modules[path]
-            if rule_for_module(module, for_attributes=True) is not None or _width_fix(module) is not None:
-                continue  # its widths are kept right by its rule
-            for attr, value in list(vars(module).items()):
-                if type(value) is int and value == old and not attr.startswith("_"):
-                    setattr(module, attr, new)
-                    changed = True
+            moved.setdefault(old, new)  # (the first, as the graph's sizes are read in order)
+        if not moved:
+            continue
+        path = module_of(node)
+        while path not in modules:
+            path = path.rpartition(".")[0]
+        module = modules[path]
+        if rule_for_module(module, for_attributes=True) is not None or _width_fix(module) is not None:
+            continue  # its widths are kept right by its rule
+        for attr, value in list(vars(module).items()):
+            if attr.startswith("_"):
+                continue
+            if type(value) is int and value in moved:
+                setattr(module, attr, moved[value])
+                changed = True
+            elif type(value) is slice and (value.start in moved or value.stop in moved):  # (`x[:, self.keep]`)
+                setattr(
+                    module,
+                    attr,
+                    slice(moved.get(value.start, value.start), moved.get(value.stop, value.stop), value.step),
+                )
+                changed = True
     return changed
 
 

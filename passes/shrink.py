@@ -207,12 +207,16 @@ def _rewrite_slice(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) 
         return ~pruned.expand(shape).movedim(dim, 0).reshape(shape[dim], -1).all(1)
 
     rewritten = []
-    if node.target is torch.ops.aten.slice.Tensor:
-        args = list(node.args) + [None] * (4 - len(node.args))
-        dim = (args[1] if args[1] is not None else node.kwargs.get("dim", 0)) % len(shape)
-        new = [_moved(b, kept(dim)) for b in args[2:4]]
-        rewritten = [(b, n) for b, n in zip(args[2:4], new) if b != n]
-        node.args = (args[0], dim, *new, *args[4:])
+    if node.target is torch.ops.aten.slice.Tensor:  # (x, dim=0, start=None, end=None, step=1), kwargs folded in
+        given = list(node.args[1:])
+        dim, start, end, step = (
+            given[i] if i < len(given) else node.kwargs.get(name, default)
+            for i, (name, default) in enumerate((("dim", 0), ("start", None), ("end", None), ("step", 1)))
+        )
+        dim %= len(shape)
+        new = [_moved(b, kept(dim)) for b in (start, end)]
+        rewritten = [(b, n) for b, n in zip((start, end), new) if b != n]
+        node.args, node.kwargs = (node.args[0], dim, *new, step), {}
     else:  # getitem
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         items = list(index)

@@ -181,6 +181,17 @@ class GhostSlice(nn.Module):
         return self.d(torch.cat([y, self.cheap(y)], 1)[:, : self.out_chs])
 
 
+class AtenSliceKeywords(nn.Module):
+    """aten.slice with its bounds as keywords: Shrink moves them all the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.d(torch.ops.aten.slice.Tensor(self.c(x), dim=1, start=2, end=5))
+
+
 class SlicesComputed(nn.Module):
     """Slices at bounds read off the tensor (nodes of the graph): they would cut elsewhere once channels
     go, so those channels stay."""
@@ -197,6 +208,7 @@ class SlicesComputed(nn.Module):
 CASES = [
     FunctionalBatchNorm,
     GhostSlice,
+    AtenSliceKeywords,
     SlicesComputed,
     DivideByParam,
     Rsqrt,

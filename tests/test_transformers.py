@@ -452,6 +452,29 @@ def test_phi3_fused_qkv_cut_at_head_counts_prunes_whole_kv_groups_and_round_trip
     torch.testing.assert_close(run(again, x).logits, run(shrunk, x).logits)
 
 
+def test_phi3_layers_pruned_unevenly_then_evenly_share_the_models_config_again():
+    # layers that keep other head counts than the config says hold a copy of it; once a later round
+    # evens them out, the config says the counts and every layer reads the model's config again
+    model = models.tiny_decoder("phi3")
+    x = {"input_ids": torch.randint(3, 100, (2, 8))}
+    uneven = gp.compile(
+        model, [L2Score(), ChannelMask({"head": 0.5}, exclude=["model.layers.0.self_attn"]), Shrink()], example_inputs=x
+    )
+    first, second = (layer.self_attn for layer in uneven.model.layers)
+    assert first.config is uneven.config and second.config is not uneven.config
+    assert (second.config.num_attention_heads, second.config.num_key_value_heads) == (2, 1)
+    with pytest.raises(gp.GraphPruneError, match="graphprune.save"):
+        uneven.save_pretrained("unused")
+    even = gp.compile(
+        uneven,
+        [L2Score(), ChannelMask({"head": 0.5}, exclude=["model.layers.1.self_attn"]), Shrink()],
+        example_inputs=x,
+    )
+    assert all(layer.self_attn.config is even.config for layer in even.model.layers)
+    assert (even.config.num_attention_heads, even.config.num_key_value_heads) == (2, 1)
+    torch.testing.assert_close(run(even, x).logits, run(gp.as_hf_model(even, model, x), x).logits)
+
+
 class MhaBlock(nn.Module):
     def __init__(self, batch_first: bool, need_weights: bool = False) -> None:
         super().__init__()
