@@ -51,6 +51,9 @@ def hf_model(name: str) -> tuple[torch.nn.Module, dict]:
     import transformers as T
 
     common = dict(vocab_size=1000, num_hidden_layers=4)
+    decoder = dict(  # grouped-query attention: 8 query heads over 2 kv heads
+        hidden_size=256, num_attention_heads=8, num_key_value_heads=2, intermediate_size=704, use_cache=False, **common
+    )
     builders = {
         "bert": lambda: T.BertModel(
             T.BertConfig(hidden_size=256, num_attention_heads=4, intermediate_size=1024, **common)
@@ -69,39 +72,10 @@ def hf_model(name: str) -> tuple[torch.nn.Module, dict]:
         "gpt2": lambda: T.GPT2Model(
             T.GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4, n_positions=128, use_cache=False)
         ),
-        "llama": lambda: T.LlamaModel(
-            T.LlamaConfig(
-                hidden_size=256,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                intermediate_size=704,
-                use_cache=False,
-                **common,
-            )
-        ),
-        "qwen2": lambda: T.Qwen2Model(
-            T.Qwen2Config(
-                hidden_size=256,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                intermediate_size=704,
-                use_cache=False,
-                **common,
-            )
-        ),
-        "phi3": lambda: T.Phi3Model(  # q, k and v out of one projection, cut at head counts
-            T.Phi3Config(
-                hidden_size=256,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                intermediate_size=704,
-                use_cache=False,
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=2,
-                **common,
-            )
-        ),
+        "llama": lambda: T.LlamaModel(T.LlamaConfig(**decoder)),
+        "qwen2": lambda: T.Qwen2Model(T.Qwen2Config(**decoder)),
+        # q, k and v out of one projection, cut at head counts
+        "phi3": lambda: T.Phi3Model(T.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **decoder)),
         "t5": lambda: T.T5Model(
             T.T5Config(vocab_size=1000, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4, use_cache=False)
         ),
