@@ -88,11 +88,11 @@ def _value(v, seen: dict, depth: int = 0):
         items = sorted(items, key=repr) if isinstance(v, (set, frozenset)) else items
         return type(v).__name__, tuple(_value(x, seen, depth + 1) for x in items)
     if id(v) not in seen:  # (a config is held by many modules: read once)
-        seen[id(v)] = _contents_of(v)
+        seen[id(v)] = _by_contents(v)
     return seen[id(v)]
 
 
-def _contents_of(v) -> tuple:
+def _by_contents(v) -> tuple:
     """A tensor or config by what it holds; by identity where that cannot be read."""
     try:
         if isinstance(v, torch.Tensor) and v.layout == torch.strided and (v.is_meta or v.numel() <= 4096):

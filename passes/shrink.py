@@ -31,7 +31,7 @@ from graphprune.ir.modules import set_layer_norm_class
 from graphprune.ir.norms import revert_masked_ops
 from graphprune.pipeline import PassBase, PassContext, PassResult
 from graphprune.rules.base import rule_for_module
-from graphprune.rules.shape import index_dims
+from graphprune.rules.shape import index_dims, node_arg
 
 __all__ = ["Shrink"]
 
@@ -208,12 +208,10 @@ def _rewrite_slice(node: fx.Node, shape: tuple[int, ...], pruned: torch.Tensor) 
 
     rewritten = []
     if node.target is torch.ops.aten.slice.Tensor:  # (x, dim=0, start=None, end=None, step=1), kwargs folded in
-        given = list(node.args[1:])
         dim, start, end, step = (
-            given[i] if i < len(given) else node.kwargs.get(name, default)
-            for i, (name, default) in enumerate((("dim", 0), ("start", None), ("end", None), ("step", 1)))
+            node_arg(node, pos, name) for pos, name in enumerate(("dim", "start", "end", "step"), 1)
         )
-        dim %= len(shape)
+        dim, step = (dim or 0) % len(shape), 1 if step is None else step
         new = [_moved(b, kept(dim)) for b in (start, end)]
         rewritten = [(b, n) for b, n in zip((start, end), new) if b != n]
         node.args, node.kwargs = (node.args[0], dim, *new, step), {}

@@ -42,6 +42,7 @@ __all__ = [
     "dim_arg",
     "follow_param",
     "index_dims",
+    "node_arg",
     "RULES",
 ]
 
@@ -69,7 +70,7 @@ def execute(call: OpCall) -> Any:
     return call.module(*args, **kwargs)
 
 
-def _node_arg(node: fx.Node, pos: int, *names: str) -> Any:
+def node_arg(node: fx.Node, pos: int, *names: str) -> Any:
     """Argument `pos` of a call node as the graph holds it (a node where it is computed)."""
     if len(node.args) > pos:
         return node.args[pos]
@@ -338,7 +339,7 @@ class SplitChunk(Rule):
             literal = isinstance(size_arg, int) or (
                 isinstance(size_arg, (list, tuple)) and all(isinstance(v, int) for v in size_arg)
             )
-            computed = _node_arg(call.node, 1, "split_size_or_sections", "split_size")
+            computed = node_arg(call.node, 1, "split_size_or_sections", "split_size")
             if (
                 not literal
                 or isinstance(computed, fx.Node)
@@ -440,7 +441,7 @@ class Slice(Rule):
         x = call.input(0)
         dim = dim_arg(call, 0, "dim", 0) % x.ndim
         node = call.node
-        bounds = [_node_arg(node, pos, name) for pos, name in ((2, "start"), (3, "end"), (4, "step"))]
+        bounds = [node_arg(node, pos, name) for pos, name in ((2, "start"), (3, "end"), (4, "step"))]
         if varies_along(x, dim):
             if _literal_slice(*bounds):
                 call.extra["reshape_labels"] = x
